@@ -1,0 +1,85 @@
+"""The aggregator API: client updates in, one global update out, streaming.
+
+Aggregation is split in two so that the server never holds more than one running sum:
+
+1. each client calls :meth:`Aggregator.prepare` on its own update, giving a
+   :class:`~fedpipe.common.summable.Summable` partial;
+2. the server adds partials up as replies arrive (in any order), then calls
+   :meth:`Aggregator.finalize` once on the total.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import abstractmethod
+from collections.abc import Iterable, Mapping
+from typing import ClassVar
+
+from fedpipe.common.registry import Registrable, declare_family
+from fedpipe.common.summable import Summable
+from fedpipe.common.vector import ArraySpec, Vector
+
+__all__ = ["Aggregator", "InvalidPartialError"]
+
+
+class InvalidPartialError(ValueError):
+    """A client's prepared update does not have the fields or specs the aggregator expects."""
+
+
+@declare_family
+class Aggregator(Registrable):
+    """Combines client updates into one global update."""
+
+    family: ClassVar[str] = "aggregator"
+    name: ClassVar[str]
+    #: Names of the Vector fields of a partial (each with the model's specs).
+    vector_fields: ClassVar[tuple[str, ...]]
+    #: Names of the scalar fields of a partial (finite, non-negative).
+    scalar_fields: ClassVar[tuple[str, ...]]
+
+    @abstractmethod
+    def prepare(self, updates: Vector, n_samples: int, n_steps: int) -> Summable:
+        """Client side: turn one client's update into a partial that sums across clients."""
+
+    @abstractmethod
+    def finalize(self, total: Summable) -> Vector:
+        """Server side: the global update from the sum of all partials."""
+
+    def aggregate(self, partials: Iterable[Summable]) -> Vector:
+        """Sum ``partials`` (streaming, one running sum) and finalize."""
+        total: Summable | None = None
+        for partial in partials:
+            total = partial.copy() if total is None else total.add_(partial)
+        if total is None:
+            raise ValueError("cannot aggregate zero client updates")
+        return self.finalize(total)
+
+    def validate(self, partial: Summable, specs: Mapping[str, ArraySpec]) -> None:
+        """Raise :class:`InvalidPartialError` unless ``partial`` is a well-formed partial for a
+        model with ``specs``: the expected fields, the model's specs, finite values."""
+        expected = set(self.vector_fields) | set(self.scalar_fields)
+        if set(partial.fields) != expected:
+            raise InvalidPartialError(
+                f"{self.name} partial has fields {sorted(partial.fields)}, "
+                f"expected {sorted(expected)}"
+            )
+        for key in self.vector_fields:
+            value = partial.fields[key]
+            if not isinstance(value, Vector):
+                raise InvalidPartialError(
+                    f"field {key!r} must be a Vector, got {type(value).__name__}"
+                )
+            try:
+                value.check_specs(specs, f"field {key!r}")
+            except ValueError as exc:
+                raise InvalidPartialError(str(exc)) from None
+            if not value.is_finite():
+                raise InvalidPartialError(f"field {key!r} holds NaN or infinite values")
+        for key in self.scalar_fields:
+            value = partial.fields[key]
+            if isinstance(value, Vector) or isinstance(value, bool):
+                raise InvalidPartialError(f"field {key!r} must be a number")
+            if not math.isfinite(value) or value < 0:
+                raise InvalidPartialError(
+                    f"field {key!r} is {value}, expected a finite non-negative number"
+                )

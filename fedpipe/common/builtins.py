@@ -1,0 +1,6 @@
+"""Imports every module that defines built-in registered classes, so they are registered."""
+
+import fedpipe.common.aggregators
+import fedpipe.common.modules
+import fedpipe.common.regularizers
+import fedpipe.common.schedulers  # noqa: F401

@@ -1,0 +1,5 @@
+"""Learning-rate schedulers."""
+
+from fedpipe.common.schedulers.base import Scheduler
+
+__all__ = ["Scheduler"]

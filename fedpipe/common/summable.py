@@ -1,0 +1,88 @@
+"""Quantities that add up across clients: aggregator partials and auxiliary variables.
+
+A :class:`Summable` is a flat record of Vectors and numbers. Two of them with the same fields
+add field by field, in any order, so the server can fold client replies into one running sum as
+they arrive (memory O(model), not O(model x clients)).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Self
+
+from fedpipe.common.vector import SpecMismatchError, Vector
+
+__all__ = ["Summable"]
+
+Field = Vector | float | int
+
+
+class Summable:
+    """Named fields (Vectors, floats, ints) that add up field by field.
+
+    Parameters
+    ----------
+    fields:
+        The record's values.
+    """
+
+    __slots__ = ("fields",)
+
+    def __init__(self, fields: Mapping[str, Field]) -> None:
+        self.fields: dict[str, Field] = dict(fields)
+
+    def __getitem__(self, key: str) -> Field:
+        return self.fields[key]
+
+    def vector(self, key: str) -> Vector:
+        value = self.fields[key]
+        if not isinstance(value, Vector):
+            raise TypeError(f"field {key!r} is {type(value).__name__}, expected a Vector")
+        return value
+
+    def number(self, key: str) -> float:
+        value = self.fields[key]
+        if isinstance(value, Vector):
+            raise TypeError(f"field {key!r} is a Vector, expected a number")
+        return float(value)
+
+    def _check_fields(self, other: Summable) -> None:
+        if self.fields.keys() != other.fields.keys():
+            raise SpecMismatchError(
+                f"cannot add records with fields {sorted(self.fields)} and {sorted(other.fields)}"
+            )
+
+    def __add__(self, other: Summable) -> Self:
+        self._check_fields(other)
+        return type(self)({k: v + other.fields[k] for k, v in self.fields.items()})  # type: ignore[operator]
+
+    def add_(self, other: Summable) -> Self:
+        """In place ``self += other``; Vectors are accumulated without new allocations."""
+        self._check_fields(other)
+        for key, value in self.fields.items():
+            theirs = other.fields[key]
+            if isinstance(value, Vector):
+                if not isinstance(theirs, Vector):
+                    raise TypeError(f"field {key!r}: cannot add a number to a Vector")
+                value.add_(theirs)
+            else:
+                if isinstance(theirs, Vector):
+                    raise TypeError(f"field {key!r}: cannot add a Vector to a number")
+                self.fields[key] = value + theirs
+        return self
+
+    def copy(self) -> Self:
+        return type(self)(
+            {k: v.copy() if isinstance(v, Vector) else v for k, v in self.fields.items()}
+        )
+
+    def is_finite(self) -> bool:
+        import math
+
+        return all(
+            v.is_finite() if isinstance(v, Vector) else math.isfinite(v)
+            for v in self.fields.values()
+        )
+
+    def __repr__(self) -> str:
+        return f"Summable({self.fields!r})"
