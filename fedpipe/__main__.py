@@ -1,0 +1,5 @@
+import sys
+
+from fedpipe.cli import main
+
+sys.exit(main())

@@ -1,0 +1,196 @@
+"""The client process: dials the server, takes tasks, trains on private data, replies."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from typing import Any
+
+import grpc
+
+from fedpipe.common.codec import spec_from_wire
+from fedpipe.common.config import ClientConfig
+from fedpipe.common.data import Dataset
+from fedpipe.common.training import LocalTrainer, RunSetup
+from fedpipe.common.vector import ArraySpec, describe_spec_mismatch
+from fedpipe.common.wire import (
+    PROTOCOL_VERSION,
+    SESSION_METHOD,
+    FrameReceiver,
+    ProtocolError,
+    channel_options,
+    envelope_frames,
+    eval_reply_parts,
+    make_payload,
+    settings_data,
+    settings_value,
+    summables_from,
+    train_reply_parts,
+    weights_from,
+)
+from fedpipe.proto.fedpipe.v1 import federation_pb2 as pb
+
+__all__ = ["ClientDaemon", "ClientRefused"]
+
+log = logging.getLogger(__name__)
+
+#: Status codes after which reconnecting cannot help.
+FINAL_CODES = {
+    grpc.StatusCode.UNAUTHENTICATED,
+    grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.INVALID_ARGUMENT,
+}
+CHUNK_BYTES = 4 << 20
+#: Payload limit before the server has told the model's size.
+DEFAULT_MAX_PAYLOAD = 1 << 30
+
+
+class ClientRefused(RuntimeError):
+    """The server refused this client for a reason retrying cannot fix."""
+
+
+class ClientDaemon:
+    """One client of a federation.
+
+    Reconnects with exponential backoff (with jitter) while the server is unreachable, for
+    at most ``config.retry_timeout`` seconds; keeps its optimizer state across reconnections.
+    """
+
+    def __init__(self, config: ClientConfig, train_data: Dataset, eval_data: Dataset | None):
+        self.config = config
+        self.name = config.name
+        self.train_data = train_data
+        self.eval_data = eval_data
+        self.trainer: LocalTrainer | None = None
+        self.specs: dict[str, ArraySpec] = {}
+        self.max_payload = DEFAULT_MAX_PAYLOAD
+
+    async def run(self) -> int:
+        """Take part in the run until the server says stop; the process exit code."""
+        cfg = self.config
+        delay = cfg.retry_initial
+        give_up = time.monotonic() + cfg.retry_timeout
+        while True:
+            try:
+                if await self._session():
+                    log.info("server ended the run; exiting")
+                    return 0
+                delay = cfg.retry_initial
+                give_up = time.monotonic() + cfg.retry_timeout
+                log.warning("session ended without a stop task; reconnecting")
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() in FINAL_CODES:
+                    raise ClientRefused(f"server refused: {exc.details()}") from None
+                log.warning(
+                    "server %s unreachable (%s); retrying in %.1fs",
+                    cfg.server, exc.code().name, delay,
+                )
+            if time.monotonic() + delay > give_up:
+                log.error("gave up reaching %s after %.0fs", cfg.server, cfg.retry_timeout)
+                return 1
+            await asyncio.sleep(delay * random.uniform(0.8, 1.2))  # noqa: S311 (jitter)
+            delay = min(delay * 2, cfg.retry_max)
+
+    async def _session(self) -> bool:
+        """One stream with the server; True when the server sent the stop task."""
+        options = channel_options(CHUNK_BYTES)
+        async with grpc.aio.insecure_channel(self.config.server, options=options) as channel:
+            call: Any = channel.stream_stream(SESSION_METHOD)()
+            hello = pb.Hello(
+                protocol_version=PROTOCOL_VERSION,
+                client_name=self.name,
+                token=self.config.token,
+                data=pb.DataSummary(
+                    n_train_samples=len(self.train_data),
+                    n_eval_samples=len(self.eval_data) if self.eval_data is not None else 0,
+                ),
+            )
+            await call.write(pb.ClientMessage(hello=hello).SerializeToString())
+            receiver = FrameReceiver(pb.ServerMessage, self.max_payload)
+            while True:
+                frame = await call.read()
+                if frame is grpc.aio.EOF:
+                    code = await call.code()
+                    if code in FINAL_CODES:
+                        raise ClientRefused(f"server refused: {await call.details()}")
+                    return False
+                try:
+                    got = receiver.feed(frame)
+                except ProtocolError as exc:
+                    log.error("server broke the protocol: %s", exc)
+                    call.cancel()
+                    return False
+                if got is None:
+                    continue
+                kind = got.message.WhichOneof("kind")
+                if kind == "welcome":
+                    log.info("joined run %s as %s", got.message.welcome.run_id, self.name)
+                    continue
+                task = got.message.task
+                if task.kind == pb.TASK_KIND_STOP:
+                    await call.done_writing()
+                    return True
+                reply, payload = await self._handle(task, got.payload)
+                receiver.max_payload_bytes = self.max_payload
+                for out in envelope_frames(pb.ClientMessage(reply=reply), payload):
+                    await call.write(out)
+
+    async def _handle(self, task: Any, payload: dict[str, Any]) -> tuple[Any, Any]:
+        """Run one task; a failure becomes an error reply, never a crash."""
+        reply = pb.Reply(task_id=task.task_id)
+        try:
+            if task.kind == pb.TASK_KIND_INITIALIZE:
+                await asyncio.to_thread(self._initialize, task)
+                return reply, None
+            trainer = self._trainer()
+            weights = weights_from(payload)
+            problem = describe_spec_mismatch(weights.specs(), self.specs)
+            if problem:
+                raise ProtocolError(f"global weights: {problem}")
+            if task.kind == pb.TASK_KIND_TRAIN:
+                aux = summables_from(payload.get("aux_vars", {}), "aux_vars")
+                result = await asyncio.to_thread(
+                    trainer.train, self.train_data, weights, aux,
+                    client=self.name, round_number=task.round,
+                )
+                info, state = train_reply_parts(result)
+                log.info(
+                    "round %d: %d steps, train loss %.4f, %.2fs",
+                    task.round, result.n_steps, result.mean_loss, result.seconds,
+                )
+            elif task.kind == pb.TASK_KIND_EVALUATE:
+                if self.eval_data is None:
+                    raise ValueError("this client has no evaluation data")
+                evaluation = await asyncio.to_thread(trainer.evaluate, self.eval_data, weights)
+                info, state = eval_reply_parts(evaluation)
+            else:
+                raise ProtocolError(f"unknown task kind {task.kind}")
+        except (ValueError, TypeError, KeyError, ArithmeticError) as exc:
+            log.error("task %d failed: %s", task.task_id, exc)
+            reply.error = f"{type(exc).__name__}: {exc}"
+            return reply, None
+        payload = make_payload(state, CHUNK_BYTES)
+        reply.info.CopyFrom(settings_value(info))
+        reply.payload.CopyFrom(payload.header)
+        return reply, payload
+
+    def _initialize(self, task: Any) -> None:
+        setup = RunSetup.from_data(settings_data(task.settings))
+        specs = {s.name: spec_from_wire(s, f"weight {s.name!r}") for s in task.weight_specs}
+        trainer = LocalTrainer(setup)
+        problem = describe_spec_mismatch(trainer.model.weight_specs(), specs)
+        if problem:
+            raise ValueError(f"the model built from the setup does not match the server's: {problem}")
+        if self.trainer is not None and self.trainer.setup == setup:
+            return  # reconnected to the same run: keep the optimizer's state
+        self.trainer, self.specs = trainer, specs
+        model_bytes = sum(s.nbytes for s in specs.values())
+        self.max_payload = 2 * model_bytes + (64 << 20)
+
+    def _trainer(self) -> LocalTrainer:
+        if self.trainer is None:
+            raise ProtocolError("a task arrived before the run setup")
+        return self.trainer

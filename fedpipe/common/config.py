@@ -1,0 +1,220 @@
+"""Validated configuration of servers, clients and simulations, loaded from TOML.
+
+Every model forbids unknown keys, so a typo fails before anything starts with a message that
+names the field, the value and what was expected. CLI flags override TOML values through
+:func:`apply_overrides` (dotted keys: ``rounds=5``, ``training.batch_size=64``).
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal, Self, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+__all__ = [
+    "ClientConfig",
+    "ConfigError",
+    "EarlyStopConfig",
+    "ModelConfig",
+    "OptimizerConfig",
+    "PartitionConfig",
+    "ServerConfig",
+    "SimulationConfig",
+    "TrainingConfig",
+    "apply_overrides",
+    "load_config",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration file or flag is invalid; the message says which field and why."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+Spec = str | tuple[str, dict[str, Any]] | list[Any]
+
+
+class ModelConfig(_Strict):
+    """Which model to build: a registered name or ``pkg.module:factory``, and its kwargs."""
+
+    name: str = "softmax-regression"
+    config: dict[str, Any] = Field(default_factory=dict)
+
+
+class OptimizerConfig(_Strict):
+    """Arguments of :class:`fedpipe.common.optim.Optimizer` (see its docstring)."""
+
+    lrate: float | list[Any] = 0.01
+    w_decay: float = Field(default=0.0, ge=0.0)
+    regularizers: list[Spec] = Field(default_factory=list)
+    modules: list[Spec] = Field(default_factory=list)
+
+    def build(self) -> Any:
+        from fedpipe.common.optim import Optimizer
+
+        return Optimizer.from_config(self.model_dump())
+
+
+class TrainingConfig(_Strict):
+    """Local training each client runs per round."""
+
+    epochs: int = Field(default=1, ge=1)
+    max_steps: int | None = Field(default=None, ge=1)
+    batch_size: int = Field(default=32, ge=1)
+    drop_remainder: bool = False
+    eval_batch_size: int = Field(default=1024, ge=1)
+
+
+class EarlyStopConfig(_Strict):
+    """Stop when ``metric`` has not improved by ``min_delta`` for ``patience`` evaluations."""
+
+    metric: str = "loss"
+    mode: Literal["min", "max"] = "min"
+    patience: int = Field(default=3, ge=1)
+    min_delta: float = Field(default=0.0, ge=0.0)
+
+
+class ServerConfig(_Strict):
+    """Everything the server daemon needs to run a federated training."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=50051, ge=0, le=65535)
+    run_id: str = "fedpipe-run"
+    rounds: int = Field(default=10, ge=1)
+    min_clients: int = Field(default=2, ge=1)
+    min_results: int | None = Field(default=None, ge=1)
+    fraction: float = Field(default=1.0, gt=0.0, le=1.0)
+    clients_per_round: int | None = Field(default=None, ge=1)
+    wait_timeout: float = Field(default=300.0, gt=0)
+    round_timeout: float = Field(default=600.0, gt=0)
+    eval_every: int = Field(default=1, ge=0)
+    seed: int = 0
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    client_optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    server_optimizer: OptimizerConfig = Field(default_factory=lambda: OptimizerConfig(lrate=1.0))
+    aggregator: Spec = "averaging"
+    metrics: list[Spec] = Field(default_factory=lambda: ["loss", "accuracy"])
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    early_stop: EarlyStopConfig | None = None
+    output_dir: Path = Path("runs/fedpipe-run")
+    checkpoint: bool = True
+    tokens: list[str] = Field(default_factory=list)
+    chunk_mib: float = Field(default=4.0, gt=0, le=64)
+    max_payload_mib: float = Field(default=16384.0, gt=0)
+
+    @model_validator(mode="after")
+    def _results_within_clients(self) -> Self:
+        if self.min_results is not None and self.min_results > self.min_clients:
+            raise ValueError(
+                f"min_results={self.min_results} exceeds min_clients={self.min_clients}: "
+                "a round could never collect enough results"
+            )
+        return self
+
+    @property
+    def required_results(self) -> int:
+        return self.min_results if self.min_results is not None else 1
+
+
+class ClientConfig(_Strict):
+    """A client process: where the server is, who it is, where its private data lives."""
+
+    server: str = "127.0.0.1:50051"
+    name: str = ""
+    token: str = ""
+    data: Path | None = None
+    dataset: str | None = None
+    eval_data: Path | None = None
+    eval_fraction: float = Field(default=0.0, ge=0.0, lt=1.0)
+    seed: int = 0
+    retry_initial: float = Field(default=0.5, gt=0)
+    retry_max: float = Field(default=30.0, gt=0)
+    retry_timeout: float = Field(default=600.0, gt=0)
+
+    @model_validator(mode="after")
+    def _has_data(self) -> Self:
+        if (self.data is None) == (self.dataset is None):
+            raise ValueError(
+                "exactly one of 'data' (a .npz/.npy/.csv file or a folder written by "
+                "`fedpipe split`) or 'dataset' (a built-in dataset name) must be set"
+            )
+        return self
+
+
+class PartitionConfig(_Strict):
+    """How simulation splits a dataset between clients."""
+
+    scheme: Literal["iid", "dirichlet", "quantity-skew"] = "dirichlet"
+    alpha: float = Field(default=0.5, gt=0)
+    seed: int = 0
+
+
+class SimulationConfig(_Strict):
+    """A whole federation on one machine: a server config plus simulated clients."""
+
+    n_clients: int = Field(default=10, ge=1)
+    dataset: str = "digits"
+    eval_fraction: float = Field(default=0.25, ge=0.0, lt=1.0)
+    partition: PartitionConfig = Field(default_factory=PartitionConfig)
+    transport: Literal["inprocess", "grpc"] = "inprocess"
+    server: ServerConfig = Field(default_factory=ServerConfig)
+
+
+C = TypeVar("C", bound=BaseModel)
+
+
+def format_validation_error(exc: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration in {source}:"]
+    for err in exc.errors():
+        field = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        value = err.get("input")
+        shown = "" if isinstance(value, dict) else f" (got {value!r})"
+        lines.append(f"  {field}: {err['msg']}{shown}")
+    return "\n".join(lines)
+
+
+def load_config(cls: type[C], path: Path | None, overrides: dict[str, Any] | None = None) -> C:
+    """Load ``cls`` from a TOML file (or defaults when ``path`` is None) plus overrides.
+
+    Raises
+    ------
+    ConfigError
+        The file is missing, is not TOML, or a field is invalid.
+    """
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    if overrides:
+        data = apply_overrides(data, overrides)
+    try:
+        return cls.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, source)) from None
+
+
+def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Return ``data`` with dotted-key ``overrides`` set (``{"training.epochs": 2}``)."""
+    out = dict(data)
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        node = out
+        *parents, leaf = key.split(".")
+        for part in parents:
+            child = node.get(part)
+            node[part] = dict(child) if isinstance(child, dict) else {}
+            node = node[part]
+        node[leaf] = value
+    return out

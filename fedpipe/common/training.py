@@ -1,0 +1,174 @@
+"""Local training and evaluation: what a client does with a task, whatever the transport.
+
+The client daemon (over gRPC) and the in-process simulation both call :class:`LocalTrainer`,
+so a simulated client trains exactly like a deployed one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from fedpipe.common import registry
+from fedpipe.common.aggregators import Aggregator
+from fedpipe.common.config import OptimizerConfig, TrainingConfig
+from fedpipe.common.data import Dataset
+from fedpipe.common.metrics import MetricSet
+from fedpipe.common.models import Model, load_model
+from fedpipe.common.optim import Optimizer
+from fedpipe.common.summable import Summable
+from fedpipe.common.vector import Vector
+
+__all__ = ["EvalResult", "LocalTrainer", "RunSetup", "TrainResult", "round_seed"]
+
+
+@dataclass(frozen=True)
+class RunSetup:
+    """What the server tells every client when it joins: plain data only.
+
+    ``model`` is ``{"name": ..., "config": {...}}``; ``client_optimizer`` the kwargs of
+    :class:`~fedpipe.common.optim.Optimizer`; ``aggregator`` and ``metrics`` registry specs.
+    """
+
+    model: dict[str, Any]
+    client_optimizer: dict[str, Any]
+    aggregator: Any
+    metrics: list[Any]
+    training: dict[str, Any]
+    seed: int = 0
+
+    def to_data(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "client_optimizer": self.client_optimizer,
+            "aggregator": self.aggregator,
+            "metrics": self.metrics,
+            "training": self.training,
+            "seed": self.seed,
+        }
+
+    @classmethod
+    def from_data(cls, data: Mapping[str, Any]) -> RunSetup:
+        try:
+            return cls(
+                model=dict(data["model"]),
+                client_optimizer=dict(data["client_optimizer"]),
+                aggregator=data["aggregator"],
+                metrics=list(data["metrics"]),
+                training=dict(data["training"]),
+                seed=int(data.get("seed", 0)),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"malformed run setup: {exc!r}") from None
+
+
+@dataclass
+class TrainResult:
+    """One client's answer to a train task."""
+
+    partial: Summable
+    aux_vars: dict[str, Summable]
+    n_samples: int
+    n_steps: int
+    loss_sum: float
+    seconds: float = 0.0
+
+    @property
+    def mean_loss(self) -> float:
+        return self.loss_sum / max(self.n_samples_seen, 1)
+
+    n_samples_seen: int = 0
+
+
+@dataclass
+class EvalResult:
+    """One client's metric states (they add up exactly across clients)."""
+
+    metrics: dict[str, Summable]
+    n_samples: int
+    seconds: float = 0.0
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+def round_seed(seed: int, client: str, round_number: int) -> int:
+    """A shuffling seed that depends only on the run seed, the client and the round, so that
+    every transport draws the same batches."""
+    digest = hashlib.blake2b(f"{seed}/{client}/{round_number}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+class LocalTrainer:
+    """A client's model, optimizer and aggregator, built from the server's :class:`RunSetup`.
+
+    The model object may be shared between simulated clients (it is reset to the global
+    weights at every task); the optimizer is each client's own, since its modules carry
+    state across rounds.
+    """
+
+    def __init__(self, setup: RunSetup, model: Model | None = None) -> None:
+        self.setup = setup
+        self.model = model if model is not None else build_model(setup)
+        self.optimizer: Optimizer = OptimizerConfig.model_validate(setup.client_optimizer).build()
+        self.aggregator: Aggregator = registry.build_spec("aggregator", setup.aggregator)
+        self.training = TrainingConfig.model_validate(setup.training)
+
+    def train(
+        self,
+        data: Dataset,
+        weights: Vector,
+        aux_vars: Mapping[str, Summable],
+        *,
+        client: str,
+        round_number: int,
+    ) -> TrainResult:
+        """Train from ``weights`` on ``data``; return the prepared update (start minus end)."""
+        start = time.perf_counter()
+        model, optimizer, cfg = self.model, self.optimizer, self.training
+        model.set_weights(weights)
+        if aux_vars:
+            optimizer.process_aux_var(dict(aux_vars))
+        optimizer.start_round(weights)
+        rng = np.random.default_rng(round_seed(self.setup.seed, client, round_number))
+        steps, seen, loss_sum = 0, 0, 0.0
+        for _ in range(cfg.epochs):
+            for x, y in data.batches(
+                cfg.batch_size, shuffle=True, seed=rng, drop_remainder=cfg.drop_remainder
+            ):
+                gradients, loss = model.compute_batch_gradients(x, y)
+                optimizer.apply(model, gradients)
+                steps += 1
+                seen += len(x)
+                loss_sum += float(loss) * len(x)
+                if cfg.max_steps is not None and steps >= cfg.max_steps:
+                    break
+            if cfg.max_steps is not None and steps >= cfg.max_steps:
+                break
+        updates = weights - model.get_weights()
+        partial = self.aggregator.prepare(updates, n_samples=len(data), n_steps=steps)
+        return TrainResult(
+            partial=partial,
+            aux_vars=optimizer.collect_aux_var(),
+            n_samples=len(data),
+            n_steps=steps,
+            loss_sum=loss_sum,
+            n_samples_seen=seen,
+            seconds=time.perf_counter() - start,
+        )
+
+    def evaluate(self, data: Dataset, weights: Vector) -> EvalResult:
+        """Metric states of ``weights`` on ``data``."""
+        start = time.perf_counter()
+        self.model.set_weights(weights)
+        metrics = MetricSet(self.setup.metrics)
+        for x, y in data.batches(self.training.eval_batch_size, shuffle=False):
+            metrics.update(y, self.model.predict(x), self.model.loss(x, y))
+        return EvalResult(metrics.state(), len(data), time.perf_counter() - start)
+
+
+def build_model(setup: RunSetup) -> Model:
+    return load_model(setup.model["name"], dict(setup.model.get("config", {})))

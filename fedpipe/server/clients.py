@@ -1,0 +1,128 @@
+"""Client proxies and the pool of connected clients.
+
+The round loop never talks to gRPC: it talks to :class:`ClientProxy` objects. A gRPC proxy
+stands for a remote client process; an in-process proxy for a simulated one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from fedpipe.common.summable import Summable
+from fedpipe.common.training import EvalResult, RunSetup, TrainResult
+from fedpipe.common.vector import ArraySpec, Vector
+
+__all__ = ["ClientError", "ClientPool", "ClientProxy", "RoundTask"]
+
+log = logging.getLogger(__name__)
+
+
+class ClientError(RuntimeError):
+    """A client failed a task: it reported an error, sent bad data or went away."""
+
+
+@dataclass
+class RoundTask:
+    """What the server sends for one round: the same object for every sampled client, so
+    transports can encode it once and reuse the encoding (``cache``)."""
+
+    round_number: int
+    weights: Vector
+    aux_vars: dict[str, Summable] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
+    cache: dict[str, Any] = field(default_factory=dict)
+
+
+class ClientProxy(ABC):
+    """The server's handle on one client."""
+
+    name: str
+    n_train_samples: int = 0
+    n_eval_samples: int = 0
+
+    @abstractmethod
+    async def initialize(self, setup: RunSetup, specs: Mapping[str, ArraySpec]) -> None:
+        """Send the run setup; raise :class:`ClientError` if the client cannot take it."""
+
+    @abstractmethod
+    async def train(self, task: RoundTask) -> TrainResult:
+        """Run one round of local training."""
+
+    @abstractmethod
+    async def evaluate(self, task: RoundTask) -> EvalResult:
+        """Evaluate the global weights on the client's evaluation data."""
+
+    @abstractmethod
+    async def stop(self) -> None:
+        """Tell the client the run is over."""
+
+    @property
+    def connected(self) -> bool:
+        return True
+
+
+class ClientPool:
+    """Connected clients, with waiting that wakes on arrival (no polling)."""
+
+    def __init__(self) -> None:
+        self._clients: dict[str, ClientProxy] = {}
+        self._changed = asyncio.Condition()
+
+    def __len__(self) -> int:
+        return len(self._clients)
+
+    def names(self) -> list[str]:
+        return sorted(self._clients)
+
+    def get(self, name: str) -> ClientProxy | None:
+        return self._clients.get(name)
+
+    def clients(self) -> list[ClientProxy]:
+        return [self._clients[n] for n in sorted(self._clients)]
+
+    async def add(self, proxy: ClientProxy) -> ClientProxy | None:
+        """Add ``proxy``; return the proxy it replaces (same name, reconnecting), if any."""
+        async with self._changed:
+            previous = self._clients.get(proxy.name)
+            self._clients[proxy.name] = proxy
+            self._changed.notify_all()
+        return previous
+
+    async def remove(self, proxy: ClientProxy) -> None:
+        async with self._changed:
+            if self._clients.get(proxy.name) is proxy:
+                del self._clients[proxy.name]
+            self._changed.notify_all()
+
+    async def wait_for(self, count: int, timeout: float) -> bool:
+        """Wait until at least ``count`` clients are connected; False on timeout."""
+        async with self._changed:
+            try:
+                await asyncio.wait_for(
+                    self._changed.wait_for(lambda: len(self._clients) >= count), timeout
+                )
+            except TimeoutError:
+                return False
+        return True
+
+    def sample(
+        self, rng: np.random.Generator, fraction: float, count: int | None
+    ) -> list[ClientProxy]:
+        """Draw this round's clients: ``count`` of them, or ``ceil(fraction * n)``."""
+        clients = self.clients()
+        n = len(clients)
+        if n == 0:
+            return []
+        k = count if count is not None else int(np.ceil(fraction * n))
+        k = max(1, min(k, n))
+        if k == n:
+            return clients
+        chosen = rng.choice(n, size=k, replace=False)
+        return [clients[i] for i in sorted(chosen)]

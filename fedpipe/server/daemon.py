@@ -1,0 +1,76 @@
+"""The server daemon: a gRPC server around the round loop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from fedpipe.common.config import ServerConfig
+from fedpipe.common.wire import channel_options
+from fedpipe.server.clients import ClientPool
+from fedpipe.server.grpc_transport import FederationServicer
+from fedpipe.server.rounds import FederatedRun, RunSummary
+
+__all__ = ["serve"]
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = "fedpipe.v1.Federation"
+
+
+async def serve(
+    config: ServerConfig,
+    *,
+    resume: bool = False,
+    on_round: Callable[[dict[str, Any]], None] | None = None,
+    on_listening: Callable[[int], None] | None = None,
+) -> RunSummary:
+    """Listen on ``config.host:config.port``, run the federated training, stop.
+
+    SIGTERM and SIGINT end the run after the current round: the last checkpoint stays, clients
+    are told to stop and the final model is written.
+    """
+    pool = ClientPool()
+    stop_event = asyncio.Event()
+    # Build the run first: a bad model or optimizer config fails before the port opens.
+    run = FederatedRun(config, pool, stop_event=stop_event, on_round=on_round, resume=resume)
+    chunk_bytes = int(config.chunk_mib * (1 << 20))
+    server = grpc.aio.server(options=channel_options(chunk_bytes))
+    server.add_generic_rpc_handlers((FederationServicer(pool, config).handler(),))
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    address = f"{config.host}:{config.port}"
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"cannot listen on {address}")
+    await server.start()
+    for service in ("", SERVICE_NAME):
+        await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    log.info("listening on %s:%d", config.host, port)
+    if on_listening is not None:
+        on_listening(port)
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, _stop_requested, stop_event, sig)
+        except (NotImplementedError, RuntimeError):
+            pass  # not the main thread (tests): the caller stops the run another way
+    try:
+        return await run.run()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        await health_servicer.enter_graceful_shutdown()
+        await server.stop(grace=2.0)
+
+
+def _stop_requested(stop_event: asyncio.Event, sig: signal.Signals) -> None:
+    log.info("%s received: finishing the current round, then stopping", sig.name)
+    stop_event.set()

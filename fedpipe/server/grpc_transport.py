@@ -1,0 +1,295 @@
+"""The server end of the gRPC federation stream: the servicer and the gRPC client proxy."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import itertools
+import logging
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+import grpc
+import numpy as np
+from google.protobuf.message import DecodeError as ProtobufDecodeError
+
+from fedpipe.common.codec import wire_dtype
+from fedpipe.common.config import ServerConfig
+from fedpipe.common.payload import EncodedPayload, chunk_frame
+from fedpipe.common.training import EvalResult, RunSetup, TrainResult
+from fedpipe.common.vector import ArraySpec
+from fedpipe.common.wire import (
+    CHUNK_FIELD,
+    PROTOCOL_VERSION,
+    SESSION_METHOD,
+    FrameReceiver,
+    ProtocolError,
+    Received,
+    envelope_frames,
+    eval_result_from,
+    make_payload,
+    settings_data,
+    settings_value,
+    task_state,
+    train_result_from,
+)
+from fedpipe.proto.fedpipe.v1 import federation_pb2 as pb
+from fedpipe.proto.fedpipe.v1 import tensor_pb2
+from fedpipe.server.clients import ClientError, ClientPool, ClientProxy, RoundTask
+
+__all__ = ["FederationServicer", "GrpcClient"]
+
+log = logging.getLogger(__name__)
+
+#: Frames queued per client before the round loop waits for the socket (backpressure).
+OUTBOX_FRAMES = 16
+#: Round payloads up to this size keep their chunk frames for every client of the round.
+FRAME_CACHE_BYTES = 256 << 20
+MAX_NAME_LENGTH = 128
+
+
+class GrpcClient(ClientProxy):
+    """A remote client process on the other end of a ``Session`` stream."""
+
+    def __init__(self, name: str, hello: Any, config: ServerConfig) -> None:
+        self.name = name
+        self.n_train_samples = int(hello.data.n_train_samples)
+        self.n_eval_samples = int(hello.data.n_eval_samples)
+        self.config = config
+        self.chunk_bytes = int(config.chunk_mib * (1 << 20))
+        self.outbox: asyncio.Queue[bytes | None] = asyncio.Queue(OUTBOX_FRAMES)
+        self._ids = itertools.count(1)
+        self._waiting: dict[int, asyncio.Future[Received[Any]]] = {}
+        self._closed: str | None = None
+        self.max_payload_bytes = int(config.max_payload_mib * (1 << 20))
+
+    @property
+    def connected(self) -> bool:
+        return self._closed is None
+
+    # ---- the round loop's side ---------------------------------------------------------------
+
+    async def initialize(self, setup: RunSetup, specs: Mapping[str, ArraySpec]) -> None:
+        weight_specs = [
+            tensor_pb2.TensorSpec(name=n, dtype=_dtype_enum(s.dtype), shape=list(s.shape))
+            for n, s in specs.items()
+        ]
+        model_bytes = sum(s.nbytes for s in specs.values())
+        # A reply holds a few model-sized Vectors (partial fields, aux vars): bound it.
+        self.max_payload_bytes = min(self.max_payload_bytes, 8 * model_bytes + (64 << 20))
+        await self._request(
+            pb.TASK_KIND_INITIALIZE, 0, setup.to_data(), None, weight_specs=weight_specs
+        )
+
+    async def train(self, task: RoundTask) -> TrainResult:
+        payload = _round_payload(task, "train", self.chunk_bytes)
+        got = await self._request(
+            pb.TASK_KIND_TRAIN, task.round_number, task.settings, payload, cache=task.cache
+        )
+        return train_result_from(settings_data(got.message.reply.info), got.payload)
+
+    async def evaluate(self, task: RoundTask) -> EvalResult:
+        payload = _round_payload(task, "evaluate", self.chunk_bytes)
+        got = await self._request(
+            pb.TASK_KIND_EVALUATE, task.round_number, task.settings, payload, cache=task.cache
+        )
+        return eval_result_from(settings_data(got.message.reply.info), got.payload)
+
+    async def stop(self) -> None:
+        if self._closed is not None:
+            return
+        message = pb.ServerMessage(task=pb.Task(task_id=next(self._ids), kind=pb.TASK_KIND_STOP))
+        await self.outbox.put(message.SerializeToString())
+        self.close("run finished")
+
+    async def _request(
+        self,
+        kind: int,
+        round_number: int,
+        settings: Mapping[str, Any],
+        payload: EncodedPayload | None,
+        *,
+        weight_specs: list[Any] | None = None,
+        cache: dict[str, Any] | None = None,
+    ) -> Received[Any]:
+        if self._closed is not None:
+            raise ClientError(f"client {self.name} is disconnected ({self._closed})")
+        task_id = next(self._ids)
+        task = pb.Task(
+            task_id=task_id,
+            kind=kind,  # type: ignore[arg-type]
+            round=round_number,
+            settings=settings_value(settings),
+            weight_specs=weight_specs or [],
+        )
+        if payload is not None:
+            task.payload.CopyFrom(payload.header)
+        future: asyncio.Future[Received[Any]] = asyncio.get_running_loop().create_future()
+        self._waiting[task_id] = future
+        try:
+            await self.outbox.put(pb.ServerMessage(task=task).SerializeToString())
+            if payload is not None:
+                for frame in _chunk_frames(payload, cache):
+                    await self.outbox.put(frame)
+            got = await future
+        finally:
+            self._waiting.pop(task_id, None)
+        reply = got.message.reply
+        if reply.error:
+            raise ClientError(f"client {self.name}: {reply.error}")
+        return got
+
+    # ---- the stream's side ---------------------------------------------------------------------
+
+    def deliver(self, got: Received[Any]) -> None:
+        """A complete reply arrived: hand it to the task waiting for it."""
+        if got.message.WhichOneof("kind") != "reply":
+            raise ProtocolError("expected a reply, got a hello in the middle of a session")
+        future = self._waiting.get(got.message.reply.task_id)
+        if future is None or future.done():
+            log.info(
+                "client %s: reply to task %d arrived after its deadline; dropped",
+                self.name, got.message.reply.task_id,
+            )
+            return
+        future.set_result(got)
+
+    def close(self, reason: str) -> None:
+        """Fail every waiting task and let the writer end the stream."""
+        if self._closed is None:
+            self._closed = reason
+            try:
+                self.outbox.put_nowait(None)
+            except asyncio.QueueFull:
+                asyncio.get_running_loop().create_task(self.outbox.put(None))
+        for future in self._waiting.values():
+            if not future.done():
+                future.set_exception(ClientError(f"client {self.name}: {reason}"))
+
+
+def _round_payload(task: RoundTask, kind: str, chunk_bytes: int) -> EncodedPayload:
+    """Encode a round's payload once and share it between every client of the round."""
+    key = f"payload/{kind}"
+    if key not in task.cache:
+        aux = task.aux_vars if kind == "train" else {}
+        task.cache[key] = make_payload(task_state(task.weights, aux), chunk_bytes)
+    payload: EncodedPayload = task.cache[key]
+    return payload
+
+
+def _chunk_frames(payload: EncodedPayload, cache: dict[str, Any] | None) -> list[bytes] | Any:
+    """Chunk frames of ``payload``: built once per round when small enough, else on the fly."""
+    frames = (chunk_frame(CHUNK_FIELD, t, o, d) for t, o, d in payload.chunks())
+    if cache is None or int(payload.header.total_bytes) > FRAME_CACHE_BYTES:
+        return frames
+    key = f"frames/{id(payload)}"
+    if key not in cache:
+        cache[key] = list(frames)
+    return cache[key]
+
+
+def _dtype_enum(dtype: str) -> int:
+    return int(wire_dtype(np.dtype(dtype), "weights")[0])
+
+
+class FederationServicer:
+    """Admits clients on the ``Session`` stream and pumps frames between them and their
+    proxies. A misbehaving client ends its own session with a logged reason; the server and
+    the other sessions go on."""
+
+    def __init__(self, pool: ClientPool, config: ServerConfig) -> None:
+        self.pool = pool
+        self.config = config
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        method = grpc.stream_stream_rpc_method_handler(self.session)
+        return grpc.method_handlers_generic_handler(
+            "fedpipe.v1.Federation", {SESSION_METHOD.rsplit("/", 1)[1]: method}
+        )
+
+    async def session(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
+        peer = context.peer()
+        frame = await context.read()
+        if frame is grpc.aio.EOF:
+            return
+        try:
+            hello = self._admit(frame)
+        except _Refused as exc:
+            log.warning("refused %s: %s", peer, exc.reason)
+            await context.abort(exc.code, exc.reason)
+            return
+        proxy = GrpcClient(hello.client_name, hello, self.config)
+        previous = await self.pool.add(proxy)
+        if previous is not None and isinstance(previous, GrpcClient):
+            previous.close("replaced by a new session of the same client")
+        log.info("client %s joined from %s", proxy.name, peer)
+        welcome = pb.Welcome(
+            protocol_version=PROTOCOL_VERSION, run_id=self.config.run_id,
+            session_id=uuid.uuid4().hex,
+        )
+        await context.write(pb.ServerMessage(welcome=welcome).SerializeToString())
+        reader = asyncio.create_task(self._read(context, proxy))
+        try:
+            while True:
+                out = await proxy.outbox.get()
+                if out is None:
+                    break
+                await context.write(out)
+        finally:
+            reader.cancel()
+            proxy.close("session ended")
+            await self.pool.remove(proxy)
+            log.info("client %s left (%s)", proxy.name, proxy._closed)
+
+    async def _read(self, context: grpc.aio.ServicerContext, proxy: GrpcClient) -> None:
+        receiver = FrameReceiver(pb.ClientMessage, proxy.max_payload_bytes)
+        try:
+            while True:
+                frame = await context.read()
+                if frame is grpc.aio.EOF:
+                    proxy.close("client closed the stream")
+                    return
+                receiver.max_payload_bytes = proxy.max_payload_bytes
+                got = receiver.feed(frame)
+                if got is not None:
+                    proxy.deliver(got)
+        except ProtocolError as exc:
+            log.warning("client %s broke the protocol: %s; closing its session", proxy.name, exc)
+            proxy.close(f"protocol error: {exc}")
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as exc:
+            proxy.close(f"stream error: {exc}")
+
+    def _admit(self, frame: bytes) -> Any:
+        message = pb.ClientMessage()
+        try:
+            message.ParseFromString(frame)
+        except ProtobufDecodeError as exc:
+            raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, f"undecodable hello: {exc}") from None
+        if message.WhichOneof("kind") != "hello":
+            raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, "the first message must be a hello")
+        hello = message.hello
+        if hello.protocol_version != PROTOCOL_VERSION:
+            raise _Refused(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"protocol version {hello.protocol_version} is not supported; "
+                f"this server speaks version {PROTOCOL_VERSION}",
+            )
+        if self.config.tokens and not any(
+            hmac.compare_digest(hello.token.encode(), t.encode()) for t in self.config.tokens
+        ):
+            raise _Refused(grpc.StatusCode.UNAUTHENTICATED, "invalid or missing client token")
+        name = hello.client_name
+        if not name or len(name) > MAX_NAME_LENGTH or not name.isprintable():
+            raise _Refused(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"client name {name[:MAX_NAME_LENGTH]!r} must be 1-{MAX_NAME_LENGTH} "
+                "printable characters",
+            )
+        return hello
+
+
+class _Refused(Exception):
+    def __init__(self, code: grpc.StatusCode, reason: str) -> None:
+        super().__init__(reason)
+        self.code, self.reason = code, reason

@@ -1,0 +1,84 @@
+"""Per-round records: kept in memory (for checkpoints), written as CSV and JSON lines."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from fedpipe.common.config import EarlyStopConfig
+
+__all__ = ["EarlyStopping", "History"]
+
+
+class History:
+    """Round records (``{"round": 1, "train_loss": ..., "accuracy": ...}``).
+
+    ``metrics.jsonl`` gets one JSON object per round as soon as the round ends;
+    ``metrics.csv`` is rewritten with the union of all columns after each round.
+    """
+
+    def __init__(self, output_dir: Path | None, records: list[dict[str, Any]] | None = None):
+        self.output_dir = output_dir
+        self.records: list[dict[str, Any]] = list(records or [])
+
+    def append(self, record: dict[str, Any]) -> None:
+        self.records.append(record)
+        if self.output_dir is None:
+            return
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.output_dir / "metrics.jsonl", "a") as fh:
+            fh.write(json.dumps(record, default=_jsonable) + "\n")
+        self.write_csv()
+
+    def write_csv(self) -> None:
+        if self.output_dir is None:
+            return
+        columns: list[str] = []
+        for record in self.records:
+            columns += [k for k in record if k not in columns and not isinstance(record[k], list)]
+        tmp = self.output_dir / "metrics.csv.tmp"
+        with open(tmp, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(self.records)
+        tmp.replace(self.output_dir / "metrics.csv")
+
+    def last(self, key: str) -> Any:
+        for record in reversed(self.records):
+            if key in record:
+                return record[key]
+        return None
+
+
+class EarlyStopping:
+    """Stop when the monitored metric has not improved for ``patience`` evaluations."""
+
+    def __init__(self, config: EarlyStopConfig) -> None:
+        self.config = config
+        self.best = math.inf if config.mode == "min" else -math.inf
+        self.stale = 0
+
+    def update(self, value: float) -> bool:
+        """Record one evaluation; True when training should stop."""
+        delta = self.config.min_delta
+        improved = value < self.best - delta if self.config.mode == "min" else value > self.best + delta
+        if improved:
+            self.best, self.stale = value, 0
+        else:
+            self.stale += 1
+        return self.stale >= self.config.patience
+
+    def replay(self, records: list[dict[str, Any]]) -> None:
+        """Rebuild the state from a resumed history."""
+        for record in records:
+            if self.config.metric in record:
+                self.update(float(record[self.config.metric]))
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "item"):
+        return value.item()
+    raise TypeError(f"cannot write {type(value).__name__} to metrics.jsonl")

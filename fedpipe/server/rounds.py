@@ -1,0 +1,367 @@
+"""The federated round loop, written against client proxies (one loop, any transport)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+
+from fedpipe.common import registry
+from fedpipe.common.aggregators import Aggregator
+from fedpipe.common.config import ServerConfig
+from fedpipe.common.metrics import MetricSet
+from fedpipe.common.optim import Optimizer
+from fedpipe.common.summable import Summable
+from fedpipe.common.training import EvalResult, RunSetup, TrainResult, build_model
+from fedpipe.common.vector import ArraySpec, Vector
+from fedpipe.server.checkpoint import load_checkpoint, save_checkpoint, save_model
+from fedpipe.server.clients import ClientError, ClientPool, ClientProxy, RoundTask
+from fedpipe.server.history import EarlyStopping, History
+
+__all__ = ["FederatedRun", "RunError", "RunSummary"]
+
+log = logging.getLogger(__name__)
+
+R = TypeVar("R")
+
+#: Below this many elements, adding a partial inline beats a hop to a worker thread.
+INLINE_ADD_ELEMENTS = 1 << 20
+
+
+class RunError(RuntimeError):
+    """The run cannot go on (not enough clients joined in time, ...)."""
+
+
+@dataclass
+class RunSummary:
+    rounds_completed: int
+    stopped_early: bool
+    history: list[dict[str, Any]]
+    weights: Vector
+
+
+class GlobalModel:
+    """The server's view of the model: its weights, updated by the server optimizer."""
+
+    def __init__(self, weights: Vector) -> None:
+        self.weights = weights
+
+    def get_weights(self) -> Vector:
+        return self.weights
+
+    def apply_updates(self, updates: Vector) -> None:
+        self.weights = self.weights + updates
+
+
+class FederatedRun:
+    """Runs ``config.rounds`` federated rounds with the clients of ``pool``.
+
+    Each round: sample clients, send them the global weights and the server optimizer's aux
+    vars, fold replies into one running sum as they arrive (invalid ones are logged and
+    dropped), stop waiting at the round deadline, aggregate if at least ``min_results``
+    replies arrived, run the server optimizer, evaluate every ``eval_every`` rounds,
+    checkpoint atomically, log.
+    """
+
+    def __init__(
+        self,
+        config: ServerConfig,
+        pool: ClientPool,
+        *,
+        stop_event: asyncio.Event | None = None,
+        on_round: Callable[[dict[str, Any]], None] | None = None,
+        resume: bool = False,
+    ) -> None:
+        self.config = config
+        self.pool = pool
+        self.stop_event = stop_event or asyncio.Event()
+        self.on_round = on_round
+        self.setup = RunSetup(
+            model=config.model.model_dump(),
+            client_optimizer=config.client_optimizer.model_dump(),
+            aggregator=config.aggregator,
+            metrics=list(config.metrics),
+            training=config.training.model_dump(),
+            seed=config.seed,
+        )
+        self.model = GlobalModel(build_model(self.setup).get_weights())
+        self.specs: dict[str, ArraySpec] = self.model.weights.specs()
+        self.aggregator: Aggregator = registry.build_spec("aggregator", config.aggregator)
+        self.optimizer: Optimizer = config.server_optimizer.build()
+        self.metric_specs = list(config.metrics)
+        self.rng = np.random.default_rng(config.seed)
+        self.round = 0
+        self.output_dir: Path | None = Path(config.output_dir) if config.output_dir else None
+        self.history = History(self.output_dir)
+        self.early_stop = EarlyStopping(config.early_stop) if config.early_stop else None
+        self._initialized: set[int] = set()
+        if resume:
+            self._resume()
+
+    # ---- checkpoints ------------------------------------------------------------------------
+
+    @property
+    def checkpoint_path(self) -> Path | None:
+        return self.output_dir / "checkpoint.fpk" if self.output_dir else None
+
+    def _resume(self) -> None:
+        path = self.checkpoint_path
+        if path is None or not path.exists():
+            log.warning("no checkpoint at %s: starting from round 0", path)
+            return
+        state = load_checkpoint(path)
+        weights = state["weights"]
+        if not isinstance(weights, Vector):
+            raise RunError(f"checkpoint {path} holds no weight Vector")
+        weights.check_specs(self.specs, f"checkpoint {path}")
+        self.model.weights = weights
+        self.optimizer.set_state(state["optimizer"])  # type: ignore[arg-type]
+        self.rng.bit_generator.state = json.loads(str(state["rng"]))
+        self.round = int(state["round"])  # type: ignore[arg-type]
+        self.history = History(self.output_dir, list(state["history"]))  # type: ignore[arg-type]
+        if self.early_stop is not None:
+            self.early_stop.replay(self.history.records)
+        log.info("resumed from %s at round %d", path, self.round)
+
+    def _checkpoint(self) -> None:
+        path = self.checkpoint_path
+        if path is None or not self.config.checkpoint:
+            return
+        save_checkpoint(
+            path,
+            {
+                "round": self.round,
+                "weights": self.model.weights,
+                "optimizer": self.optimizer.get_state(),
+                "rng": json.dumps(self.rng.bit_generator.state),  # 128-bit ints: as text
+                "history": self.history.records,
+            },
+        )
+
+    # ---- the run ----------------------------------------------------------------------------
+
+    async def run(self) -> RunSummary:
+        cfg = self.config
+        stopped_early = False
+        try:
+            while self.round < cfg.rounds and not self.stop_event.is_set():
+                await self._wait_for_clients()
+                record = await self.run_round(self.round + 1)
+                if self.on_round is not None:
+                    self.on_round(record)
+                if self.early_stop is not None and cfg.early_stop is not None:
+                    value = record.get(cfg.early_stop.metric)
+                    if value is not None and self.early_stop.update(float(value)):
+                        log.info("early stop: %s has not improved", cfg.early_stop.metric)
+                        stopped_early = True
+                        break
+        finally:
+            await self._stop_clients()
+            if self.output_dir is not None:
+                save_model(self.output_dir / "model.npz", self.model.weights)
+        return RunSummary(self.round, stopped_early, self.history.records, self.model.weights)
+
+    async def _wait_for_clients(self) -> None:
+        cfg = self.config
+        if len(self.pool) >= cfg.min_clients:
+            return
+        log.info("waiting for %d client(s) (timeout %.0fs)", cfg.min_clients, cfg.wait_timeout)
+        if not await self.pool.wait_for(cfg.min_clients, cfg.wait_timeout):
+            raise RunError(
+                f"only {len(self.pool)} of min_clients={cfg.min_clients} client(s) connected "
+                f"within wait_timeout={cfg.wait_timeout}s"
+            )
+
+    async def run_round(self, round_number: int) -> dict[str, Any]:
+        """Run one round; returns (and records) its metrics."""
+        cfg = self.config
+        start = time.perf_counter()
+        await self._initialize_new_clients()
+        sampled = [
+            c for c in self.pool.sample(self.rng, cfg.fraction, cfg.clients_per_round)
+            if id(c) in self._initialized
+        ]
+        task = RoundTask(round_number, self.model.weights, self.optimizer.collect_aux_var())
+        folded = _Fold(self.aggregator, self.specs)
+        await self._collect(sampled, lambda c: c.train(task), folded.add)
+        record: dict[str, Any] = {
+            "round": round_number,
+            "sampled": len(sampled),
+            "replied": folded.count,
+            "clients": sorted(folded.names),
+        }
+        if folded.count >= cfg.required_results and folded.total is not None:
+            aggregated = self.aggregator.finalize(folded.total)
+            if folded.aux_total:
+                self.optimizer.process_aux_var(folded.aux_total)
+            updates = self.optimizer.compute_updates(self.model, aggregated)
+            if updates.is_finite():
+                self.model.apply_updates(updates)
+            else:
+                log.error("round %d: server update is not finite; weights kept", round_number)
+            record["train_loss"] = folded.loss_sum / max(folded.seen, 1)
+        else:
+            log.warning(
+                "round %d: %d result(s), below min_results=%d; global model unchanged",
+                round_number, folded.count, cfg.required_results,
+            )
+            record["failed"] = True
+        if cfg.eval_every and round_number % cfg.eval_every == 0:
+            record.update(await self.evaluate(round_number))
+        self.round = round_number
+        record["seconds"] = round(time.perf_counter() - start, 6)
+        self.history.append(record)
+        self._checkpoint()
+        return record
+
+    async def evaluate(self, round_number: int) -> dict[str, float]:
+        """Federated evaluation: metric states merged across clients (exact)."""
+        clients = [
+            c for c in self.pool.clients() if id(c) in self._initialized and c.n_eval_samples
+        ]
+        if not clients:
+            return {}
+        task = RoundTask(round_number, self.model.weights)
+        merged: dict[str, Summable] = {}
+        metric_set = MetricSet(self.metric_specs)
+
+        def fold(client: ClientProxy, result: EvalResult) -> None:
+            expected = metric_set.state()
+            if result.metrics.keys() != expected.keys():
+                raise ClientError(
+                    f"metric states {sorted(result.metrics)}, expected {sorted(expected)}"
+                )
+            for name, state in result.metrics.items():
+                if not state.is_finite():
+                    raise ClientError(f"metric {name!r} state is not finite")
+                if state.fields.keys() != expected[name].fields.keys():
+                    raise ClientError(f"metric {name!r} has fields {sorted(state.fields)}")
+            for name, state in result.metrics.items():
+                merged[name] = state.copy() if name not in merged else merged[name].add_(state)
+
+        await self._collect(clients, lambda c: c.evaluate(task), fold)
+        if not merged:
+            return {}
+        return {k: float(v) for k, v in metric_set.result(merged).items()}
+
+    # ---- plumbing ---------------------------------------------------------------------------
+
+    async def _initialize_new_clients(self) -> None:
+        new = [c for c in self.pool.clients() if id(c) not in self._initialized]
+        if not new:
+            return
+
+        def accept(client: ClientProxy, _: None) -> None:
+            self._initialized.add(id(client))
+
+        await self._collect(new, lambda c: c.initialize(self.setup, self.specs), accept)
+
+    async def _collect(
+        self,
+        clients: list[ClientProxy],
+        call: Callable[[ClientProxy], Awaitable[R]],
+        on_result: Callable[[ClientProxy, R], Any],
+    ) -> int:
+        """Run ``call`` on every client concurrently and pass each result to ``on_result`` as
+        it arrives, until all are done or the round deadline passes. A client that fails or
+        whose result ``on_result`` rejects is logged and left out. Returns the count kept."""
+
+        async def one(client: ClientProxy) -> tuple[ClientProxy, R | BaseException]:
+            try:
+                return client, await call(client)
+            except (ClientError, ValueError, TypeError, KeyError, OSError) as exc:
+                return client, exc
+
+        kept = 0
+        futures = [asyncio.ensure_future(one(c)) for c in clients]
+        try:
+            async with asyncio.timeout(self.config.round_timeout):
+                for next_done in asyncio.as_completed(futures):
+                    client, outcome = await next_done
+                    if isinstance(outcome, BaseException):
+                        log.warning("client %s failed: %s", client.name, outcome)
+                        continue
+                    try:
+                        step = on_result(client, outcome)
+                        if asyncio.iscoroutine(step):
+                            await step
+                        kept += 1
+                    except (ClientError, ValueError, TypeError) as exc:
+                        log.warning("client %s: rejected reply: %s", client.name, exc)
+        except TimeoutError:
+            late = [c.name for c, f in zip(clients, futures, strict=True) if not f.done()]
+            log.warning(
+                "round deadline (%.1fs) passed; no reply from: %s",
+                self.config.round_timeout, ", ".join(late),
+            )
+        finally:
+            for future in futures:
+                future.cancel()
+        return kept
+
+    async def _stop_clients(self) -> None:
+        clients = self.pool.clients()
+        results = await asyncio.gather(*(c.stop() for c in clients), return_exceptions=True)
+        for client, result in zip(clients, results, strict=True):
+            if isinstance(result, BaseException):
+                log.info("client %s did not take the stop task: %s", client.name, result)
+
+
+class _Fold:
+    """The running sum of one round's train replies (partials and aux vars)."""
+
+    def __init__(self, aggregator: Aggregator, specs: Mapping[str, ArraySpec]) -> None:
+        self.aggregator = aggregator
+        self.specs = specs
+        self.total: Summable | None = None
+        self.aux_total: dict[str, Summable] = {}
+        self.count = 0
+        self.seen = 0
+        self.loss_sum = 0.0
+        self.names: list[str] = []
+
+    async def add(self, client: ClientProxy, result: TrainResult) -> None:
+        self.validate(result)
+        size = sum(v.size for v in result.partial.fields.values() if isinstance(v, Vector))
+        if size >= INLINE_ADD_ELEMENTS:
+            await asyncio.to_thread(self._add, result)
+        else:
+            self._add(result)
+        self.names.append(client.name)
+
+    def validate(self, result: TrainResult) -> None:
+        self.aggregator.validate(result.partial, self.specs)
+        if not (math.isfinite(result.loss_sum) and result.n_samples_seen >= 0):
+            raise ClientError(f"train loss {result.loss_sum} is not finite")
+        if self.count and result.aux_vars.keys() != self.aux_total.keys():
+            raise ClientError(
+                f"aux vars {sorted(result.aux_vars)}, expected {sorted(self.aux_total)}"
+            )
+        for key, aux in result.aux_vars.items():
+            if not aux.is_finite():
+                raise ClientError(f"aux var {key!r} is not finite")
+            for name, value in aux.fields.items():
+                if isinstance(value, Vector):
+                    value.check_specs(self.specs, f"aux var {key}.{name}")
+            if key in self.aux_total and aux.fields.keys() != self.aux_total[key].fields.keys():
+                raise ClientError(f"aux var {key!r} has fields {sorted(aux.fields)}")
+
+    def _add(self, result: TrainResult) -> None:
+        if self.total is None:
+            self.total = result.partial
+            self.aux_total = {k: v.copy() for k, v in result.aux_vars.items()}
+        else:
+            self.total.add_(result.partial)
+            for key, aux in result.aux_vars.items():
+                self.aux_total[key].add_(aux)
+        self.count += 1
+        self.seen += result.n_samples_seen
+        self.loss_sum += result.loss_sum
