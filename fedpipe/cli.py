@@ -8,6 +8,7 @@ import json
 import logging
 import socket
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -119,7 +120,16 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     overrides = {"n_clients": args.clients, "transport": args.transport,
                  "dataset": args.dataset, "server.rounds": args.rounds,
                  "server.output_dir": args.output_dir}
-    sim: SimulationConfig = _load_any(SimulationConfig, args.config, overrides)
+    from fedpipe.server.simulation import DEFAULT_CONFIG_TEXT
+
+    if args.print_config:
+        print(DEFAULT_CONFIG_TEXT, end="")
+        return 0
+    path = args.config
+    if path is None:
+        path = Path(tempfile.mkdtemp(prefix="fedpipe-")) / "default-simulation.toml"
+        path.write_text(DEFAULT_CONFIG_TEXT)
+    sim: SimulationConfig = _load_any(SimulationConfig, path, overrides)
     print(
         f"simulating {sim.n_clients} clients on {sim.dataset} "
         f"({sim.partition.scheme} split, transport {sim.transport}), "
@@ -195,6 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--dataset", help="built-in dataset name or a data file/folder")
     simulate.add_argument("--transport", choices=["inprocess", "grpc"])
     simulate.add_argument("--output-dir", help="where metrics and the model go")
+    simulate.add_argument(
+        "--print-config", action="store_true", help="print the default config and exit"
+    )
     simulate.set_defaults(func=cmd_simulate)
 
     split = sub.add_parser(

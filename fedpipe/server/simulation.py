@@ -33,11 +33,14 @@ from fedpipe.server.clients import ClientPool
 from fedpipe.server.inprocess import InProcessClient, SharedModels
 from fedpipe.server.rounds import FederatedRun, RunSummary
 
-__all__ = ["client_datasets", "complete_model_config", "simulate"]
+__all__ = ["DEFAULT_CONFIG_TEXT", "client_datasets", "complete_model_config", "simulate"]
 
 log = logging.getLogger(__name__)
 
 OnRound = Callable[[dict[str, Any]], None]
+
+#: The simulation run by ``fedpipe simulate`` without ``--config`` (TOML text).
+DEFAULT_CONFIG_TEXT = (Path(__file__).parent / "default_simulation.toml").read_text()
 
 
 def load_source(name: str) -> Dataset:

@@ -1,0 +1,180 @@
+"""The model API: weights as a Vector, batch gradients, predictions, and the loss heads.
+
+A model owns its weights as a dict of numpy arrays. Everything that leaves the model
+(``get_weights``, gradients) is a :class:`~fedpipe.common.vector.Vector`; everything that comes
+in (``set_weights``, ``apply_updates``) is checked against :meth:`Model.weight_specs` first.
+
+The three task heads shared by the built-in models live here too: given the output layer's
+pre-activations ``z``, they compute the mean loss, its gradient w.r.t. ``z`` and predictions.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from typing import ClassVar, Literal
+
+import numpy as np
+
+from fedpipe.common.registry import Registrable, declare_family
+from fedpipe.common.vector import ArraySpec, Vector, VectorSpecs
+
+__all__ = ["TASKS", "Model", "Task", "head_loss", "head_loss_and_gradient", "head_predict"]
+
+Task = Literal["regression", "binary", "multiclass"]
+TASKS: tuple[str, ...] = ("regression", "binary", "multiclass")
+
+
+@declare_family
+class Model(Registrable):
+    """A trainable model whose weights are a :class:`Vector`.
+
+    Subclasses fill ``self._weights`` (name -> array) in ``__init__`` and implement
+    :meth:`compute_batch_gradients`, :meth:`predict` and :meth:`loss`.
+
+    ``task`` says what :meth:`predict` returns: ``"regression"`` values of shape ``(n,)`` (one
+    output) or ``(n, k)``; ``"binary"`` the probability of class 1, shape ``(n,)``;
+    ``"multiclass"`` class probabilities, shape ``(n, k)``. It is a class attribute for models
+    with a fixed task and an instance attribute for models configurable per task (``mlp``).
+    """
+
+    family: ClassVar[str] = "model"
+    name: ClassVar[str]
+    task: str
+
+    _weights: dict[str, np.ndarray]
+
+    # ---- weights ---------------------------------------------------------------------------
+
+    def weight_specs(self) -> VectorSpecs:
+        """Names, shapes and dtypes of the weights."""
+        return {
+            name: ArraySpec(tuple(int(d) for d in a.shape), a.dtype.name)
+            for name, a in self._weights.items()
+        }
+
+    def get_weights(self) -> Vector:
+        """A copy of the weights."""
+        return Vector({name: a.copy() for name, a in self._weights.items()})
+
+    def set_weights(self, weights: Vector) -> None:
+        """Copy ``weights`` into the model; raises ``SpecMismatchError`` on other specs."""
+        weights.check_specs(self.weight_specs(), f"weights for model {self.name!r}")
+        for name, a in self._weights.items():
+            np.copyto(a, weights.coefs[name])
+
+    def apply_updates(self, updates: Vector) -> None:
+        """In place: ``weights += updates`` (specs checked)."""
+        updates.check_specs(self.weight_specs(), f"updates for model {self.name!r}")
+        for name, a in self._weights.items():
+            a += updates.coefs[name]
+
+    # ---- training and inference ------------------------------------------------------------
+
+    @abstractmethod
+    def compute_batch_gradients(self, x: np.ndarray, y: np.ndarray) -> tuple[Vector, float]:
+        """Gradients of the mean loss over the batch w.r.t. the weights, and that mean loss."""
+
+    @abstractmethod
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """Predictions for ``x`` (see the class docstring for shapes per ``task``)."""
+
+    @abstractmethod
+    def loss(self, x: np.ndarray, y: np.ndarray) -> float:
+        """Mean loss over the batch."""
+
+    # ---- helpers for subclasses ------------------------------------------------------------
+
+    @property
+    def dtype(self) -> np.dtype:
+        return next(iter(self._weights.values())).dtype
+
+    def _inputs(self, x: np.ndarray, n_features: int) -> np.ndarray:
+        """``x`` as a 2-D array of the model's dtype, with the expected number of features."""
+        x = np.asarray(x)
+        if x.ndim != 2 or x.shape[1] != n_features:
+            raise ValueError(
+                f"model {self.name!r} expects inputs of shape (n, {n_features}), got {x.shape}"
+            )
+        return x.astype(self.dtype, copy=False)
+
+
+def _targets(task: str, y: np.ndarray, z: np.ndarray) -> np.ndarray:
+    """Validate ``y`` against the head's outputs ``z`` and return it in computable form."""
+    y = np.asarray(y)
+    n = z.shape[0]
+    if y.shape[:1] != (n,):
+        raise ValueError(f"got {y.shape[0] if y.ndim else 'a scalar'} targets for {n} inputs")
+    if task == "regression":
+        k = z.shape[1]
+        if y.ndim == 1 and k == 1:
+            y = y[:, None]
+        if y.shape != z.shape:
+            raise ValueError(f"regression targets have shape {y.shape}, expected (n, {k})")
+        return y.astype(z.dtype, copy=False)
+    labels = y.reshape(n) if y.ndim == 2 and y.shape[1] == 1 else y
+    if labels.ndim != 1:
+        raise ValueError(f"classification targets must be class ids of shape (n,), got {y.shape}")
+    ids = labels.astype(np.int64)
+    n_classes = 2 if task == "binary" else z.shape[1]
+    if not np.array_equal(ids, labels) or (n and (ids.min() < 0 or ids.max() >= n_classes)):
+        raise ValueError(f"{task} targets must be integer class ids in [0, {n_classes - 1}]")
+    return ids.astype(z.dtype) if task == "binary" else ids
+
+
+def head_loss_and_gradient(task: str, z: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
+    """Mean loss of pre-activations ``z`` against targets ``y``, and its gradient w.r.t. ``z``.
+
+    ``z`` is ``(n, k)`` for regression and multiclass, ``(n,)`` (logits) for binary.
+
+    - regression: ``0.5 * mean((z - y) ** 2)``, the mean over samples *and* outputs; the 0.5
+      makes the gradient the plain residual (divided by the element count).
+    - binary: cross-entropy of ``sigmoid(z)``, computed as ``logaddexp(0, z) - y * z``, which
+      neither overflows nor takes ``log(0)``.
+    - multiclass: cross-entropy of ``softmax(z)`` with labels as class ids, via a max-shifted
+      log-sum-exp.
+    """
+    t = _targets(task, y, z)
+    n = max(z.shape[0], 1)
+    if task == "regression":
+        residual = z - t
+        loss = 0.5 * float(np.mean(residual**2)) if residual.size else 0.0
+        return loss, residual / max(residual.size, 1)
+    if task == "binary":
+        loss = float(np.sum(np.logaddexp(0.0, z) - t * z)) / n
+        return loss, (_sigmoid(z) - t) / n
+    log_p = _log_softmax(z)
+    rows = np.arange(z.shape[0])
+    loss = -float(np.sum(log_p[rows, t])) / n
+    grad = np.exp(log_p)
+    grad[rows, t] -= 1.0
+    return loss, grad / n
+
+
+def head_loss(task: str, z: np.ndarray, y: np.ndarray) -> float:
+    """Mean loss only (see :func:`head_loss_and_gradient`)."""
+    t = _targets(task, y, z)
+    n = max(z.shape[0], 1)
+    if task == "regression":
+        return 0.5 * float(np.mean((z - t) ** 2)) if z.size else 0.0
+    if task == "binary":
+        return float(np.sum(np.logaddexp(0.0, z) - t * z)) / n
+    return -float(np.sum(_log_softmax(z)[np.arange(z.shape[0]), t])) / n
+
+
+def head_predict(task: str, z: np.ndarray) -> np.ndarray:
+    """Predictions from pre-activations: values, P(class 1), or class probabilities."""
+    if task == "regression":
+        return z[:, 0] if z.shape[1] == 1 else z
+    if task == "binary":
+        return _sigmoid(z)
+    return np.exp(_log_softmax(z))
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    # exp(-logaddexp(0, -z)) == 1 / (1 + exp(-z)) without overflow for large |z|
+    return np.exp(-np.logaddexp(0.0, -z))
+
+
+def _log_softmax(z: np.ndarray) -> np.ndarray:
+    shifted = z - z.max(axis=1, keepdims=True)
+    return shifted - np.log(np.sum(np.exp(shifted), axis=1, keepdims=True))

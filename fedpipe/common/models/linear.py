@@ -1,0 +1,137 @@
+"""Linear models: one affine layer ``z = x @ kernel + bias`` under a task head."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import numpy as np
+
+from fedpipe.common.models.base import (
+    Model,
+    head_loss,
+    head_loss_and_gradient,
+    head_predict,
+)
+from fedpipe.common.vector import Vector
+
+__all__ = ["LinearRegression", "LogisticRegression", "SoftmaxRegression"]
+
+#: Standard deviation of the initial kernel; small so that training starts near the origin.
+INIT_SCALE = 0.01
+
+
+class _AffineModel(Model):
+    """``z = x @ kernel + bias`` followed by the head of ``task``."""
+
+    def __init__(
+        self, n_features: int, n_outputs: int | None, dtype: str, seed: int | None
+    ) -> None:
+        if n_features < 1:
+            raise ValueError(f"n_features={n_features}; expected at least 1")
+        self.n_features = n_features
+        self.seed = seed
+        rng = np.random.default_rng(seed)
+        kernel_shape = (n_features,) if n_outputs is None else (n_features, n_outputs)
+        bias_shape = (1,) if n_outputs is None else (n_outputs,)
+        self._weights = {
+            "kernel": (rng.standard_normal(kernel_shape) * INIT_SCALE).astype(dtype),
+            "bias": np.zeros(bias_shape, dtype=dtype),
+        }
+
+    def _logits(self, x: np.ndarray) -> np.ndarray:
+        return x @ self._weights["kernel"] + self._weights["bias"]
+
+    def compute_batch_gradients(self, x: np.ndarray, y: np.ndarray) -> tuple[Vector, float]:
+        x = self._inputs(x, self.n_features)
+        loss, dz = head_loss_and_gradient(self.task, self._logits(x), y)
+        bias = self._weights["bias"]
+        grads = {"kernel": x.T @ dz, "bias": dz.sum(axis=0).reshape(bias.shape)}
+        return Vector({k: g.astype(self.dtype, copy=False) for k, g in grads.items()}), loss
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        return head_predict(self.task, self._logits(self._inputs(x, self.n_features)))
+
+    def loss(self, x: np.ndarray, y: np.ndarray) -> float:
+        return head_loss(self.task, self._logits(self._inputs(x, self.n_features)), y)
+
+
+class LinearRegression(_AffineModel):
+    """Least-squares linear regression.
+
+    The loss is ``0.5 * mean((prediction - y) ** 2)`` over samples and outputs: half the MSE,
+    so that its gradient is the mean residual.
+
+    Parameters
+    ----------
+    n_features:
+        Number of input features.
+    n_outputs:
+        Number of regression targets; with 1, :meth:`predict` returns shape ``(n,)``.
+    dtype:
+        Weight dtype (inputs are cast to it).
+    seed:
+        Seed of the random initial kernel (``N(0, 0.01^2)``; bias starts at 0).
+    """
+
+    name: ClassVar[str] = "linear-regression"
+    task = "regression"
+
+    def __init__(
+        self, n_features: int, n_outputs: int = 1, dtype: str = "float32", seed: int | None = 0
+    ) -> None:
+        if n_outputs < 1:
+            raise ValueError(f"n_outputs={n_outputs}; expected at least 1")
+        self.n_outputs = n_outputs
+        super().__init__(n_features, n_outputs, dtype, seed)
+
+    def get_config(self) -> dict[str, Any]:
+        return {
+            "n_features": self.n_features,
+            "n_outputs": self.n_outputs,
+            "dtype": self.dtype.name,
+            "seed": self.seed,
+        }
+
+
+class LogisticRegression(_AffineModel):
+    """Binary logistic regression, trained on the (numerically stable) binary cross-entropy.
+
+    Targets are 0/1; :meth:`predict` returns the probability of class 1, shape ``(n,)``.
+    Weights: ``kernel`` of shape ``(n_features,)`` and ``bias`` of shape ``(1,)``.
+    """
+
+    name: ClassVar[str] = "logistic-regression"
+    task = "binary"
+
+    def __init__(self, n_features: int, dtype: str = "float32", seed: int | None = 0) -> None:
+        super().__init__(n_features, None, dtype, seed)
+
+    def get_config(self) -> dict[str, Any]:
+        return {"n_features": self.n_features, "dtype": self.dtype.name, "seed": self.seed}
+
+
+class SoftmaxRegression(_AffineModel):
+    """Multinomial logistic regression: softmax over ``n_classes`` with cross-entropy loss.
+
+    Targets are integer class ids in ``[0, n_classes)``; :meth:`predict` returns class
+    probabilities of shape ``(n, n_classes)``.
+    """
+
+    name: ClassVar[str] = "softmax-regression"
+    task = "multiclass"
+
+    def __init__(
+        self, n_features: int, n_classes: int, dtype: str = "float32", seed: int | None = 0
+    ) -> None:
+        if n_classes < 2:
+            raise ValueError(f"n_classes={n_classes}; expected at least 2")
+        self.n_classes = n_classes
+        super().__init__(n_features, n_classes, dtype, seed)
+
+    def get_config(self) -> dict[str, Any]:
+        return {
+            "n_features": self.n_features,
+            "n_classes": self.n_classes,
+            "dtype": self.dtype.name,
+            "seed": self.seed,
+        }
