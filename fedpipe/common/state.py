@@ -12,7 +12,7 @@ import numpy as np
 
 from fedpipe.common.vector import Vector
 
-__all__ = ["State", "StateValue", "states_equal"]
+__all__ = ["State", "StateValue", "state_vector", "states_equal"]
 
 StateValue = (
     None
@@ -46,3 +46,11 @@ def states_equal(left: StateValue, right: StateValue) -> bool:
     if isinstance(left, float) and isinstance(right, float) and left != left and right != right:
         return True  # both NaN
     return type(left) is type(right) and left == right
+
+
+def state_vector(state: State, key: str, owner: str) -> Vector | None:
+    """``state[key]`` checked to be a Vector or ``None`` (missing keys read as ``None``)."""
+    value = state.get(key)
+    if value is not None and not isinstance(value, Vector):
+        raise ValueError(f"{owner} state {key!r} must be a Vector or None, got {value!r}")
+    return value

@@ -1,0 +1,198 @@
+"""The optimizer: regularizers, a pipeline of modules, a learning rate and weight decay.
+
+Clients use it to turn loss gradients into weight updates. The server holds one too, with the
+aggregated client updates (start minus end weights, i.e. pseudo-gradients) as its gradients:
+``lrate=1`` with no module is FedAvg (McMahan et al., 2017), and the ``adam``, ``yogi``,
+``adagrad`` and ``momentum`` modules give FedAdam, FedYogi, FedAdagrad and FedAvgM (Reddi et
+al., 2021, "Adaptive Federated Optimization"; Hsu et al., 2019).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol, Self
+
+from fedpipe.common.modules.base import AuxVarError, OptiModule
+from fedpipe.common.registry import build_spec, spec_of
+from fedpipe.common.regularizers.base import Regularizer
+from fedpipe.common.schedulers.base import Scheduler
+from fedpipe.common.state import State, StateValue
+from fedpipe.common.summable import Summable
+from fedpipe.common.vector import Vector
+
+__all__ = ["Optimizer", "TrainableModel"]
+
+
+class TrainableModel(Protocol):
+    """What the optimizer needs from a model."""
+
+    def get_weights(self) -> Vector: ...
+
+    def apply_updates(self, updates: Vector) -> None: ...
+
+
+class Optimizer:
+    """Turns gradients into weight updates.
+
+    Each step computes ``g = gradients + sum of the regularizers' penalty gradients`` (at the
+    current weights), runs ``g`` through the modules in order, and returns the updates
+    ``-lr * (g + w_decay * weights)``. The weight decay is decoupled from the gradients
+    (Loshchilov & Hutter, 2019, "Decoupled Weight Decay Regularization") and scaled by the
+    learning rate as torch's ``AdamW`` does; L2-coupled decay is the ``ridge`` regularizer.
+
+    Parameters
+    ----------
+    lrate:
+        Learning rate: a number, or a scheduler (instance, name or ``[name, config]``) that
+        maps the optimizer's step count (0 at the first step) to a rate.
+    w_decay:
+        Decoupled weight decay coefficient (non-negative).
+    regularizers:
+        Regularizers (instances, names or ``[name, config]`` pairs).
+    modules:
+        The module pipeline (instances, names or ``[name, config]`` pairs), run in order.
+    """
+
+    def __init__(
+        self,
+        lrate: float | Scheduler | str | Sequence[Any] = 0.01,
+        w_decay: float = 0.0,
+        regularizers: Sequence[Any] = (),
+        modules: Sequence[Any] = (),
+    ) -> None:
+        if isinstance(lrate, (int, float)) and not isinstance(lrate, bool):
+            self.lrate: float | Scheduler = float(lrate)
+        else:
+            self.lrate = build_spec("scheduler", lrate)
+        if not w_decay >= 0:
+            raise ValueError(f"w_decay={w_decay}; expected a non-negative number")
+        self.w_decay = float(w_decay)
+        self.regularizers: list[Regularizer] = [
+            build_spec("regularizer", spec) for spec in regularizers
+        ]
+        self.modules: list[OptiModule] = [build_spec("module", spec) for spec in modules]
+        self._aux_modules: dict[str, OptiModule] = {}
+        for module in self.modules:
+            if module.aux_name is None:
+                continue
+            if module.aux_name in self._aux_modules:
+                raise ValueError(
+                    f"modules {self._aux_modules[module.aux_name].name!r} and {module.name!r} "
+                    f"both use aux-var name {module.aux_name!r}; keep only one of them"
+                )
+            self._aux_modules[module.aux_name] = module
+        self.step = 0
+
+    # ---- configuration ---------------------------------------------------------------------
+
+    def get_config(self) -> dict[str, Any]:
+        """The constructor's arguments as plain data (``[name, config]`` pairs)."""
+        return {
+            "lrate": self.lrate if isinstance(self.lrate, float) else spec_of(self.lrate),
+            "w_decay": self.w_decay,
+            "regularizers": [spec_of(r) for r in self.regularizers],
+            "modules": [spec_of(m) for m in self.modules],
+        }
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> Self:
+        try:
+            return cls(**dict(config))
+        except TypeError as exc:
+            raise TypeError(f"invalid optimizer config: {exc}") from exc
+
+    # ---- steps -----------------------------------------------------------------------------
+
+    def learning_rate(self) -> float:
+        """The learning rate of the next step."""
+        if isinstance(self.lrate, float):
+            return self.lrate
+        return self.lrate.value(self.step)
+
+    def start_round(self, weights: Vector) -> None:
+        """Tell the regularizers a federated round starts from ``weights``."""
+        for regularizer in self.regularizers:
+            regularizer.on_round_start(weights)
+
+    def compute_updates(self, model: TrainableModel, gradients: Vector) -> Vector:
+        """The updates to add to ``model``'s weights for these ``gradients`` (one step)."""
+        needs_weights = bool(self.regularizers) or self.w_decay != 0.0
+        # a model may have to copy its weights out (torch): only ask when they are used
+        weights = model.get_weights() if needs_weights else gradients
+        for regularizer in self.regularizers:
+            gradients = regularizer.run(gradients, weights)
+        for module in self.modules:
+            gradients = module.run(gradients)
+        if self.w_decay != 0.0:
+            gradients = gradients + self.w_decay * weights
+        updates = gradients * -self.learning_rate()
+        self.step += 1
+        return updates
+
+    def apply(self, model: TrainableModel, gradients: Vector) -> None:
+        """One step: compute the updates and add them to ``model``'s weights."""
+        model.apply_updates(self.compute_updates(model, gradients))
+
+    # ---- state -----------------------------------------------------------------------------
+
+    def get_state(self) -> State:
+        """Step count and the state of every regularizer and module, by position and name."""
+        return {
+            "step": self.step,
+            "regularizers": [{"name": r.name, "state": r.get_state()} for r in self.regularizers],
+            "modules": [{"name": m.name, "state": m.get_state()} for m in self.modules],
+        }
+
+    def set_state(self, state: State) -> None:
+        """Resume from :meth:`get_state`'s output; the pipeline must be the same."""
+        step = state.get("step")
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+            raise ValueError(f"optimizer state 'step' must be a non-negative int, got {step!r}")
+        reg_states = _pipeline_states(state, "regularizers", [r.name for r in self.regularizers])
+        mod_states = _pipeline_states(state, "modules", [m.name for m in self.modules])
+        for regularizer, reg_state in zip(self.regularizers, reg_states, strict=True):
+            regularizer.set_state(reg_state)
+        for module, mod_state in zip(self.modules, mod_states, strict=True):
+            module.set_state(mod_state)
+        self.step = step
+
+    # ---- auxiliary variables -----------------------------------------------------------------
+
+    def collect_aux_var(self) -> dict[str, Summable]:
+        """Aux vars of the modules that have one to send, keyed by their ``aux_name``."""
+        collected = {}
+        for aux_name, module in self._aux_modules.items():
+            aux_var = module.collect_aux_var()
+            if aux_var is not None:
+                collected[aux_name] = aux_var
+        return collected
+
+    def process_aux_var(self, aux_vars: Mapping[str, Summable]) -> None:
+        """Route each aux var to the module with that ``aux_name``."""
+        for aux_name, aux_var in aux_vars.items():
+            module = self._aux_modules.get(aux_name)
+            if module is None:
+                raise AuxVarError(
+                    f"no module of this optimizer takes aux var {aux_name!r}; "
+                    f"known aux-var names: {sorted(self._aux_modules) or 'none'}"
+                )
+            module.process_aux_var(aux_var)
+
+
+def _pipeline_states(state: State, key: str, names: list[str]) -> list[State]:
+    entries: StateValue = state.get(key)
+    if not isinstance(entries, list):
+        raise ValueError(f"optimizer state {key!r} must be a list, got {entries!r}")
+    found = [e.get("name") if isinstance(e, dict) else None for e in entries]
+    if found != names:
+        raise ValueError(
+            f"optimizer state holds {key} {found}, but this optimizer has {names}: "
+            f"the state comes from a different pipeline"
+        )
+    states = []
+    for entry, name in zip(entries, names, strict=True):
+        sub = entry.get("state") if isinstance(entry, dict) else None
+        if not isinstance(sub, dict):
+            raise ValueError(f"optimizer state of {key[:-1]} {name!r} must be a dict, got {sub!r}")
+        states.append(sub)
+    return states
