@@ -172,7 +172,7 @@ class ClientDaemon:
             log.error("task %d failed: %s", task.task_id, exc)
             reply.error = f"{type(exc).__name__}: {exc}"
             return reply, None
-        payload = make_payload(state, CHUNK_BYTES)
+        payload = make_payload(state, trainer.setup.chunk_bytes)
         reply.info.CopyFrom(settings_value(info))
         reply.payload.CopyFrom(payload.header)
         return reply, payload
@@ -180,6 +180,8 @@ class ClientDaemon:
     def _initialize(self, task: Any) -> None:
         setup = RunSetup.from_data(settings_data(task.settings))
         specs = {s.name: spec_from_wire(s, f"weight {s.name!r}") for s in task.weight_specs}
+        if not 1 <= setup.chunk_bytes <= 64 << 20:
+            raise ValueError(f"chunk_bytes={setup.chunk_bytes}; expected 1 byte to 64 MiB")
         trainer = LocalTrainer(setup)
         problem = describe_spec_mismatch(trainer.model.weight_specs(), specs)
         if problem:

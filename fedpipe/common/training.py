@@ -41,6 +41,7 @@ class RunSetup:
     metrics: list[Any]
     training: dict[str, Any]
     seed: int = 0
+    chunk_bytes: int = 4 << 20
 
     def to_data(self) -> dict[str, Any]:
         return {
@@ -50,6 +51,7 @@ class RunSetup:
             "metrics": self.metrics,
             "training": self.training,
             "seed": self.seed,
+            "chunk_bytes": self.chunk_bytes,
         }
 
     @classmethod
@@ -62,6 +64,7 @@ class RunSetup:
                 metrics=list(data["metrics"]),
                 training=dict(data["training"]),
                 seed=int(data.get("seed", 0)),
+                chunk_bytes=int(data.get("chunk_bytes", 4 << 20)),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"malformed run setup: {exc!r}") from None

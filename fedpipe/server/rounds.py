@@ -91,6 +91,7 @@ class FederatedRun:
             metrics=list(config.metrics),
             training=config.training.model_dump(),
             seed=config.seed,
+            chunk_bytes=int(config.chunk_mib * (1 << 20)),
         )
         self.model = GlobalModel(build_model(self.setup).get_weights())
         self.specs: dict[str, ArraySpec] = self.model.weights.specs()
