@@ -12,7 +12,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from fedpipe.common.registry import UnknownNameError
 from fedpipe.common.config import (
     ClientConfig,
     ConfigError,
@@ -20,6 +19,7 @@ from fedpipe.common.config import (
     SimulationConfig,
     load_config,
 )
+from fedpipe.common.registry import UnknownNameError
 
 __all__ = ["main"]
 
@@ -37,8 +37,9 @@ fedpipe: federated learning with pipelines of stateful optimizer modules.
 def _load_any(cls: type[Any], path: Path | None, overrides: dict[str, Any]) -> Any:
     """Load a TOML (or JSON, as written by ``fedpipe simulate``) config plus flag overrides."""
     if path is not None and path.suffix == ".json":
-        from fedpipe.common.config import apply_overrides, format_validation_error
         from pydantic import ValidationError
+
+        from fedpipe.common.config import apply_overrides, format_validation_error
 
         try:
             data = apply_overrides(json.loads(path.read_text()), overrides)
@@ -79,8 +80,13 @@ def _printer(rounds: int, quiet: bool) -> Any:
 def cmd_server(args: argparse.Namespace) -> int:
     from fedpipe.server.daemon import serve
 
-    overrides = {"host": args.host, "port": args.port, "rounds": args.rounds,
-                 "min_clients": args.min_clients, "output_dir": args.output_dir}
+    overrides = {
+        "host": args.host,
+        "port": args.port,
+        "rounds": args.rounds,
+        "min_clients": args.min_clients,
+        "output_dir": args.output_dir,
+    }
     config: ServerConfig = _load_any(ServerConfig, args.config, overrides)
     summary = asyncio.run(
         serve(config, resume=args.resume, on_round=_printer(config.rounds, args.quiet))
@@ -95,8 +101,11 @@ def cmd_client(args: argparse.Namespace) -> int:
     from fedpipe.common.data import load_builtin, load_dataset
 
     overrides = {
-        "server": args.server, "name": args.name, "token": args.token,
-        "data": str(args.data) if args.data else None, "dataset": args.dataset,
+        "server": args.server,
+        "name": args.name,
+        "token": args.token,
+        "data": str(args.data) if args.data else None,
+        "dataset": args.dataset,
         "eval_data": str(args.eval_data) if args.eval_data else None,
         "eval_fraction": args.eval_fraction,
     }
@@ -117,9 +126,13 @@ def cmd_client(args: argparse.Namespace) -> int:
 def cmd_simulate(args: argparse.Namespace) -> int:
     from fedpipe.server.simulation import simulate
 
-    overrides = {"n_clients": args.clients, "transport": args.transport,
-                 "dataset": args.dataset, "server.rounds": args.rounds,
-                 "server.output_dir": args.output_dir}
+    overrides = {
+        "n_clients": args.clients,
+        "transport": args.transport,
+        "dataset": args.dataset,
+        "server.rounds": args.rounds,
+        "server.output_dir": args.output_dir,
+    }
     from fedpipe.server.simulation import DEFAULT_CONFIG_TEXT
 
     if args.print_config:
@@ -133,7 +146,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     print(
         f"simulating {sim.n_clients} clients on {sim.dataset} "
         f"({sim.partition.scheme} split, transport {sim.transport}), "
-        f"{sim.server.rounds} rounds", flush=True,
+        f"{sim.server.rounds} rounds",
+        flush=True,
     )
     summary = simulate(sim, on_round=_printer(sim.server.rounds, False))
     final = summary.history[-1] if summary.history else {}
@@ -165,7 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     server = sub.add_parser(
-        "server", help="run the server daemon",
+        "server",
+        help="run the server daemon",
         description="Run the server daemon: wait for clients, run the federated rounds, "
         "checkpoint each round, write metrics (CSV, JSON lines) and the final model (.npz).",
     )
@@ -180,7 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     server.set_defaults(func=cmd_server)
 
     client = sub.add_parser(
-        "client", help="run a client process",
+        "client",
+        help="run a client process",
         description="Run a client: dial the server, train on local data when asked, "
         "reconnect with backoff if the server is unreachable, exit 0 when the run ends.",
     )
@@ -195,7 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     client.set_defaults(func=cmd_client)
 
     simulate = sub.add_parser(
-        "simulate", help="run a local simulation",
+        "simulate",
+        help="run a local simulation",
         description="Run a whole federation on this machine. Without --config: 10 clients "
         "on the digits dataset with a Dirichlet label skew, FedAvg, 10 rounds.",
     )
@@ -211,7 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.set_defaults(func=cmd_simulate)
 
     split = sub.add_parser(
-        "split", help="split a dataset into one folder per client",
+        "split",
+        help="split a dataset into one folder per client",
         description="Partition a dataset and write out/client_<i>/ folders (x.npy, y.npy) "
         "to hand to client processes with --data.",
     )

@@ -86,12 +86,14 @@ class ClientDaemon:
                     raise ClientRefused(f"server refused: {exc.details()}") from None
                 log.warning(
                     "server %s unreachable (%s); retrying in %.1fs",
-                    cfg.server, exc.code().name, delay,
+                    cfg.server,
+                    exc.code().name,
+                    delay,
                 )
             if time.monotonic() + delay > give_up:
                 log.error("gave up reaching %s after %.0fs", cfg.server, cfg.retry_timeout)
                 return 1
-            await asyncio.sleep(delay * random.uniform(0.8, 1.2))  # noqa: S311 (jitter)
+            await asyncio.sleep(delay * random.uniform(0.8, 1.2))
             delay = min(delay * 2, cfg.retry_max)
 
     async def _session(self) -> bool:
@@ -138,7 +140,7 @@ class ClientDaemon:
                 for out in envelope_frames(pb.ClientMessage(reply=reply), payload):
                     await call.write(out)
 
-    async def _handle(self, task: Any, payload: dict[str, Any]) -> tuple[Any, Any]:
+    async def _handle(self, task: Any, received: dict[str, Any]) -> tuple[Any, Any]:
         """Run one task; a failure becomes an error reply, never a crash."""
         reply = pb.Reply(task_id=task.task_id)
         try:
@@ -146,20 +148,27 @@ class ClientDaemon:
                 await asyncio.to_thread(self._initialize, task)
                 return reply, None
             trainer = self._trainer()
-            weights = weights_from(payload)
+            weights = weights_from(received)
             problem = describe_spec_mismatch(weights.specs(), self.specs)
             if problem:
                 raise ProtocolError(f"global weights: {problem}")
             if task.kind == pb.TASK_KIND_TRAIN:
-                aux = summables_from(payload.get("aux_vars", {}), "aux_vars")
+                aux = summables_from(received.get("aux_vars", {}), "aux_vars")
                 result = await asyncio.to_thread(
-                    trainer.train, self.train_data, weights, aux,
-                    client=self.name, round_number=task.round,
+                    trainer.train,
+                    self.train_data,
+                    weights,
+                    aux,
+                    client=self.name,
+                    round_number=task.round,
                 )
                 info, state = train_reply_parts(result)
                 log.info(
                     "round %d: %d steps, train loss %.4f, %.2fs",
-                    task.round, result.n_steps, result.mean_loss, result.seconds,
+                    task.round,
+                    result.n_steps,
+                    result.mean_loss,
+                    result.seconds,
                 )
             elif task.kind == pb.TASK_KIND_EVALUATE:
                 if self.eval_data is None:
@@ -185,7 +194,9 @@ class ClientDaemon:
         trainer = LocalTrainer(setup)
         problem = describe_spec_mismatch(trainer.model.weight_specs(), specs)
         if problem:
-            raise ValueError(f"the model built from the setup does not match the server's: {problem}")
+            raise ValueError(
+                f"the model built from the setup does not match the server's: {problem}"
+            )
         if self.trainer is not None and self.trainer.setup == setup:
             return  # reconnected to the same run: keep the optimizer's state
         self.trainer, self.specs = trainer, specs

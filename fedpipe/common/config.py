@@ -98,7 +98,7 @@ class ServerConfig(_Strict):
     client_optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     server_optimizer: OptimizerConfig = Field(default_factory=lambda: OptimizerConfig(lrate=1.0))
     aggregator: Spec = "averaging"
-    metrics: list[Spec] = Field(default_factory=lambda: ["loss", "accuracy"])
+    metrics: list[Spec] = Field(default_factory=lambda: list[Spec](["loss", "accuracy"]))
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     early_stop: EarlyStopConfig | None = None
     output_dir: Path = Path("runs/fedpipe-run")

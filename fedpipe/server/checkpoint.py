@@ -90,4 +90,4 @@ def load_checkpoint(path: Path, max_bytes: int = 1 << 40) -> State:
 
 def save_model(path: Path, weights: Vector) -> None:
     """Write the weights as an ``.npz`` archive (one array per weight name), atomically."""
-    _atomic_write(path, lambda fh: np.savez(fh, **weights.coefs))
+    _atomic_write(path, lambda fh: np.savez(fh, **weights.coefs))  # type: ignore[arg-type]

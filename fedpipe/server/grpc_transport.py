@@ -26,7 +26,6 @@ from fedpipe.common.wire import (
     FrameReceiver,
     ProtocolError,
     Received,
-    envelope_frames,
     eval_result_from,
     make_payload,
     settings_data,
@@ -72,7 +71,7 @@ class GrpcClient(ClientProxy):
 
     async def initialize(self, setup: RunSetup, specs: Mapping[str, ArraySpec]) -> None:
         weight_specs = [
-            tensor_pb2.TensorSpec(name=n, dtype=_dtype_enum(s.dtype), shape=list(s.shape))
+            tensor_pb2.TensorSpec(name=n, dtype=_dtype_enum(s.dtype), shape=list(s.shape))  # type: ignore[arg-type]
             for n, s in specs.items()
         ]
         model_bytes = sum(s.nbytes for s in specs.values())
@@ -150,7 +149,8 @@ class GrpcClient(ClientProxy):
         if future is None or future.done():
             log.info(
                 "client %s: reply to task %d arrived after its deadline; dropped",
-                self.name, got.message.reply.task_id,
+                self.name,
+                got.message.reply.task_id,
             )
             return
         future.set_result(got)
@@ -225,7 +225,8 @@ class FederationServicer:
             previous.close("replaced by a new session of the same client")
         log.info("client %s joined from %s", proxy.name, peer)
         welcome = pb.Welcome(
-            protocol_version=PROTOCOL_VERSION, run_id=self.config.run_id,
+            protocol_version=PROTOCOL_VERSION,
+            run_id=self.config.run_id,
             session_id=uuid.uuid4().hex,
         )
         await context.write(pb.ServerMessage(welcome=welcome).SerializeToString())

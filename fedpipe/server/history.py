@@ -64,7 +64,9 @@ class EarlyStopping:
     def update(self, value: float) -> bool:
         """Record one evaluation; True when training should stop."""
         delta = self.config.min_delta
-        improved = value < self.best - delta if self.config.mode == "min" else value > self.best + delta
+        improved = (
+            value < self.best - delta if self.config.mode == "min" else value > self.best + delta
+        )
         if improved:
             self.best, self.stale = value, 0
         else:

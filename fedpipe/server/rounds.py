@@ -19,6 +19,7 @@ from fedpipe.common.aggregators import Aggregator
 from fedpipe.common.config import ServerConfig
 from fedpipe.common.metrics import MetricSet
 from fedpipe.common.optim import Optimizer
+from fedpipe.common.state import StateValue
 from fedpipe.common.summable import Summable
 from fedpipe.common.training import EvalResult, RunSetup, TrainResult, build_model
 from fedpipe.common.vector import ArraySpec, Vector
@@ -143,7 +144,7 @@ class FederatedRun:
                 "weights": self.model.weights,
                 "optimizer": self.optimizer.get_state(),
                 "rng": json.dumps(self.rng.bit_generator.state),  # 128-bit ints: as text
-                "history": self.history.records,
+                "history": list[StateValue](self.history.records),
             },
         )
 
@@ -187,7 +188,8 @@ class FederatedRun:
         start = time.perf_counter()
         await self._initialize_new_clients()
         sampled = [
-            c for c in self.pool.sample(self.rng, cfg.fraction, cfg.clients_per_round)
+            c
+            for c in self.pool.sample(self.rng, cfg.fraction, cfg.clients_per_round)
             if id(c) in self._initialized
         ]
         task = RoundTask(round_number, self.model.weights, self.optimizer.collect_aux_var())
@@ -212,7 +214,9 @@ class FederatedRun:
         else:
             log.warning(
                 "round %d: %d result(s), below min_results=%d; global model unchanged",
-                round_number, folded.count, cfg.required_results,
+                round_number,
+                folded.count,
+                cfg.required_results,
             )
             record["failed"] = True
         if cfg.eval_every and round_number % cfg.eval_every == 0:
@@ -301,7 +305,8 @@ class FederatedRun:
             late = [c.name for c, f in zip(clients, futures, strict=True) if not f.done()]
             log.warning(
                 "round deadline (%.1fs) passed; no reply from: %s",
-                self.config.round_timeout, ", ".join(late),
+                self.config.round_timeout,
+                ", ".join(late),
             )
         finally:
             for future in futures:

@@ -102,7 +102,9 @@ async def simulate_inprocess(
     models = SharedModels()
     for name, train, test in clients:
         await pool.add(InProcessClient(name, train, test, models))
-    server = sim.server.model_copy(update={"min_clients": min(sim.server.min_clients, len(clients))})
+    server = sim.server.model_copy(
+        update={"min_clients": min(sim.server.min_clients, len(clients))}
+    )
     return await FederatedRun(server, pool, on_round=on_round).run()
 
 
@@ -140,11 +142,13 @@ def simulate_grpc(
         procs: list[subprocess.Popen[bytes]] = []
         logs = []
         try:
-            server_log = open(work / "server.log", "wb")  # noqa: SIM115
+            server_log = open(work / "server.log", "wb")
             logs.append(server_log)
             server_proc = subprocess.Popen(
                 [*cmd, "server", "--config", str(config_path), "--quiet"],
-                stdout=server_log, stderr=subprocess.STDOUT, env=env,
+                stdout=server_log,
+                stderr=subprocess.STDOUT,
+                env=env,
             )
             procs.append(server_proc)
             for name, train, test in clients:
@@ -152,7 +156,7 @@ def simulate_grpc(
                 args += ["--data", str(save_dataset(train, work / name / "train"))]
                 if test is not None:
                     args += ["--eval-data", str(save_dataset(test, work / name / "eval"))]
-                client_log = open(work / f"{name}.log", "wb")  # noqa: SIM115
+                client_log = open(work / f"{name}.log", "wb")
                 logs.append(client_log)
                 procs.append(
                     subprocess.Popen(args, stdout=client_log, stderr=subprocess.STDOUT, env=env)
@@ -172,13 +176,17 @@ def simulate_grpc(
                     proc.wait()
             for fh in logs:
                 fh.close()
-        records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+        records = [
+            json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()
+        ]
         with np.load(output_dir / "model.npz", allow_pickle=False) as npz:
             weights = Vector({k: npz[k] for k in npz.files})
     return RunSummary(len(records), False, records, weights)
 
 
-def _follow(path: Path, proc: subprocess.Popen[bytes], on_round: OnRound | None, timeout: float) -> None:
+def _follow(
+    path: Path, proc: subprocess.Popen[bytes], on_round: OnRound | None, timeout: float
+) -> None:
     """Report each round the server process writes to ``metrics.jsonl`` until it exits."""
     seen = 0
     deadline = time.monotonic() + timeout

@@ -52,10 +52,27 @@ def spawn_client(
     port: int, name: str, data: Path, *extra: str, eval_fraction: float = 0.2
 ) -> subprocess.Popen[str]:
     """A real ``fedpipe client`` process."""
-    args = [sys.executable, "-m", "fedpipe", "-v", "client", "--server", f"127.0.0.1:{port}",
-            "--name", name, "--data", str(data), "--eval-fraction", str(eval_fraction), *extra]
+    args = [
+        sys.executable,
+        "-m",
+        "fedpipe",
+        "-v",
+        "client",
+        "--server",
+        f"127.0.0.1:{port}",
+        "--name",
+        name,
+        "--data",
+        str(data),
+        "--eval-fraction",
+        str(eval_fraction),
+        *extra,
+    ]
     return subprocess.Popen(
-        args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        args,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
         env=dict(os.environ, PYTHONUNBUFFERED="1"),
     )
 
@@ -105,8 +122,12 @@ class RawClient:
         self.call: Any = self.channel.stream_stream(SESSION_METHOD)()
 
     async def hello(self, name: str, token: str = "", n: int = 100) -> pb.ServerMessage:
-        hello = pb.Hello(protocol_version=PROTOCOL_VERSION, client_name=name, token=token,
-                         data=pb.DataSummary(n_train_samples=n, n_eval_samples=0))
+        hello = pb.Hello(
+            protocol_version=PROTOCOL_VERSION,
+            client_name=name,
+            token=token,
+            data=pb.DataSummary(n_train_samples=n, n_eval_samples=0),
+        )
         await self.send(pb.ClientMessage(hello=hello).SerializeToString())
         return await self.receive()
 

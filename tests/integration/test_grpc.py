@@ -30,7 +30,9 @@ from tests.integration.conftest import (
 )
 
 
-async def wait_processes(procs: list[subprocess.Popen[str]], timeout: float = 60) -> list[tuple[int, str]]:
+async def wait_processes(
+    procs: list[subprocess.Popen[str]], timeout: float = 60
+) -> list[tuple[int, str]]:
     return await asyncio.gather(*(asyncio.to_thread(finish, p, timeout) for p in procs))
 
 
@@ -59,10 +61,13 @@ def test_grpc_and_inprocess_transports_give_the_same_weights(tmp_path: Path) -> 
     def run(transport: str) -> np.ndarray:
         sim = SimulationConfig.model_validate(
             {
-                "n_clients": 3, "dataset": "digits", "transport": transport,
+                "n_clients": 3,
+                "dataset": "digits",
+                "transport": transport,
                 "partition": {"scheme": "dirichlet", "alpha": 0.5},
                 "server": {
-                    "rounds": 3, "min_clients": 3,
+                    "rounds": 3,
+                    "min_clients": 3,
                     "client_optimizer": {"lrate": 0.3, "modules": ["momentum"]},
                     "server_optimizer": {"lrate": 1.0, "modules": ["adam"]},
                     "output_dir": str(tmp_path / transport),
@@ -98,7 +103,9 @@ async def test_silent_client_does_not_stall_the_server(
 
 
 async def test_malformed_input_is_refused_and_the_server_goes_on(
-    tmp_path: Path, client_data: list[Path], processes: list[subprocess.Popen[str]],
+    tmp_path: Path,
+    client_data: list[Path],
+    processes: list[subprocess.Popen[str]],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     config = server_config(tmp_path, rounds=2, min_clients=3, round_timeout=10.0)
@@ -128,7 +135,9 @@ async def test_malformed_input_is_refused_and_the_server_goes_on(
         task = await rogue.next_task()
         assert task.kind == pb.TASK_KIND_TRAIN
         huge = tensor_pb2.PayloadHeader(
-            tensors=[tensor_pb2.TensorSpec(name="x", dtype=tensor_pb2.DTYPE_FLOAT32, shape=[1 << 40])],
+            tensors=[
+                tensor_pb2.TensorSpec(name="x", dtype=tensor_pb2.DTYPE_FLOAT32, shape=[1 << 40])
+            ],
             total_bytes=4 << 40,
         )
         reply = pb.Reply(task_id=task.task_id, payload=huge)
@@ -181,7 +190,9 @@ def test_sigterm_finishes_cleanly_with_a_checkpoint(
     path.write_text(config.model_dump_json())
     server = subprocess.Popen(
         [sys.executable, "-m", "fedpipe", "server", "--config", str(path)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     processes.append(server)
     clients = [spawn_client(config.port, f"site-{i}", client_data[i]) for i in range(2)]

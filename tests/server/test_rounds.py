@@ -45,7 +45,10 @@ def sim_config(tmp_path: Path, **server: Any) -> SimulationConfig:
 
 ALGORITHMS = {
     "fedavg": ({}, 0.90),
-    "fedprox": ({"client_optimizer": {"lrate": 0.5, "regularizers": [["fedprox", {"mu": 0.1}]]}}, 0.90),
+    "fedprox": (
+        {"client_optimizer": {"lrate": 0.5, "regularizers": [["fedprox", {"mu": 0.1}]]}},
+        0.90,
+    ),
     "scaffold": (
         {
             "client_optimizer": {"lrate": 0.2, "modules": ["scaffold-client"]},
@@ -54,7 +57,12 @@ ALGORITHMS = {
         0.90,
     ),
     "fedadam": (
-        {"server_optimizer": {"lrate": 0.05, "modules": [["adam", {"beta_1": 0.9, "beta_2": 0.99, "eps": 1e-3}]]}},
+        {
+            "server_optimizer": {
+                "lrate": 0.05,
+                "modules": [["adam", {"beta_1": 0.9, "beta_2": 0.99, "eps": 1e-3}]],
+            }
+        },
         0.88,
     ),
 }
@@ -86,7 +94,9 @@ def test_run_writes_metrics_checkpoint_and_model(tmp_path: Path) -> None:
     assert isinstance(state["weights"], Vector) and state["weights"].array_equal(summary.weights)
 
 
-def _pool_run(sim: SimulationConfig, extra: list[ClientProxy] = ()) -> tuple[FederatedRun, ClientPool]:  # type: ignore[assignment]
+def _pool_run(
+    sim: SimulationConfig, extra: list[ClientProxy] = ()
+) -> tuple[FederatedRun, ClientPool]:  # type: ignore[assignment]
     clients = client_datasets(sim)
     server = complete_model_config(sim.server, clients[0][1])
     pool = ClientPool()
@@ -177,7 +187,12 @@ def test_silent_client_does_not_stall_the_round_past_its_deadline(tmp_path: Path
     "poison, reason",
     [
         (lambda w: _result(Summable({"weighted_sum": w * np.nan, "total_weight": 10.0})), "NaN"),
-        (lambda w: _result(Summable({"weighted_sum": Vector({"w": np.ones(3)}), "total_weight": 1.0})), "names differ"),
+        (
+            lambda w: _result(
+                Summable({"weighted_sum": Vector({"w": np.ones(3)}), "total_weight": 1.0})
+            ),
+            "names differ",
+        ),
         (lambda w: _result(Summable({"weighted_sum": w, "total_weight": -5.0})), "non-negative"),
         (lambda w: _result(Summable({"nonsense": w})), "expected"),
     ],
@@ -218,7 +233,9 @@ def test_waiting_for_clients_times_out_with_a_clear_error(tmp_path: Path) -> Non
 def test_early_stopping_stops_when_loss_stalls(tmp_path: Path) -> None:
     summary = simulate(
         sim_config(
-            tmp_path, rounds=30, client_optimizer={"lrate": 1e-9},
+            tmp_path,
+            rounds=30,
+            client_optimizer={"lrate": 1e-9},
             early_stop={"metric": "loss", "patience": 2, "min_delta": 1e-3},
         )
     )

@@ -1,0 +1,92 @@
+"""The ``fedpipe`` command as a user types it."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedpipe.cli import main
+from fedpipe.common.config import ClientConfig, ServerConfig, SimulationConfig
+from fedpipe.server.simulation import DEFAULT_CONFIG_TEXT
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+@pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.toml")), ids=lambda p: p.name)
+def test_example_configs_are_valid(path: Path) -> None:
+    data = tomllib.loads(path.read_text())
+    cls = {"server.toml": ServerConfig, "client.toml": ClientConfig}.get(path.name, SimulationConfig)
+    config = cls.model_validate(data)
+    assert config.model_dump()  # validated, with every default filled in
+
+
+def test_default_simulation_config_prints_and_validates(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["simulate", "--print-config"]) == 0
+    printed = capsys.readouterr().out
+    assert printed == DEFAULT_CONFIG_TEXT
+    sim = SimulationConfig.model_validate(tomllib.loads(printed))
+    assert sim.n_clients == 10 and sim.dataset == "digits" and sim.partition.scheme == "dirichlet"
+
+
+def test_simulate_prints_accuracy_per_round(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(["simulate", "--rounds", "3", "--clients", "4", "--output-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 0
+    lines = [line for line in out.splitlines() if line.startswith("round")]
+    assert [line.split()[1] for line in lines] == ["1/3", "2/3", "3/3"]
+    assert all("accuracy" in line for line in lines)
+    assert (tmp_path / "metrics.csv").exists() and (tmp_path / "model.npz").exists()
+
+
+@pytest.mark.parametrize(
+    "toml, expected",
+    [
+        ("rounds = 0", "server.rounds: Input should be greater than or equal to 1 (got 0)"),
+        ("[partition]\nscheme = 'random'", "partition.scheme: Input should be 'iid'"),
+        ("n_clientz = 3", "n_clientz: Extra inputs are not permitted"),
+        ("transport = 'carrier-pigeon'", "transport: Input should be 'inprocess' or 'grpc'"),
+    ],
+)
+def test_bad_config_fails_before_anything_starts_naming_the_field(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], toml: str, expected: str
+) -> None:
+    path = tmp_path / "sim.toml"
+    text = toml if not toml.startswith("rounds") else f"[server]\n{toml}"
+    path.write_text(text)
+    assert main(["simulate", "--config", str(path), "--output-dir", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert str(path) in err and expected in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_unknown_model_name_lists_the_known_ones(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "server.toml"
+    path.write_text("port = 0\n[model]\nname = 'resnet-9000'\n")
+    assert main(["server", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "unknown model 'resnet-9000'" in err and "softmax-regression" in err
+
+
+def test_split_writes_one_folder_per_client(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["split", "--dataset", "digits", "--clients", "3", "--scheme", "dirichlet"]
+    assert main([*args, "--alpha", "0.3", "--out", str(tmp_path)]) == 0
+    sizes = [len(np.load(tmp_path / f"client_{i}" / "y.npy")) for i in range(3)]
+    assert sum(sizes) == 1797 and min(sizes) > 0
+    assert capsys.readouterr().out.count("samples") == 3
+
+
+def test_help_explains_each_command(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    for command in ("server", "client", "simulate", "split"):
+        assert command in out
