@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -76,16 +76,15 @@ class TrainResult:
 
     partial: Summable
     aux_vars: dict[str, Summable]
-    n_samples: int
+    n_samples: int  # local dataset size (the averaging weight)
     n_steps: int
-    loss_sum: float
+    loss_sum: float  # sum of per-sample training losses over the round
+    n_samples_seen: int = 0  # samples processed (epochs x dataset, or fewer with max_steps)
     seconds: float = 0.0
 
     @property
     def mean_loss(self) -> float:
         return self.loss_sum / max(self.n_samples_seen, 1)
-
-    n_samples_seen: int = 0
 
 
 @dataclass
@@ -95,7 +94,6 @@ class EvalResult:
     metrics: dict[str, Summable]
     n_samples: int
     seconds: float = 0.0
-    extra: dict[str, float] = field(default_factory=dict)
 
 
 def round_seed(seed: int, client: str, round_number: int) -> int:

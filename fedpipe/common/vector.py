@@ -145,9 +145,11 @@ class Vector:
     def _binary(self, other: object, op: Callable[[Any, Any], np.ndarray], sym: str) -> Self:
         if isinstance(other, Vector):
             if self.coefs.keys() != other.coefs.keys():
+                left = sorted(self.coefs.keys() - other.coefs.keys())
+                right = sorted(other.coefs.keys() - self.coefs.keys())
                 raise SpecMismatchError(
-                    f"cannot compute Vector {sym} Vector: "
-                    + describe_spec_mismatch(self.specs(), other.specs())
+                    f"cannot compute Vector {sym} Vector: names differ: "
+                    f"only on the left {left}, only on the right {right}"
                 )
             out = {}
             for name, a in self.coefs.items():

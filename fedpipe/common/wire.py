@@ -36,8 +36,19 @@ __all__ = [
     "SESSION_METHOD",
     "FrameReceiver",
     "ProtocolError",
+    "Received",
     "channel_options",
     "envelope_frames",
+    "eval_reply_parts",
+    "eval_result_from",
+    "make_payload",
+    "settings_data",
+    "settings_value",
+    "summables_from",
+    "task_state",
+    "train_reply_parts",
+    "train_result_from",
+    "weights_from",
 ]
 
 PROTOCOL_VERSION = 1
@@ -291,18 +302,3 @@ def weights_from(payload: State) -> Vector:
     if not isinstance(weights, Vector):
         raise ProtocolError("task payload has no 'weights' Vector")
     return weights
-
-
-__all__ += [
-    "Received",
-    "eval_reply_parts",
-    "eval_result_from",
-    "make_payload",
-    "settings_data",
-    "settings_value",
-    "summables_from",
-    "task_state",
-    "train_reply_parts",
-    "train_result_from",
-    "weights_from",
-]

@@ -1,0 +1,106 @@
+"""Aggregators: exact values, streaming in any order, validation of untrusted partials."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from fedpipe.common import registry
+from fedpipe.common.aggregators import Aggregator, InvalidPartialError
+from fedpipe.common.summable import Summable
+from fedpipe.common.vector import Vector
+
+UPDATES = [
+    (Vector({"w": np.array([1.0, 2.0, -1.0])}), 10, 2),
+    (Vector({"w": np.array([3.0, -2.0, -1.0])}), 30, 6),
+    (Vector({"w": np.array([0.0, 4.0, 1.0])}), 60, 1),
+]
+
+
+def aggregate(agg: Aggregator, order: tuple[int, ...]) -> Vector:
+    return agg.aggregate(agg.prepare(*UPDATES[i]) for i in order)
+
+
+def test_averaging_weights_by_samples_steps_or_uniformly() -> None:
+    by_samples = aggregate(registry.build("aggregator", "averaging"), (0, 1, 2))
+    assert np.allclose(
+        by_samples["w"], [(10 + 90 + 0) / 100, (20 - 60 + 240) / 100, (-10 - 30 + 60) / 100]
+    )
+    by_steps = aggregate(
+        registry.build("aggregator", "averaging", {"weighting": "steps"}), (0, 1, 2)
+    )
+    assert np.allclose(by_steps["w"], [(2 + 18 + 0) / 9, (4 - 12 + 4) / 9, (-2 - 6 + 1) / 9])
+    uniform = aggregate(
+        registry.build("aggregator", "averaging", {"weighting": "uniform"}), (0, 1, 2)
+    )
+    assert np.allclose(uniform["w"], [4 / 3, 4 / 3, -1 / 3])
+
+
+def test_sum() -> None:
+    assert np.allclose(aggregate(registry.build("aggregator", "sum"), (0, 1, 2))["w"], [4, 4, -1])
+
+
+def test_gradient_masked_averaging_matches_the_paper_mask() -> None:
+    agg = registry.build("aggregator", "gradient-masked-averaging", {"threshold": 0.8})
+    result = aggregate(agg, (0, 1, 2))
+    average = np.array([1.0, 2.0, 0.2])  # sample-weighted average, as above
+    # sign agreement |sum sign| / n: [2/3, 1/3, 1/3] -> all below 0.8: scaled by agreement
+    assert np.allclose(result["w"], average * np.array([2 / 3, 1 / 3, 1 / 3]))
+    lenient = registry.build("aggregator", "gradient-masked-averaging", {"threshold": 0.5})
+    assert np.allclose(aggregate(lenient, (0, 1, 2))["w"], average * np.array([1, 1 / 3, 1 / 3]))
+
+
+@pytest.mark.parametrize("name", ["averaging", "gradient-masked-averaging", "sum"])
+def test_partials_add_up_in_any_order(name: str) -> None:
+    agg = registry.build("aggregator", name)
+    results = [aggregate(agg, order) for order in itertools.permutations(range(3))]
+    for other in results[1:]:
+        assert other.allclose(results[0], rtol=1e-12)
+
+
+def test_streaming_keeps_one_running_sum_without_touching_inputs() -> None:
+    agg = registry.build("aggregator", "averaging")
+    partials = [agg.prepare(*u) for u in UPDATES]
+    snapshot = [p.copy() for p in partials]
+    agg.aggregate(iter(partials))
+    for before, after in zip(snapshot, partials, strict=True):
+        assert before.vector("weighted_sum").array_equal(after.vector("weighted_sum"))
+
+
+@pytest.mark.parametrize(
+    "partial, message",
+    [
+        (
+            Summable({"weighted_sum": Vector({"w": np.ones(3)})}),
+            "expected ['total_weight', 'weighted_sum']",
+        ),
+        (
+            Summable({"weighted_sum": Vector({"w": np.ones(4)}), "total_weight": 1.0}),
+            "has shape (4,), expected (3,)",
+        ),
+        (
+            Summable(
+                {"weighted_sum": Vector({"w": np.array([1, np.nan, 1])}), "total_weight": 1.0}
+            ),
+            "NaN",
+        ),
+        (
+            Summable({"weighted_sum": Vector({"w": np.ones(3)}), "total_weight": float("inf")}),
+            "finite non-negative",
+        ),
+        (Summable({"weighted_sum": 3.0, "total_weight": 1.0}), "must be a Vector"),
+    ],
+)
+def test_validate_rejects_malformed_partials_with_a_reason(partial: Summable, message: str) -> None:
+    agg = registry.build("aggregator", "averaging")
+    with pytest.raises(InvalidPartialError) as err:
+        agg.validate(partial, UPDATES[0][0].specs())
+    assert message in str(err.value)
+
+
+def test_zero_total_weight_is_an_error() -> None:
+    agg = registry.build("aggregator", "averaging")
+    with pytest.raises(ValueError, match="total client weight is 0"):
+        agg.aggregate([agg.prepare(UPDATES[0][0], 0, 0)])

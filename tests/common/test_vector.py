@@ -1,0 +1,95 @@
+"""Vector arithmetic, reductions and spec errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fedpipe.common.vector import ArraySpec, SpecMismatchError, Vector
+
+
+def vec(w: list[float], b: list[float], dtype: str = "float32") -> Vector:
+    return Vector({"w": np.array(w, dtype), "b": np.array(b, dtype)})
+
+
+def test_arithmetic_with_scalars_and_vectors_preserves_specs() -> None:
+    u, v = vec([1, 2, 3], [4]), vec([2, 2, 2], [-1])
+    assert np.array_equal((u + v)["w"], [3, 4, 5]) and np.array_equal((u - v)["b"], [5])
+    assert np.array_equal((u * v)["w"], [2, 4, 6]) and np.array_equal((u / v)["b"], [-4])
+    assert np.array_equal((u**2)["w"], [1, 4, 9]) and np.array_equal((-u)["b"], [-4])
+    assert np.array_equal((2 * u)["w"], [2, 4, 6]) and np.array_equal((1 - u)["w"], [0, -1, -2])
+    assert np.array_equal((6 / u)["w"], [6, 3, 2])
+    for result in (u + v, u * 2.5, u / 3, u**0.5, 1.0 - u, u.sqrt(), u.abs(), u.sign()):
+        assert result.specs() == u.specs()
+        assert result["w"].dtype == np.float32
+
+
+def test_elementwise_functions() -> None:
+    u = vec([-4, 0, 9], [1])
+    assert np.array_equal(u.abs()["w"], [4, 0, 9])
+    assert np.array_equal(u.sign()["w"], [-1, 0, 1])
+    assert np.array_equal(u.maximum(0.0)["w"], [0, 0, 9])
+    assert np.array_equal(u.minimum(vec([0, 0, 0], [0]))["w"], [-4, 0, 0])
+    assert np.array_equal(u.abs().sqrt()["w"], [2, 0, 3])
+
+
+def test_reductions() -> None:
+    u, v = vec([3, 0, 0], [4]), vec([1, 2, 3], [1])
+    assert u.sum() == 7.0
+    assert u.norm() == pytest.approx(5.0)
+    assert u.norms() == {"w": pytest.approx(3.0), "b": pytest.approx(4.0)}
+    assert u.dot(v) == pytest.approx(3 + 4)
+    assert u.size == 4 and u.nbytes == 16
+
+
+def test_specs_and_zeros_like() -> None:
+    u = Vector({"k": np.ones((2, 3), np.float64)})
+    assert u.specs() == {"k": ArraySpec((2, 3), "float64")}
+    assert u.zeros_like().array_equal(Vector({"k": np.zeros((2, 3))}))
+    assert Vector.zeros(u.specs()).specs() == u.specs()
+
+
+@pytest.mark.parametrize(
+    "other, message",
+    [
+        (
+            Vector({"w": np.ones(4, np.float32), "b": np.ones(1, np.float32)}),
+            "array 'w' is float32[3] on the left and float32[4] on the right",
+        ),
+        (
+            Vector({"w": np.ones(3, np.float64), "b": np.ones(1, np.float32)}),
+            "array 'w' is float32[3] on the left and float64[3] on the right",
+        ),
+        (Vector({"w": np.ones(3, np.float32)}), "only on the left ['b'], only on the right []"),
+    ],
+)
+def test_spec_mismatch_names_the_array_and_what_differs(other: Vector, message: str) -> None:
+    with pytest.raises(SpecMismatchError) as err:
+        vec([1, 2, 3], [1]) + other
+    assert message in str(err.value)
+
+
+def test_check_specs_reports_expected_values() -> None:
+    with pytest.raises(
+        SpecMismatchError, match=r"weights: array 'w' has shape \(3,\), expected \(2,\)"
+    ):
+        vec([1, 2, 3], [1]).check_specs(
+            {"w": ArraySpec((2,), "float32"), "b": ArraySpec((1,), "float32")}, "weights"
+        )
+
+
+def test_in_place_accumulation_and_read_only_arrays() -> None:
+    frozen = np.array([1.0, 1.0], np.float32)
+    frozen.flags.writeable = False
+    total = Vector({"w": frozen})
+    total.add_(Vector({"w": np.array([1.0, 2.0], np.float32)}), alpha=2.0)
+    assert np.array_equal(total["w"], [3.0, 5.0])
+    assert np.array_equal(frozen, [1.0, 1.0])  # a read-only input is copied, never written
+
+
+def test_is_finite_and_comparisons() -> None:
+    assert vec([1, 2, 3], [0]).is_finite()
+    assert not vec([1, np.nan, 3], [0]).is_finite()
+    assert not vec([1, 2, 3], [np.inf]).is_finite()
+    assert vec([1, 2, 3], [0]).allclose(vec([1, 2, 3 + 1e-9], [0]), rtol=1e-6)
+    assert not vec([1, 2, 3], [0]).array_equal(vec([1, 2, 3], [0], "float64"))
