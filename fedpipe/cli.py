@@ -86,6 +86,7 @@ def cmd_server(args: argparse.Namespace) -> int:
         "rounds": args.rounds,
         "min_clients": args.min_clients,
         "output_dir": args.output_dir,
+        "insecure": args.insecure or None,
     }
     config: ServerConfig = _load_any(ServerConfig, args.config, overrides)
     summary = asyncio.run(
@@ -108,6 +109,8 @@ def cmd_client(args: argparse.Namespace) -> int:
         "dataset": args.dataset,
         "eval_data": str(args.eval_data) if args.eval_data else None,
         "eval_fraction": args.eval_fraction,
+        "tls_ca": str(args.tls_ca) if args.tls_ca else None,
+        "insecure": args.insecure or None,
     }
     config: ClientConfig = _load_any(ClientConfig, args.config, overrides)
     if not config.name:
@@ -190,6 +193,11 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--rounds", type=int, help="number of rounds")
     server.add_argument("--min-clients", type=int, help="clients to wait for before round 1")
     server.add_argument("--output-dir", help="where checkpoints, metrics and the model go")
+    server.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow plaintext gRPC on a non-loopback host (behind a TLS proxy or trusted LAN)",
+    )
     server.add_argument("--resume", action="store_true", help="continue from the checkpoint")
     server.add_argument("--quiet", action="store_true", help="no per-round progress lines")
     server.set_defaults(func=cmd_server)
@@ -208,6 +216,10 @@ def build_parser() -> argparse.ArgumentParser:
     client.add_argument("--dataset", help="a built-in dataset instead of --data (demos)")
     client.add_argument("--eval-data", type=Path, help="evaluation data (same formats)")
     client.add_argument("--eval-fraction", type=float, help="hold out this share for evaluation")
+    client.add_argument("--tls-ca", type=Path, help="CA certificate that signed the server's")
+    client.add_argument(
+        "--insecure", action="store_true", help="plaintext gRPC to a non-loopback server"
+    )
     client.set_defaults(func=cmd_client)
 
     simulate = sub.add_parser(

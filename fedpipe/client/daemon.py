@@ -99,7 +99,7 @@ class ClientDaemon:
     async def _session(self) -> bool:
         """One stream with the server; True when the server sent the stop task."""
         options = channel_options(CHUNK_BYTES)
-        async with grpc.aio.insecure_channel(self.config.server, options=options) as channel:
+        async with self._channel(options) as channel:
             call: Any = channel.stream_stream(SESSION_METHOD)()
             hello = pb.Hello(
                 protocol_version=PROTOCOL_VERSION,
@@ -139,6 +139,17 @@ class ClientDaemon:
                 receiver.max_payload_bytes = self.max_payload
                 for out in envelope_frames(pb.ClientMessage(reply=reply), payload):
                     await call.write(out)
+
+    def _channel(self, options: list[tuple[str, Any]]) -> grpc.aio.Channel:
+        cfg = self.config
+        if not cfg.use_tls:
+            return grpc.aio.insecure_channel(cfg.server, options=options)
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=cfg.tls_ca.read_bytes() if cfg.tls_ca else None,
+            private_key=cfg.tls_key.read_bytes() if cfg.tls_key else None,
+            certificate_chain=cfg.tls_cert.read_bytes() if cfg.tls_cert else None,
+        )
+        return grpc.aio.secure_channel(cfg.server, credentials, options=options)
 
     async def _handle(self, task: Any, received: dict[str, Any]) -> tuple[Any, Any]:
         """Run one task; a failure becomes an error reply, never a crash."""

@@ -7,6 +7,7 @@ names the field, the value and what was expected. CLI flags override TOML values
 
 from __future__ import annotations
 
+import ipaddress
 import tomllib
 from pathlib import Path
 from typing import Any, Literal, Self, TypeVar
@@ -104,6 +105,10 @@ class ServerConfig(_Strict):
     output_dir: Path = Path("runs/fedpipe-run")
     checkpoint: bool = True
     tokens: list[str] = Field(default_factory=list)
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    insecure: bool = False
     chunk_mib: float = Field(default=4.0, gt=0, le=64)
     max_payload_mib: float = Field(default=16384.0, gt=0)
 
@@ -113,6 +118,19 @@ class ServerConfig(_Strict):
             raise ValueError(
                 f"min_results={self.min_results} exceeds min_clients={self.min_clients}: "
                 "a round could never collect enough results"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _tls_beyond_loopback(self) -> Self:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together: set both or neither")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
+        if self.tls_cert is None and not self.insecure and not is_loopback(self.host):
+            raise ValueError(
+                f"host={self.host!r} is reachable from other machines: set tls_cert and "
+                "tls_key, or insecure = true if a TLS proxy or a trusted network protects it"
             )
         return self
 
@@ -135,9 +153,21 @@ class ClientConfig(_Strict):
     retry_initial: float = Field(default=0.5, gt=0)
     retry_max: float = Field(default=30.0, gt=0)
     retry_timeout: float = Field(default=600.0, gt=0)
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    insecure: bool = False
+
+    @property
+    def use_tls(self) -> bool:
+        """TLS unless the server is on loopback or ``insecure`` is set (and no TLS file is)."""
+        explicit = self.tls_ca is not None or self.tls_cert is not None
+        return explicit or not (self.insecure or is_loopback(self.server.rsplit(":", 1)[0]))
 
     @model_validator(mode="after")
     def _has_data(self) -> Self:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together: set both or neither")
         if (self.data is None) == (self.dataset is None):
             raise ValueError(
                 "exactly one of 'data' (a .npz/.npy/.csv file or a folder written by "
@@ -166,6 +196,17 @@ class SimulationConfig(_Strict):
 
 
 C = TypeVar("C", bound=BaseModel)
+
+
+def is_loopback(host: str) -> bool:
+    """True for addresses only this machine can reach (``localhost``, 127.0.0.0/8, ::1)."""
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def format_validation_error(exc: ValidationError, source: str) -> str:

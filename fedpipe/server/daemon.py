@@ -46,7 +46,11 @@ async def serve(
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     address = f"{config.host}:{config.port}"
-    port = server.add_insecure_port(address)
+    credentials = server_credentials(config)
+    if credentials is None:
+        port = server.add_insecure_port(address)
+    else:
+        port = server.add_secure_port(address, credentials)
     if port == 0:
         raise OSError(f"cannot listen on {address}")
     await server.start()
@@ -69,6 +73,18 @@ async def serve(
             loop.remove_signal_handler(sig)
         await health_servicer.enter_graceful_shutdown()
         await server.stop(grace=2.0)
+
+
+def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
+    """TLS credentials from the config's files; mutual TLS when ``tls_client_ca`` is set."""
+    if config.tls_cert is None or config.tls_key is None:
+        return None
+    pair = (config.tls_key.read_bytes(), config.tls_cert.read_bytes())
+    if config.tls_client_ca is None:
+        return grpc.ssl_server_credentials([pair])
+    return grpc.ssl_server_credentials(
+        [pair], root_certificates=config.tls_client_ca.read_bytes(), require_client_auth=True
+    )
 
 
 def _stop_requested(stop_event: asyncio.Event, sig: signal.Signals) -> None:

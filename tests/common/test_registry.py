@@ -27,7 +27,7 @@ def test_unknown_name_lists_the_known_ones() -> None:
 
 
 def test_bad_config_names_the_class_and_argument() -> None:
-    with pytest.raises(TypeError, match="invalid config for module 'adam'.*'beta_3'"):
+    with pytest.raises(TypeError, match=r"invalid config for module 'adam'.*'beta_3'"):
         registry.build("module", "adam", {"beta_3": 0.5})
 
 

@@ -158,10 +158,12 @@ async def test_wrong_token_is_refused_and_the_client_exits_with_a_reason(
     config = server_config(tmp_path, rounds=1, min_clients=1, tokens=["s3cret"])
     async with running_server(config) as server:
         intruder = spawn_client(config.port, "intruder", client_data[0], "--token", "guess")
+        processes.append(intruder)
+        code_in, out_in = await asyncio.to_thread(finish, intruder)
         member = spawn_client(config.port, "member", client_data[1], "--token", "s3cret")
-        processes += [intruder, member]
+        processes.append(member)
         summary = await asyncio.wait_for(server, 60)
-        (code_in, out_in), (code_ok, _) = await wait_processes([intruder, member])
+        code_ok, _ = await asyncio.to_thread(finish, member)
     assert code_in == 2 and "invalid or missing client token" in out_in
     assert code_ok == 0
     assert summary.history[0]["clients"] == ["member"]
