@@ -18,7 +18,9 @@ from fedpipe.server.simulation import simulate
 
 ALGORITHMS: dict[str, dict[str, Any]] = {
     "FedAvg": {},
-    "FedProx (mu=0.1)": {"client_optimizer": {"lrate": 0.2, "regularizers": [["fedprox", {"mu": 0.1}]]}},
+    "FedProx (mu=0.1)": {
+        "client_optimizer": {"lrate": 0.2, "regularizers": [["fedprox", {"mu": 0.1}]]}
+    },
     "Scaffold": {
         "client_optimizer": {"lrate": 0.2, "modules": ["scaffold-client"]},
         "server_optimizer": {"lrate": 1.0, "modules": ["scaffold-server"]},
@@ -36,33 +38,41 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=20)
     parser.add_argument("--seeds", type=int, default=3, help="partition seeds to average over")
     args = parser.parse_args()
-    print(f"digits, {args.clients} clients, Dirichlet alpha={args.alpha}, {args.rounds} rounds, "
-          f"softmax regression, 2 local epochs, mean over {args.seeds} partition seeds")
+    print(
+        f"digits, {args.clients} clients, Dirichlet alpha={args.alpha}, {args.rounds} rounds, "
+        f"softmax regression, 2 local epochs, mean over {args.seeds} partition seeds"
+    )
     print(f"{'algorithm':<18} {'loss':>8} {'accuracy':>9} {'round to 90%':>13}")
     for name, overrides in ALGORITHMS.items():
         losses, accs, firsts = [], [], []
         for seed in range(args.seeds):
             server: dict[str, Any] = {
-                "rounds": args.rounds, "min_clients": args.clients,
+                "rounds": args.rounds,
+                "min_clients": args.clients,
                 "model": {"name": "softmax-regression"},
                 "client_optimizer": {"lrate": 0.2},
                 "training": {"epochs": 2, "batch_size": 16},
                 "output_dir": tempfile.mkdtemp(prefix="fedpipe-bench-"),
                 **overrides,
             }
-            sim = SimulationConfig.model_validate({
-                "n_clients": args.clients, "dataset": "digits",
-                "partition": {"scheme": "dirichlet", "alpha": args.alpha, "seed": seed},
-                "server": server,
-            })
+            sim = SimulationConfig.model_validate(
+                {
+                    "n_clients": args.clients,
+                    "dataset": "digits",
+                    "partition": {"scheme": "dirichlet", "alpha": args.alpha, "seed": seed},
+                    "server": server,
+                }
+            )
             history = simulate(sim).history
             losses.append(history[-1]["loss"])
             accs.append(history[-1]["accuracy"])
             reached = [r["round"] for r in history if r.get("accuracy", 0) >= 0.9]
             firsts.append(reached[0] if reached else None)
         shown = ",".join("-" if f is None else str(f) for f in firsts)
-        print(f"{name:<18} {sum(losses) / len(losses):>8.4f} {sum(accs) / len(accs):>9.4f} "
-              f"{shown:>13}")
+        print(
+            f"{name:<18} {sum(losses) / len(losses):>8.4f} {sum(accs) / len(accs):>9.4f} "
+            f"{shown:>13}"
+        )
 
 
 if __name__ == "__main__":

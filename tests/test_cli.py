@@ -18,7 +18,9 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 @pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.toml")), ids=lambda p: p.name)
 def test_example_configs_are_valid(path: Path) -> None:
     data = tomllib.loads(path.read_text())
-    cls = {"server.toml": ServerConfig, "client.toml": ClientConfig}.get(path.name, SimulationConfig)
+    cls = {"server.toml": ServerConfig, "client.toml": ClientConfig}.get(
+        path.name, SimulationConfig
+    )
     config = cls.model_validate(data)
     assert config.model_dump()  # validated, with every default filled in
 
