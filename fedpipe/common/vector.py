@@ -10,11 +10,19 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from functools import cache
 from typing import Any, Self
 
 import numpy as np
 
-__all__ = ["ArraySpec", "SpecMismatchError", "Vector", "VectorSpecs"]
+__all__ = ["ArraySpec", "SpecMismatchError", "Vector", "VectorSpecs", "dtype_name"]
+
+
+@cache
+def dtype_name(dtype: np.dtype) -> str:
+    """``dtype.name``, cached: numpy builds that string in Python on every access, which made
+    spec checks a hot spot of simulations with many small clients."""
+    return dtype.name
 
 
 @dataclass(frozen=True)
@@ -85,12 +93,17 @@ class Vector:
     def specs(self) -> VectorSpecs:
         """Names, shapes and dtypes of the arrays."""
         return {
-            name: ArraySpec(tuple(int(d) for d in a.shape), a.dtype.name)
+            name: ArraySpec(tuple(int(d) for d in a.shape), dtype_name(a.dtype))
             for name, a in self.coefs.items()
         }
 
     def check_specs(self, expected: Mapping[str, ArraySpec], what: str = "vector") -> None:
         """Raise :class:`SpecMismatchError` if the specs differ from ``expected``."""
+        if self.coefs.keys() == expected.keys() and all(
+            a.shape == expected[n].shape and dtype_name(a.dtype) == expected[n].dtype
+            for n, a in self.coefs.items()
+        ):
+            return  # fast path: no spec dicts built (called several times per client and round)
         problem = describe_spec_mismatch(self.specs(), expected)
         if problem:
             raise SpecMismatchError(f"{what}: {problem}")

@@ -203,9 +203,11 @@ class FederatedRun:
         }
         if folded.count >= cfg.required_results and folded.total is not None:
             aggregated = self.aggregator.finalize(folded.total)
+            folded.total = None  # model-sized: free it before the updates are computed
             if folded.aux_total:
                 self.optimizer.process_aux_var(folded.aux_total)
             updates = self.optimizer.compute_updates(self.model, aggregated)
+            del aggregated
             if updates.is_finite():
                 self.model.apply_updates(updates)
             else:
@@ -268,6 +270,13 @@ class FederatedRun:
             self._initialized.add(id(client))
 
         await self._collect(new, lambda c: c.initialize(self.setup, self.specs), accept)
+        for client in new:
+            if id(client) not in self._initialized:
+                # It cannot take part (its model differs, it timed out...): free its place so
+                # that it does not count towards min_clients.
+                log.warning("client %s could not be initialized; dropping it", client.name)
+                await self.pool.remove(client)
+                await client.stop()
 
     async def _collect(
         self,

@@ -94,6 +94,10 @@ async def test_silent_client_does_not_stall_the_server(
         welcome = await silent.hello("silent")
         assert welcome.welcome.run_id == config.run_id
         processes += [spawn_client(config.port, f"site-{i}", client_data[i]) for i in range(2)]
+        setup = await silent.next_task()
+        assert setup.kind == pb.TASK_KIND_INITIALIZE
+        ack = pb.ClientMessage(reply=pb.Reply(task_id=setup.task_id))
+        await silent.send(ack.SerializeToString())  # joins the run, then never answers again
         started = time.monotonic()
         summary = await asyncio.wait_for(server, 60)
         await silent.close()

@@ -17,7 +17,7 @@ from fedpipe.common.summable import Summable
 from fedpipe.common.training import EvalResult, RunSetup, TrainResult
 from fedpipe.common.vector import ArraySpec, Vector
 from fedpipe.server.checkpoint import load_checkpoint
-from fedpipe.server.clients import ClientPool, ClientProxy, RoundTask
+from fedpipe.server.clients import ClientError, ClientPool, ClientProxy, RoundTask
 from fedpipe.server.inprocess import InProcessClient, SharedModels
 from fedpipe.server.rounds import FederatedRun, RunError
 from fedpipe.server.simulation import client_datasets, complete_model_config, simulate
@@ -259,3 +259,21 @@ def test_inprocess_clients_keep_their_own_optimizer_state(tmp_path: Path) -> Non
 def test_server_config_rejects_impossible_min_results() -> None:
     with pytest.raises(ValueError, match="min_results=5 exceeds min_clients=2"):
         ServerConfig(min_clients=2, min_results=5)
+
+
+class WrongModelClient(SilentClient):
+    async def initialize(self, setup: RunSetup, specs: Mapping[str, ArraySpec]) -> None:
+        raise ClientError("the model built from the setup differs from the server's")
+
+
+def test_client_that_cannot_initialize_is_dropped_and_not_counted(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    sim = sim_config(tmp_path, rounds=1, min_clients=8)
+    run, pool = _pool_run(sim, (WrongModelClient("zz-wrong"),))
+    assert len(pool) == 9
+    with caplog.at_level(logging.WARNING, logger="fedpipe.server.rounds"):
+        summary = asyncio.run(run.run())
+    assert "zz-wrong" not in pool.names() and len(pool) == 8
+    assert summary.history[0]["sampled"] == 8 and summary.history[0]["replied"] == 8
+    assert any("zz-wrong could not be initialized" in r.message for r in caplog.records)

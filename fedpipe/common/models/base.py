@@ -16,7 +16,7 @@ from typing import ClassVar, Literal
 import numpy as np
 
 from fedpipe.common.registry import Registrable, declare_family
-from fedpipe.common.vector import ArraySpec, Vector, VectorSpecs
+from fedpipe.common.vector import ArraySpec, Vector, VectorSpecs, dtype_name
 
 __all__ = ["TASKS", "Model", "Task", "head_loss", "head_loss_and_gradient", "head_predict"]
 
@@ -48,7 +48,7 @@ class Model(Registrable):
     def weight_specs(self) -> VectorSpecs:
         """Names, shapes and dtypes of the weights."""
         return {
-            name: ArraySpec(tuple(int(d) for d in a.shape), a.dtype.name)
+            name: ArraySpec(tuple(int(d) for d in a.shape), dtype_name(a.dtype))
             for name, a in self._weights.items()
         }
 
