@@ -149,7 +149,7 @@ class LocalTrainer:
                     break
             if cfg.max_steps is not None and steps >= cfg.max_steps:
                 break
-        updates = weights - model.get_weights()
+        updates = model.get_weights().mul_(-1.0).add_(weights)  # start - end, in the copy
         partial = self.aggregator.prepare(updates, n_samples=len(data), n_steps=steps)
         return TrainResult(
             partial=partial,

@@ -255,6 +255,14 @@ class Vector:
                 a += _keep_dtype(other.coefs[name] * alpha, a)
         return self
 
+    def mul_(self, factor: float) -> Self:
+        """In place: ``self *= factor`` (dtypes kept). Finalizes an aggregate without a copy."""
+        for name, a in self.coefs.items():
+            if not a.flags.writeable:
+                a = self.coefs[name] = a.copy()
+            np.multiply(a, factor, out=a, casting="same_kind")
+        return self
+
     # ---- reductions ----------------------------------------------------------------------------
 
     def sum(self) -> float:

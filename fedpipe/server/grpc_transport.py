@@ -255,6 +255,7 @@ class FederationServicer:
                 got = receiver.feed(frame)
                 if got is not None:
                     proxy.deliver(got)
+                    del got  # a model-sized reply: this loop must not keep it until next round
         except ProtocolError as exc:
             log.warning("client %s broke the protocol: %s; closing its session", proxy.name, exc)
             proxy.close(f"protocol error: {exc}")

@@ -59,7 +59,8 @@ class GlobalModel:
         return self.weights
 
     def apply_updates(self, updates: Vector) -> None:
-        self.weights = self.weights + updates
+        # In place: the server never holds two copies of the global weights.
+        self.weights.add_(updates)
 
 
 class FederatedRun:

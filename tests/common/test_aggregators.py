@@ -20,7 +20,8 @@ UPDATES = [
 
 
 def aggregate(agg: Aggregator, order: tuple[int, ...]) -> Vector:
-    return agg.aggregate(agg.prepare(*UPDATES[i]) for i in order)
+    # prepare() takes ownership of the update it is given: hand it a copy
+    return agg.aggregate(agg.prepare(UPDATES[i][0].copy(), *UPDATES[i][1:]) for i in order)
 
 
 def test_averaging_weights_by_samples_steps_or_uniformly() -> None:
@@ -62,7 +63,7 @@ def test_partials_add_up_in_any_order(name: str) -> None:
 
 def test_streaming_keeps_one_running_sum_without_touching_inputs() -> None:
     agg = registry.build("aggregator", "averaging")
-    partials = [agg.prepare(*u) for u in UPDATES]
+    partials = [agg.prepare(u.copy(), n, s) for u, n, s in UPDATES]
     snapshot = [p.copy() for p in partials]
     agg.aggregate(iter(partials))
     for before, after in zip(snapshot, partials, strict=True):
@@ -103,4 +104,4 @@ def test_validate_rejects_malformed_partials_with_a_reason(partial: Summable, me
 def test_zero_total_weight_is_an_error() -> None:
     agg = registry.build("aggregator", "averaging")
     with pytest.raises(ValueError, match="total client weight is 0"):
-        agg.aggregate([agg.prepare(UPDATES[0][0], 0, 0)])
+        agg.aggregate([agg.prepare(UPDATES[0][0].copy(), 0, 0)])

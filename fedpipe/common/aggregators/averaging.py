@@ -45,13 +45,13 @@ class AveragingAggregator(Aggregator):
 
     def prepare(self, updates: Vector, n_samples: int, n_steps: int) -> Summable:
         weight = client_weight(self.weighting, n_samples, n_steps)
-        return Summable({"weighted_sum": updates * weight, "total_weight": weight})
+        return Summable({"weighted_sum": updates.mul_(weight), "total_weight": weight})
 
     def finalize(self, total: Summable) -> Vector:
         weight = total.number("total_weight")
         if weight <= 0:
             raise ValueError("total client weight is 0: no client reported any sample or step")
-        return total.vector("weighted_sum") / weight
+        return total.vector("weighted_sum").mul_(1.0 / weight)
 
 
 class SumAggregator(Aggregator):

@@ -39,11 +39,18 @@ class Aggregator(Registrable):
 
     @abstractmethod
     def prepare(self, updates: Vector, n_samples: int, n_steps: int) -> Summable:
-        """Client side: turn one client's update into a partial that sums across clients."""
+        """Client side: turn one client's update into a partial that sums across clients.
+
+        ``updates`` belongs to the aggregator from then on (its buffers may be reused).
+        """
 
     @abstractmethod
     def finalize(self, total: Summable) -> Vector:
-        """Server side: the global update from the sum of all partials."""
+        """Server side: the global update from the sum of all partials.
+
+        ``total`` belongs to the aggregator from then on: implementations may reuse its
+        buffers (the server hands over its running sum, so no model-sized copy is made).
+        """
 
     def aggregate(self, partials: Iterable[Summable]) -> Vector:
         """Sum ``partials`` (streaming, one running sum) and finalize."""

@@ -44,10 +44,11 @@ class GradientMaskedAveraging(Aggregator):
 
     def prepare(self, updates: Vector, n_samples: int, n_steps: int) -> Summable:
         weight = client_weight(self.weighting, n_samples, n_steps)
+        signs = updates.sign()
         return Summable(
             {
-                "weighted_sum": updates * weight,
-                "sign_sum": updates.sign(),
+                "weighted_sum": updates.mul_(weight),
+                "sign_sum": signs,
                 "total_weight": weight,
                 "n_clients": 1,
             }
