@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import socket
 import sys
 import tempfile
@@ -49,6 +50,14 @@ def _load_any(cls: type[Any], path: Path | None, overrides: dict[str, Any]) -> A
         except ValidationError as exc:
             raise ConfigError(format_validation_error(exc, str(path))) from None
     return load_config(cls, path, overrides)
+
+
+def limit_math_threads(threads: int) -> None:
+    """Cap BLAS/OpenMP thread pools; must run before numpy is first imported."""
+    if "numpy" in sys.modules:
+        raise RuntimeError("limit_math_threads() must run before numpy is imported")
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(threads)
 
 
 def format_round(record: dict[str, Any], rounds: int) -> str:
@@ -111,8 +120,11 @@ def cmd_client(args: argparse.Namespace) -> int:
         "eval_fraction": args.eval_fraction,
         "tls_ca": str(args.tls_ca) if args.tls_ca else None,
         "insecure": args.insecure or None,
+        "threads": args.threads,
     }
     config: ClientConfig = _load_any(ClientConfig, args.config, overrides)
+    if config.threads is not None:
+        limit_math_threads(config.threads)
     if not config.name:
         config.name = f"{socket.gethostname()}-{id(config) % 100000}"
     data = load_dataset(config.data) if config.data else load_builtin(str(config.dataset))
@@ -216,6 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
     client.add_argument("--dataset", help="a built-in dataset instead of --data (demos)")
     client.add_argument("--eval-data", type=Path, help="evaluation data (same formats)")
     client.add_argument("--eval-fraction", type=float, help="hold out this share for evaluation")
+    client.add_argument(
+        "--threads", type=int, help="math-library threads (1 when many clients share a machine)"
+    )
     client.add_argument("--tls-ca", type=Path, help="CA certificate that signed the server's")
     client.add_argument(
         "--insecure", action="store_true", help="plaintext gRPC to a non-loopback server"

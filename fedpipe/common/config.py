@@ -157,6 +157,7 @@ class ClientConfig(_Strict):
     tls_cert: Path | None = None
     tls_key: Path | None = None
     insecure: bool = False
+    threads: int | None = Field(default=None, ge=1)
 
     @property
     def use_tls(self) -> bool:

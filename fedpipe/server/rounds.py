@@ -19,7 +19,6 @@ from fedpipe.common.aggregators import Aggregator
 from fedpipe.common.config import ServerConfig
 from fedpipe.common.metrics import MetricSet
 from fedpipe.common.optim import Optimizer
-from fedpipe.common.state import StateValue
 from fedpipe.common.summable import Summable
 from fedpipe.common.training import EvalResult, RunSetup, TrainResult, build_model
 from fedpipe.common.vector import ArraySpec, Vector
@@ -145,7 +144,12 @@ class FederatedRun:
                 "weights": self.model.weights,
                 "optimizer": self.optimizer.get_state(),
                 "rng": json.dumps(self.rng.bit_generator.state),  # 128-bit ints: as text
-                "history": list[StateValue](self.history.records),
+                # Scalars only: per-round client lists stay in metrics.jsonl, else each
+                # checkpoint would grow with rounds x clients.
+                "history": [
+                    {k: v for k, v in r.items() if not isinstance(v, list)}
+                    for r in self.history.records
+                ],
             },
         )
 

@@ -152,7 +152,9 @@ def simulate_grpc(
             )
             procs.append(server_proc)
             for name, train, test in clients:
+                # Many clients share this machine's cores: one math thread each.
                 args = [*cmd, "client", "--server", f"127.0.0.1:{port}", "--name", name]
+                args += ["--threads", "1"]
                 args += ["--data", str(save_dataset(train, work / name / "train"))]
                 if test is not None:
                     args += ["--eval-data", str(save_dataset(test, work / name / "eval"))]
