@@ -107,9 +107,6 @@ def cmd_server(args: argparse.Namespace) -> int:
 
 
 def cmd_client(args: argparse.Namespace) -> int:
-    from fedpipe.client.daemon import ClientDaemon, ClientRefused
-    from fedpipe.common.data import load_builtin, load_dataset
-
     overrides = {
         "server": args.server,
         "name": args.name,
@@ -124,9 +121,12 @@ def cmd_client(args: argparse.Namespace) -> int:
     }
     config: ClientConfig = _load_any(ClientConfig, args.config, overrides)
     if config.threads is not None:
-        limit_math_threads(config.threads)
+        limit_math_threads(config.threads)  # before the imports below load numpy
+    from fedpipe.client.daemon import ClientDaemon, ClientRefused
+    from fedpipe.common.data import load_builtin, load_dataset
+
     if not config.name:
-        config.name = f"{socket.gethostname()}-{id(config) % 100000}"
+        config.name = f"{socket.gethostname()}-{os.getpid()}"
     data = load_dataset(config.data) if config.data else load_builtin(str(config.dataset))
     eval_data = load_dataset(config.eval_data) if config.eval_data else None
     if eval_data is None and config.eval_fraction > 0:
