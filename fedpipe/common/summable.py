@@ -46,6 +46,30 @@ class Summable:
             raise TypeError(f"field {key!r} is a Vector, expected a number")
         return float(value)
 
+    def check_like(self, reference: Summable, what: str) -> None:
+        """Raise unless this record can be added to ``reference``: same fields, a Vector where
+        it has a Vector (with the same specs), a finite number where it has a number.
+
+        Raises
+        ------
+        SpecMismatchError
+            Different fields, or a Vector with other names, shapes or dtypes.
+        TypeError
+            A Vector where a number is expected, or the reverse.
+        """
+        if self.fields.keys() != reference.fields.keys():
+            raise SpecMismatchError(
+                f"{what} has fields {sorted(self.fields)}, expected {sorted(reference.fields)}"
+            )
+        for key, expected in reference.fields.items():
+            value = self.fields[key]
+            if isinstance(expected, Vector):
+                if not isinstance(value, Vector):
+                    raise TypeError(f"{what}.{key} must be a Vector, got {type(value).__name__}")
+                value.check_specs(expected.specs(), f"{what}.{key}")
+            elif isinstance(value, Vector) or isinstance(value, bool):
+                raise TypeError(f"{what}.{key} must be a number, got {type(value).__name__}")
+
     def _check_fields(self, other: Summable) -> None:
         if self.fields.keys() != other.fields.keys():
             raise SpecMismatchError(

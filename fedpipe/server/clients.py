@@ -46,6 +46,8 @@ class ClientProxy(ABC):
     name: str
     n_train_samples: int = 0
     n_eval_samples: int = 0
+    #: Set by the round loop once the client accepted the run setup.
+    initialized: bool = False
 
     @abstractmethod
     async def initialize(self, setup: RunSetup, specs: Mapping[str, ArraySpec]) -> None:

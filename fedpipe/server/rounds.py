@@ -104,7 +104,6 @@ class FederatedRun:
         self.output_dir: Path | None = Path(config.output_dir) if config.output_dir else None
         self.history = History(self.output_dir)
         self.early_stop = EarlyStopping(config.early_stop) if config.early_stop else None
-        self._initialized: set[int] = set()
         if resume:
             self._resume()
 
@@ -195,7 +194,7 @@ class FederatedRun:
         sampled = [
             c
             for c in self.pool.sample(self.rng, cfg.fraction, cfg.clients_per_round)
-            if id(c) in self._initialized
+            if c.initialized
         ]
         task = RoundTask(round_number, self.model.weights, self.optimizer.collect_aux_var())
         folded = _Fold(self.aggregator, self.specs)
@@ -237,7 +236,7 @@ class FederatedRun:
     async def evaluate(self, round_number: int) -> dict[str, float]:
         """Federated evaluation: metric states merged across clients (exact)."""
         clients = [
-            c for c in self.pool.clients() if id(c) in self._initialized and c.n_eval_samples
+            c for c in self.pool.clients() if c.initialized and c.n_eval_samples
         ]
         if not clients:
             return {}
@@ -245,17 +244,17 @@ class FederatedRun:
         merged: dict[str, Summable] = {}
         metric_set = MetricSet(self.metric_specs)
 
+        expected = metric_set.state()
+
         def fold(client: ClientProxy, result: EvalResult) -> None:
-            expected = metric_set.state()
             if result.metrics.keys() != expected.keys():
                 raise ClientError(
                     f"metric states {sorted(result.metrics)}, expected {sorted(expected)}"
                 )
-            for name, state in result.metrics.items():
+            for name, state in result.metrics.items():  # check all before adding any
+                state.check_like(expected[name], f"metric {name!r}")
                 if not state.is_finite():
                     raise ClientError(f"metric {name!r} state is not finite")
-                if state.fields.keys() != expected[name].fields.keys():
-                    raise ClientError(f"metric {name!r} has fields {sorted(state.fields)}")
             for name, state in result.metrics.items():
                 merged[name] = state.copy() if name not in merged else merged[name].add_(state)
 
@@ -267,16 +266,16 @@ class FederatedRun:
     # ---- plumbing ---------------------------------------------------------------------------
 
     async def _initialize_new_clients(self) -> None:
-        new = [c for c in self.pool.clients() if id(c) not in self._initialized]
+        new = [c for c in self.pool.clients() if not c.initialized]
         if not new:
             return
 
         def accept(client: ClientProxy, _: None) -> None:
-            self._initialized.add(id(client))
+            client.initialized = True
 
         await self._collect(new, lambda c: c.initialize(self.setup, self.specs), accept)
         for client in new:
-            if id(client) not in self._initialized:
+            if not client.initialized:
                 # It cannot take part (its model differs, it timed out...): free its place so
                 # that it does not count towards min_clients.
                 log.warning("client %s could not be initialized; dropping it", client.name)
@@ -371,8 +370,8 @@ class _Fold:
             for name, value in aux.fields.items():
                 if isinstance(value, Vector):
                     value.check_specs(self.specs, f"aux var {key}.{name}")
-            if key in self.aux_total and aux.fields.keys() != self.aux_total[key].fields.keys():
-                raise ClientError(f"aux var {key!r} has fields {sorted(aux.fields)}")
+            if key in self.aux_total:
+                aux.check_like(self.aux_total[key], f"aux var {key!r}")
 
     def _add(self, result: TrainResult) -> None:
         if self.total is None:

@@ -44,3 +44,16 @@ def test_finite_checks_and_typed_access() -> None:
     assert not Summable({"x": float("inf")}).is_finite()
     with pytest.raises(TypeError, match="field 'count' is int, expected a Vector"):
         record(1.0, 1).vector("count")
+
+
+def test_check_like_accepts_a_compatible_record_and_names_what_differs() -> None:
+    reference = record(0.0, 0)
+    record(5.0, 2).check_like(reference, "aux")
+    with pytest.raises(SpecMismatchError, match=r"aux.delta: array 'w' has shape \(3,\)"):
+        Summable({"delta": Vector({"w": np.ones(3)}), "count": 1}).check_like(reference, "aux")
+    with pytest.raises(TypeError, match=r"aux\.count must be a number, got Vector"):
+        Summable(
+            {"delta": Vector({"w": np.ones(2)}), "count": Vector({"w": np.ones(2)})}
+        ).check_like(reference, "aux")
+    with pytest.raises(SpecMismatchError, match=r"aux has fields \['delta'\]"):
+        Summable({"delta": Vector({"w": np.ones(2)})}).check_like(reference, "aux")
