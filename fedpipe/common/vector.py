@@ -18,6 +18,10 @@ import numpy as np
 __all__ = ["ArraySpec", "SpecMismatchError", "Vector", "VectorSpecs", "dtype_name"]
 
 
+#: Elements checked at a time by :meth:`Vector.is_finite` (bounds its temporary mask).
+_FINITE_BLOCK = 1 << 22
+
+
 @cache
 def dtype_name(dtype: np.dtype) -> str:
     """``dtype.name``, cached: numpy builds that string in Python on every access, which made
@@ -290,8 +294,15 @@ class Vector:
         return float(np.sqrt(sum(v * v for v in self.norms().values())))
 
     def is_finite(self) -> bool:
-        """True if no array holds NaN or infinity."""
-        return all(bool(np.isfinite(a).all()) for a in self.coefs.values() if a.dtype.kind in "fc")
+        """True if no array holds NaN or infinity (checked in blocks: no model-sized mask)."""
+        for a in self.coefs.values():
+            if a.dtype.kind not in "fc":
+                continue
+            flat = a.reshape(-1)
+            for start in range(0, flat.size, _FINITE_BLOCK):
+                if not np.isfinite(flat[start : start + _FINITE_BLOCK]).all():
+                    return False
+        return True
 
     def allclose(self, other: Vector, rtol: float = 1e-7, atol: float = 0.0) -> bool:
         """Same names and shapes, and values equal within tolerance."""
