@@ -20,7 +20,7 @@ from fedpipe.common.state import State, StateValue
 from fedpipe.common.summable import Summable
 from fedpipe.common.vector import Vector
 
-__all__ = ["Optimizer", "TrainableModel"]
+__all__ = ["BareWeights", "Optimizer", "TrainableModel"]
 
 
 class TrainableModel(Protocol):
@@ -29,6 +29,23 @@ class TrainableModel(Protocol):
     def get_weights(self) -> Vector: ...
 
     def apply_updates(self, updates: Vector) -> None: ...
+
+
+class BareWeights:
+    """Weights with nothing around them: what the server steps with its optimizer.
+
+    Takes ownership of ``weights``: updates are added in place, so a server never holds two
+    copies of the global model.
+    """
+
+    def __init__(self, weights: Vector) -> None:
+        self.weights = weights
+
+    def get_weights(self) -> Vector:
+        return self.weights
+
+    def apply_updates(self, updates: Vector) -> None:
+        self.weights.add_(updates)
 
 
 class Optimizer:

@@ -18,7 +18,7 @@ from fedpipe.common import registry
 from fedpipe.common.aggregators import Aggregator
 from fedpipe.common.config import ServerConfig
 from fedpipe.common.metrics import MetricSet
-from fedpipe.common.optim import Optimizer
+from fedpipe.common.optim import BareWeights, Optimizer
 from fedpipe.common.summable import Summable
 from fedpipe.common.training import EvalResult, RunSetup, TrainResult, build_model
 from fedpipe.common.vector import ArraySpec, Vector
@@ -46,20 +46,6 @@ class RunSummary:
     stopped_early: bool
     history: list[dict[str, Any]]
     weights: Vector
-
-
-class GlobalModel:
-    """The server's view of the model: its weights, updated by the server optimizer."""
-
-    def __init__(self, weights: Vector) -> None:
-        self.weights = weights
-
-    def get_weights(self) -> Vector:
-        return self.weights
-
-    def apply_updates(self, updates: Vector) -> None:
-        # In place: the server never holds two copies of the global weights.
-        self.weights.add_(updates)
 
 
 class FederatedRun:
@@ -94,7 +80,7 @@ class FederatedRun:
             seed=config.seed,
             chunk_bytes=int(config.chunk_mib * (1 << 20)),
         )
-        self.model = GlobalModel(build_model(self.setup).get_weights())
+        self.model = BareWeights(build_model(self.setup).get_weights())
         self.specs: dict[str, ArraySpec] = self.model.weights.specs()
         self.aggregator: Aggregator = registry.build_spec("aggregator", config.aggregator)
         self.optimizer: Optimizer = config.server_optimizer.build()
@@ -235,9 +221,7 @@ class FederatedRun:
 
     async def evaluate(self, round_number: int) -> dict[str, float]:
         """Federated evaluation: metric states merged across clients (exact)."""
-        clients = [
-            c for c in self.pool.clients() if c.initialized and c.n_eval_samples
-        ]
+        clients = [c for c in self.pool.clients() if c.initialized and c.n_eval_samples]
         if not clients:
             return {}
         task = RoundTask(round_number, self.model.weights)

@@ -24,7 +24,7 @@ from fedpipe.common.modules import (
     ScaffoldServer,
     YogiModule,
 )
-from fedpipe.common.optim import Optimizer
+from fedpipe.common.optim import BareWeights, Optimizer
 from fedpipe.common.summable import Summable
 from fedpipe.common.vector import Vector
 
@@ -303,17 +303,6 @@ def test_scaffold_server_rejects_wrong_specs() -> None:
 # ---- convergence on a convex quadratic -----------------------------------------------------
 
 
-class ArrayModel:
-    def __init__(self, weights: Vector) -> None:
-        self.weights = weights
-
-    def get_weights(self) -> Vector:
-        return self.weights
-
-    def apply_updates(self, updates: Vector) -> None:
-        self.weights = self.weights + updates
-
-
 CONVERGENCE = {
     "momentum": (0.05, {"beta": 0.9}),
     "adam": (["exponential-decay", {"initial": 0.1, "decay_rate": 0.995}], {}),
@@ -333,7 +322,7 @@ def test_minimizes_a_convex_quadratic(name: str) -> None:
     optimum = np.linalg.solve(a, b)
     lrate, config = CONVERGENCE[name]
     optimizer = Optimizer(lrate=lrate, modules=[[name, config]])
-    model = ArrayModel(Vector({"x": np.zeros(10)}))
+    model = BareWeights(Vector({"x": np.zeros(10)}))
     for _ in range(1000):
         x = model.get_weights()["x"]
         optimizer.apply(model, Vector({"x": a @ x - b}))

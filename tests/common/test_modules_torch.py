@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from fedpipe.common.optim import Optimizer
+from fedpipe.common.optim import BareWeights, Optimizer
 from fedpipe.common.vector import Vector
 
 torch = pytest.importorskip("torch")
@@ -97,17 +97,6 @@ def problem() -> tuple[np.ndarray, np.ndarray, np.ndarray, list[np.ndarray]]:
     return a, rng.normal(size=6), rng.normal(size=6), [rng.normal(size=6) for _ in range(STEPS)]
 
 
-class ArrayModel:
-    def __init__(self, weights: Vector) -> None:
-        self.weights = weights
-
-    def get_weights(self) -> Vector:
-        return self.weights
-
-    def apply_updates(self, updates: Vector) -> None:
-        self.weights = self.weights + updates
-
-
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_matches_torch_optim(case: str) -> None:
     torch_name, torch_kwargs, our_kwargs = CASES[case]
@@ -116,7 +105,7 @@ def test_matches_torch_optim(case: str) -> None:
     param = torch.nn.Parameter(torch.tensor(start, dtype=torch.float64))
     reference = getattr(torch.optim, torch_name)([param], lr=LR, **torch_kwargs)
     ours = Optimizer(**{"lrate": LR, **our_kwargs})
-    model = ArrayModel(Vector({"x": start.copy()}))
+    model = BareWeights(Vector({"x": start.copy()}))
     for step in range(STEPS):
         x = param.detach().numpy()
         param.grad = torch.tensor(a @ x - b + noise[step], dtype=torch.float64)

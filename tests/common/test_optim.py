@@ -9,21 +9,10 @@ import pytest
 
 from fedpipe.common.codec import state_from_bytes, state_to_bytes
 from fedpipe.common.modules import AdamModule, AuxVarError
-from fedpipe.common.optim import Optimizer
+from fedpipe.common.optim import BareWeights, Optimizer
 from fedpipe.common.registry import UnknownNameError
 from fedpipe.common.summable import Summable
 from fedpipe.common.vector import Vector
-
-
-class ArrayModel:
-    def __init__(self, weights: Vector) -> None:
-        self.weights = weights
-
-    def get_weights(self) -> Vector:
-        return self.weights
-
-    def apply_updates(self, updates: Vector) -> None:
-        self.weights = self.weights + updates
 
 
 def vec(*values: float) -> Vector:
@@ -31,7 +20,7 @@ def vec(*values: float) -> Vector:
 
 
 def test_plain_sgd_update() -> None:
-    model = ArrayModel(vec(1.0, -2.0))
+    model = BareWeights(vec(1.0, -2.0))
     Optimizer(lrate=0.1).apply(model, vec(0.5, -1.0))
     np.testing.assert_allclose(model.get_weights()["w"], [0.95, -1.9])
 
@@ -39,19 +28,19 @@ def test_plain_sgd_update() -> None:
 def test_server_fedavg_is_lrate_one_without_modules() -> None:
     # aggregated client updates as gradients; lrate=1 applies them as they are
     weights, updates = vec(1.0, 2.0), vec(0.25, -0.5)
-    out = Optimizer(lrate=1.0).compute_updates(ArrayModel(weights), updates)
+    out = Optimizer(lrate=1.0).compute_updates(BareWeights(weights), updates)
     np.testing.assert_allclose(out["w"], [-0.25, 0.5])
 
 
 def test_decoupled_weight_decay() -> None:
-    model = ArrayModel(vec(1.0, -2.0))
+    model = BareWeights(vec(1.0, -2.0))
     # -lr * (g + w_decay * w) = -0.1 * ([0.5, 0.5] + 0.5 * [1, -2]) = [-0.1, 0.05]
     out = Optimizer(lrate=0.1, w_decay=0.5).compute_updates(model, vec(0.5, 0.5))
     np.testing.assert_allclose(out["w"], [-0.1, 0.05])
 
 
 def test_weight_decay_bypasses_the_modules() -> None:
-    model = ArrayModel(vec(1.0, -2.0))
+    model = BareWeights(vec(1.0, -2.0))
     optimizer = Optimizer(lrate=0.1, w_decay=0.5, modules=[["adam", {"eps": 0.0}]])
     # Adam's first output is g / |g| = 1, the decay is added after it:
     # -0.1 * (1 + 0.5 * [1, -2]) = [-0.15, 0.0]
@@ -60,7 +49,7 @@ def test_weight_decay_bypasses_the_modules() -> None:
 
 
 def test_regularizers_run_before_modules() -> None:
-    model = ArrayModel(vec(2.0))
+    model = BareWeights(vec(2.0))
     optimizer = Optimizer(lrate=1.0, regularizers=[["ridge", {"alpha": 0.25}]])
     # g + 2 * 0.25 * w = 1 + 1 = 2
     np.testing.assert_allclose(optimizer.compute_updates(model, vec(1.0))["w"], [-2.0])
@@ -68,14 +57,14 @@ def test_regularizers_run_before_modules() -> None:
 
 def test_scheduler_is_driven_by_the_step_count() -> None:
     optimizer = Optimizer(lrate=["piecewise", {"boundaries": [2], "values": [1.0, 0.1]}])
-    model = ArrayModel(vec(0.0))
+    model = BareWeights(vec(0.0))
     rates = [-float(optimizer.compute_updates(model, vec(1.0))["w"][0]) for _ in range(4)]
     assert rates == [1.0, 1.0, 0.1, 0.1]
     assert optimizer.get_state()["step"] == 4
 
 
 def test_float32_stays_float32() -> None:
-    model = ArrayModel(Vector({"w": np.ones(3, np.float32)}))
+    model = BareWeights(Vector({"w": np.ones(3, np.float32)}))
     optimizer = Optimizer(lrate=0.1, w_decay=0.01, regularizers=["fedprox"], modules=["adam"])
     out = optimizer.compute_updates(model, Vector({"w": np.ones(3, np.float32)}))
     assert out.specs() == model.get_weights().specs()
@@ -84,7 +73,7 @@ def test_float32_stays_float32() -> None:
 def test_start_round_sets_the_fedprox_anchor() -> None:
     optimizer = Optimizer(lrate=1.0, regularizers=[["fedprox", {"mu": 1.0}]])
     optimizer.start_round(vec(1.0))
-    out = optimizer.compute_updates(ArrayModel(vec(3.0)), vec(0.0))
+    out = optimizer.compute_updates(BareWeights(vec(3.0)), vec(0.0))
     np.testing.assert_allclose(out["w"], [-2.0])  # -(mu * (3 - 1))
 
 
@@ -135,7 +124,7 @@ def test_instances_are_accepted_as_modules() -> None:
     assert optimizer.get_config()["modules"][0][1]["beta_1"] == 0.5
 
 
-def steps(optimizer: Optimizer, model: ArrayModel, n: int, seed: int) -> list[Vector]:
+def steps(optimizer: Optimizer, model: BareWeights, n: int, seed: int) -> list[Vector]:
     rng = np.random.default_rng(seed)
     weights = []
     for _ in range(n):
@@ -146,8 +135,8 @@ def steps(optimizer: Optimizer, model: ArrayModel, n: int, seed: int) -> list[Ve
 
 
 def test_state_resume_is_bit_identical() -> None:
-    def start() -> ArrayModel:
-        return ArrayModel(Vector({"w": np.ones((3, 2)), "b": np.zeros(2)}))
+    def start() -> BareWeights:
+        return BareWeights(Vector({"w": np.ones((3, 2)), "b": np.zeros(2)}))
 
     optimizer, model = Optimizer.from_config(FULL_CONFIG), start()
     optimizer.start_round(model.get_weights())
@@ -181,7 +170,7 @@ def test_unknown_module_name_lists_known_names() -> None:
 
 def test_aux_vars_are_routed_by_aux_name() -> None:
     client = Optimizer(modules=["scaffold-client", "adam"])
-    client.compute_updates(ArrayModel(vec(0.0, 0.0)), vec(1.0, 3.0))
+    client.compute_updates(BareWeights(vec(0.0, 0.0)), vec(1.0, 3.0))
     collected = client.collect_aux_var()
     assert list(collected) == ["scaffold"]
     assert collected["scaffold"].vector("delta").array_equal(vec(1.0, 3.0))
