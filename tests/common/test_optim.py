@@ -130,7 +130,7 @@ def steps(optimizer: Optimizer, model: BareWeights, n: int, seed: int) -> list[V
     for _ in range(n):
         grads = Vector({"w": rng.normal(size=(3, 2)), "b": rng.normal(size=2)})
         optimizer.apply(model, grads)
-        weights.append(model.get_weights())
+        weights.append(model.get_weights().copy())  # updated in place
     return weights
 
 
