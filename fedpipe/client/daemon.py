@@ -188,7 +188,7 @@ class ClientDaemon:
                 info, state = eval_reply_parts(evaluation)
             else:
                 raise ProtocolError(f"unknown task kind {task.kind}")
-        except (ValueError, TypeError, KeyError, ArithmeticError) as exc:
+        except (ValueError, TypeError, KeyError, ArithmeticError, ImportError) as exc:
             log.error("task %d failed: %s", task.task_id, exc)
             reply.error = f"{type(exc).__name__}: {exc}"
             return reply, None
@@ -202,6 +202,13 @@ class ClientDaemon:
         specs = {s.name: spec_from_wire(s, f"weight {s.name!r}") for s in task.weight_specs}
         if not 1 <= setup.chunk_bytes <= 64 << 20:
             raise ValueError(f"chunk_bytes={setup.chunk_bytes}; expected 1 byte to 64 MiB")
+        model = str(setup.model.get("name", ""))
+        if ":" in model and model not in self.config.trusted_models:
+            # An import path runs code on this machine: only the client's owner may name one.
+            raise ValueError(
+                f"the server asks for model {model!r}, an import path this client does not "
+                "trust; add it to 'trusted_models' in the client config to allow it"
+            )
         trainer = LocalTrainer(setup)
         problem = describe_spec_mismatch(trainer.model.weight_specs(), specs)
         if problem:

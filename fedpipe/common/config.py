@@ -104,7 +104,8 @@ class ServerConfig(_Strict):
     early_stop: EarlyStopConfig | None = None
     output_dir: Path = Path("runs/fedpipe-run")
     checkpoint: bool = True
-    tokens: list[str] = Field(default_factory=list)
+    #: Client name -> its secret token; when set, only these clients get in, each by its token.
+    tokens: dict[str, str] = Field(default_factory=dict)
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
@@ -158,6 +159,8 @@ class ClientConfig(_Strict):
     tls_key: Path | None = None
     insecure: bool = False
     threads: int | None = Field(default=None, ge=1)
+    #: Model import paths (``pkg.module:factory``) the server may ask this client to build.
+    trusted_models: list[str] = Field(default_factory=list)
 
     @property
     def use_tls(self) -> bool:

@@ -187,13 +187,21 @@ class Optimizer:
     def process_aux_var(self, aux_vars: Mapping[str, Summable]) -> None:
         """Route each aux var to the module with that ``aux_name``."""
         for aux_name, aux_var in aux_vars.items():
-            module = self._aux_modules.get(aux_name)
-            if module is None:
-                raise AuxVarError(
-                    f"no module of this optimizer takes aux var {aux_name!r}; "
-                    f"known aux-var names: {sorted(self._aux_modules) or 'none'}"
-                )
-            module.process_aux_var(aux_var)
+            self._aux_module(aux_name).process_aux_var(aux_var)
+
+    def check_aux_var(self, aux_vars: Mapping[str, Summable]) -> None:
+        """Validate one peer's aux vars (names and contents) before they are summed."""
+        for aux_name, aux_var in aux_vars.items():
+            self._aux_module(aux_name).check_aux_var(aux_var)
+
+    def _aux_module(self, aux_name: str) -> OptiModule:
+        module = self._aux_modules.get(aux_name)
+        if module is None:
+            raise AuxVarError(
+                f"no module of this optimizer takes aux var {aux_name!r}; "
+                f"known aux-var names: {sorted(self._aux_modules) or 'none'}"
+            )
+        return module
 
 
 def _pipeline_states(state: State, key: str, names: list[str]) -> list[State]:

@@ -238,12 +238,13 @@ class PayloadAssembler:
         max_bytes: int,
         expected: Mapping[str, ArraySpec] | None = None,
         allow_nonfinite: bool = True,
+        max_tensors: int = MAX_TENSORS,
     ) -> None:
         self.allow_nonfinite = allow_nonfinite
-        if len(header.tensors) > MAX_TENSORS:
+        if len(header.tensors) > max_tensors:
             raise PayloadTooLargeError(
                 f"payload header announces {len(header.tensors)} tensors, expected at most "
-                f"{MAX_TENSORS}"
+                f"{max_tensors}"
             )
         specs: list[ArraySpec] = []
         total = 0

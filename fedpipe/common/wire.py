@@ -10,7 +10,7 @@ preallocated from the header.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -108,18 +108,34 @@ class FrameReceiver(Generic[M]):
         ``ClientMessage`` on the server, ``ServerMessage`` on the client.
     max_payload_bytes:
         Largest payload accepted; a header announcing more is rejected before allocation.
+    max_tensors:
+        Most tensors a payload may announce (decoding a header costs time per tensor).
+    accept:
+        Called with every message that announces a payload, before anything is allocated:
+        True to receive the payload, False to skip its chunks (a reply nobody waits for any
+        more); it may raise :class:`ProtocolError` to refuse the message.
     """
 
-    def __init__(self, envelope_type: type[M], max_payload_bytes: int) -> None:
+    def __init__(
+        self,
+        envelope_type: type[M],
+        max_payload_bytes: int,
+        *,
+        max_tensors: int = 1 << 16,
+        accept: Callable[[M], bool] | None = None,
+    ) -> None:
         self.envelope_type = envelope_type
         self.max_payload_bytes = max_payload_bytes
+        self.max_tensors = max_tensors
+        self.accept = accept
         self._pending: M | None = None
         self._assembler: PayloadAssembler | None = None
+        self._skipping = 0  # bytes of an unwanted payload still to skip
 
     @property
     def busy(self) -> bool:
         """True while a payload's chunks are still expected."""
-        return self._assembler is not None
+        return self._assembler is not None or self._skipping > 0
 
     def feed(self, frame: bytes) -> Received[M] | None:
         """Take one frame; return a message once it and all its chunks have arrived.
@@ -131,6 +147,11 @@ class FrameReceiver(Generic[M]):
             new message before the previous payload finished, an oversized payload...).
         """
         chunk = parse_chunk_frame(frame, CHUNK_FIELD)
+        if chunk is not None and self._skipping:
+            if len(chunk[2]) > self._skipping:
+                raise ProtocolError("a skipped payload sent more bytes than it announced")
+            self._skipping -= len(chunk[2])
+            return None
         if chunk is not None:
             if self._assembler is None or self._pending is None:
                 raise ProtocolError("received a chunk frame with no payload announced")
@@ -143,7 +164,7 @@ class FrameReceiver(Generic[M]):
             if _complete(self._assembler):
                 return self._complete()
             return None
-        if self._assembler is not None:
+        if self.busy:
             self._reset()
             raise ProtocolError("a new message arrived before the previous payload was complete")
         if len(frame) > MAX_CONTROL_BYTES:
@@ -156,8 +177,17 @@ class FrameReceiver(Generic[M]):
         header = _payload_header(message)
         if header is None:
             return Received(message, {})
+        if self.accept is not None and not self.accept(message):
+            if header.total_bytes > self.max_payload_bytes:
+                raise ProtocolError(
+                    f"payload of {header.total_bytes} bytes exceeds {self.max_payload_bytes}"
+                )
+            self._skipping = int(header.total_bytes)
+            return None
         try:
-            self._assembler = PayloadAssembler(header, max_bytes=self.max_payload_bytes)
+            self._assembler = PayloadAssembler(
+                header, max_bytes=self.max_payload_bytes, max_tensors=self.max_tensors
+            )
         except DecodeError as exc:
             raise ProtocolError(f"bad payload header: {exc}") from None
         self._pending = message
@@ -176,7 +206,7 @@ class FrameReceiver(Generic[M]):
         return Received(message, state)
 
     def _reset(self) -> None:
-        self._pending, self._assembler = None, None
+        self._pending, self._assembler, self._skipping = None, None, 0
 
 
 def _complete(assembler: PayloadAssembler) -> bool:

@@ -7,7 +7,7 @@ import hmac
 import itertools
 import logging
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import grpc
@@ -16,7 +16,7 @@ from google.protobuf.message import DecodeError as ProtobufDecodeError
 
 from fedpipe.common.codec import wire_dtype
 from fedpipe.common.config import ServerConfig
-from fedpipe.common.payload import EncodedPayload, chunk_frame
+from fedpipe.common.payload import EncodedPayload, chunk_frame, parse_chunk_frame
 from fedpipe.common.training import EvalResult, RunSetup, TrainResult
 from fedpipe.common.vector import ArraySpec
 from fedpipe.common.wire import (
@@ -46,6 +46,11 @@ OUTBOX_FRAMES = 16
 #: Round payloads up to this size keep their chunk frames for every client of the round.
 FRAME_CACHE_BYTES = 256 << 20
 MAX_NAME_LENGTH = 128
+#: Seconds a new stream has to say hello before it is closed.
+HELLO_TIMEOUT = 10.0
+#: Payload limits before a client accepted the run setup (its replies carry no tensors yet).
+SETUP_PAYLOAD_BYTES = 1 << 20
+SETUP_TENSORS = 64
 
 
 class GrpcClient(ClientProxy):
@@ -60,8 +65,12 @@ class GrpcClient(ClientProxy):
         self.outbox: asyncio.Queue[bytes | None] = asyncio.Queue(OUTBOX_FRAMES)
         self._ids = itertools.count(1)
         self._waiting: dict[int, asyncio.Future[Received[Any]]] = {}
+        self._last_id = 0
         self._closed: str | None = None
-        self.max_payload_bytes = int(config.max_payload_mib * (1 << 20))
+        self._send_lock = asyncio.Lock()
+        self._sending: set[asyncio.Task[None]] = set()
+        self.max_payload_bytes = SETUP_PAYLOAD_BYTES
+        self.max_tensors = SETUP_TENSORS
 
     @property
     def connected(self) -> bool:
@@ -76,7 +85,9 @@ class GrpcClient(ClientProxy):
         ]
         model_bytes = sum(s.nbytes for s in specs.values())
         # A reply holds a few model-sized Vectors (partial fields, aux vars): bound it.
-        self.max_payload_bytes = min(self.max_payload_bytes, 8 * model_bytes + (64 << 20))
+        configured = int(self.config.max_payload_mib * (1 << 20))
+        self.max_payload_bytes = min(configured, 8 * model_bytes + (64 << 20))
+        self.max_tensors = 8 * len(specs) + 256
         await self._request(
             pb.TASK_KIND_INITIALIZE, 0, setup.to_data(), None, weight_specs=weight_specs
         )
@@ -99,7 +110,14 @@ class GrpcClient(ClientProxy):
         if self._closed is not None:
             return
         message = pb.ServerMessage(task=pb.Task(task_id=next(self._ids), kind=pb.TASK_KIND_STOP))
-        await self.outbox.put(message.SerializeToString())
+        if self._send_lock.locked():
+            self.close("run finished (the client was still receiving a payload)")
+            return
+        try:
+            self.outbox.put_nowait(message.SerializeToString())
+        except asyncio.QueueFull:
+            self.close("run finished (the client is not reading)")
+            return
         self.close("run finished")
 
     async def _request(
@@ -124,13 +142,20 @@ class GrpcClient(ClientProxy):
         )
         if payload is not None:
             task.payload.CopyFrom(payload.header)
+        frames = itertools.chain(
+            [pb.ServerMessage(task=task).SerializeToString()],
+            _chunk_frames(payload, cache) if payload is not None else [],
+        )
         future: asyncio.Future[Received[Any]] = asyncio.get_running_loop().create_future()
         self._waiting[task_id] = future
+        self._last_id = task_id
+        # The frames go out in a task of their own that the round deadline does not cancel:
+        # a payload cut in two would corrupt the stream for the next task.
+        sending = asyncio.create_task(self._send(frames))
+        self._sending.add(sending)
+        sending.add_done_callback(self._sending.discard)
         try:
-            await self.outbox.put(pb.ServerMessage(task=task).SerializeToString())
-            if payload is not None:
-                for frame in _chunk_frames(payload, cache):
-                    await self.outbox.put(frame)
+            await asyncio.shield(sending)
             got = await future
         finally:
             self._waiting.pop(task_id, None)
@@ -139,26 +164,48 @@ class GrpcClient(ClientProxy):
             raise ClientError(f"client {self.name}: {reply.error}")
         return got
 
+    async def _send(self, frames: Iterable[bytes]) -> None:
+        async with self._send_lock:  # one task's frames at a time, never interleaved
+            for frame in frames:
+                if self._closed is not None:
+                    return
+                await self.outbox.put(frame)
+
     # ---- the stream's side ---------------------------------------------------------------------
+
+    def expects(self, message: Any) -> bool:
+        """Whether a reply announcing a payload is awaited (False: late, skip its chunks).
+
+        Raises
+        ------
+        ProtocolError
+            Not a reply, or a reply to a task this server never sent.
+        """
+        if message.WhichOneof("kind") != "reply":
+            raise ProtocolError("expected a reply, got a hello in the middle of a session")
+        task_id = message.reply.task_id
+        if not 0 < task_id <= self._last_id:
+            raise ProtocolError(f"reply to task {task_id}, which was never sent")
+        future = self._waiting.get(task_id)
+        return future is not None and not future.done()
 
     def deliver(self, got: Received[Any]) -> None:
         """A complete reply arrived: hand it to the task waiting for it."""
-        if got.message.WhichOneof("kind") != "reply":
-            raise ProtocolError("expected a reply, got a hello in the middle of a session")
-        future = self._waiting.get(got.message.reply.task_id)
-        if future is None or future.done():
+        if self.expects(got.message):
+            self._waiting[got.message.reply.task_id].set_result(got)
+        else:
             log.info(
                 "client %s: reply to task %d arrived after its deadline; dropped",
                 self.name,
                 got.message.reply.task_id,
             )
-            return
-        future.set_result(got)
 
     def close(self, reason: str) -> None:
         """Fail every waiting task and let the writer end the stream."""
         if self._closed is None:
             self._closed = reason
+            for sending in list(self._sending):
+                sending.cancel()
             try:
                 self.outbox.put_nowait(None)
             except asyncio.QueueFull:
@@ -210,7 +257,12 @@ class FederationServicer:
 
     async def session(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
         peer = context.peer()
-        frame = await context.read()
+        try:
+            frame = await asyncio.wait_for(context.read(), HELLO_TIMEOUT)
+        except TimeoutError:
+            log.warning("refused %s: no hello within %.0fs", peer, HELLO_TIMEOUT)
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "no hello in time")
+            return
         if frame is grpc.aio.EOF:
             return
         try:
@@ -244,7 +296,7 @@ class FederationServicer:
             log.info("client %s left (%s)", proxy.name, proxy._closed)
 
     async def _read(self, context: grpc.aio.ServicerContext, proxy: GrpcClient) -> None:
-        receiver = FrameReceiver(pb.ClientMessage, proxy.max_payload_bytes)
+        receiver = FrameReceiver(pb.ClientMessage, proxy.max_payload_bytes, accept=proxy.expects)
         try:
             while True:
                 frame = await context.read()
@@ -252,7 +304,12 @@ class FederationServicer:
                     proxy.close("client closed the stream")
                     return
                 receiver.max_payload_bytes = proxy.max_payload_bytes
-                got = receiver.feed(frame)
+                receiver.max_tensors = proxy.max_tensors
+                if parse_chunk_frame(frame, CHUNK_FIELD) is None:
+                    # Headers can take long to decode: off the loop, which serves the others.
+                    got = await asyncio.to_thread(receiver.feed, frame)
+                else:
+                    got = receiver.feed(frame)  # one bounded copy into a preallocated array
                 if got is not None:
                     proxy.deliver(got)
                     del got  # a model-sized reply: this loop must not keep it until next round
@@ -261,6 +318,9 @@ class FederationServicer:
             proxy.close(f"protocol error: {exc}")
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as exc:
             proxy.close(f"stream error: {exc}")
+        except Exception as exc:  # MemoryError on a huge header...: end this session only
+            log.exception("client %s: session failed", proxy.name)
+            proxy.close(f"session failed: {type(exc).__name__}: {exc}")
 
     def _admit(self, frame: bytes) -> Any:
         message = pb.ClientMessage()
@@ -277,11 +337,12 @@ class FederationServicer:
                 f"protocol version {hello.protocol_version} is not supported; "
                 f"this server speaks version {PROTOCOL_VERSION}",
             )
-        if self.config.tokens and not any(
-            hmac.compare_digest(hello.token.encode(), t.encode()) for t in self.config.tokens
-        ):
-            raise _Refused(grpc.StatusCode.UNAUTHENTICATED, "invalid or missing client token")
         name = hello.client_name
+        if self.config.tokens:
+            # Each name has its own token: a valid token cannot claim another client's name.
+            expected = self.config.tokens.get(name, "")
+            if not (expected and hmac.compare_digest(hello.token.encode(), expected.encode())):
+                raise _Refused(grpc.StatusCode.UNAUTHENTICATED, "invalid or missing client token")
         if not name or len(name) > MAX_NAME_LENGTH or not name.isprintable():
             raise _Refused(
                 grpc.StatusCode.INVALID_ARGUMENT,

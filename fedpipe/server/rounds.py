@@ -32,6 +32,12 @@ log = logging.getLogger(__name__)
 
 R = TypeVar("R")
 
+#: What a misbehaving client or a bad reply raises: logged in one line, the round goes on.
+EXPECTED_CLIENT_ERRORS = (ClientError, ValueError, TypeError, KeyError, OSError)
+
+#: Seconds to hand a client the stop task (a client that stopped reading never takes it).
+STOP_TIMEOUT = 5.0
+
 #: Below this many elements, adding a partial inline beats a hop to a worker thread.
 INLINE_ADD_ELEMENTS = 1 << 20
 
@@ -183,7 +189,7 @@ class FederatedRun:
             if c.initialized
         ]
         task = RoundTask(round_number, self.model.weights, self.optimizer.collect_aux_var())
-        folded = _Fold(self.aggregator, self.specs)
+        folded = _Fold(self.aggregator, self.optimizer, self.specs)
         await self._collect(sampled, lambda c: c.train(task), folded.add)
         record: dict[str, Any] = {
             "round": round_number,
@@ -192,17 +198,16 @@ class FederatedRun:
             "clients": sorted(folded.names),
         }
         if folded.count >= cfg.required_results and folded.total is not None:
-            aggregated = self.aggregator.finalize(folded.total)
-            folded.total = None  # model-sized: free it before the updates are computed
-            if folded.aux_total:
-                self.optimizer.process_aux_var(folded.aux_total)
-            updates = self.optimizer.compute_updates(self.model, aggregated)
-            del aggregated
-            if updates.is_finite():
-                self.model.apply_updates(updates)
-            else:
-                log.error("round %d: server update is not finite; weights kept", round_number)
             record["train_loss"] = folded.loss_sum / max(folded.seen, 1)
+            try:
+                self._step(folded)
+            except (ValueError, TypeError, ArithmeticError) as exc:
+                # Replies were checked one by one; their sum can still be unusable (a total
+                # weight of 0...). The round fails, the global model stays as it was.
+                log.error(
+                    "round %d: aggregation failed: %s; global model unchanged", round_number, exc
+                )
+                record["failed"] = True
         else:
             log.warning(
                 "round %d: %d result(s), below min_results=%d; global model unchanged",
@@ -218,6 +223,19 @@ class FederatedRun:
         self.history.append(record)
         self._checkpoint()
         return record
+
+    def _step(self, folded: _Fold) -> None:
+        """Aggregate the round's sum and let the server optimizer move the global model."""
+        assert folded.total is not None
+        aggregated = self.aggregator.finalize(folded.total)
+        folded.total = None  # model-sized: free it before the updates are computed
+        if folded.aux_total:
+            self.optimizer.process_aux_var(folded.aux_total)
+        updates = self.optimizer.compute_updates(self.model, aggregated)
+        del aggregated
+        if not updates.is_finite():
+            raise ArithmeticError("the server update is not finite")
+        self.model.apply_updates(updates)
 
     async def evaluate(self, round_number: int) -> dict[str, float]:
         """Federated evaluation: metric states merged across clients (exact)."""
@@ -276,10 +294,13 @@ class FederatedRun:
         it arrives, until all are done or the round deadline passes. A client that fails or
         whose result ``on_result`` rejects is logged and left out. Returns the count kept."""
 
-        async def one(client: ClientProxy) -> tuple[ClientProxy, R | BaseException]:
+        async def one(client: ClientProxy) -> tuple[ClientProxy, R | Exception]:
             try:
                 return client, await call(client)
-            except (ClientError, ValueError, TypeError, KeyError, OSError) as exc:
+            except EXPECTED_CLIENT_ERRORS as exc:
+                return client, exc
+            except Exception as exc:  # contained, with its traceback: one client, one reply
+                log.exception("client %s: unexpected error", client.name)
                 return client, exc
 
         kept = 0
@@ -296,8 +317,10 @@ class FederatedRun:
                         if asyncio.iscoroutine(step):
                             await step
                         kept += 1
-                    except (ClientError, ValueError, TypeError) as exc:
+                    except EXPECTED_CLIENT_ERRORS as exc:
                         log.warning("client %s: rejected reply: %s", client.name, exc)
+                    except Exception:  # contained, with its traceback: never the whole run
+                        log.exception("client %s: rejected reply (unexpected error)", client.name)
         except TimeoutError:
             late = [c.name for c, f in zip(clients, futures, strict=True) if not f.done()]
             log.warning(
@@ -312,7 +335,9 @@ class FederatedRun:
 
     async def _stop_clients(self) -> None:
         clients = self.pool.clients()
-        results = await asyncio.gather(*(c.stop() for c in clients), return_exceptions=True)
+        results = await asyncio.gather(
+            *(asyncio.wait_for(c.stop(), STOP_TIMEOUT) for c in clients), return_exceptions=True
+        )
         for client, result in zip(clients, results, strict=True):
             if isinstance(result, BaseException):
                 log.info("client %s did not take the stop task: %s", client.name, result)
@@ -321,8 +346,11 @@ class FederatedRun:
 class _Fold:
     """The running sum of one round's train replies (partials and aux vars)."""
 
-    def __init__(self, aggregator: Aggregator, specs: Mapping[str, ArraySpec]) -> None:
+    def __init__(
+        self, aggregator: Aggregator, optimizer: Optimizer, specs: Mapping[str, ArraySpec]
+    ) -> None:
         self.aggregator = aggregator
+        self.optimizer = optimizer
         self.specs = specs
         self.total: Summable | None = None
         self.aux_total: dict[str, Summable] = {}
@@ -348,6 +376,7 @@ class _Fold:
             raise ClientError(
                 f"aux vars {sorted(result.aux_vars)}, expected {sorted(self.aux_total)}"
             )
+        self.optimizer.check_aux_var(result.aux_vars)  # names the server takes, contents
         for key, aux in result.aux_vars.items():
             if not aux.is_finite():
                 raise ClientError(f"aux var {key!r} is not finite")

@@ -293,8 +293,11 @@ def test_scaffold_server_rejects_wrong_specs() -> None:
     bad = Summable({"delta": Vector({"v": np.zeros(2)}), "new_clients": 1})
     with pytest.raises(AuxVarError, match=r"scaffold-server.*names differ"):
         server.process_aux_var(bad)
-    with pytest.raises(AuxVarError, match="non-negative integer"):
+    with pytest.raises(AuxVarError, match="must be an integer in"):
         server.process_aux_var(Summable({"delta": vec(1, 2), "new_clients": 0.5}))
+    with pytest.raises(AuxVarError, match=r"'new_clients' must be an integer in \[0, 1\], got 2"):
+        server.check_aux_var(Summable({"delta": vec(1, 2), "new_clients": 2}))  # one client
+    server.check_aux_var(Summable({"delta": vec(1, 2), "new_clients": 1}))
     with pytest.raises(AuxVarError, match="NaN"):
         server.process_aux_var(Summable({"delta": vec(math.nan, 2), "new_clients": 1}))
     assert server.get_state()["n_clients"] == 0

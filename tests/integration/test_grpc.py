@@ -159,7 +159,8 @@ async def test_malformed_input_is_refused_and_the_server_goes_on(
 async def test_wrong_token_is_refused_and_the_client_exits_with_a_reason(
     tmp_path: Path, client_data: list[Path], processes: list[subprocess.Popen[str]]
 ) -> None:
-    config = server_config(tmp_path, rounds=1, min_clients=1, tokens=["s3cret"])
+    tokens = {"member": "s3cret", "intruder": "other"}
+    config = server_config(tmp_path, rounds=1, min_clients=1, tokens=tokens)
     async with running_server(config) as server:
         intruder = spawn_client(config.port, "intruder", client_data[0], "--token", "guess")
         processes.append(intruder)

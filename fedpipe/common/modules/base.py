@@ -51,3 +51,10 @@ class OptiModule(Registrable):
     def process_aux_var(self, aux_var: Summable) -> None:
         """Take in an auxiliary variable from the other side."""
         raise AuxVarError(f"module {self.name!r} takes no auxiliary variables")
+
+    def check_aux_var(self, aux_var: Summable) -> None:
+        """Validate ONE peer's aux var before it is added to the others (the server calls it
+        on every client reply, so a bad one is rejected alone); raise :class:`AuxVarError`.
+        The default accepts anything for a module that has an ``aux_name``."""
+        if self.aux_name is None:
+            raise AuxVarError(f"module {self.name!r} takes no auxiliary variables")

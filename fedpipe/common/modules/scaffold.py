@@ -154,23 +154,33 @@ class ScaffoldServer(OptiModule):
             return Summable({"global_state": self.state_sum.zeros_like()})
         return Summable({"global_state": self.state_sum / float(self.n_clients)})
 
-    def process_aux_var(self, aux_var: Summable) -> None:
-        """Take in the sum over clients of their ``{"delta", "new_clients"}`` records."""
+    def check_aux_var(self, aux_var: Summable) -> None:
+        """One client's record: a delta of the model's specs and ``new_clients`` 0 or 1."""
+        self._checked(aux_var, max_new_clients=1)
+
+    def _checked(self, aux_var: Summable, max_new_clients: float) -> tuple[Vector, int]:
         delta = _aux_vector(aux_var, {"delta", "new_clients"}, "delta", self.name)
         known = None if self.state_sum is None else self.state_sum.specs()
         _check_aux_specs(delta, known, "delta", self.name)
+        if not delta.is_finite():
+            raise AuxVarError(f"{self.name} aux var field 'delta' holds NaN or infinity")
         new_clients = aux_var.fields["new_clients"]
         if (
             isinstance(new_clients, (Vector, bool))
+            or not 0 <= new_clients <= max_new_clients
             or not float(new_clients).is_integer()
-            or new_clients < 0
         ):
             raise AuxVarError(
-                f"{self.name} aux var field 'new_clients' must be a non-negative integer, "
-                f"got {new_clients!r}"
+                f"{self.name} aux var field 'new_clients' must be an integer in "
+                f"[0, {max_new_clients:g}], got {new_clients!r}"
             )
+        return delta, int(new_clients)
+
+    def process_aux_var(self, aux_var: Summable) -> None:
+        """Take in the sum over clients of their ``{"delta", "new_clients"}`` records."""
+        delta, new_clients = self._checked(aux_var, max_new_clients=float(1 << 53))
         self.state_sum = delta.copy() if self.state_sum is None else self.state_sum + delta
-        self.n_clients += int(new_clients)
+        self.n_clients += new_clients
 
     def get_state(self) -> State:
         return {"state_sum": self.state_sum, "n_clients": self.n_clients}
