@@ -162,8 +162,6 @@ class ScaffoldServer(OptiModule):
         delta = _aux_vector(aux_var, {"delta", "new_clients"}, "delta", self.name)
         known = None if self.state_sum is None else self.state_sum.specs()
         _check_aux_specs(delta, known, "delta", self.name)
-        if not delta.is_finite():
-            raise AuxVarError(f"{self.name} aux var field 'delta' holds NaN or infinity")
         new_clients = aux_var.fields["new_clients"]
         if (
             isinstance(new_clients, (Vector, bool))
