@@ -1,0 +1,67 @@
+"""The client's handling of the run setup, without a network."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+
+from fedpipe.client.daemon import ClientDaemon
+from fedpipe.common.codec import wire_dtype
+from fedpipe.common.config import ClientConfig
+from fedpipe.common.data import Dataset
+from fedpipe.common.training import RunSetup
+from fedpipe.common.wire import settings_value
+from fedpipe.proto.fedpipe.v1 import federation_pb2 as pb
+from fedpipe.proto.fedpipe.v1 import tensor_pb2
+
+IMPORT_PATH = "fedpipe.common.models.linear:SoftmaxRegression"
+
+
+def setup_task(model: dict[str, Any]) -> pb.Task:
+    setup = RunSetup(
+        model=model,
+        client_optimizer={"lrate": 0.1},
+        aggregator="averaging",
+        metrics=["loss"],
+        training={"batch_size": 4},
+    )
+    task = pb.Task(
+        task_id=1, kind=pb.TASK_KIND_INITIALIZE, settings=settings_value(setup.to_data())
+    )
+    for name, shape in (("kernel", [4, 3]), ("bias", [3])):
+        code = wire_dtype(np.dtype("float32"), name)[0]
+        task.weight_specs.append(tensor_pb2.TensorSpec(name=name, dtype=code, shape=shape))
+    return task
+
+
+def daemon(**config: Any) -> ClientDaemon:
+    data = Dataset(np.zeros((8, 4), np.float32), np.zeros(8, np.int64))
+    return ClientDaemon(ClientConfig(dataset="digits", name="c", **config), data, None)
+
+
+async def test_a_model_import_path_from_the_server_is_refused_unless_trusted() -> None:
+    task = setup_task({"name": IMPORT_PATH, "config": {"n_features": 4, "n_classes": 3}})
+    client = daemon()
+    reply, payload = await client._handle(task, {})
+    assert payload is None and client.trainer is None
+    assert "an import path this client does not trust" in reply.error
+    assert "trusted_models" in reply.error
+
+    trusting = daemon(trusted_models=[IMPORT_PATH])
+    reply, _ = await trusting._handle(task, {})
+    assert reply.error == "" and trusting.trainer is not None
+    assert trusting.trainer.model.weight_specs()["kernel"].shape == (4, 3)
+
+
+async def test_a_setup_whose_model_differs_from_the_servers_specs_is_an_error_reply() -> None:
+    task = setup_task({"name": "softmax-regression", "config": {"n_features": 5, "n_classes": 3}})
+    reply, _ = await daemon()._handle(task, {})
+    assert "the model built from the setup does not match the server's" in reply.error
+    assert "'kernel' has shape (5, 3), expected (4, 3)" in reply.error
+
+
+def test_client_config_needs_exactly_one_data_source() -> None:
+    with pytest.raises(ValueError, match="exactly one of 'data'"):
+        ClientConfig()
