@@ -71,7 +71,7 @@ def format_round(record: dict[str, Any], rounds: int) -> str:
             parts.append(f"{key} {value:.4f}")
     parts.append(f"{record.get('seconds', 0.0):.2f}s")
     if record.get("failed"):
-        parts.append("(too few results: model unchanged)")
+        parts.append(f"({record['failed']}: model unchanged)")
     return "  ".join(parts)
 
 

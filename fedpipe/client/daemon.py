@@ -13,6 +13,7 @@ import grpc
 from fedpipe.common.codec import spec_from_wire
 from fedpipe.common.config import ClientConfig
 from fedpipe.common.data import Dataset
+from fedpipe.common.payload import encode_payload
 from fedpipe.common.training import LocalTrainer, RunSetup
 from fedpipe.common.vector import ArraySpec, describe_spec_mismatch
 from fedpipe.common.wire import (
@@ -23,7 +24,6 @@ from fedpipe.common.wire import (
     channel_options,
     envelope_frames,
     eval_reply_parts,
-    make_payload,
     settings_data,
     settings_value,
     summables_from,
@@ -192,7 +192,7 @@ class ClientDaemon:
             log.error("task %d failed: %s", task.task_id, exc)
             reply.error = f"{type(exc).__name__}: {exc}"
             return reply, None
-        payload = make_payload(state, trainer.setup.chunk_bytes)
+        payload = encode_payload(state, trainer.setup.chunk_bytes)
         reply.info.CopyFrom(settings_value(info))
         reply.payload.CopyFrom(payload.header)
         return reply, payload

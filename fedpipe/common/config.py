@@ -110,7 +110,7 @@ class ServerConfig(_Strict):
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
     insecure: bool = False
-    chunk_mib: float = Field(default=4.0, gt=0, le=64)
+    chunk_mib: float = Field(default=4.0, gt=0, le=32)
     max_payload_mib: float = Field(default=16384.0, gt=0)
 
     @model_validator(mode="after")
@@ -134,6 +134,10 @@ class ServerConfig(_Strict):
                 "tls_key, or insecure = true if a TLS proxy or a trusted network protects it"
             )
         return self
+
+    @property
+    def chunk_bytes(self) -> int:
+        return max(1, int(self.chunk_mib * (1 << 20)))
 
     @property
     def required_results(self) -> int:

@@ -19,10 +19,10 @@ from google.protobuf.message import Message
 
 from fedpipe.common.codec import DecodeError, decode_state, encode_state
 from fedpipe.common.payload import (
+    CHUNK_FIELD,
     EncodedPayload,
     PayloadAssembler,
     chunk_frame,
-    encode_payload,
     parse_chunk_frame,
 )
 from fedpipe.common.state import State, StateValue
@@ -41,7 +41,7 @@ __all__ = [
     "envelope_frames",
     "eval_reply_parts",
     "eval_result_from",
-    "make_payload",
+    "is_chunk_frame",
     "settings_data",
     "settings_value",
     "summables_from",
@@ -52,7 +52,6 @@ __all__ = [
 ]
 
 PROTOCOL_VERSION = 1
-CHUNK_FIELD = 15
 SESSION_METHOD = "/fedpipe.v1.Federation/Session"
 #: Largest non-chunk message accepted (headers, settings): well below gRPC's limit.
 MAX_CONTROL_BYTES = 64 << 20
@@ -85,10 +84,6 @@ def envelope_frames(envelope: Message, payload: EncodedPayload | None) -> Iterat
     if payload is not None:
         for tensor, offset, data in payload.chunks():
             yield chunk_frame(CHUNK_FIELD, tensor, offset, data)
-
-
-def make_payload(state: State, chunk_bytes: int) -> EncodedPayload:
-    return encode_payload(state, chunk_size=chunk_bytes)
 
 
 @dataclass
@@ -161,7 +156,7 @@ class FrameReceiver(Generic[M]):
             except DecodeError as exc:
                 self._reset()
                 raise ProtocolError(f"bad chunk: {exc}") from None
-            if _complete(self._assembler):
+            if self._assembler.complete:
                 return self._complete()
             return None
         if self.busy:
@@ -191,7 +186,7 @@ class FrameReceiver(Generic[M]):
         except DecodeError as exc:
             raise ProtocolError(f"bad payload header: {exc}") from None
         self._pending = message
-        if _complete(self._assembler):
+        if self._assembler.complete:
             return self._complete()
         return None
 
@@ -209,8 +204,12 @@ class FrameReceiver(Generic[M]):
         self._pending, self._assembler, self._skipping = None, None, 0
 
 
-def _complete(assembler: PayloadAssembler) -> bool:
-    return assembler.received_bytes == assembler.total_bytes
+def is_chunk_frame(frame: bytes) -> bool:
+    """Cheap test: does ``frame`` start like a chunk frame (field ``CHUNK_FIELD``, bytes)?"""
+    return frame[:1] == _CHUNK_TAG
+
+
+_CHUNK_TAG = bytes([CHUNK_FIELD << 3 | 2])
 
 
 def _payload_header(message: Message) -> Any:

@@ -40,8 +40,7 @@ async def serve(
     stop_event = asyncio.Event()
     # Build the run first: a bad model or optimizer config fails before the port opens.
     run = FederatedRun(config, pool, stop_event=stop_event, on_round=on_round, resume=resume)
-    chunk_bytes = int(config.chunk_mib * (1 << 20))
-    server = grpc.aio.server(options=channel_options(chunk_bytes))
+    server = grpc.aio.server(options=channel_options(config.chunk_bytes))
     server.add_generic_rpc_handlers((FederationServicer(pool, config).handler(),))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -64,8 +63,8 @@ async def serve(
     for sig in (signal.SIGTERM, signal.SIGINT):
         try:
             loop.add_signal_handler(sig, _stop_requested, stop_event, sig)
-        except (NotImplementedError, RuntimeError):
-            pass  # not the main thread (tests): the caller stops the run another way
+        except (NotImplementedError, RuntimeError):  # not the main thread (tests)
+            log.debug("no %s handler: the caller stops the run another way", sig.name)
     try:
         return await run.run()
     finally:

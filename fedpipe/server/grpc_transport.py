@@ -11,12 +11,11 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import grpc
-import numpy as np
 from google.protobuf.message import DecodeError as ProtobufDecodeError
 
-from fedpipe.common.codec import wire_dtype
+from fedpipe.common.codec import dtype_to_enum
 from fedpipe.common.config import ServerConfig
-from fedpipe.common.payload import EncodedPayload, chunk_frame, parse_chunk_frame
+from fedpipe.common.payload import EncodedPayload, chunk_frame, encode_payload
 from fedpipe.common.training import EvalResult, RunSetup, TrainResult
 from fedpipe.common.vector import ArraySpec
 from fedpipe.common.wire import (
@@ -27,7 +26,7 @@ from fedpipe.common.wire import (
     ProtocolError,
     Received,
     eval_result_from,
-    make_payload,
+    is_chunk_frame,
     settings_data,
     settings_value,
     task_state,
@@ -61,7 +60,7 @@ class GrpcClient(ClientProxy):
         self.n_train_samples = int(hello.data.n_train_samples)
         self.n_eval_samples = int(hello.data.n_eval_samples)
         self.config = config
-        self.chunk_bytes = int(config.chunk_mib * (1 << 20))
+        self.chunk_bytes = config.chunk_bytes
         self.outbox: asyncio.Queue[bytes | None] = asyncio.Queue(OUTBOX_FRAMES)
         self._ids = itertools.count(1)
         self._waiting: dict[int, asyncio.Future[Received[Any]]] = {}
@@ -80,7 +79,7 @@ class GrpcClient(ClientProxy):
 
     async def initialize(self, setup: RunSetup, specs: Mapping[str, ArraySpec]) -> None:
         weight_specs = [
-            tensor_pb2.TensorSpec(name=n, dtype=_dtype_enum(s.dtype), shape=list(s.shape))  # type: ignore[arg-type]
+            tensor_pb2.TensorSpec(name=n, dtype=dtype_to_enum(s.dtype), shape=list(s.shape))
             for n, s in specs.items()
         ]
         model_bytes = sum(s.nbytes for s in specs.values())
@@ -181,8 +180,9 @@ class GrpcClient(ClientProxy):
         ProtocolError
             Not a reply, or a reply to a task this server never sent.
         """
-        if message.WhichOneof("kind") != "reply":
-            raise ProtocolError("expected a reply, got a hello in the middle of a session")
+        kind = message.WhichOneof("kind")
+        if kind != "reply":
+            raise ProtocolError(f"expected a reply, got a {kind} in the middle of a session")
         task_id = message.reply.task_id
         if not 0 < task_id <= self._last_id:
             raise ProtocolError(f"reply to task {task_id}, which was never sent")
@@ -220,7 +220,7 @@ def _round_payload(task: RoundTask, kind: str, chunk_bytes: int) -> EncodedPaylo
     key = f"payload/{kind}"
     if key not in task.cache:
         aux = task.aux_vars if kind == "train" else {}
-        task.cache[key] = make_payload(task_state(task.weights, aux), chunk_bytes)
+        task.cache[key] = encode_payload(task_state(task.weights, aux), chunk_bytes)
     payload: EncodedPayload = task.cache[key]
     return payload
 
@@ -234,10 +234,6 @@ def _chunk_frames(payload: EncodedPayload, cache: dict[str, Any] | None) -> list
     if key not in cache:
         cache[key] = list(frames)
     return cache[key]
-
-
-def _dtype_enum(dtype: str) -> int:
-    return int(wire_dtype(np.dtype(dtype), "weights")[0])
 
 
 class FederationServicer:
@@ -305,7 +301,7 @@ class FederationServicer:
                     return
                 receiver.max_payload_bytes = proxy.max_payload_bytes
                 receiver.max_tensors = proxy.max_tensors
-                if parse_chunk_frame(frame, CHUNK_FIELD) is None:
+                if not is_chunk_frame(frame):
                     # Headers can take long to decode: off the loop, which serves the others.
                     got = await asyncio.to_thread(receiver.feed, frame)
                 else:

@@ -16,7 +16,7 @@ import numpy as np
 
 from fedpipe.common import registry
 from fedpipe.common.aggregators import Aggregator
-from fedpipe.common.config import ServerConfig
+from fedpipe.common.config import ConfigError, ServerConfig
 from fedpipe.common.metrics import MetricSet
 from fedpipe.common.optim import BareWeights, Optimizer
 from fedpipe.common.summable import Summable
@@ -84,12 +84,18 @@ class FederatedRun:
             metrics=list(config.metrics),
             training=config.training.model_dump(),
             seed=config.seed,
-            chunk_bytes=int(config.chunk_mib * (1 << 20)),
+            chunk_bytes=config.chunk_bytes,
         )
-        self.model = BareWeights(build_model(self.setup).get_weights())
+        try:
+            self.model = BareWeights(build_model(self.setup).get_weights())
+            self.aggregator: Aggregator = registry.build_spec("aggregator", config.aggregator)
+            self.optimizer: Optimizer = config.server_optimizer.build()
+            # Built once here so that a typo fails now, not on every client after start-up.
+            config.client_optimizer.build()
+            MetricSet(config.metrics)
+        except (ValueError, TypeError, KeyError, ImportError) as exc:
+            raise ConfigError(f"cannot build the run from its config: {exc}") from exc
         self.specs: dict[str, ArraySpec] = self.model.weights.specs()
-        self.aggregator: Aggregator = registry.build_spec("aggregator", config.aggregator)
-        self.optimizer: Optimizer = config.server_optimizer.build()
         self.metric_specs = list(config.metrics)
         self.rng = np.random.default_rng(config.seed)
         self.round = 0
@@ -207,7 +213,7 @@ class FederatedRun:
                 log.error(
                     "round %d: aggregation failed: %s; global model unchanged", round_number, exc
                 )
-                record["failed"] = True
+                record["failed"] = "aggregation failed"
         else:
             log.warning(
                 "round %d: %d result(s), below min_results=%d; global model unchanged",
@@ -215,7 +221,7 @@ class FederatedRun:
                 folded.count,
                 cfg.required_results,
             )
-            record["failed"] = True
+            record["failed"] = "too few results"
         if cfg.eval_every and round_number % cfg.eval_every == 0:
             record.update(await self.evaluate(round_number))
         self.round = round_number
@@ -370,7 +376,7 @@ class _Fold:
 
     def validate(self, result: TrainResult) -> None:
         self.aggregator.validate(result.partial, self.specs)
-        if not (math.isfinite(result.loss_sum) and result.n_samples_seen >= 0):
+        if not math.isfinite(result.loss_sum):
             raise ClientError(f"train loss {result.loss_sum} is not finite")
         if self.count and result.aux_vars.keys() != self.aux_total.keys():
             raise ClientError(

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from fedpipe.common.payload import chunk_frame
+from fedpipe.common.payload import chunk_frame, encode_payload
 from fedpipe.common.training import RunSetup
 from fedpipe.common.vector import Vector
 from fedpipe.common.wire import (
@@ -34,7 +34,6 @@ from fedpipe.common.wire import (
     ProtocolError,
     Received,
     envelope_frames,
-    make_payload,
     settings_value,
     weights_from,
 )
@@ -95,7 +94,7 @@ class Peer(RawClient):
         message = pb.ClientMessage(reply=pb.Reply(task_id=task_id))
         if info is not None:
             message.reply.info.CopyFrom(settings_value(info))
-        payload = None if state is None else make_payload(state, 1 << 16)
+        payload = None if state is None else encode_payload(state, 1 << 16)
         if payload is not None:
             message.reply.payload.CopyFrom(payload.header)
         for frame in envelope_frames(message, payload):
@@ -521,7 +520,7 @@ def _header_then(*chunks: tuple[int, int, bytes]) -> Behaviour:
     """Announce an honest payload, then send ``chunks`` (tensor, offset, data) instead."""
 
     async def reply(peer: Peer, got: Received[pb.ServerMessage]) -> None:
-        payload = make_payload(train_state(weights_from(got.payload)), 1 << 16)
+        payload = encode_payload(train_state(weights_from(got.payload)), 1 << 16)
         message = pb.ClientMessage(reply=pb.Reply(task_id=got.message.task.task_id))
         message.reply.info.CopyFrom(settings_value(train_info()))
         message.reply.payload.CopyFrom(payload.header)
