@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from abc import ABC
 from collections.abc import Mapping
-from typing import Any, ClassVar, Protocol, Self
+from typing import Any, ClassVar, Self
 
 __all__ = [
     "DuplicateNameError",
@@ -36,10 +36,6 @@ class DuplicateNameError(ValueError):
 
 
 _REGISTRY: dict[str, dict[str, type]] = {}
-
-
-class Configurable(Protocol):
-    def get_config(self) -> dict[str, Any]: ...
 
 
 class Registrable(ABC):

@@ -7,6 +7,7 @@ they arrive (memory O(model), not O(model x clients)).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Self
 
@@ -69,6 +70,8 @@ class Summable:
                 value.check_specs(expected.specs(), f"{what}.{key}")
             elif isinstance(value, Vector) or isinstance(value, bool):
                 raise TypeError(f"{what}.{key} must be a number, got {type(value).__name__}")
+            elif not math.isfinite(value):
+                raise ValueError(f"{what}.{key} is {value}, expected a finite number")
 
     def _check_fields(self, other: Summable) -> None:
         if self.fields.keys() != other.fields.keys():
@@ -101,8 +104,6 @@ class Summable:
         )
 
     def is_finite(self) -> bool:
-        import math
-
         return all(
             v.is_finite() if isinstance(v, Vector) else math.isfinite(v)
             for v in self.fields.values()

@@ -235,12 +235,6 @@ class Vector:
     def maximum(self, other: Vector | float) -> Self:
         return self._binary(other, np.maximum, "maximum")
 
-    def where_positive(self, if_true: Vector, if_false: Vector) -> Self:
-        """Element-wise ``if_true if self > 0 else if_false``."""
-        return self._new(
-            {n: np.where(a > 0, if_true.coefs[n], if_false.coefs[n]) for n, a in self.coefs.items()}
-        )
-
     def scale(self, factors: Mapping[str, float]) -> Self:
         """Multiply each array by its own scalar factor (``factors[name]``)."""
         return self._new({n: _keep_dtype(a * factors[n], a) for n, a in self.coefs.items()})
@@ -264,7 +258,10 @@ class Vector:
         for name, a in self.coefs.items():
             if not a.flags.writeable:
                 a = self.coefs[name] = a.copy()
-            np.multiply(a, factor, out=a, casting="same_kind")
+            if a.dtype.kind in "fc":
+                np.multiply(a, factor, out=a)
+            else:
+                a[...] = _keep_dtype(a * factor, a)
         return self
 
     # ---- reductions ----------------------------------------------------------------------------

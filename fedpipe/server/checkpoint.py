@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+from google.protobuf.message import DecodeError as ProtobufDecodeError
 
 from fedpipe.common.codec import DecodeError, spec_from_wire
 from fedpipe.common.payload import PayloadAssembler, encode_payload
@@ -84,7 +85,7 @@ def load_checkpoint(path: Path, max_bytes: int = 1 << 40) -> State:
                     offset += len(data)
                     remaining -= len(data)
             return assembler.finish()
-        except DecodeError as exc:
+        except (DecodeError, ProtobufDecodeError) as exc:
             raise CheckpointError(f"{path} is damaged: {exc}") from None
 
 

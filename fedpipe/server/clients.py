@@ -65,10 +65,6 @@ class ClientProxy(ABC):
     async def stop(self) -> None:
         """Tell the client the run is over."""
 
-    @property
-    def connected(self) -> bool:
-        return True
-
 
 class ClientPool:
     """Connected clients, with waiting that wakes on arrival (no polling)."""
@@ -82,9 +78,6 @@ class ClientPool:
 
     def names(self) -> list[str]:
         return sorted(self._clients)
-
-    def get(self, name: str) -> ClientProxy | None:
-        return self._clients.get(name)
 
     def clients(self) -> list[ClientProxy]:
         return [self._clients[n] for n in sorted(self._clients)]

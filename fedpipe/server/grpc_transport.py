@@ -71,10 +71,6 @@ class GrpcClient(ClientProxy):
         self.max_payload_bytes = SETUP_PAYLOAD_BYTES
         self.max_tensors = SETUP_TENSORS
 
-    @property
-    def connected(self) -> bool:
-        return self._closed is None
-
     # ---- the round loop's side ---------------------------------------------------------------
 
     async def initialize(self, setup: RunSetup, specs: Mapping[str, ArraySpec]) -> None:

@@ -46,12 +46,6 @@ class History:
             writer.writerows(self.records)
         tmp.replace(self.output_dir / "metrics.csv")
 
-    def last(self, key: str) -> Any:
-        for record in reversed(self.records):
-            if key in record:
-                return record[key]
-        return None
-
 
 class EarlyStopping:
     """Stop when the monitored metric has not improved for ``patience`` evaluations."""

@@ -171,6 +171,8 @@ class FederatedRun:
             await self._stop_clients()
             if self.output_dir is not None:
                 save_model(self.output_dir / "model.npz", self.model.weights)
+                summary = {"rounds_completed": self.round, "stopped_early": stopped_early}
+                (self.output_dir / "summary.json").write_text(json.dumps(summary) + "\n")
         return RunSummary(self.round, stopped_early, self.history.records, self.model.weights)
 
     async def _wait_for_clients(self) -> None:
@@ -366,13 +368,17 @@ class _Fold:
         self.names: list[str] = []
 
     async def add(self, client: ClientProxy, result: TrainResult) -> None:
-        self.validate(result)
+        """Check one reply whole, then add it to the running sum (off the loop if large)."""
         size = sum(v.size for v in result.partial.fields.values() if isinstance(v, Vector))
         if size >= INLINE_ADD_ELEMENTS:
-            await asyncio.to_thread(self._add, result)
+            await asyncio.to_thread(self._checked_add, result)
         else:
-            self._add(result)
+            self._checked_add(result)
         self.names.append(client.name)
+
+    def _checked_add(self, result: TrainResult) -> None:
+        self.validate(result)
+        self._add(result)
 
     def validate(self, result: TrainResult) -> None:
         self.aggregator.validate(result.partial, self.specs)

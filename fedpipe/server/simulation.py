@@ -49,9 +49,11 @@ def load_source(name: str) -> Dataset:
     return load_dataset(path) if path.exists() else load_builtin(name)
 
 
-def client_datasets(sim: SimulationConfig) -> list[tuple[str, Dataset, Dataset | None]]:
+def client_datasets(
+    sim: SimulationConfig, data: Dataset | None = None
+) -> list[tuple[str, Dataset, Dataset | None]]:
     """Partition the simulation's dataset: ``(name, train, eval)`` for each client."""
-    data = load_source(sim.dataset)
+    data = load_source(sim.dataset) if data is None else data
     p = sim.partition
     parts = partition(data, sim.n_clients, p.scheme, seed=p.seed, alpha=p.alpha)
     clients = []
@@ -75,7 +77,8 @@ def complete_model_config(server: ServerConfig, data: Dataset) -> ServerConfig:
     config = dict(server.model.config)
     if "n_features" in params and "n_features" not in config:
         config["n_features"] = int(np.prod(data.x.shape[1:]))
-    if "n_classes" in params and "n_classes" not in config:
+    classification = config.get("task", "multiclass") == "multiclass"
+    if "n_classes" in params and "n_classes" not in config and classification:
         config["n_classes"] = int(np.max(data.y)) + 1
     model = server.model.model_copy(update={"config": config})
     return server.model_copy(update={"model": model})
@@ -85,8 +88,9 @@ def simulate(sim: SimulationConfig, on_round: OnRound | None = None) -> RunSumma
     """Run the simulation described by ``sim`` with its transport."""
     import asyncio
 
-    clients = client_datasets(sim)
-    server = complete_model_config(sim.server, load_source(sim.dataset))
+    data = load_source(sim.dataset)
+    clients = client_datasets(sim, data)
+    server = complete_model_config(sim.server, data)
     sim = sim.model_copy(update={"server": server})
     if sim.transport == "inprocess":
         return asyncio.run(simulate_inprocess(sim, clients, on_round))
@@ -183,7 +187,8 @@ def simulate_grpc(
         ]
         with np.load(output_dir / "model.npz", allow_pickle=False) as npz:
             weights = Vector({k: npz[k] for k in npz.files})
-    return RunSummary(len(records), False, records, weights)
+    summary = json.loads((output_dir / "summary.json").read_text())
+    return RunSummary(summary["rounds_completed"], summary["stopped_early"], records, weights)
 
 
 def _follow(

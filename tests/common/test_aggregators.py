@@ -105,3 +105,9 @@ def test_zero_total_weight_is_an_error() -> None:
     agg = registry.build("aggregator", "averaging")
     with pytest.raises(ValueError, match="total client weight is 0"):
         agg.aggregate([agg.prepare(UPDATES[0][0].copy(), 0, 0)])
+
+
+@pytest.mark.parametrize("name", ["averaging", "gradient-masked-averaging"])
+def test_unknown_weighting_is_refused(name: str) -> None:
+    with pytest.raises(ValueError, match="weighting='sample'; expected 'samples', 'steps'"):
+        registry.build("aggregator", name, {"weighting": "sample"})

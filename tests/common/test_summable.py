@@ -57,3 +57,10 @@ def test_check_like_accepts_a_compatible_record_and_names_what_differs() -> None
         ).check_like(reference, "aux")
     with pytest.raises(SpecMismatchError, match=r"aux has fields \['delta'\]"):
         Summable({"delta": Vector({"w": np.ones(2)})}).check_like(reference, "aux")
+
+
+def test_check_like_refuses_non_finite_numbers() -> None:
+    with pytest.raises(ValueError, match=r"m\.count is nan, expected a finite number"):
+        Summable({"delta": Vector({"w": np.ones(2)}), "count": float("nan")}).check_like(
+            record(0.0, 0), "m"
+        )

@@ -93,3 +93,10 @@ def test_is_finite_and_comparisons() -> None:
     assert not vec([1, 2, 3], [np.inf]).is_finite()
     assert vec([1, 2, 3], [0]).allclose(vec([1, 2, 3 + 1e-9], [0]), rtol=1e-6)
     assert not vec([1, 2, 3], [0]).array_equal(vec([1, 2, 3], [0], "float64"))
+
+
+def test_in_place_scaling_keeps_dtypes() -> None:
+    v = Vector({"f": np.array([1.0, 2.0], np.float32), "i": np.array([3, 4])})
+    v.mul_(0.5)
+    assert np.array_equal(v["f"], [0.5, 1.0]) and v["f"].dtype == np.float32
+    assert np.array_equal(v["i"], [1, 2]) and v["i"].dtype == np.int64

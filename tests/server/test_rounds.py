@@ -12,11 +12,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from fedpipe.common.config import ServerConfig, SimulationConfig
+from fedpipe.common.config import ConfigError, ServerConfig, SimulationConfig
 from fedpipe.common.summable import Summable
 from fedpipe.common.training import EvalResult, RunSetup, TrainResult
 from fedpipe.common.vector import ArraySpec, Vector
-from fedpipe.server.checkpoint import load_checkpoint
+from fedpipe.server.checkpoint import MAGIC, CheckpointError, load_checkpoint
 from fedpipe.server.clients import ClientError, ClientPool, ClientProxy, RoundTask
 from fedpipe.server.inprocess import InProcessClient, SharedModels
 from fedpipe.server.rounds import FederatedRun, RunError
@@ -277,3 +277,33 @@ def test_client_that_cannot_initialize_is_dropped_and_not_counted(
     assert "zz-wrong" not in pool.names() and len(pool) == 8
     assert summary.history[0]["sampled"] == 8 and summary.history[0]["replied"] == 8
     assert any("zz-wrong could not be initialized" in r.message for r in caplog.records)
+
+
+def test_a_typo_anywhere_in_the_run_config_fails_before_the_server_starts(tmp_path: Path) -> None:
+    base = {"output_dir": str(tmp_path), "model": {"config": {"n_features": 4, "n_classes": 3}}}
+    for bad, expected in (
+        ({"client_optimizer": {"modules": ["adamw-typo"]}}, "unknown module 'adamw-typo'"),
+        ({"metrics": ["acuracy"]}, "unknown metric 'acuracy'"),
+        ({"aggregator": ["averaging", {"weighting": "sample"}]}, "weighting='sample'"),
+    ):
+        with pytest.raises(ConfigError, match="cannot build the run from its config") as err:
+            FederatedRun(ServerConfig.model_validate(base | bad), ClientPool())
+        assert expected in str(err.value)
+
+
+def test_a_damaged_checkpoint_says_so(tmp_path: Path) -> None:
+    path = tmp_path / "checkpoint.fpk"
+    path.write_bytes(MAGIC + (5).to_bytes(8, "little") + b"\xff" * 5)
+    with pytest.raises(CheckpointError, match="is damaged"):
+        load_checkpoint(path)
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="is not a fedpipe checkpoint"):
+        load_checkpoint(path)
+
+
+def test_simulated_mlp_regression_gets_no_class_count(tmp_path: Path) -> None:
+    from fedpipe.common.data import make_regression
+
+    server = ServerConfig(model={"name": "mlp", "config": {"task": "regression", "n_outputs": 1}})
+    config = complete_model_config(server, make_regression(50, 3, seed=0)).model.config
+    assert config == {"task": "regression", "n_outputs": 1, "n_features": 3}

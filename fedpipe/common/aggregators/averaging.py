@@ -13,7 +13,15 @@ __all__ = ["AveragingAggregator", "SumAggregator"]
 Weighting = Literal["samples", "steps", "uniform"]
 
 
+def check_weighting(weighting: str) -> str:
+    """Return ``weighting`` if it is a known weighting scheme, else raise ValueError."""
+    if weighting not in ("samples", "steps", "uniform"):
+        raise ValueError(f"weighting={weighting!r}; expected 'samples', 'steps' or 'uniform'")
+    return weighting
+
+
 def client_weight(weighting: str, n_samples: int, n_steps: int) -> float:
+    """A client's averaging weight: its sample count, its step count, or 1."""
     if weighting == "samples":
         return float(n_samples)
     if weighting == "steps":
@@ -36,9 +44,7 @@ class AveragingAggregator(Aggregator):
     scalar_fields = ("total_weight",)
 
     def __init__(self, weighting: Weighting = "samples") -> None:
-        if weighting not in ("samples", "steps", "uniform"):
-            raise ValueError(f"weighting={weighting!r}; expected 'samples', 'steps' or 'uniform'")
-        self.weighting = weighting
+        self.weighting = check_weighting(weighting)
 
     def get_config(self) -> dict[str, Any]:
         return {"weighting": self.weighting}

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from fedpipe.common.aggregators.averaging import Weighting, client_weight
+from fedpipe.common.aggregators.averaging import Weighting, check_weighting, client_weight
 from fedpipe.common.aggregators.base import Aggregator
 from fedpipe.common.summable import Summable
 from fedpipe.common.vector import Vector
@@ -37,7 +37,7 @@ class GradientMaskedAveraging(Aggregator):
         if not 0.0 <= threshold <= 1.0:
             raise ValueError(f"threshold={threshold}; expected a number in [0, 1]")
         self.threshold = float(threshold)
-        self.weighting = weighting
+        self.weighting = check_weighting(weighting)
 
     def get_config(self) -> dict[str, Any]:
         return {"threshold": self.threshold, "weighting": self.weighting}
