@@ -26,7 +26,7 @@ __all__ = ["BareWeights", "Optimizer", "TrainableModel"]
 class TrainableModel(Protocol):
     """What the optimizer needs from a model."""
 
-    def get_weights(self) -> Vector: ...
+    def get_weights(self, copy: bool = ...) -> Vector: ...
 
     def apply_updates(self, updates: Vector) -> None: ...
 
@@ -41,8 +41,8 @@ class BareWeights:
     def __init__(self, weights: Vector) -> None:
         self.weights = weights
 
-    def get_weights(self) -> Vector:
-        return self.weights
+    def get_weights(self, copy: bool = False) -> Vector:
+        return self.weights.copy() if copy else self.weights
 
     def apply_updates(self, updates: Vector) -> None:
         self.weights.add_(updates)
@@ -135,7 +135,7 @@ class Optimizer:
         """The updates to add to ``model``'s weights for these ``gradients`` (one step)."""
         needs_weights = bool(self.regularizers) or self.w_decay != 0.0
         # a model may have to copy its weights out (torch): only ask when they are used
-        weights = model.get_weights() if needs_weights else gradients
+        weights = model.get_weights(copy=False) if needs_weights else gradients
         for regularizer in self.regularizers:
             gradients = regularizer.run(gradients, weights)
         for module in self.modules:

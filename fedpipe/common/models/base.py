@@ -52,9 +52,15 @@ class Model(Registrable):
             for name, a in self._weights.items()
         }
 
-    def get_weights(self) -> Vector:
-        """A copy of the weights."""
-        return Vector({name: a.copy() for name, a in self._weights.items()})
+    def get_weights(self, copy: bool = True) -> Vector:
+        """The weights: a copy, or with ``copy=False`` a read-only view of the live arrays
+        (what optimizers use to read weights at every step without copying the model)."""
+        if copy:
+            return Vector({name: a.copy() for name, a in self._weights.items()})
+        views = {name: a.view() for name, a in self._weights.items()}
+        for view in views.values():
+            view.flags.writeable = False
+        return Vector(views)
 
     def set_weights(self, weights: Vector) -> None:
         """Copy ``weights`` into the model; raises ``SpecMismatchError`` on other specs."""
