@@ -245,3 +245,15 @@ def test_softmax_regression_learns_digits_with_plain_sgd() -> None:
             model.apply_updates(grads * -0.5)
     accuracy = np.mean(np.argmax(model.predict(test.x), axis=1) == test.y)
     assert accuracy > 0.9
+
+
+def test_weights_view_is_live_and_read_only() -> None:
+    from fedpipe.common.models import load_model
+
+    model = load_model("linear-regression", {"n_features": 3})
+    view = model.get_weights(copy=False)
+    copy = model.get_weights()
+    model.apply_updates(copy.full_like(1.0))
+    assert np.allclose(view["kernel"], copy["kernel"] + 1.0)  # sees the update
+    with pytest.raises(ValueError, match="read-only"):
+        view["kernel"][0] = 5.0
