@@ -243,7 +243,11 @@ class Vector:
 
     def add_(self, other: Vector, alpha: float = 1.0) -> Self:
         """In place: ``self += alpha * other``. Used to keep one running sum when aggregating."""
-        self.check_specs(other.specs(), "in-place addition")
+        if self.coefs.keys() != other.coefs.keys() or any(
+            a.shape != other.coefs[n].shape or a.dtype != other.coefs[n].dtype
+            for n, a in self.coefs.items()
+        ):
+            self.check_specs(other.specs(), "in-place addition")  # raises, saying what differs
         for name, a in self.coefs.items():
             if not a.flags.writeable:
                 a = self.coefs[name] = a.copy()

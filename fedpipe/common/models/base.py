@@ -122,7 +122,8 @@ def _targets(task: str, y: np.ndarray, z: np.ndarray) -> np.ndarray:
         raise ValueError(f"classification targets must be class ids of shape (n,), got {y.shape}")
     ids = labels.astype(np.int64)
     n_classes = 2 if task == "binary" else z.shape[1]
-    if not np.array_equal(ids, labels) or (n and (ids.min() < 0 or ids.max() >= n_classes)):
+    whole = labels.dtype.kind in "iub" or bool((ids == labels).all())
+    if not whole or (n and (ids.min() < 0 or ids.max() >= n_classes)):
         raise ValueError(f"{task} targets must be integer class ids in [0, {n_classes - 1}]")
     return ids.astype(z.dtype) if task == "binary" else ids
 
