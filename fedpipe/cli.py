@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import os
 import socket
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -33,23 +31,6 @@ fedpipe: federated learning with pipelines of stateful optimizer modules.
   fedpipe client --server HOST:PORT --data client_0/ --name hospital-a
   fedpipe split --dataset digits --clients 4 --out data/
 """
-
-
-def _load_any(cls: type[Any], path: Path | None, overrides: dict[str, Any]) -> Any:
-    """Load a TOML (or JSON, as written by ``fedpipe simulate``) config plus flag overrides."""
-    if path is not None and path.suffix == ".json":
-        from pydantic import ValidationError
-
-        from fedpipe.common.config import apply_overrides, format_validation_error
-
-        try:
-            data = apply_overrides(json.loads(path.read_text()), overrides)
-            return cls.model_validate(data)
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ConfigError(f"cannot read {path}: {exc}") from None
-        except ValidationError as exc:
-            raise ConfigError(format_validation_error(exc, str(path))) from None
-    return load_config(cls, path, overrides)
 
 
 def limit_math_threads(threads: int) -> None:
@@ -97,7 +78,7 @@ def cmd_server(args: argparse.Namespace) -> int:
         "output_dir": args.output_dir,
         "insecure": args.insecure or None,
     }
-    config: ServerConfig = _load_any(ServerConfig, args.config, overrides)
+    config: ServerConfig = load_config(ServerConfig, args.config, overrides)
     summary = asyncio.run(
         serve(config, resume=args.resume, on_round=_printer(config.rounds, args.quiet))
     )
@@ -119,7 +100,7 @@ def cmd_client(args: argparse.Namespace) -> int:
         "insecure": args.insecure or None,
         "threads": args.threads,
     }
-    config: ClientConfig = _load_any(ClientConfig, args.config, overrides)
+    config: ClientConfig = load_config(ClientConfig, args.config, overrides)
     if config.threads is not None:
         limit_math_threads(config.threads)  # before the imports below load numpy
     from fedpipe.client.daemon import ClientDaemon, ClientRefused
@@ -153,11 +134,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     if args.print_config:
         print(DEFAULT_CONFIG_TEXT, end="")
         return 0
-    path = args.config
-    if path is None:
-        path = Path(tempfile.mkdtemp(prefix="fedpipe-")) / "default-simulation.toml"
-        path.write_text(DEFAULT_CONFIG_TEXT)
-    sim: SimulationConfig = _load_any(SimulationConfig, path, overrides)
+    sim = load_config(SimulationConfig, args.config, overrides, default_text=DEFAULT_CONFIG_TEXT)
     print(
         f"simulating {sim.n_clients} clients on {sim.dataset} "
         f"({sim.partition.scheme} split, transport {sim.transport}), "

@@ -8,6 +8,7 @@ names the field, the value and what was expected. CLI flags override TOML values
 from __future__ import annotations
 
 import ipaddress
+import json
 import tomllib
 from pathlib import Path
 from typing import Any, Literal, Self, TypeVar
@@ -227,24 +228,33 @@ def format_validation_error(exc: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def load_config(cls: type[C], path: Path | None, overrides: dict[str, Any] | None = None) -> C:
-    """Load ``cls`` from a TOML file (or defaults when ``path`` is None) plus overrides.
+def load_config(
+    cls: type[C],
+    path: Path | None,
+    overrides: dict[str, Any] | None = None,
+    *,
+    default_text: str = "",
+) -> C:
+    """Load ``cls`` from a TOML file (JSON if it ends in ``.json``), or from the TOML text
+    ``default_text`` when ``path`` is None, then apply dotted-key ``overrides``.
 
     Raises
     ------
     ConfigError
-        The file is missing, is not TOML, or a field is invalid.
+        The file is missing or unreadable, is not TOML/JSON, or a field is invalid.
     """
-    data: dict[str, Any] = {}
-    source = "defaults"
-    if path is not None:
-        source = str(path)
-        try:
+    source = "the built-in default" if path is None else str(path)
+    try:
+        if path is None:
+            data = tomllib.loads(default_text)
+        elif Path(path).suffix == ".json":
+            data = json.loads(Path(path).read_text())
+        else:
             data = tomllib.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"config file {path} does not exist") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"config file {source} is not valid: {exc}") from None
     if overrides:
         data = apply_overrides(data, overrides)
     try:
