@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import socket
@@ -56,10 +57,14 @@ def format_round(record: dict[str, Any], rounds: int) -> str:
     return "  ".join(parts)
 
 
-def _printer(rounds: int, quiet: bool) -> Any:
+def _printer(rounds: int, progress: str = "text") -> Any:
+    """Per-round progress on stdout: a line for people, a JSON object, or nothing."""
+
     def on_round(record: dict[str, Any]) -> None:
-        if not quiet:
+        if progress == "text":
             print(format_round(record, rounds), flush=True)
+        elif progress == "json":
+            print(json.dumps(record), flush=True)
 
     return on_round
 
@@ -80,9 +85,9 @@ def cmd_server(args: argparse.Namespace) -> int:
     }
     config: ServerConfig = load_config(ServerConfig, args.config, overrides)
     summary = asyncio.run(
-        serve(config, resume=args.resume, on_round=_printer(config.rounds, args.quiet))
+        serve(config, resume=args.resume, on_round=_printer(config.rounds, args.progress))
     )
-    if not args.quiet:
+    if args.progress == "text":
         print(f"done: {summary.rounds_completed} round(s); model in {config.output_dir}/model.npz")
     return 0
 
@@ -141,7 +146,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         f"{sim.server.rounds} rounds",
         flush=True,
     )
-    summary = simulate(sim, on_round=_printer(sim.server.rounds, False))
+    summary = simulate(sim, on_round=_printer(sim.server.rounds))
     final = summary.history[-1] if summary.history else {}
     shown = {k: v for k, v in final.items() if isinstance(v, float) and k != "seconds"}
     print("final: " + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()))
@@ -188,7 +193,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="allow plaintext gRPC on a non-loopback host (behind a TLS proxy or trusted LAN)",
     )
     server.add_argument("--resume", action="store_true", help="continue from the checkpoint")
-    server.add_argument("--quiet", action="store_true", help="no per-round progress lines")
+    server.add_argument(
+        "--progress",
+        choices=["text", "json", "none"],
+        default="text",
+        help="per-round progress on stdout: a line (default), a JSON object, or nothing",
+    )
     server.set_defaults(func=cmd_server)
 
     client = sub.add_parser(

@@ -18,7 +18,7 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -149,9 +149,9 @@ def simulate_grpc(
             server_log = open(work / "server.log", "wb")
             logs.append(server_log)
             server_proc = subprocess.Popen(
-                [*cmd, "server", "--config", str(config_path), "--quiet"],
-                stdout=server_log,
-                stderr=subprocess.STDOUT,
+                [*cmd, "server", "--config", str(config_path), "--progress", "json"],
+                stdout=subprocess.PIPE,
+                stderr=server_log,
                 env=env,
             )
             procs.append(server_proc)
@@ -167,7 +167,7 @@ def simulate_grpc(
                 procs.append(
                     subprocess.Popen(args, stdout=client_log, stderr=subprocess.STDOUT, env=env)
                 )
-            _follow(output_dir / "metrics.jsonl", server_proc, on_round, timeout)
+            _follow(server_proc, on_round, timeout)
             code = server_proc.wait(timeout=60)
             if code != 0:
                 raise RuntimeError(
@@ -191,22 +191,15 @@ def simulate_grpc(
     return RunSummary(summary["rounds_completed"], summary["stopped_early"], records, weights)
 
 
-def _follow(
-    path: Path, proc: subprocess.Popen[bytes], on_round: OnRound | None, timeout: float
-) -> None:
-    """Report each round the server process writes to ``metrics.jsonl`` until it exits."""
-    seen = 0
-    deadline = time.monotonic() + timeout
-    while True:
-        done = proc.poll() is not None
-        if path.exists():
-            lines = path.read_text().splitlines()
-            for line in lines[seen:]:
-                if on_round is not None:
-                    on_round(json.loads(line))
-            seen = len(lines)
-        if done:
-            return
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"simulation did not finish within {timeout}s")
-        time.sleep(0.2)
+def _follow(proc: subprocess.Popen[bytes], on_round: OnRound | None, timeout: float) -> None:
+    """Report each round as the server process prints it (``--progress json``), until the
+    process closes its output; kill it if the whole run exceeds ``timeout`` seconds."""
+    watchdog = threading.Timer(timeout, proc.kill)
+    watchdog.start()
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:  # blocks until the server writes: no polling
+            if on_round is not None and line.startswith(b"{"):
+                on_round(json.loads(line))
+    finally:
+        watchdog.cancel()
