@@ -167,7 +167,8 @@ class LocalTrainer:
         self.model.set_weights(weights)
         metrics = MetricSet(self.setup.metrics)
         for x, y in data.batches(self.training.eval_batch_size, shuffle=False):
-            metrics.update(y, self.model.predict(x), self.model.loss(x, y))
+            loss, predictions = self.model.evaluate(x, y)
+            metrics.update(y, predictions, loss)
         return EvalResult(metrics.state(), len(data), time.perf_counter() - start)
 
 

@@ -257,3 +257,23 @@ def test_weights_view_is_live_and_read_only() -> None:
     assert np.allclose(view["kernel"], copy["kernel"] + 1.0)  # sees the update
     with pytest.raises(ValueError, match="read-only"):
         view["kernel"][0] = 5.0
+
+
+@pytest.mark.parametrize(
+    "name, config",
+    [
+        ("softmax-regression", {"n_features": 4, "n_classes": 3}),
+        ("mlp", {"n_features": 4, "hidden": [5], "n_classes": 3}),
+        ("logistic-regression", {"n_features": 4}),
+    ],
+)
+def test_evaluate_equals_loss_and_predict(name: str, config: dict) -> None:
+    from fedpipe.common.models import load_model
+
+    model = load_model(name, config)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(6, 4)).astype(np.float32)
+    y = rng.integers(0, 2 if name == "logistic-regression" else 3, size=6)
+    loss, predictions = model.evaluate(x, y)
+    assert loss == pytest.approx(model.loss(x, y), rel=1e-6)
+    assert np.allclose(predictions, model.predict(x))

@@ -88,6 +88,10 @@ class Model(Registrable):
     def loss(self, x: np.ndarray, y: np.ndarray) -> float:
         """Mean loss over the batch."""
 
+    def evaluate(self, x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
+        """Mean loss and predictions of a batch; built-in models make one forward pass."""
+        return self.loss(x, y), self.predict(x)
+
     # ---- helpers for subclasses ------------------------------------------------------------
 
     @property

@@ -73,6 +73,10 @@ class _AffineModel(Model):
     def loss(self, x: np.ndarray, y: np.ndarray) -> float:
         return head_loss(self.task, self._logits(self._inputs(x, self.n_features)), y)
 
+    def evaluate(self, x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
+        z = self._logits(self._inputs(x, self.n_features))
+        return head_loss(self.task, z, y), head_predict(self.task, z)
+
 
 class LinearRegression(_AffineModel):
     """Least-squares linear regression.

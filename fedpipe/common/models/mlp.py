@@ -148,3 +148,7 @@ class MLP(Model):
 
     def loss(self, x: np.ndarray, y: np.ndarray) -> float:
         return head_loss(self.task, self._forward(self._inputs(x, self.n_features))[1], y)
+
+    def evaluate(self, x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
+        z = self._forward(self._inputs(x, self.n_features))[1]
+        return head_loss(self.task, z, y), head_predict(self.task, z)
