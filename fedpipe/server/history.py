@@ -17,12 +17,13 @@ class History:
     """Round records (``{"round": 1, "train_loss": ..., "accuracy": ...}``).
 
     ``metrics.jsonl`` gets one JSON object per round as soon as the round ends;
-    ``metrics.csv`` is rewritten with the union of all columns after each round.
+    ``metrics.csv`` gets a row, and is rewritten only when a round brings a new column.
     """
 
     def __init__(self, output_dir: Path | None, records: list[dict[str, Any]] | None = None):
         self.output_dir = output_dir
         self.records: list[dict[str, Any]] = list(records or [])
+        self._columns: list[str] = []
 
     def append(self, record: dict[str, Any]) -> None:
         self.records.append(record)
@@ -31,14 +32,21 @@ class History:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         with open(self.output_dir / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(record, default=_jsonable) + "\n")
-        self.write_csv()
+        path = self.output_dir / "metrics.csv"
+        if path.exists() and all(k in self._columns for k in _scalar_keys(record)):
+            with open(path, "a", newline="") as fh:
+                csv.DictWriter(fh, fieldnames=self._columns, extrasaction="ignore").writerow(record)
+        else:
+            self.write_csv()
 
     def write_csv(self) -> None:
+        """Rewrite ``metrics.csv`` with the union of every record's scalar columns."""
         if self.output_dir is None:
             return
         columns: list[str] = []
         for record in self.records:
-            columns += [k for k in record if k not in columns and not isinstance(record[k], list)]
+            columns += [k for k in _scalar_keys(record) if k not in columns]
+        self._columns = columns
         tmp = self.output_dir / "metrics.csv.tmp"
         with open(tmp, "w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
@@ -72,6 +80,10 @@ class EarlyStopping:
         for record in records:
             if self.config.metric in record:
                 self.update(float(record[self.config.metric]))
+
+
+def _scalar_keys(record: dict[str, Any]) -> list[str]:
+    return [k for k, v in record.items() if not isinstance(v, list)]
 
 
 def _jsonable(value: Any) -> Any:
