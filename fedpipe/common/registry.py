@@ -48,9 +48,11 @@ class Registrable(ABC):
     family: ClassVar[str]
     name: ClassVar[str]
 
-    def __init_subclass__(cls, **kwargs: Any) -> None:
+    def __init_subclass__(cls, register_name: bool = True, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        if "name" in cls.__dict__ and "family" in dir(cls):
+        # register_name=False: a wrapper with a name for messages that cannot be built from
+        # plain config (it wraps objects), so it stays out of the registry.
+        if register_name and "name" in cls.__dict__ and "family" in dir(cls):
             register(cls)
 
     def get_config(self) -> dict[str, Any]:
