@@ -131,24 +131,37 @@ class Optimizer:
         for regularizer in self.regularizers:
             regularizer.on_round_start(weights)
 
-    def compute_updates(self, model: TrainableModel, gradients: Vector) -> Vector:
-        """The updates to add to ``model``'s weights for these ``gradients`` (one step)."""
+    def compute_updates(
+        self, model: TrainableModel, gradients: Vector, *, consume: bool = False
+    ) -> Vector:
+        """The updates to add to ``model``'s weights for these ``gradients`` (one step).
+
+        With ``consume=True`` the caller hands ``gradients`` over: when no module stands in
+        between (module outputs may be their own state), the learning rate is applied in
+        place, sparing a model-sized allocation per step.
+        """
         needs_weights = bool(self.regularizers) or self.w_decay != 0.0
         # a model may have to copy its weights out (torch): only ask when they are used
         weights = model.get_weights(copy=False) if needs_weights else gradients
+        owned = consume
         for regularizer in self.regularizers:
-            gradients = regularizer.run(gradients, weights)
+            result = regularizer.run(gradients, weights)
+            owned = owned if result is gradients else True  # a penalty adds into a new Vector
+            gradients = result
         for module in self.modules:
             gradients = module.run(gradients)
+            owned = False
         if self.w_decay != 0.0:
             gradients = gradients + self.w_decay * weights
-        updates = gradients * -self.learning_rate()
+            owned = True
+        rate = -self.learning_rate()
+        updates = gradients.mul_(rate) if owned else gradients * rate
         self.step += 1
         return updates
 
-    def apply(self, model: TrainableModel, gradients: Vector) -> None:
+    def apply(self, model: TrainableModel, gradients: Vector, *, consume: bool = False) -> None:
         """One step: compute the updates and add them to ``model``'s weights."""
-        model.apply_updates(self.compute_updates(model, gradients))
+        model.apply_updates(self.compute_updates(model, gradients, consume=consume))
 
     # ---- state -----------------------------------------------------------------------------
 

@@ -141,7 +141,7 @@ class LocalTrainer:
                 cfg.batch_size, shuffle=True, seed=rng, drop_remainder=cfg.drop_remainder
             ):
                 gradients, loss = model.compute_batch_gradients(x, y)
-                optimizer.apply(model, gradients)
+                optimizer.apply(model, gradients, consume=True)
                 steps += 1
                 seen += len(x)
                 loss_sum += float(loss) * len(x)

@@ -239,7 +239,7 @@ class FederatedRun:
         folded.total = None  # model-sized: free it before the updates are computed
         if folded.aux_total:
             self.optimizer.process_aux_var(folded.aux_total)
-        updates = self.optimizer.compute_updates(self.model, aggregated)
+        updates = self.optimizer.compute_updates(self.model, aggregated, consume=True)
         del aggregated
         if not updates.is_finite():
             raise ArithmeticError("the server update is not finite")

@@ -193,3 +193,22 @@ def test_two_modules_with_one_aux_name_are_rejected() -> None:
 def test_negative_w_decay_is_rejected() -> None:
     with pytest.raises(ValueError, match=r"w_decay=-1\.0"):
         Optimizer(w_decay=-1.0)
+
+
+def test_consumed_gradients_are_scaled_in_place_only_when_safe() -> None:
+    plain = Optimizer(lrate=0.5)
+    g = vec(2.0, -4.0)
+    updates = plain.compute_updates(BareWeights(vec(0.0, 0.0)), g, consume=True)
+    assert updates is g and np.array_equal(updates["w"], [-1.0, 2.0])  # no new allocation
+
+    kept = vec(2.0, -4.0)
+    plain.compute_updates(BareWeights(vec(0.0, 0.0)), kept)  # not consumed: left alone
+    assert np.array_equal(kept["w"], [2.0, -4.0])
+
+    momentum = Optimizer(lrate=0.5, modules=["momentum"])
+    g = vec(2.0, -4.0)
+    first = momentum.compute_updates(BareWeights(vec(0.0, 0.0)), g, consume=True)
+    second = momentum.compute_updates(BareWeights(vec(0.0, 0.0)), vec(0.0, 0.0), consume=True)
+    # the module's output is its own buffer: scaling it in place would corrupt its state
+    assert np.array_equal(first["w"], [-1.0, 2.0])
+    assert np.array_equal(second["w"], [-0.9, 1.8])  # 0.9 * buffer, buffer intact
