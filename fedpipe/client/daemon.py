@@ -139,6 +139,9 @@ class ClientDaemon:
                 receiver.max_payload_bytes = self.max_payload
                 for out in envelope_frames(pb.ClientMessage(reply=reply), payload):
                     await call.write(out)
+                # Model-sized: the global weights and our update must not live on while the
+                # next task's payload arrives.
+                del got, task, reply, payload
 
     def _channel(self, options: list[tuple[str, Any]]) -> grpc.aio.Channel:
         cfg = self.config
