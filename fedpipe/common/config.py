@@ -113,6 +113,9 @@ class ServerConfig(_Strict):
     insecure: bool = False
     chunk_mib: float = Field(default=4.0, gt=0, le=32)
     max_payload_mib: float = Field(default=16384.0, gt=0)
+    #: Reply bytes assembled at once across clients (at least one model's worth): bounds the
+    #: server's memory when many clients answer together.
+    receive_budget_mib: float = Field(default=256.0, gt=0)
 
     @model_validator(mode="after")
     def _results_within_clients(self) -> Self:

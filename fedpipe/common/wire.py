@@ -128,6 +128,22 @@ class FrameReceiver(Generic[M]):
         self._skipping = 0  # bytes of an unwanted payload still to skip
 
     @property
+    def assembling(self) -> bool:
+        """True while a payload is being received into allocated arrays."""
+        return self._assembler is not None
+
+    def announced_bytes(self, frame: bytes) -> int:
+        """Bytes of payload that the (non-chunk) ``frame`` announces, 0 for none; decodes the
+        envelope only, so a receiver can reserve memory before :meth:`feed` allocates it."""
+        message = self.envelope_type()
+        try:
+            message.ParseFromString(frame)
+        except ProtobufDecodeError as exc:
+            raise ProtocolError(f"undecodable message: {exc}") from None
+        header = _payload_header(message)
+        return 0 if header is None else int(header.total_bytes)
+
+    @property
     def busy(self) -> bool:
         """True while a payload's chunks are still expected."""
         return self._assembler is not None or self._skipping > 0

@@ -15,6 +15,7 @@ from fedpipe.common.config import ServerConfig
 from fedpipe.common.wire import channel_options
 from fedpipe.server.clients import ClientPool
 from fedpipe.server.grpc_transport import FederationServicer
+from fedpipe.server.receive_budget import ReceiveBudget
 from fedpipe.server.rounds import FederatedRun, RunSummary
 
 __all__ = ["serve"]
@@ -41,7 +42,9 @@ async def serve(
     # Build the run first: a bad model or optimizer config fails before the port opens.
     run = FederatedRun(config, pool, stop_event=stop_event, on_round=on_round, resume=resume)
     server = grpc.aio.server(options=channel_options(config.chunk_bytes))
-    server.add_generic_rpc_handlers((FederationServicer(pool, config).handler(),))
+    model_bytes = sum(spec.nbytes for spec in run.specs.values())
+    budget = ReceiveBudget(max(int(config.receive_budget_mib * (1 << 20)), model_bytes))
+    server.add_generic_rpc_handlers((FederationServicer(pool, config, budget).handler(),))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     address = f"{config.host}:{config.port}"

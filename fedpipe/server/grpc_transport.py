@@ -35,6 +35,7 @@ from fedpipe.common.wire import (
 from fedpipe.proto.fedpipe.v1 import federation_pb2 as pb
 from fedpipe.proto.fedpipe.v1 import tensor_pb2
 from fedpipe.server.clients import ClientError, ClientPool, ClientProxy, RoundTask
+from fedpipe.server.receive_budget import ReceiveBudget
 
 __all__ = ["FederationServicer", "GrpcClient"]
 
@@ -50,6 +51,8 @@ HELLO_TIMEOUT = 10.0
 #: Payload limits before a client accepted the run setup (its replies carry no tensors yet).
 SETUP_PAYLOAD_BYTES = 1 << 20
 SETUP_TENSORS = 64
+#: Seconds a payload may go without a chunk while it holds part of the receive budget.
+PAYLOAD_STALL_TIMEOUT = 10.0
 
 
 class GrpcClient(ClientProxy):
@@ -237,9 +240,10 @@ class FederationServicer:
     proxies. A misbehaving client ends its own session with a logged reason; the server and
     the other sessions go on."""
 
-    def __init__(self, pool: ClientPool, config: ServerConfig) -> None:
+    def __init__(self, pool: ClientPool, config: ServerConfig, budget: ReceiveBudget) -> None:
         self.pool = pool
         self.config = config
+        self.budget = budget
 
     def handler(self) -> grpc.GenericRpcHandler:
         method = grpc.stream_stream_rpc_method_handler(self.session)
@@ -289,9 +293,13 @@ class FederationServicer:
 
     async def _read(self, context: grpc.aio.ServicerContext, proxy: GrpcClient) -> None:
         receiver = FrameReceiver(pb.ClientMessage, proxy.max_payload_bytes, accept=proxy.expects)
+        held = 0  # bytes of the receive budget this session holds for its payload in progress
         try:
             while True:
-                frame = await context.read()
+                if held:  # a payload holding the budget must keep coming, or lose its place
+                    frame = await asyncio.wait_for(context.read(), PAYLOAD_STALL_TIMEOUT)
+                else:
+                    frame = await context.read()
                 if frame is grpc.aio.EOF:
                     proxy.close("client closed the stream")
                     return
@@ -299,12 +307,25 @@ class FederationServicer:
                 receiver.max_tensors = proxy.max_tensors
                 if not is_chunk_frame(frame):
                     # Headers can take long to decode: off the loop, which serves the others.
+                    announced = await asyncio.to_thread(receiver.announced_bytes, frame)
+                    if announced:
+                        held = await self.budget.acquire(announced)
                     got = await asyncio.to_thread(receiver.feed, frame)
                 else:
                     got = receiver.feed(frame)  # one bounded copy into a preallocated array
+                if held and not receiver.assembling:  # complete, or skipped unallocated
+                    await self.budget.release(held)
+                    held = 0
                 if got is not None:
                     proxy.deliver(got)
                     del got  # a model-sized reply: this loop must not keep it until next round
+        except TimeoutError:
+            log.warning(
+                "client %s stalled for %.0fs in the middle of a payload; closing its session",
+                proxy.name,
+                PAYLOAD_STALL_TIMEOUT,
+            )
+            proxy.close("stalled in the middle of a payload")
         except ProtocolError as exc:
             log.warning("client %s broke the protocol: %s; closing its session", proxy.name, exc)
             proxy.close(f"protocol error: {exc}")
@@ -313,6 +334,9 @@ class FederationServicer:
         except Exception as exc:  # MemoryError on a huge header...: end this session only
             log.exception("client %s: session failed", proxy.name)
             proxy.close(f"session failed: {type(exc).__name__}: {exc}")
+        finally:
+            if held:
+                await self.budget.release(held)
 
     def _admit(self, frame: bytes) -> Any:
         message = pb.ClientMessage()

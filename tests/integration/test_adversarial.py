@@ -708,3 +708,37 @@ async def test_a_model_the_client_cannot_import_becomes_an_error_reply(
     assert reply is not None, out
     assert "no_such_package" in reply.error
     assert code == 0 and "Traceback" not in out, out
+
+
+async def test_a_client_stalling_mid_payload_cannot_hold_the_receive_budget(
+    tmp_path: Path,
+    peers_of: Callable[[int], Peers],
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A budget of one reply: replies are assembled one at a time, so a stalled one blocks all.
+    monkeypatch.setattr(grpc_transport, "PAYLOAD_STALL_TIMEOUT", 0.5)
+    config = server_config(
+        tmp_path,
+        rounds=1,
+        min_clients=3,
+        round_timeout=8.0,
+        eval_every=0,
+        receive_budget_mib=1e-6,
+    )
+
+    async def stall(peer: Peer, got: Received[pb.ServerMessage]) -> None:
+        payload = encode_payload(train_state(weights_from(got.payload)), 1 << 16)
+        message = pb.ClientMessage(reply=pb.Reply(task_id=got.message.task.task_id))
+        message.reply.info.CopyFrom(settings_value(train_info()))
+        message.reply.payload.CopyFrom(payload.header)
+        await peer.send(message.SerializeToString())  # then never a chunk
+
+    async with running_server(config) as server:
+        peers = peers_of(config.port)
+        peers.start("staller", stall)
+        peers.start("honest-1", delay=0.2)
+        peers.start("honest-2", delay=0.2)
+        summary = await asyncio.wait_for(server, 30)
+    assert summary.history[0]["clients"] == ["honest-1", "honest-2"]
+    assert logged(caplog, "staller", "stalled")
