@@ -65,6 +65,11 @@ class ClientProxy(ABC):
     async def stop(self) -> None:
         """Tell the client the run is over."""
 
+    async def release(self) -> None:
+        """The round loop is done with this client's last result: free what the transport
+        held for it (the gRPC transport's share of the receive budget)."""
+        return None  # in-process clients hold nothing
+
 
 class ClientPool:
     """Connected clients, with waiting that wakes on arrival (no polling)."""

@@ -42,7 +42,7 @@ __all__ = ["FederationServicer", "GrpcClient"]
 log = logging.getLogger(__name__)
 
 #: Frames queued per client before the round loop waits for the socket (backpressure).
-OUTBOX_FRAMES = 16
+OUTBOX_FRAMES = 4
 #: Round payloads up to this size keep their chunk frames for every client of the round.
 FRAME_CACHE_BYTES = 256 << 20
 MAX_NAME_LENGTH = 128
@@ -58,7 +58,7 @@ PAYLOAD_STALL_TIMEOUT = 10.0
 class GrpcClient(ClientProxy):
     """A remote client process on the other end of a ``Session`` stream."""
 
-    def __init__(self, name: str, hello: Any, config: ServerConfig) -> None:
+    def __init__(self, name: str, hello: Any, config: ServerConfig, budget: ReceiveBudget) -> None:
         self.name = name
         self.n_train_samples = int(hello.data.n_train_samples)
         self.n_eval_samples = int(hello.data.n_eval_samples)
@@ -73,6 +73,8 @@ class GrpcClient(ClientProxy):
         self._sending: set[asyncio.Task[None]] = set()
         self.max_payload_bytes = SETUP_PAYLOAD_BYTES
         self.max_tensors = SETUP_TENSORS
+        self.budget = budget
+        self._held = 0  # receive budget held by delivered replies the round loop still folds
 
     # ---- the round loop's side ---------------------------------------------------------------
 
@@ -188,16 +190,25 @@ class GrpcClient(ClientProxy):
         future = self._waiting.get(task_id)
         return future is not None and not future.done()
 
-    def deliver(self, got: Received[Any]) -> None:
-        """A complete reply arrived: hand it to the task waiting for it."""
+    async def deliver(self, got: Received[Any], held: int) -> None:
+        """A complete reply arrived: hand it to the task waiting for it, with the receive
+        budget it holds until the round loop has folded it (:meth:`release`)."""
         if self.expects(got.message):
+            self._held += held
             self._waiting[got.message.reply.task_id].set_result(got)
-        else:
-            log.info(
-                "client %s: reply to task %d arrived after its deadline; dropped",
-                self.name,
-                got.message.reply.task_id,
-            )
+            return
+        if held:
+            await self.budget.release(held)
+        log.info(
+            "client %s: reply to task %d arrived after its deadline; dropped",
+            self.name,
+            got.message.reply.task_id,
+        )
+
+    async def release(self) -> None:
+        if self._held:
+            held, self._held = self._held, 0
+            await self.budget.release(held)
 
     def close(self, reason: str) -> None:
         """Fail every waiting task and let the writer end the stream."""
@@ -205,6 +216,8 @@ class GrpcClient(ClientProxy):
             self._closed = reason
             for sending in list(self._sending):
                 sending.cancel()
+            if self._held:
+                asyncio.get_running_loop().create_task(self.release())
             try:
                 self.outbox.put_nowait(None)
             except asyncio.QueueFull:
@@ -267,7 +280,7 @@ class FederationServicer:
             log.warning("refused %s: %s", peer, exc.reason)
             await context.abort(exc.code, exc.reason)
             return
-        proxy = GrpcClient(hello.client_name, hello, self.config)
+        proxy = GrpcClient(hello.client_name, hello, self.config, self.budget)
         previous = await self.pool.add(proxy)
         if previous is not None and isinstance(previous, GrpcClient):
             previous.close("replaced by a new session of the same client")
@@ -313,12 +326,13 @@ class FederationServicer:
                     got = await asyncio.to_thread(receiver.feed, frame)
                 else:
                     got = receiver.feed(frame)  # one bounded copy into a preallocated array
-                if held and not receiver.assembling:  # complete, or skipped unallocated
+                if got is not None:
+                    held, handed = 0, held
+                    await proxy.deliver(got, handed)  # the budget goes with the reply
+                    del got  # a model-sized reply: this loop must not keep it until next round
+                elif held and not receiver.assembling:  # skipped without allocating
                     await self.budget.release(held)
                     held = 0
-                if got is not None:
-                    proxy.deliver(got)
-                    del got  # a model-sized reply: this loop must not keep it until next round
         except TimeoutError:
             log.warning(
                 "client %s stalled for %.0fs in the middle of a payload; closing its session",

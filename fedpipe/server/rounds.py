@@ -302,21 +302,25 @@ class FederatedRun:
         it arrives, until all are done or the round deadline passes. A client that fails or
         whose result ``on_result`` rejects is logged and left out. Returns the count kept."""
 
-        async def one(client: ClientProxy) -> tuple[ClientProxy, R | Exception]:
+        # Results travel through a queue, not as task results: a task keeps its result alive,
+        # and a folded reply (model-sized) must be freed before the next one arrives.
+        arrived: asyncio.Queue[tuple[ClientProxy, R | Exception]] = asyncio.Queue()
+
+        async def one(client: ClientProxy) -> None:
             try:
-                return client, await call(client)
+                arrived.put_nowait((client, await call(client)))
             except EXPECTED_CLIENT_ERRORS as exc:
-                return client, exc
+                arrived.put_nowait((client, exc))
             except Exception as exc:  # contained, with its traceback: one client, one reply
                 log.exception("client %s: unexpected error", client.name)
-                return client, exc
+                arrived.put_nowait((client, exc))
 
         kept = 0
-        futures = [asyncio.ensure_future(one(c)) for c in clients]
+        tasks = [asyncio.ensure_future(one(c)) for c in clients]
         try:
             async with asyncio.timeout(self.config.round_timeout):
-                for next_done in asyncio.as_completed(futures):
-                    client, outcome = await next_done
+                for _ in clients:
+                    client, outcome = await arrived.get()
                     if isinstance(outcome, BaseException):
                         log.warning("client %s failed: %s", client.name, outcome)
                         continue
@@ -329,16 +333,21 @@ class FederatedRun:
                         log.warning("client %s: rejected reply: %s", client.name, exc)
                     except Exception:  # contained, with its traceback: never the whole run
                         log.exception("client %s: rejected reply (unexpected error)", client.name)
+                    finally:
+                        del outcome  # folded or rejected: its memory may go
+                        await client.release()
         except TimeoutError:
-            late = [c.name for c, f in zip(clients, futures, strict=True) if not f.done()]
+            late = [c.name for c, t in zip(clients, tasks, strict=True) if not t.done()]
             log.warning(
                 "round deadline (%.1fs) passed; no reply from: %s",
                 self.config.round_timeout,
                 ", ".join(late),
             )
         finally:
-            for future in futures:
-                future.cancel()
+            for task in tasks:
+                task.cancel()
+            for client in clients:  # replies that arrived but were never folded
+                await client.release()
         return kept
 
     async def _stop_clients(self) -> None:
