@@ -307,3 +307,26 @@ def test_simulated_mlp_regression_gets_no_class_count(tmp_path: Path) -> None:
     server = ServerConfig(model={"name": "mlp", "config": {"task": "regression", "n_outputs": 1}})
     config = complete_model_config(server, make_regression(50, 3, seed=0)).model.config
     assert config == {"task": "regression", "n_outputs": 1, "n_features": 3}
+
+
+class CountingClient(BadClient):
+    """Replies a valid zero update and counts the round loop's release() calls."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(
+            name, lambda w: _result(Summable({"weighted_sum": w.zeros_like(), "total_weight": 1.0}))
+        )
+        self.releases = 0
+
+    async def release(self) -> None:
+        self.releases += 1
+
+
+def test_the_round_loop_releases_each_reply_once_it_is_folded(tmp_path: Path) -> None:
+    sim = sim_config(tmp_path, rounds=2, min_clients=9, eval_every=0)
+    counting = CountingClient("zz-counting")
+    run, _ = _pool_run(sim, (counting,))
+    summary = asyncio.run(run.run())
+    assert all("zz-counting" in r["clients"] for r in summary.history)
+    # once right after its reply is folded, once more when the round's collection ends
+    assert counting.releases >= 2 * summary.rounds_completed
