@@ -37,6 +37,7 @@ __all__ = [
     "FrameReceiver",
     "ProtocolError",
     "Received",
+    "announced_bytes",
     "channel_options",
     "envelope_frames",
     "eval_reply_parts",
@@ -132,24 +133,26 @@ class FrameReceiver(Generic[M]):
         """True while a payload is being received into allocated arrays."""
         return self._assembler is not None
 
-    def announced_bytes(self, frame: bytes) -> int:
-        """Bytes of payload that the (non-chunk) ``frame`` announces, 0 for none; decodes the
-        envelope only, so a receiver can reserve memory before :meth:`feed` allocates it."""
+    def decode(self, frame: bytes) -> M:
+        """Decode a (non-chunk) envelope frame; pass the result to :meth:`feed` so that a
+        receiver can look at it first (reserve memory for :func:`announced_bytes`)."""
+        if len(frame) > MAX_CONTROL_BYTES:
+            raise ProtocolError(f"control message of {len(frame)} bytes exceeds the limit")
         message = self.envelope_type()
         try:
             message.ParseFromString(frame)
         except ProtobufDecodeError as exc:
             raise ProtocolError(f"undecodable message: {exc}") from None
-        header = _payload_header(message)
-        return 0 if header is None else int(header.total_bytes)
+        return message
 
     @property
     def busy(self) -> bool:
         """True while a payload's chunks are still expected."""
         return self._assembler is not None or self._skipping > 0
 
-    def feed(self, frame: bytes) -> Received[M] | None:
+    def feed(self, frame: bytes, decoded: M | None = None) -> Received[M] | None:
         """Take one frame; return a message once it and all its chunks have arrived.
+        ``decoded`` is the frame already passed through :meth:`decode`, if it was.
 
         Raises
         ------
@@ -178,13 +181,7 @@ class FrameReceiver(Generic[M]):
         if self.busy:
             self._reset()
             raise ProtocolError("a new message arrived before the previous payload was complete")
-        if len(frame) > MAX_CONTROL_BYTES:
-            raise ProtocolError(f"control message of {len(frame)} bytes exceeds the limit")
-        message = self.envelope_type()
-        try:
-            message.ParseFromString(frame)
-        except ProtobufDecodeError as exc:
-            raise ProtocolError(f"undecodable message: {exc}") from None
+        message = decoded if decoded is not None else self.decode(frame)
         header = _payload_header(message)
         if header is None:
             return Received(message, {})
@@ -218,6 +215,12 @@ class FrameReceiver(Generic[M]):
 
     def _reset(self) -> None:
         self._pending, self._assembler, self._skipping = None, None, 0
+
+
+def announced_bytes(message: Message) -> int:
+    """Bytes of payload a decoded envelope announces (0 for none)."""
+    header = _payload_header(message)
+    return 0 if header is None else int(header.total_bytes)
 
 
 def is_chunk_frame(frame: bytes) -> bool:

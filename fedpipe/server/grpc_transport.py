@@ -25,6 +25,7 @@ from fedpipe.common.wire import (
     FrameReceiver,
     ProtocolError,
     Received,
+    announced_bytes,
     eval_result_from,
     is_chunk_frame,
     settings_data,
@@ -320,10 +321,10 @@ class FederationServicer:
                 receiver.max_tensors = proxy.max_tensors
                 if not is_chunk_frame(frame):
                     # Headers can take long to decode: off the loop, which serves the others.
-                    announced = await asyncio.to_thread(receiver.announced_bytes, frame)
-                    if announced:
+                    message = await asyncio.to_thread(receiver.decode, frame)
+                    if announced := announced_bytes(message):
                         held = await self.budget.acquire(announced)
-                    got = await asyncio.to_thread(receiver.feed, frame)
+                    got = await asyncio.to_thread(receiver.feed, frame, message)
                 else:
                     got = receiver.feed(frame)  # one bounded copy into a preallocated array
                 if got is not None:
