@@ -19,6 +19,7 @@ from fedpipe.common.config import (
     SimulationConfig,
     load_config,
 )
+from fedpipe.common.outcome import ExitCode, RunError
 from fedpipe.common.registry import UnknownNameError
 
 __all__ = ["main"]
@@ -87,9 +88,18 @@ def cmd_server(args: argparse.Namespace) -> int:
     summary = asyncio.run(
         serve(config, resume=args.resume, on_round=_printer(config.rounds, args.progress))
     )
-    if args.progress == "text":
-        print(f"done: {summary.rounds_completed} round(s); model in {config.output_dir}/model.npz")
-    return 0
+    return _report(summary, config.output_dir, "server", quiet=args.progress != "text")
+
+
+def _report(summary: Any, output_dir: Path, command: str, *, quiet: bool = False) -> int:
+    """Say how the run ended; the exit code tells the same (0 only when it completed)."""
+    done = f"{summary.rounds_completed} round(s) completed"
+    if summary.status == "completed":
+        if not quiet:
+            print(f"done: {done}; model in {output_dir}/model.npz")
+        return ExitCode.OK
+    print(f"fedpipe {command}: run {summary.status}: {summary.reason} ({done})", file=sys.stderr)
+    return ExitCode.INTERRUPTED if summary.status == "stopped" else ExitCode.FAILED
 
 
 def cmd_client(args: argparse.Namespace) -> int:
@@ -121,7 +131,7 @@ def cmd_client(args: argparse.Namespace) -> int:
         return asyncio.run(ClientDaemon(config, data, eval_data).run())
     except ClientRefused as exc:
         print(f"fedpipe client: {exc}", file=sys.stderr)
-        return 2
+        return ExitCode.REFUSED
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -151,7 +161,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     shown = {k: v for k, v in final.items() if isinstance(v, float) and k != "seconds"}
     print("final: " + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()))
     print(f"metrics and model in {sim.server.output_dir}/")
-    return 0
+    return _report(summary, sim.server.output_dir, "simulate", quiet=True)
 
 
 def cmd_split(args: argparse.Namespace) -> int:
@@ -259,13 +269,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    level = logging.WARNING - 10 * args.verbose
+    # Daemons log joins, leaves and rounds by default; one-shot commands only problems.
+    base = logging.INFO if args.command in ("server", "client") else logging.WARNING
+    level = base - 10 * args.verbose
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args))
     except (ConfigError, UnknownNameError) as exc:
         print(f"fedpipe {args.command}: {exc}", file=sys.stderr)
-        return 2
+        return ExitCode.USAGE
+    except RunError as exc:  # the run could not start (its directory is not writable...)
+        print(f"fedpipe {args.command}: {exc}", file=sys.stderr)
+        return ExitCode.FAILED
     except TypeError as exc:  # a registered class rejected its config
         if "invalid config" not in str(exc):
             raise

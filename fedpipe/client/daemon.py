@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -13,6 +14,7 @@ import grpc
 from fedpipe.common.codec import spec_from_wire
 from fedpipe.common.config import ClientConfig
 from fedpipe.common.data import Dataset
+from fedpipe.common.outcome import ExitCode, RunOutcome
 from fedpipe.common.payload import encode_payload
 from fedpipe.common.training import LocalTrainer, RunSetup
 from fedpipe.common.vector import ArraySpec, describe_spec_mismatch
@@ -43,6 +45,9 @@ FINAL_CODES = {
     grpc.StatusCode.FAILED_PRECONDITION,
     grpc.StatusCode.INVALID_ARGUMENT,
 }
+#: How a stream ends besides a gRPC status: a write or read after the call finished, or a
+#: connection torn down underneath. Each means "reconnect", never a crash.
+STREAM_ENDED = (asyncio.InvalidStateError, grpc.aio.UsageError, ConnectionError)
 CHUNK_BYTES = 4 << 20
 #: Payload limit before the server has told the model's size.
 DEFAULT_MAX_PAYLOAD = 1 << 30
@@ -67,37 +72,65 @@ class ClientDaemon:
         self.trainer: LocalTrainer | None = None
         self.specs: dict[str, ArraySpec] = {}
         self.max_payload = DEFAULT_MAX_PAYLOAD
+        self.joined = False  # the current session was welcomed into the run
+        self.setup_error: str | None = None  # why the last run setup failed here
 
     async def run(self) -> int:
-        """Take part in the run until the server says stop; the process exit code."""
+        """Take part in the run until the server says it is over; the process exit code
+        (:class:`~fedpipe.common.outcome.ExitCode`: 0 only when the run completed).
+
+        Any end of the stream short of a stop task (server restart, network cut, a write after
+        the call finished, a server abort) means reconnecting with backoff. A server stopped
+        by a signal (``stopped``) may resume: the client keeps reconnecting until
+        ``retry_timeout``.
+        """
         cfg = self.config
         delay = cfg.retry_initial
         give_up = time.monotonic() + cfg.retry_timeout
         while True:
+            self.joined = False
             try:
-                if await self._session():
-                    log.info("server ended the run; exiting")
-                    return 0
-                delay = cfg.retry_initial
-                give_up = time.monotonic() + cfg.retry_timeout
-                log.warning("session ended without a stop task; reconnecting")
+                outcome = await self._session()
             except grpc.aio.AioRpcError as exc:
                 if exc.code() in FINAL_CODES:
                     raise ClientRefused(f"server refused: {exc.details()}") from None
-                log.warning(
-                    "server %s unreachable (%s); retrying in %.1fs",
-                    cfg.server,
-                    exc.code().name,
-                    delay,
-                )
+                why = f"{exc.code().name}: {exc.details()}"
+            except STREAM_ENDED as exc:
+                why = f"{type(exc).__name__}: {exc}"
+            else:
+                if outcome is None:
+                    why = "the stream ended without a stop task"
+                elif outcome.status == "stopped":
+                    why = f"the server stopped before the end of the run ({outcome.reason})"
+                else:
+                    return self._finish(outcome)
+            if self.joined:  # a session that got in restarts the clock
+                delay = cfg.retry_initial
+                give_up = time.monotonic() + cfg.retry_timeout
             if time.monotonic() + delay > give_up:
-                log.error("gave up reaching %s after %.0fs", cfg.server, cfg.retry_timeout)
-                return 1
+                log.error(
+                    "gave up reaching %s after %.0fs (%s)", cfg.server, cfg.retry_timeout, why
+                )
+                return ExitCode.FAILED
+            log.warning("server %s: %s; reconnecting in %.1fs", cfg.server, why, delay)
             await asyncio.sleep(delay * random.uniform(0.8, 1.2))
             delay = min(delay * 2, cfg.retry_max)
 
-    async def _session(self) -> bool:
-        """One stream with the server; True when the server sent the stop task."""
+    def _finish(self, outcome: RunOutcome) -> int:
+        if self.setup_error is not None and outcome.status == "completed":
+            outcome = RunOutcome("rejected", f"this client failed the setup: {self.setup_error}")
+        if outcome.status == "completed":
+            log.info("the server ended the run; exiting")
+            return ExitCode.OK
+        if outcome.status == "rejected":
+            log.error("the server dropped this client from the run: %s", outcome.reason)
+            return ExitCode.REJECTED
+        log.error("the server aborted the run: %s", outcome.reason)
+        return ExitCode.FAILED
+
+    async def _session(self) -> RunOutcome | None:
+        """One stream with the server; the run's outcome when the server sent the stop task,
+        None when the stream ended without one."""
         options = channel_options(CHUNK_BYTES)
         async with self._channel(options) as channel:
             call: Any = channel.stream_stream(SESSION_METHOD)()
@@ -118,23 +151,31 @@ class ClientDaemon:
                     code = await call.code()
                     if code in FINAL_CODES:
                         raise ClientRefused(f"server refused: {await call.details()}")
-                    return False
+                    return None
                 try:
                     got = receiver.feed(frame)
                 except ProtocolError as exc:
                     log.error("server broke the protocol: %s", exc)
                     call.cancel()
-                    return False
+                    return None
                 if got is None:
                     continue
                 kind = got.message.WhichOneof("kind")
                 if kind == "welcome":
+                    self.joined = True
                     log.info("joined run %s as %s", got.message.welcome.run_id, self.name)
                     continue
                 task = got.message.task
                 if task.kind == pb.TASK_KIND_STOP:
-                    await call.done_writing()
-                    return True
+                    with contextlib.suppress(*STREAM_ENDED, grpc.aio.AioRpcError):
+                        await call.done_writing()
+                    try:
+                        # A stop without settings (an older server) ends a completed run.
+                        data = settings_data(task.settings) if task.HasField("settings") else {}
+                        return RunOutcome.from_data(data)
+                    except ValueError as exc:
+                        log.error("server sent an unreadable stop task: %s", exc)
+                        return RunOutcome("failed", f"unreadable stop task: {exc}")
                 reply, payload = await self._handle(task, got.payload)
                 receiver.max_payload_bytes = self.max_payload
                 for out in envelope_frames(pb.ClientMessage(reply=reply), payload):
@@ -159,7 +200,12 @@ class ClientDaemon:
         reply = pb.Reply(task_id=task.task_id)
         try:
             if task.kind == pb.TASK_KIND_INITIALIZE:
-                await asyncio.to_thread(self._initialize, task)
+                self.setup_error = None
+                try:
+                    await asyncio.to_thread(self._initialize, task)
+                except Exception as exc:
+                    self.setup_error = f"{type(exc).__name__}: {exc}"
+                    raise
                 return reply, None
             trainer = self._trainer()
             weights = weights_from(received)
@@ -218,6 +264,7 @@ class ClientDaemon:
             raise ValueError(
                 f"the model built from the setup does not match the server's: {problem}"
             )
+        trainer.check_data(self.train_data)
         if self.trainer is not None and self.trainer.setup == setup:
             return  # reconnected to the same run: keep the optimizer's state
         self.trainer, self.specs = trainer, specs

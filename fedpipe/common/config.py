@@ -94,6 +94,8 @@ class ServerConfig(_Strict):
     clients_per_round: int | None = Field(default=None, ge=1)
     wait_timeout: float = Field(default=300.0, gt=0)
     round_timeout: float = Field(default=600.0, gt=0)
+    #: Rounds that may end below ``min_results`` (model unchanged) before the run fails.
+    max_failed_rounds: int = Field(default=0, ge=0)
     eval_every: int = Field(default=1, ge=0)
     seed: int = 0
     model: ModelConfig = Field(default_factory=ModelConfig)

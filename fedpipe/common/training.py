@@ -161,6 +161,29 @@ class LocalTrainer:
             seconds=time.perf_counter() - start,
         )
 
+    def check_data(self, data: Dataset, n: int = 2) -> None:
+        """Run the model on a few samples of ``data``, so that data the model cannot take
+        (wrong number of features, labels out of range...) fails the setup, not a round.
+
+        Raises
+        ------
+        ValueError
+            The model rejects the data; the message has the model's own error.
+        """
+        if len(data) == 0:
+            raise ValueError("this client's training data is empty")
+        x, y = data.x[:n], data.y[:n]
+        try:
+            loss, _ = self.model.evaluate(x, y)
+            if not np.all(np.isfinite(loss)):
+                raise ValueError(f"loss {loss} on the first samples is not finite")
+        except (ValueError, TypeError, IndexError, RuntimeError) as exc:
+            raise ValueError(
+                f"this client's data (x {tuple(data.x.shape)} {data.x.dtype}, y "
+                f"{tuple(data.y.shape)} {data.y.dtype}) does not fit model "
+                f"{self.setup.model.get('name')!r}: {exc}"
+            ) from None
+
     def evaluate(self, data: Dataset, weights: Vector) -> EvalResult:
         """Metric states of ``weights`` on ``data``."""
         start = time.perf_counter()

@@ -15,11 +15,12 @@ from typing import Any
 
 import numpy as np
 
+from fedpipe.common.outcome import RunOutcome
 from fedpipe.common.summable import Summable
 from fedpipe.common.training import EvalResult, RunSetup, TrainResult
 from fedpipe.common.vector import ArraySpec, Vector
 
-__all__ = ["ClientError", "ClientPool", "ClientProxy", "RoundTask"]
+__all__ = ["ClientError", "ClientPool", "ClientProxy", "RoundTask", "RunOutcome"]
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +63,8 @@ class ClientProxy(ABC):
         """Evaluate the global weights on the client's evaluation data."""
 
     @abstractmethod
-    async def stop(self) -> None:
-        """Tell the client the run is over."""
+    async def stop(self, outcome: RunOutcome) -> None:
+        """Tell the client the run is over for it, and how it ended."""
 
     async def release(self) -> None:
         """The round loop is done with this client's last result: free what the transport

@@ -35,7 +35,7 @@ from fedpipe.common.wire import (
 )
 from fedpipe.proto.fedpipe.v1 import federation_pb2 as pb
 from fedpipe.proto.fedpipe.v1 import tensor_pb2
-from fedpipe.server.clients import ClientError, ClientPool, ClientProxy, RoundTask
+from fedpipe.server.clients import ClientError, ClientPool, ClientProxy, RoundTask, RunOutcome
 from fedpipe.server.receive_budget import ReceiveBudget
 
 __all__ = ["FederationServicer", "GrpcClient"]
@@ -107,10 +107,15 @@ class GrpcClient(ClientProxy):
         )
         return eval_result_from(settings_data(got.message.reply.info), got.payload)
 
-    async def stop(self) -> None:
+    async def stop(self, outcome: RunOutcome) -> None:
         if self._closed is not None:
             return
-        message = pb.ServerMessage(task=pb.Task(task_id=next(self._ids), kind=pb.TASK_KIND_STOP))
+        task = pb.Task(
+            task_id=next(self._ids),
+            kind=pb.TASK_KIND_STOP,
+            settings=settings_value(outcome.to_data()),
+        )
+        message = pb.ServerMessage(task=task)
         if self._send_lock.locked():
             self.close("run finished (the client was still receiving a payload)")
             return

@@ -14,7 +14,7 @@ from fedpipe.common.data import Dataset
 from fedpipe.common.models import Model
 from fedpipe.common.training import EvalResult, LocalTrainer, RunSetup, TrainResult, build_model
 from fedpipe.common.vector import ArraySpec
-from fedpipe.server.clients import ClientError, ClientProxy, RoundTask
+from fedpipe.server.clients import ClientError, ClientProxy, RoundTask, RunOutcome
 
 __all__ = ["InProcessClient", "SharedModels"]
 
@@ -73,5 +73,5 @@ class InProcessClient(ClientProxy):
         await asyncio.sleep(0)
         return result
 
-    async def stop(self) -> None:
+    async def stop(self, outcome: RunOutcome) -> None:
         self._trainer = None

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 
@@ -19,11 +21,12 @@ from fedpipe.common.aggregators import Aggregator
 from fedpipe.common.config import ConfigError, ServerConfig
 from fedpipe.common.metrics import MetricSet
 from fedpipe.common.optim import BareWeights, Optimizer
+from fedpipe.common.outcome import RunError
 from fedpipe.common.summable import Summable
 from fedpipe.common.training import EvalResult, RunSetup, TrainResult, build_model
 from fedpipe.common.vector import ArraySpec, Vector
 from fedpipe.server.checkpoint import load_checkpoint, save_checkpoint, save_model
-from fedpipe.server.clients import ClientError, ClientPool, ClientProxy, RoundTask
+from fedpipe.server.clients import ClientError, ClientPool, ClientProxy, RoundTask, RunOutcome
 from fedpipe.server.history import EarlyStopping, History
 
 __all__ = ["FederatedRun", "RunError", "RunSummary"]
@@ -42,16 +45,41 @@ STOP_TIMEOUT = 5.0
 INLINE_ADD_ELEMENTS = 1 << 20
 
 
-class RunError(RuntimeError):
-    """The run cannot go on (not enough clients joined in time, ...)."""
+RunStatus = Literal["completed", "failed", "stopped"]
 
 
 @dataclass
 class RunSummary:
+    """How a run ended.
+
+    ``status`` is ``completed`` (every round ran, or early stopping ended it), ``failed``
+    (``reason`` says why: no clients, too few results, a disk error...) or ``stopped`` (a
+    signal ended it before its last round; ``--resume`` continues it). ``rounds_completed``
+    counts the rounds whose results were aggregated and checkpointed.
+    """
+
+    status: RunStatus
+    reason: str
     rounds_completed: int
     stopped_early: bool
     history: list[dict[str, Any]]
     weights: Vector
+
+    def raise_for_status(self) -> RunSummary:
+        """Raise :class:`RunError` with the reason if the run failed; else return self."""
+        if self.status == "failed":
+            raise RunError(self.reason)
+        return self
+
+    def to_data(self) -> dict[str, Any]:
+        """What ``summary.json`` holds."""
+        return {
+            "status": self.status,
+            "reason": self.reason,
+            "rounds_completed": self.rounds_completed,
+            "last_round": self.history[-1]["round"] if self.history else 0,
+            "stopped_early": self.stopped_early,
+        }
 
 
 class FederatedRun:
@@ -99,9 +127,12 @@ class FederatedRun:
         self.metric_specs = list(config.metrics)
         self.rng = np.random.default_rng(config.seed)
         self.round = 0
+        self.completed = 0  # rounds aggregated and checkpointed
         self.output_dir: Path | None = Path(config.output_dir) if config.output_dir else None
         self.history = History(self.output_dir)
         self.early_stop = EarlyStopping(config.early_stop) if config.early_stop else None
+        if self.output_dir is not None:
+            _check_writable(self.output_dir)
         if resume:
             self._resume()
 
@@ -126,6 +157,7 @@ class FederatedRun:
         self.rng.bit_generator.state = json.loads(str(state["rng"]))
         self.round = int(state["round"])  # type: ignore[arg-type]
         self.history = History(self.output_dir, list(state["history"]))  # type: ignore[arg-type]
+        self.completed = sum(1 for r in self.history.records if not r.get("failed"))
         if self.early_stop is not None:
             self.early_stop.replay(self.history.records)
         log.info("resumed from %s at round %d", path, self.round)
@@ -153,44 +185,116 @@ class FederatedRun:
     # ---- the run ----------------------------------------------------------------------------
 
     async def run(self) -> RunSummary:
+        """Run the remaining rounds; the summary says how the run ended (never raises for a
+        failed run: see :meth:`RunSummary.raise_for_status`)."""
         cfg = self.config
+        status: RunStatus = "completed"
+        reason = ""
         stopped_early = False
+        failed_rounds = 0
+        first = True  # min_clients is awaited before this process's first round only
         try:
-            while self.round < cfg.rounds and not self.stop_event.is_set():
-                await self._wait_for_clients()
-                record = await self.run_round(self.round + 1)
+            while self.round < cfg.rounds:
+                if self.stop_event.is_set():
+                    status, reason = "stopped", f"stopped by a signal after round {self.round}"
+                    break
+                record = await self.run_round(self.round + 1, wait_for_all=first)
+                first = False
                 if self.on_round is not None:
                     self.on_round(record)
+                if record.get("failed"):
+                    failed_rounds += 1
+                    if failed_rounds > cfg.max_failed_rounds:
+                        status = "failed"
+                        reason = (
+                            f"round {record['round']}: {record['failed']} ({record['replied']} "
+                            f"of {record['sampled']} sampled client(s) replied, "
+                            f"min_results={cfg.required_results})"
+                        )
+                        break
                 if self.early_stop is not None and cfg.early_stop is not None:
                     value = record.get(cfg.early_stop.metric)
                     if value is not None and self.early_stop.update(float(value)):
                         log.info("early stop: %s has not improved", cfg.early_stop.metric)
                         stopped_early = True
                         break
+        except _Stopped:
+            status, reason = "stopped", f"stopped by a signal after round {self.round}"
+        except RunError as exc:
+            status, reason = "failed", str(exc)
+        except BaseException as exc:  # a bug or a cancellation: clients and files still learn
+            status, reason = "failed", f"{type(exc).__name__}: {exc}"
+            raise
         finally:
-            await self._stop_clients()
-            if self.output_dir is not None:
-                save_model(self.output_dir / "model.npz", self.model.weights)
-                summary = {"rounds_completed": self.round, "stopped_early": stopped_early}
-                (self.output_dir / "summary.json").write_text(json.dumps(summary) + "\n")
-        return RunSummary(self.round, stopped_early, self.history.records, self.model.weights)
+            if status == "failed":
+                log.error("run failed: %s", reason)
+            await self._stop_clients(RunOutcome(status, reason))
+            status, reason = self._write_final(status, reason, stopped_early)
+        return RunSummary(
+            status, reason, self.completed, stopped_early, self.history.records, self.model.weights
+        )
 
-    async def _wait_for_clients(self) -> None:
+    def _write_final(
+        self, status: RunStatus, reason: str, stopped_early: bool
+    ) -> tuple[RunStatus, str]:
+        """Write ``model.npz`` and ``summary.json``; a disk error turns the run into a failure
+        (with its first cause as the reason) rather than a half-written success."""
+        if self.output_dir is None:
+            return status, reason
+        try:
+            save_model(self.output_dir / "model.npz", self.model.weights)
+        except OSError as exc:
+            if status != "failed":
+                status, reason = "failed", f"cannot write {self.output_dir / 'model.npz'}: {exc}"
+            log.error("cannot write the final model: %s", exc)
+        summary = RunSummary(
+            status, reason, self.completed, stopped_early, self.history.records, self.model.weights
+        )
+        try:
+            _write_text_atomic(self.output_dir / "summary.json", json.dumps(summary.to_data()))
+        except OSError as exc:
+            log.error("cannot write summary.json: %s", exc)
+            if status != "failed":
+                status, reason = "failed", f"cannot write summary.json: {exc}"
+        return status, reason
+
+    async def _wait_for_clients(self, count: int, timeout: float) -> bool:
+        """Wait until ``count`` clients are connected, at most ``timeout`` seconds; False when
+        they did not come. A stop signal ends the wait at once (raises ``_Stopped``)."""
+        if len(self.pool) >= count:
+            return True
+        log.info("waiting for %d client(s) (timeout %.0fs)", count, timeout)
+        arrived = asyncio.ensure_future(self.pool.wait_for(count, timeout))
+        stopped = asyncio.ensure_future(self.stop_event.wait())
+        try:
+            await asyncio.wait({arrived, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            arrived.cancel()
+            stopped.cancel()
+        if self.stop_event.is_set():
+            raise _Stopped
+        return arrived.done() and not arrived.cancelled() and arrived.result()
+
+    async def run_round(self, round_number: int, *, wait_for_all: bool = False) -> dict[str, Any]:
+        """Run one round; returns (and records) its metrics.
+
+        ``round_timeout`` bounds the whole round: waiting for clients (after the first round),
+        setting up new ones, training and evaluation share one deadline. With
+        ``wait_for_all`` (this process's first round) the round first waits up to
+        ``wait_timeout`` for ``min_clients``; later rounds go on with whoever is connected
+        once ``min_results`` clients are, so a lost client never stalls the run.
+        """
         cfg = self.config
-        if len(self.pool) >= cfg.min_clients:
-            return
-        log.info("waiting for %d client(s) (timeout %.0fs)", cfg.min_clients, cfg.wait_timeout)
-        if not await self.pool.wait_for(cfg.min_clients, cfg.wait_timeout):
+        if wait_for_all and not await self._wait_for_clients(cfg.min_clients, cfg.wait_timeout):
             raise RunError(
                 f"only {len(self.pool)} of min_clients={cfg.min_clients} client(s) connected "
                 f"within wait_timeout={cfg.wait_timeout}s"
             )
-
-    async def run_round(self, round_number: int) -> dict[str, Any]:
-        """Run one round; returns (and records) its metrics."""
-        cfg = self.config
         start = time.perf_counter()
-        await self._initialize_new_clients()
+        deadline = asyncio.get_running_loop().time() + cfg.round_timeout
+        if not wait_for_all:
+            await self._wait_for_clients(cfg.required_results, cfg.round_timeout)
+        await self._initialize_new_clients(deadline)
         sampled = [
             c
             for c in self.pool.sample(self.rng, cfg.fraction, cfg.clients_per_round)
@@ -198,7 +302,7 @@ class FederatedRun:
         ]
         task = RoundTask(round_number, self.model.weights, self.optimizer.collect_aux_var())
         folded = _Fold(self.aggregator, self.optimizer, self.specs)
-        await self._collect(sampled, lambda c: c.train(task), folded.add)
+        await self._collect(sampled, lambda c: c.train(task), folded.add, deadline)
         record: dict[str, Any] = {
             "round": round_number,
             "sampled": len(sampled),
@@ -225,12 +329,23 @@ class FederatedRun:
             )
             record["failed"] = "too few results"
         if cfg.eval_every and round_number % cfg.eval_every == 0:
-            record.update(await self.evaluate(round_number))
+            record.update(await self.evaluate(round_number, sampled, deadline))
         self.round = round_number
         record["seconds"] = round(time.perf_counter() - start, 6)
-        self.history.append(record)
-        self._checkpoint()
+        self._persist(record)
         return record
+
+    def _persist(self, record: dict[str, Any]) -> None:
+        """Record the round and checkpoint it; only then does it count as completed."""
+        try:
+            self.history.append(record)
+            self._checkpoint()
+        except OSError as exc:
+            raise RunError(
+                f"round {record['round']}: cannot write its results to {self.output_dir}: {exc}"
+            ) from exc
+        if not record.get("failed"):
+            self.completed += 1
 
     def _step(self, folded: _Fold) -> None:
         """Aggregate the round's sum and let the server optimizer move the global model."""
@@ -245,9 +360,17 @@ class FederatedRun:
             raise ArithmeticError("the server update is not finite")
         self.model.apply_updates(updates)
 
-    async def evaluate(self, round_number: int) -> dict[str, float]:
-        """Federated evaluation: metric states merged across clients (exact)."""
-        clients = [c for c in self.pool.clients() if c.initialized and c.n_eval_samples]
+    async def evaluate(
+        self,
+        round_number: int,
+        clients: list[ClientProxy] | None = None,
+        deadline: float | None = None,
+    ) -> dict[str, float]:
+        """Federated evaluation on ``clients`` (the round's sampled clients; default: every
+        client): metric states merged across clients (exact). The global weights go only to
+        clients the round sampled, never to every connection."""
+        candidates = self.pool.clients() if clients is None else clients
+        clients = [c for c in candidates if c.initialized and c.n_eval_samples]
         if not clients:
             return {}
         task = RoundTask(round_number, self.model.weights)
@@ -268,14 +391,14 @@ class FederatedRun:
             for name, state in result.metrics.items():
                 merged[name] = state.copy() if name not in merged else merged[name].add_(state)
 
-        await self._collect(clients, lambda c: c.evaluate(task), fold)
+        await self._collect(clients, lambda c: c.evaluate(task), fold, deadline)
         if not merged:
             return {}
         return {k: float(v) for k, v in metric_set.result(merged).items()}
 
     # ---- plumbing ---------------------------------------------------------------------------
 
-    async def _initialize_new_clients(self) -> None:
+    async def _initialize_new_clients(self, deadline: float | None = None) -> None:
         new = [c for c in self.pool.clients() if not c.initialized]
         if not new:
             return
@@ -283,24 +406,36 @@ class FederatedRun:
         def accept(client: ClientProxy, _: None) -> None:
             client.initialized = True
 
-        await self._collect(new, lambda c: c.initialize(self.setup, self.specs), accept)
+        failures: dict[str, str] = {}
+        await self._collect(
+            new, lambda c: c.initialize(self.setup, self.specs), accept, deadline, failures
+        )
         for client in new:
             if not client.initialized:
                 # It cannot take part (its model differs, it timed out...): free its place so
-                # that it does not count towards min_clients.
-                log.warning("client %s could not be initialized; dropping it", client.name)
+                # that it does not count towards min_clients, and tell it why.
+                why = failures.get(client.name, "no answer to the run setup in time")
+                log.warning(
+                    "client %s could not be initialized (%s); dropping it", client.name, why
+                )
                 await self.pool.remove(client)
-                await client.stop()
+                await client.stop(RunOutcome("rejected", why))
 
     async def _collect(
         self,
         clients: list[ClientProxy],
         call: Callable[[ClientProxy], Awaitable[R]],
         on_result: Callable[[ClientProxy, R], Any],
+        deadline: float | None = None,
+        failures: dict[str, str] | None = None,
     ) -> int:
         """Run ``call`` on every client concurrently and pass each result to ``on_result`` as
-        it arrives, until all are done or the round deadline passes. A client that fails or
-        whose result ``on_result`` rejects is logged and left out. Returns the count kept."""
+        it arrives, until all are done or ``deadline`` (loop time; default: ``round_timeout``
+        from now) passes. A client that fails or whose result ``on_result`` rejects is logged,
+        left out and its reason put in ``failures``. Returns the count kept."""
+        if deadline is None:
+            deadline = asyncio.get_running_loop().time() + self.config.round_timeout
+        failures = {} if failures is None else failures
 
         # Results travel through a queue, not as task results: a task keeps its result alive,
         # and a folded reply (model-sized) must be freed before the next one arrives.
@@ -318,11 +453,12 @@ class FederatedRun:
         kept = 0
         tasks = [asyncio.ensure_future(one(c)) for c in clients]
         try:
-            async with asyncio.timeout(self.config.round_timeout):
+            async with asyncio.timeout_at(deadline):
                 for _ in clients:
                     client, outcome = await arrived.get()
                     if isinstance(outcome, BaseException):
                         log.warning("client %s failed: %s", client.name, outcome)
+                        failures[client.name] = str(outcome)
                         continue
                     try:
                         step = on_result(client, outcome)
@@ -331,8 +467,10 @@ class FederatedRun:
                         kept += 1
                     except EXPECTED_CLIENT_ERRORS as exc:
                         log.warning("client %s: rejected reply: %s", client.name, exc)
+                        failures[client.name] = f"rejected reply: {exc}"
                     except Exception:  # contained, with its traceback: never the whole run
                         log.exception("client %s: rejected reply (unexpected error)", client.name)
+                        failures[client.name] = "rejected reply (unexpected error)"
                     finally:
                         del outcome  # folded or rejected: its memory may go
                         await client.release()
@@ -343,6 +481,7 @@ class FederatedRun:
                 self.config.round_timeout,
                 ", ".join(late),
             )
+            failures.update((name, "no reply before the round deadline") for name in late)
         finally:
             for task in tasks:
                 task.cancel()
@@ -350,14 +489,43 @@ class FederatedRun:
                 await client.release()
         return kept
 
-    async def _stop_clients(self) -> None:
+    async def _stop_clients(self, outcome: RunOutcome) -> None:
         clients = self.pool.clients()
         results = await asyncio.gather(
-            *(asyncio.wait_for(c.stop(), STOP_TIMEOUT) for c in clients), return_exceptions=True
+            *(asyncio.wait_for(c.stop(outcome), STOP_TIMEOUT) for c in clients),
+            return_exceptions=True,
         )
         for client, result in zip(clients, results, strict=True):
             if isinstance(result, BaseException):
                 log.info("client %s did not take the stop task: %s", client.name, result)
+
+
+class _Stopped(Exception):
+    """A stop signal arrived while the run was waiting for clients."""
+
+
+def _check_writable(directory: Path) -> None:
+    """Fail now, before any client is admitted, if the run directory cannot be written."""
+    probe = directory / f".write-test-{os.getpid()}"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise RunError(f"the run directory {directory} is not writable: {exc}") from None
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w") as fh:
+            fh.write(text + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(OSError):  # the write's own error is the one to report
+            tmp.unlink(missing_ok=True)
 
 
 class _Fold:

@@ -138,7 +138,8 @@ def simulate_grpc(
         )
         output_dir = Path(server.output_dir).resolve()
         server = server.model_copy(update={"output_dir": output_dir})
-        (output_dir / "metrics.jsonl").unlink(missing_ok=True)
+        for stale in ("metrics.jsonl", "summary.json"):  # this run's files, not a last run's
+            (output_dir / stale).unlink(missing_ok=True)
         config_path = work / "server.json"
         config_path.write_text(server.model_dump_json())
         env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -169,7 +170,7 @@ def simulate_grpc(
                 )
             _follow(server_proc, on_round, timeout)
             code = server_proc.wait(timeout=60)
-            if code != 0:
+            if not (output_dir / "summary.json").exists():
                 raise RuntimeError(
                     f"server process exited with {code}:\n{(work / 'server.log').read_text()}"
                 )
@@ -188,7 +189,14 @@ def simulate_grpc(
         with np.load(output_dir / "model.npz", allow_pickle=False) as npz:
             weights = Vector({k: npz[k] for k in npz.files})
     summary = json.loads((output_dir / "summary.json").read_text())
-    return RunSummary(summary["rounds_completed"], summary["stopped_early"], records, weights)
+    return RunSummary(
+        summary["status"],
+        summary["reason"],
+        summary["rounds_completed"],
+        summary["stopped_early"],
+        records,
+        weights,
+    )
 
 
 def _follow(proc: subprocess.Popen[bytes], on_round: OnRound | None, timeout: float) -> None:

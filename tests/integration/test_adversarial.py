@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from fedpipe.common.outcome import ExitCode
 from fedpipe.common.payload import chunk_frame, encode_payload
 from fedpipe.common.training import RunSetup
 from fedpipe.common.vector import Vector
@@ -240,8 +241,9 @@ async def test_zero_total_weight_does_not_crash_the_run(
     async with running_server(config) as server:
         peers_of(config.port).start("empty", weightless)
         summary = await asyncio.wait_for(server, 15)
-    assert summary.rounds_completed == 2
-    assert all(r.get("failed") for r in summary.history)
+    assert summary.status == "failed" and "round 1: aggregation failed" in summary.reason
+    assert summary.rounds_completed == 0
+    assert [r["failed"] for r in summary.history] == ["aggregation failed"]
 
 
 async def test_metric_state_with_a_vector_for_a_count_does_not_crash_the_run(
@@ -707,7 +709,9 @@ async def test_a_model_the_client_cannot_import_becomes_an_error_reply(
         code, out = await asyncio.to_thread(finish, victim, 30)
     assert reply is not None, out
     assert "no_such_package" in reply.error
-    assert code == 0 and "Traceback" not in out, out
+    # It could not take part: a non-zero exit that a service manager does not retry.
+    assert code == ExitCode.REJECTED and "Traceback" not in out, out
+    assert "failed the setup" in out
 
 
 async def test_a_client_stalling_mid_payload_cannot_hold_the_receive_budget(

@@ -17,7 +17,7 @@ from fedpipe.common.summable import Summable
 from fedpipe.common.training import EvalResult, RunSetup, TrainResult
 from fedpipe.common.vector import ArraySpec, Vector
 from fedpipe.server.checkpoint import MAGIC, CheckpointError, load_checkpoint
-from fedpipe.server.clients import ClientError, ClientPool, ClientProxy, RoundTask
+from fedpipe.server.clients import ClientError, ClientPool, ClientProxy, RoundTask, RunOutcome
 from fedpipe.server.inprocess import InProcessClient, SharedModels
 from fedpipe.server.rounds import FederatedRun, RunError
 from fedpipe.server.simulation import client_datasets, complete_model_config, simulate
@@ -151,7 +151,7 @@ class SilentClient(ClientProxy):
         await asyncio.Event().wait()
         raise AssertionError("unreachable")
 
-    async def stop(self) -> None:
+    async def stop(self, outcome: RunOutcome) -> None:
         return None
 
 
@@ -226,8 +226,13 @@ def test_too_few_results_keeps_the_model(tmp_path: Path) -> None:
 def test_waiting_for_clients_times_out_with_a_clear_error(tmp_path: Path) -> None:
     sim = sim_config(tmp_path, min_clients=3, wait_timeout=0.2)
     server = complete_model_config(sim.server, client_datasets(sim)[0][1])
+    summary = asyncio.run(FederatedRun(server, ClientPool()).run())
+    assert summary.status == "failed" and summary.rounds_completed == 0
+    assert "only 0 of min_clients=3 client(s) connected within wait_timeout=0.2s" in summary.reason
     with pytest.raises(RunError, match="only 0 of min_clients=3 client"):
-        asyncio.run(FederatedRun(server, ClientPool()).run())
+        summary.raise_for_status()
+    on_disk = json.loads((Path(server.output_dir) / "summary.json").read_text())
+    assert on_disk["status"] == "failed" and on_disk["reason"] == summary.reason
 
 
 def test_early_stopping_stops_when_loss_stalls(tmp_path: Path) -> None:
