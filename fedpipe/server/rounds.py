@@ -133,6 +133,8 @@ class FederatedRun:
         self.early_stop = EarlyStopping(config.early_stop) if config.early_stop else None
         if self.output_dir is not None:
             _check_writable(self.output_dir)
+            # The run is under way: no summary until it ends, never a last run's.
+            (self.output_dir / "summary.json").unlink(missing_ok=True)
         if resume:
             self._resume()
 
@@ -372,6 +374,11 @@ class FederatedRun:
         candidates = self.pool.clients() if clients is None else clients
         clients = [c for c in candidates if c.initialized and c.n_eval_samples]
         if not clients:
+            return {}
+        if deadline is not None and deadline <= asyncio.get_running_loop().time():
+            log.warning(
+                "round %d: the round deadline passed during training; no evaluation", round_number
+            )
             return {}
         task = RoundTask(round_number, self.model.weights)
         merged: dict[str, Summable] = {}

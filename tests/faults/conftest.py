@@ -32,23 +32,29 @@ __all__ = [
 ENV = dict(os.environ, PYTHONUNBUFFERED="1")
 
 
-def spawn_server(config: ServerConfig, *extra: str, name: str = "server") -> subprocess.Popen[str]:
+def spawn_server(
+    config: ServerConfig,
+    *extra: str,
+    name: str = "server",
+    verbose: bool = True,
+    log_dir: Path | None = None,
+) -> subprocess.Popen[str]:
     """A real ``fedpipe server`` process with ``config`` (written as JSON next to its run).
 
     Its stdout carries one JSON object per round (``--progress json``); its log goes to
-    ``<output_dir>/../<name>.log``.
+    ``<log_dir or output_dir/..>/<name>.log``.
     """
-    out = Path(config.output_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    path = out.parent / f"{name}.json"
+    folder = Path(config.output_dir).parent if log_dir is None else log_dir
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.json"
     path.write_text(config.model_dump_json())
-    log = open(out.parent / f"{name}.log", "a")
+    log = open(folder / f"{name}.log", "a")
     proc = subprocess.Popen(
         [
             sys.executable,
             "-m",
             "fedpipe",
-            "-v",
+            *(["-v"] if verbose else []),
             "server",
             "--config",
             str(path),
