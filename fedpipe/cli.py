@@ -9,9 +9,11 @@ import logging
 import os
 import socket
 import sys
+import tomllib
 from pathlib import Path
 from typing import Any
 
+from fedpipe import __version__
 from fedpipe.common.config import (
     ClientConfig,
     ConfigError,
@@ -41,6 +43,22 @@ def limit_math_threads(threads: int) -> None:
         raise RuntimeError("limit_math_threads() must run before numpy is imported")
     for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = str(threads)
+
+
+def parse_sets(pairs: list[str] | None) -> dict[str, Any]:
+    """``--set section.key=value`` pairs as dotted-key overrides; a value is read as TOML
+    (``5``, ``0.1``, ``true``, ``"text"``, ``[1, 2]``) and taken as text when it is not."""
+    overrides: dict[str, Any] = {}
+    for pair in pairs or []:
+        key, sep, text = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {pair!r}: expected section.key=value")
+        try:
+            value: Any = tomllib.loads(f"value = {text}")["value"]
+        except tomllib.TOMLDecodeError:
+            value = text
+        overrides[key.strip()] = value
+    return overrides
 
 
 def format_round(record: dict[str, Any], rounds: int) -> str:
@@ -84,7 +102,9 @@ def cmd_server(args: argparse.Namespace) -> int:
         "output_dir": args.output_dir,
         "insecure": args.insecure or None,
     }
-    config: ServerConfig = load_config(ServerConfig, args.config, overrides)
+    config: ServerConfig = load_config(
+        ServerConfig, args.config, {**overrides, **parse_sets(args.set)}
+    )
     summary = asyncio.run(
         serve(config, resume=args.resume, on_round=_printer(config.rounds, args.progress))
     )
@@ -115,7 +135,9 @@ def cmd_client(args: argparse.Namespace) -> int:
         "insecure": args.insecure or None,
         "threads": args.threads,
     }
-    config: ClientConfig = load_config(ClientConfig, args.config, overrides)
+    config: ClientConfig = load_config(
+        ClientConfig, args.config, {**overrides, **parse_sets(args.set)}
+    )
     if config.threads is not None:
         limit_math_threads(config.threads)  # before the imports below load numpy
     from fedpipe.client.daemon import ClientDaemon, ClientRefused
@@ -149,7 +171,12 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     if args.print_config:
         print(DEFAULT_CONFIG_TEXT, end="")
         return 0
-    sim = load_config(SimulationConfig, args.config, overrides, default_text=DEFAULT_CONFIG_TEXT)
+    sim = load_config(
+        SimulationConfig,
+        args.config,
+        {**overrides, **parse_sets(args.set)},
+        default_text=DEFAULT_CONFIG_TEXT,
+    )
     print(
         f"simulating {sim.n_clients} clients on {sim.dataset} "
         f"({sim.partition.scheme} split, transport {sim.transport}), "
@@ -182,14 +209,35 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fedpipe", description=DESCRIPTION, formatter_class=argparse.RawTextHelpFormatter
     )
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
+    parser.add_argument("--version", action="version", version=f"fedpipe {__version__}")
+    # Options every subcommand accepts after its name too (``fedpipe server -v``).
+    common = argparse.ArgumentParser(add_help=False)
+    for where in (parser, common):
+        default: Any = 0 if where is parser else argparse.SUPPRESS  # a subcommand's flags add on
+        where.add_argument(
+            "-v",
+            "--verbose",
+            action="count",
+            default=default,
+            help="more logging (-vv: debug; shows tracebacks)",
+        )
+        where.add_argument(
+            "-q", "--quiet", action="count", default=default, help="less logging (errors only)"
+        )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     server = sub.add_parser(
         "server",
+        parents=[common],
         help="run the server daemon",
         description="Run the server daemon: wait for clients, run the federated rounds, "
         "checkpoint each round, write metrics (CSV, JSON lines) and the final model (.npz).",
+    )
+    server.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override any config field: --set rounds=5 --set training.batch_size=64",
     )
     server.add_argument("--config", type=Path, help="server TOML file (see examples/)")
     server.add_argument("--host", help="address to listen on (default 127.0.0.1)")
@@ -213,9 +261,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     client = sub.add_parser(
         "client",
+        parents=[common],
         help="run a client process",
         description="Run a client: dial the server, train on local data when asked, "
         "reconnect with backoff if the server is unreachable, exit 0 when the run ends.",
+    )
+    client.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override any config field: --set rounds=5 --set training.batch_size=64",
     )
     client.add_argument("--config", type=Path, help="client TOML file")
     client.add_argument("--server", help="server address HOST:PORT")
@@ -236,9 +291,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     simulate = sub.add_parser(
         "simulate",
+        parents=[common],
         help="run a local simulation",
         description="Run a whole federation on this machine. Without --config: 10 clients "
         "on the digits dataset with a Dirichlet label skew, FedAvg, 10 rounds.",
+    )
+    simulate.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override any config field: --set rounds=5 --set training.batch_size=64",
     )
     simulate.add_argument("--config", type=Path, help="simulation TOML file")
     simulate.add_argument("--clients", type=int, help="number of simulated clients")
@@ -253,6 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     split = sub.add_parser(
         "split",
+        parents=[common],
         help="split a dataset into one folder per client",
         description="Partition a dataset and write out/client_<i>/ folders (x.npy, y.npy) "
         "to hand to client processes with --data.",
@@ -271,21 +334,31 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # Daemons log joins, leaves and rounds by default; one-shot commands only problems.
     base = logging.INFO if args.command in ("server", "client") else logging.WARNING
-    level = base - 10 * args.verbose
+    level = min(max(base + 10 * (args.quiet - args.verbose), logging.DEBUG), logging.ERROR)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args))
     except (ConfigError, UnknownNameError) as exc:
-        print(f"fedpipe {args.command}: {exc}", file=sys.stderr)
-        return ExitCode.USAGE
+        return _fail(args, exc, ExitCode.USAGE)
     except RunError as exc:  # the run could not start (its directory is not writable...)
-        print(f"fedpipe {args.command}: {exc}", file=sys.stderr)
-        return ExitCode.FAILED
+        return _fail(args, exc, ExitCode.FAILED)
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as exc:
+        return _fail(args, exc, ExitCode.USAGE)  # a missing data, certificate or config file
+    except KeyboardInterrupt:
+        print(f"fedpipe {args.command}: interrupted", file=sys.stderr)
+        return ExitCode.INTERRUPTED
     except TypeError as exc:  # a registered class rejected its config
         if "invalid config" not in str(exc):
             raise
-        print(f"fedpipe {args.command}: {exc}", file=sys.stderr)
-        return 2
+        return _fail(args, exc, ExitCode.USAGE)
+
+
+def _fail(args: argparse.Namespace, exc: BaseException, code: int) -> int:
+    """One line on stderr for an expected failure; the traceback only with ``-v``."""
+    if args.verbose:
+        logging.getLogger("fedpipe").error("%s", exc, exc_info=exc)
+    print(f"fedpipe {args.command}: {exc}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

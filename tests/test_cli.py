@@ -92,3 +92,37 @@ def test_help_explains_each_command(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     for command in ("server", "client", "simulate", "split"):
         assert command in out
+
+
+def test_version_and_logging_flags_after_the_subcommand(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.strip() == "fedpipe 0.1.0"
+    assert main(["simulate", "-q", "--print-config"]) == 0
+    assert main(["simulate", "-v", "--print-config"]) == 0
+
+
+def test_set_overrides_any_field_with_toml_values(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    sets = ["server.rounds=2", "n_clients=3", 'server.model.name="mlp"', "server.eval_every=2"]
+    args = ["simulate", "--output-dir", str(tmp_path)]
+    assert main([*args, *(f"--set={s}" for s in sets)]) == 0
+    out = capsys.readouterr().out
+    assert "simulating 3 clients" in out and "2 rounds" in out
+    with np.load(tmp_path / "model.npz") as model:
+        assert len(model.files) > 2  # an MLP has more than one weight and one bias
+    assert main(["simulate", "--set", "server.rounds"]) == 2
+    assert "--set 'server.rounds': expected section.key=value" in capsys.readouterr().err
+
+
+def test_a_missing_data_file_is_one_line_and_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "nowhere"
+    code = main(["client", "--server", "127.0.0.1:1", "--data", str(missing)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err == f"fedpipe client: no dataset at {missing}\n"
