@@ -14,6 +14,7 @@ from fedpipe.common.codec import spec_from_wire
 from fedpipe.common.config import ClientConfig
 from fedpipe.common.data import Dataset
 from fedpipe.common.payload import encode_payload
+from fedpipe.common.plugins import import_plugins
 from fedpipe.common.training import LocalTrainer, RunSetup
 from fedpipe.common.vector import ArraySpec, describe_spec_mismatch
 from fedpipe.common.wire import (
@@ -60,6 +61,7 @@ class ClientDaemon:
     """
 
     def __init__(self, config: ClientConfig, train_data: Dataset, eval_data: Dataset | None):
+        import_plugins(config.plugins)  # only the client's own: the server never names any
         self.config = config
         self.name = config.name
         self.train_data = train_data
@@ -67,6 +69,9 @@ class ClientDaemon:
         self.trainer: LocalTrainer | None = None
         self.specs: dict[str, ArraySpec] = {}
         self.max_payload = DEFAULT_MAX_PAYLOAD
+        #: Why this client could not take the run's setup (an unknown module, an untrusted
+        #: model...): a run stopped before any setup was taken is not a success.
+        self.setup_error: str | None = None
 
     async def run(self) -> int:
         """Take part in the run until the server says stop; the process exit code."""
@@ -76,6 +81,8 @@ class ClientDaemon:
         while True:
             try:
                 if await self._session():
+                    if self.trainer is None and self.setup_error is not None:
+                        raise ClientRefused(f"could not take the run's setup: {self.setup_error}")
                     log.info("server ended the run; exiting")
                     return 0
                 delay = cfg.retry_initial
@@ -194,6 +201,8 @@ class ClientDaemon:
         except (ValueError, TypeError, KeyError, ArithmeticError, ImportError) as exc:
             log.error("task %d failed: %s", task.task_id, exc)
             reply.error = f"{type(exc).__name__}: {exc}"
+            if task.kind == pb.TASK_KIND_INITIALIZE:
+                self.setup_error = reply.error
             return reply, None
         payload = encode_payload(state, trainer.setup.chunk_bytes)
         reply.info.CopyFrom(settings_value(info))
