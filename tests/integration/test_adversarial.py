@@ -707,7 +707,9 @@ async def test_a_model_the_client_cannot_import_becomes_an_error_reply(
         code, out = await asyncio.to_thread(finish, victim, 30)
     assert reply is not None, out
     assert "no_such_package" in reply.error
-    assert code == 0 and "Traceback" not in out, out
+    # It took no part in the run: a clear reason and a failure code, not a traceback or a 0.
+    assert code == 2 and "Traceback" not in out, out
+    assert "fedpipe client: could not take the run's setup: ValueError: " in out, out
 
 
 async def test_a_client_stalling_mid_payload_cannot_hold_the_receive_budget(
