@@ -164,9 +164,8 @@ def simulate_grpc(
         work = Path(tmp)
         (work / "server.json").write_text(server.model_dump_json())
         (work / "client.json").write_text(json.dumps(_client_config(server)))
-        cmd = [sys.executable, "-m", "fedpipe"]
         server_proc = _spawn(
-            [*cmd, "server", "--config", str(work / "server.json"), "--progress", "json"],
+            [*FEDPIPE, "server", "--config", str(work / "server.json"), "--progress", "json"],
             logs / "server.log",
             stdout=subprocess.PIPE,
         )
@@ -174,11 +173,7 @@ def simulate_grpc(
         watcher = _ClientWatcher(server_proc, client_procs)
         try:
             for name, train, test in clients:
-                args = [*cmd, "client", "--config", str(work / "client.json"), "--name", name]
-                args += ["--data", str(save_dataset(train, work / name / "train"))]
-                if test is not None:
-                    args += ["--eval-data", str(save_dataset(test, work / name / "eval"))]
-                client_procs[name] = _spawn(args, logs / f"{name}.log")
+                client_procs[name] = _spawn_client(name, train, test, work, logs)
             watcher.start()
             expired = _follow(server_proc, on_round, timeout)
             _check_processes(server_proc, client_procs, watcher, expired, timeout, logs)
@@ -213,6 +208,19 @@ def _client_config(server: ServerConfig) -> dict[str, Any]:
     }
 
 
+FEDPIPE = [sys.executable, "-m", "fedpipe"]
+
+
+def _spawn_client(
+    name: str, train: Dataset, test: Dataset | None, work: Path, logs: Path
+) -> subprocess.Popen[bytes]:
+    args = [*FEDPIPE, "client", "--config", str(work / "client.json"), "--name", name]
+    args += ["--data", str(save_dataset(train, work / name / "train"))]
+    if test is not None:
+        args += ["--eval-data", str(save_dataset(test, work / name / "eval"))]
+    return _spawn(args, logs / f"{name}.log")
+
+
 def _spawn(args: list[str], log_path: Path, stdout: int | None = None) -> subprocess.Popen[bytes]:
     """Start ``args`` with its log (stderr, and stdout unless piped) in ``log_path``."""
     # The processes import the same user code (models, plugins) as this one, even code this
@@ -232,7 +240,7 @@ class _ClientWatcher(threading.Thread):
     """Stops the server once every client process has exited with an error: nobody is left
     to train, and the server would otherwise wait for clients until its timeouts pass."""
 
-    GRACE_SECONDS = 10.0
+    GRACE_SECONDS = 5.0
 
     def __init__(
         self, server: subprocess.Popen[bytes], clients: dict[str, subprocess.Popen[bytes]]
@@ -277,15 +285,16 @@ def _check_processes(
                 log.warning("client %s still running after the run ended; stopping it", name)
         return
     failed = [name for name, proc in clients.items() if proc.poll() not in (None, 0)]
-    raise SimulationError(_failure_report(reason, failed, logs))
+    raise SimulationError(_failure_report(reason, failed or list(clients), logs))
 
 
-def _failure_report(reason: str, failed_clients: list[str], logs: Path, shown: int = 3) -> str:
+def _failure_report(reason: str, clients: list[str], logs: Path, shown: int = 3) -> str:
+    """The reason, then the tails of the server's log and of a few clients' (failed ones)."""
     parts = [f"gRPC simulation failed: {reason}", _log_tail(logs / "server.log")]
-    for name in failed_clients[:shown]:
+    for name in clients[:shown]:
         parts.append(_log_tail(logs / f"{name}.log"))
-    if len(failed_clients) > shown:
-        parts.append(f"... {len(failed_clients) - shown} more client(s) failed")
+    if len(clients) > shown:
+        parts.append(f"... and {len(clients) - shown} more client log(s)")
     parts.append(f"all logs are in {logs}/")
     return "\n".join(parts)
 

@@ -23,7 +23,13 @@ import pytest
 from fedpipe.common.config import ServerConfig, SimulationConfig
 from fedpipe.common.data import load_dataset
 from fedpipe.common.vector import Vector
-from fedpipe.server.simulation import simulate, simulate_inprocess
+from fedpipe.server.simulation import (
+    SimulationError,
+    client_datasets,
+    simulate,
+    simulate_grpc,
+    simulate_inprocess,
+)
 from tests.integration.conftest import finish, server_config
 from tests.plugin_packages import RMSPROP_PACKAGE, write_dist_info, write_module
 from tests.plugin_packages import write_rmsprop_package as write_package
@@ -259,3 +265,20 @@ def test_grpc_simulation_whose_clients_all_fail_stops_and_shows_their_logs(
     logs = tmp_path / "run" / "logs"
     assert f"all logs are in {logs}/" in out
     assert "needs the licence server" in (logs / "client-1.log").read_text()
+
+
+def test_grpc_simulation_past_its_timeout_is_stopped_and_says_where_its_logs_are(
+    tmp_path: Path,
+) -> None:
+    sim = SimulationConfig.model_validate(
+        json.loads(write_simulation(tmp_path, {"rounds": 1000, "model": MODEL}).read_text())
+    )
+    clients = client_datasets(sim)
+    with pytest.raises(SimulationError) as err:
+        simulate_grpc(sim, clients, timeout=4.0)
+    message = str(err.value)
+    logs = tmp_path / "run" / "logs"
+    assert message.startswith("gRPC simulation failed: the run took over 4s")
+    assert "--- server.log" in message and "--- client-0.log" in message
+    assert message.endswith(f"all logs are in {logs}/")
+    assert {p.name for p in logs.iterdir()} == {"server.log", "client-0.log", "client-1.log"}
