@@ -38,7 +38,7 @@ ENTRY_POINT_GROUP = "fedpipe.plugins"
 #: How to make a class of the user's own package known by name (for error messages).
 HOW_TO_LOAD = (
     "A class from your own package is known by name once its module is imported: "
-    '`--plugin mypkg.fedext` or `plugins = ["mypkg.fedext"]` in this process\'s own config, '
+    '`--plugin mypkg.fedext` or `plugins = ["mypkg.fedext"]` in the config of this command, '
     f"or an entry point in the {ENTRY_POINT_GROUP!r} group of an installed package"
 )
 
