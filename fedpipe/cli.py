@@ -22,6 +22,7 @@ from fedpipe.common.config import (
     load_config,
 )
 from fedpipe.common.outcome import ExitCode, RunError
+from fedpipe.common.plugins import import_plugins
 from fedpipe.common.registry import UnknownNameError
 
 __all__ = ["main"]
@@ -88,6 +89,14 @@ def _printer(rounds: int, progress: str = "text") -> Any:
     return on_round
 
 
+def _load_plugins(config: ServerConfig | ClientConfig | SimulationConfig, extra: list[str]) -> None:
+    """Add the ``--plugin`` modules to the config's, then import them all: before any name of
+    the config is looked up, and recorded in the config for the processes a simulation spawns."""
+    if extra:
+        config.plugins = list(dict.fromkeys([*config.plugins, *extra]))
+    import_plugins(config.plugins)
+
+
 # ---- commands ---------------------------------------------------------------------------------
 
 
@@ -105,6 +114,7 @@ def cmd_server(args: argparse.Namespace) -> int:
     config: ServerConfig = load_config(
         ServerConfig, args.config, {**overrides, **parse_sets(args.set)}
     )
+    _load_plugins(config, args.plugin)
     summary = asyncio.run(
         serve(config, resume=args.resume, on_round=_printer(config.rounds, args.progress))
     )
@@ -140,6 +150,7 @@ def cmd_client(args: argparse.Namespace) -> int:
     )
     if config.threads is not None:
         limit_math_threads(config.threads)  # before the imports below load numpy
+    _load_plugins(config, args.plugin)
     from fedpipe.client.daemon import ClientDaemon, ClientRefused
     from fedpipe.common.data import load_builtin, load_dataset
 
@@ -157,7 +168,7 @@ def cmd_client(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from fedpipe.server.simulation import simulate
+    from fedpipe.server.simulation import SimulationError, simulate
 
     overrides = {
         "n_clients": args.clients,
@@ -177,13 +188,18 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         {**overrides, **parse_sets(args.set)},
         default_text=DEFAULT_CONFIG_TEXT,
     )
+    _load_plugins(sim, args.plugin)
     print(
         f"simulating {sim.n_clients} clients on {sim.dataset} "
         f"({sim.partition.scheme} split, transport {sim.transport}), "
         f"{sim.server.rounds} rounds",
         flush=True,
     )
-    summary = simulate(sim, on_round=_printer(sim.server.rounds))
+    try:
+        summary = simulate(sim, on_round=_printer(sim.server.rounds))
+    except SimulationError as exc:
+        print(f"fedpipe simulate: {exc}", file=sys.stderr)
+        return 1
     final = summary.history[-1] if summary.history else {}
     shown = {k: v for k, v in final.items() if isinstance(v, float) and k != "seconds"}
     print("final: " + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()))
@@ -257,6 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="text",
         help="per-round progress on stdout: a line (default), a JSON object, or nothing",
     )
+    _add_plugin_flag(server)
     server.set_defaults(func=cmd_server)
 
     client = sub.add_parser(
@@ -287,6 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     client.add_argument(
         "--insecure", action="store_true", help="plaintext gRPC to a non-loopback server"
     )
+    _add_plugin_flag(client)
     client.set_defaults(func=cmd_client)
 
     simulate = sub.add_parser(
@@ -311,6 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument(
         "--print-config", action="store_true", help="print the default config and exit"
     )
+    _add_plugin_flag(simulate)
     simulate.set_defaults(func=cmd_simulate)
 
     split = sub.add_parser(
@@ -328,6 +347,18 @@ def build_parser() -> argparse.ArgumentParser:
     split.add_argument("--out", type=Path, required=True)
     split.set_defaults(func=cmd_split)
     return parser
+
+
+def _add_plugin_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--plugin",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="import MODULE of your own package first, so that the modules, models, "
+        "aggregators... it registers are usable by name (repeatable; adds to the config's "
+        "'plugins')",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,6 +16,7 @@ from fedpipe.common.config import ClientConfig
 from fedpipe.common.data import Dataset
 from fedpipe.common.outcome import ExitCode, RunOutcome
 from fedpipe.common.payload import encode_payload
+from fedpipe.common.plugins import import_plugins
 from fedpipe.common.training import LocalTrainer, RunSetup
 from fedpipe.common.vector import ArraySpec, describe_spec_mismatch
 from fedpipe.common.wire import (
@@ -65,6 +66,7 @@ class ClientDaemon:
     """
 
     def __init__(self, config: ClientConfig, train_data: Dataset, eval_data: Dataset | None):
+        import_plugins(config.plugins)  # only the client's own: the server never names any
         self.config = config
         self.name = config.name
         self.train_data = train_data

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import re
 import tomllib
 from pathlib import Path
-from typing import Any, Literal, Self, TypeVar
+from typing import Annotated, Any, Literal, Self, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 __all__ = [
     "ClientConfig",
@@ -39,6 +40,21 @@ class _Strict(BaseModel):
 
 
 Spec = str | tuple[str, dict[str, Any]] | list[Any]
+
+_MODULE_NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
+
+
+def _module_name(value: str) -> str:
+    if not _MODULE_NAME.fullmatch(value):
+        raise ValueError(
+            f"{value!r} is not a module name; expected a dotted import name such as "
+            "'mypkg.fedext' (not a file path)"
+        )
+    return value
+
+
+#: Modules to import before the config's names are looked up (see fedpipe.common.plugins).
+Plugins = list[Annotated[str, AfterValidator(_module_name)]]
 
 
 class ModelConfig(_Strict):
@@ -118,6 +134,9 @@ class ServerConfig(_Strict):
     #: Reply bytes assembled at once across clients (at least one model's worth): bounds the
     #: server's memory when many clients answer together.
     receive_budget_mib: float = Field(default=256.0, gt=0)
+    #: Modules of the server owner's packages to import (registered classes); never sent to
+    #: clients.
+    plugins: Plugins = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _results_within_clients(self) -> Self:
@@ -171,6 +190,9 @@ class ClientConfig(_Strict):
     threads: int | None = Field(default=None, ge=1)
     #: Model import paths (``pkg.module:factory``) the server may ask this client to build.
     trusted_models: list[str] = Field(default_factory=list)
+    #: Modules of this client owner's packages to import (registered classes). Only the
+    #: client's own config and flags name them: a server cannot make a client import code.
+    plugins: Plugins = Field(default_factory=list)
 
     @property
     def use_tls(self) -> bool:
@@ -207,6 +229,9 @@ class SimulationConfig(_Strict):
     partition: PartitionConfig = Field(default_factory=PartitionConfig)
     transport: Literal["inprocess", "grpc"] = "inprocess"
     server: ServerConfig = Field(default_factory=ServerConfig)
+    #: Modules to import in this process and in every process the simulation spawns (the
+    #: simulation's owner owns its clients); added to ``server.plugins``.
+    plugins: Plugins = Field(default_factory=list)
 
 
 C = TypeVar("C", bound=BaseModel)

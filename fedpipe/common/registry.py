@@ -4,6 +4,9 @@ Every pluggable base class (optimizer module, regularizer, scheduler, aggregator
 metric) declares a ``family``; every concrete subclass that defines its own ``name`` ClassVar
 is registered under ``(family, name)`` when the class is created. A TOML config can then say
 ``modules = [["adam", {beta_1 = 0.9}], "l2-clipping"]``.
+
+Classes of the user's own package register the same way when their module is imported: see
+:mod:`fedpipe.common.plugins` (a lookup of an unknown name loads the installed entry points).
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ from __future__ import annotations
 from abc import ABC
 from collections.abc import Mapping
 from typing import Any, ClassVar, Self
+
+from fedpipe.common.plugins import HOW_TO_LOAD, load_entry_points
 
 __all__ = [
     "DuplicateNameError",
@@ -90,20 +95,33 @@ def families() -> list[str]:
 
 
 def names(family: str) -> list[str]:
-    """Registered names of one family, sorted."""
+    """Registered names of one family, sorted, with those of installed plugins."""
     _load_builtins()
+    load_entry_points()
     return sorted(_REGISTRY.get(family, {}))
 
 
 def get_class(family: str, name: str) -> type:
+    """The class registered as ``name``; installed plugins are loaded on the first miss.
+
+    Raises
+    ------
+    UnknownNameError
+        No such name, even with the installed plugins (the message says how to load one).
+    PluginError
+        An installed entry point failed to import.
+    """
     _load_builtins()
-    table = _REGISTRY.get(family, {})
-    try:
-        return table[name]
-    except KeyError:
+    cls = _REGISTRY.get(family, {}).get(name)
+    if cls is None:
+        load_entry_points()
+        cls = _REGISTRY.get(family, {}).get(name)
+    if cls is None:
+        known = ", ".join(sorted(_REGISTRY.get(family, {})))
         raise UnknownNameError(
-            f"unknown {family} {name!r}; known {family} names: {', '.join(sorted(table))}"
-        ) from None
+            f"unknown {family} {name!r}; known {family} names: {known}. {HOW_TO_LOAD}"
+        )
+    return cls
 
 
 def build(family: str, name: str, config: Mapping[str, Any] | None = None) -> Any:

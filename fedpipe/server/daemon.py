@@ -12,6 +12,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from fedpipe.common.config import ServerConfig
+from fedpipe.common.plugins import import_plugins
 from fedpipe.common.wire import channel_options
 from fedpipe.server.clients import ClientPool
 from fedpipe.server.grpc_transport import FederationServicer
@@ -37,6 +38,7 @@ async def serve(
     SIGTERM and SIGINT end the run after the current round: the last checkpoint stays, clients
     are told to stop and the final model is written.
     """
+    import_plugins(config.plugins)  # the server owner's modules, before any name is built
     pool = ClientPool()
     stop_event = asyncio.Event()
     # Build the run first: a bad model or optimizer config fails before the port opens.

@@ -6,6 +6,9 @@ Two transports, one round loop:
   proxies in this process (no network, hundreds of clients on two cores);
 - ``grpc``: a real server process and real client processes over loopback gRPC, started with
   the same CLI commands as a deployment.
+
+Both import the simulation's plugins (``plugins``, ``server.plugins``): in this process, or in
+every spawned process, since the simulation's owner owns its clients.
 """
 
 from __future__ import annotations
@@ -28,12 +31,19 @@ import numpy as np
 from fedpipe.common import registry
 from fedpipe.common.config import ServerConfig, SimulationConfig
 from fedpipe.common.data import Dataset, load_builtin, load_dataset, partition, save_dataset
+from fedpipe.common.plugins import import_plugins
 from fedpipe.common.vector import Vector
 from fedpipe.server.clients import ClientPool
 from fedpipe.server.inprocess import InProcessClient, SharedModels
 from fedpipe.server.rounds import FederatedRun, RunSummary
 
-__all__ = ["DEFAULT_CONFIG_TEXT", "client_datasets", "complete_model_config", "simulate"]
+__all__ = [
+    "DEFAULT_CONFIG_TEXT",
+    "SimulationError",
+    "client_datasets",
+    "complete_model_config",
+    "simulate",
+]
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +98,7 @@ def simulate(sim: SimulationConfig, on_round: OnRound | None = None) -> RunSumma
     """Run the simulation described by ``sim`` with its transport."""
     import asyncio
 
+    import_plugins(simulation_plugins(sim))  # before the config's names are looked up
     data = load_source(sim.dataset)
     clients = client_datasets(sim, data)
     server = complete_model_config(sim.server, data)
@@ -125,69 +136,182 @@ def simulate_grpc(
     *,
     timeout: float = 3600.0,
 ) -> RunSummary:
-    """A real server process and one process per client, over loopback gRPC."""
-    port = free_port()
+    """A real server process and one process per client, over loopback gRPC.
+
+    The simulation's owner owns these processes: they import its plugins, and the clients
+    trust its model's import path. Their logs are kept in ``<output_dir>/logs/``.
+
+    Raises
+    ------
+    SimulationError
+        The server failed, every client failed, or the run took over ``timeout`` seconds;
+        the message shows the tails of the logs.
+    """
+    output_dir = Path(sim.server.output_dir).resolve()
+    logs = output_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    server = sim.server.model_copy(
+        update={
+            "host": "127.0.0.1",
+            "port": free_port(),
+            "min_clients": min(sim.server.min_clients, len(clients)),
+            "output_dir": output_dir,
+            "plugins": simulation_plugins(sim),
+        }
+    )
+    for stale in ("metrics.jsonl", "summary.json"):  # this run's files, not a last run's
+        (output_dir / stale).unlink(missing_ok=True)
     with tempfile.TemporaryDirectory(prefix="fedpipe-sim-") as tmp:
         work = Path(tmp)
-        server = sim.server.model_copy(
-            update={
-                "host": "127.0.0.1",
-                "port": port,
-                "min_clients": min(sim.server.min_clients, len(clients)),
-            }
+        (work / "server.json").write_text(server.model_dump_json())
+        (work / "client.json").write_text(json.dumps(_client_config(server)))
+        server_proc = _spawn(
+            [*FEDPIPE, "server", "--config", str(work / "server.json"), "--progress", "json"],
+            logs / "server.log",
+            stdout=subprocess.PIPE,
         )
-        output_dir = Path(server.output_dir).resolve()
-        server = server.model_copy(update={"output_dir": output_dir})
-        for stale in ("metrics.jsonl", "summary.json"):  # this run's files, not a last run's
-            (output_dir / stale).unlink(missing_ok=True)
-        config_path = work / "server.json"
-        config_path.write_text(server.model_dump_json())
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        cmd = [sys.executable, "-m", "fedpipe"]
-        procs: list[subprocess.Popen[bytes]] = []
-        logs = []
+        client_procs: dict[str, subprocess.Popen[bytes]] = {}
+        watcher = _ClientWatcher(server_proc, client_procs)
         try:
-            server_log = open(work / "server.log", "wb")
-            logs.append(server_log)
-            server_proc = subprocess.Popen(
-                [*cmd, "server", "--config", str(config_path), "--progress", "json"],
-                stdout=subprocess.PIPE,
-                stderr=server_log,
-                env=env,
-            )
-            procs.append(server_proc)
             for name, train, test in clients:
-                # Many clients share this machine's cores: one math thread each.
-                args = [*cmd, "client", "--server", f"127.0.0.1:{port}", "--name", name]
-                args += ["--threads", "1"]
-                args += ["--data", str(save_dataset(train, work / name / "train"))]
-                if test is not None:
-                    args += ["--eval-data", str(save_dataset(test, work / name / "eval"))]
-                client_log = open(work / f"{name}.log", "wb")
-                logs.append(client_log)
-                procs.append(
-                    subprocess.Popen(args, stdout=client_log, stderr=subprocess.STDOUT, env=env)
-                )
-            _follow(server_proc, on_round, timeout)
-            code = server_proc.wait(timeout=60)
-            if not (output_dir / "summary.json").exists():
-                raise RuntimeError(
-                    f"server process exited with {code}:\n{(work / 'server.log').read_text()}"
-                )
-            for proc in procs[1:]:
-                proc.wait(timeout=60)
+                client_procs[name] = _spawn_client(name, train, test, work, logs)
+            watcher.start()
+            expired = _follow(server_proc, on_round, timeout)
+            summarized = (output_dir / "summary.json").exists
+            _check_processes(server_proc, client_procs, watcher, expired, timeout, logs, summarized)
         finally:
-            for proc in procs:
+            for proc in [server_proc, *client_procs.values()]:
                 if proc.poll() is None:
                     proc.kill()
                     proc.wait()
-            for fh in logs:
-                fh.close()
-        records = [
-            json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()
-        ]
-        with np.load(output_dir / "model.npz", allow_pickle=False) as npz:
-            weights = Vector({k: npz[k] for k in npz.files})
+            if watcher.ident is not None:  # started: its waits end now that all are dead
+                watcher.join(timeout=30)
+    return _read_summary(output_dir)
+
+
+class SimulationError(RuntimeError):
+    """A gRPC simulation failed; the message says how and shows the tails of the logs."""
+
+
+def simulation_plugins(sim: SimulationConfig) -> list[str]:
+    """The plugin modules of a simulation: its own and its server config's."""
+    return list(dict.fromkeys([*sim.plugins, *sim.server.plugins]))
+
+
+def _client_config(server: ServerConfig) -> dict[str, Any]:
+    """The config every spawned client shares (each adds its name and data as flags)."""
+    model = server.model.name
+    return {
+        "server": f"127.0.0.1:{server.port}",
+        "threads": 1,  # many clients share this machine's cores
+        "plugins": server.plugins,
+        # The simulation's owner chose this model: its clients may import it.
+        "trusted_models": [model] if ":" in model else [],
+    }
+
+
+FEDPIPE = [sys.executable, "-m", "fedpipe"]
+
+
+def _spawn_client(
+    name: str, train: Dataset, test: Dataset | None, work: Path, logs: Path
+) -> subprocess.Popen[bytes]:
+    args = [*FEDPIPE, "client", "--config", str(work / "client.json"), "--name", name]
+    args += ["--data", str(save_dataset(train, work / name / "train"))]
+    if test is not None:
+        args += ["--eval-data", str(save_dataset(test, work / name / "eval"))]
+    return _spawn(args, logs / f"{name}.log")
+
+
+def _spawn(args: list[str], log_path: Path, stdout: int | None = None) -> subprocess.Popen[bytes]:
+    """Start ``args`` with its log (stderr, and stdout unless piped) in ``log_path``."""
+    # The processes import the same user code (models, plugins) as this one, even code this
+    # process found through a sys.path entry added at run time (a notebook's).
+    paths = [os.path.abspath(p) if p else os.getcwd() for p in sys.path]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=os.pathsep.join(dict.fromkeys(paths)))
+    with open(log_path, "wb") as log_file:
+        return subprocess.Popen(
+            args,
+            stdout=log_file if stdout is None else stdout,
+            stderr=subprocess.STDOUT if stdout is None else log_file,
+            env=env,
+        )
+
+
+class _ClientWatcher(threading.Thread):
+    """Stops the server once every client process has exited with an error: nobody is left
+    to train, and the server would otherwise wait for clients until its timeouts pass."""
+
+    GRACE_SECONDS = 5.0
+
+    def __init__(
+        self, server: subprocess.Popen[bytes], clients: dict[str, subprocess.Popen[bytes]]
+    ) -> None:
+        super().__init__(name="fedpipe-sim-clients", daemon=True)
+        self.server, self.clients = server, clients
+        self.stopped_server = False
+
+    def run(self) -> None:
+        codes = [proc.wait() for proc in list(self.clients.values())]
+        if not codes or 0 in codes:
+            return  # a client the server stopped: the run is ending on its own
+        try:
+            self.server.wait(timeout=self.GRACE_SECONDS)
+        except subprocess.TimeoutExpired:
+            self.stopped_server = True
+            self.server.kill()
+
+
+def _check_processes(
+    server: subprocess.Popen[bytes],
+    clients: dict[str, subprocess.Popen[bytes]],
+    watcher: _ClientWatcher,
+    expired: bool,
+    timeout: float,
+    logs: Path,
+    summarized: Callable[[], bool],
+) -> None:
+    """Raise :class:`SimulationError` unless the server process ended the run and said how
+    (``summary.json``: a run that failed that way is reported by its summary's status)."""
+    code = server.wait(timeout=60)
+    if expired:
+        reason = f"the run took over {timeout:.0f}s; its processes were stopped"
+    elif watcher.stopped_server:
+        reason = "every client process exited with an error before the run ended"
+    elif not summarized():
+        reason = f"the server process exited with {code} and wrote no summary.json"
+    else:
+        for name, proc in clients.items():
+            try:
+                if proc.wait(timeout=60) != 0:
+                    log.warning("client %s exited with %d; see %s", name, proc.returncode, logs)
+            except subprocess.TimeoutExpired:
+                log.warning("client %s still running after the run ended; stopping it", name)
+        return
+    failed = [name for name, proc in clients.items() if proc.poll() not in (None, 0)]
+    raise SimulationError(_failure_report(reason, failed or list(clients), logs))
+
+
+def _failure_report(reason: str, clients: list[str], logs: Path, shown: int = 3) -> str:
+    """The reason, then the tails of the server's log and of a few clients' (failed ones)."""
+    parts = [f"gRPC simulation failed: {reason}", _log_tail(logs / "server.log")]
+    for name in clients[:shown]:
+        parts.append(_log_tail(logs / f"{name}.log"))
+    if len(clients) > shown:
+        parts.append(f"... and {len(clients) - shown} more client log(s)")
+    parts.append(f"all logs are in {logs}/")
+    return "\n".join(parts)
+
+
+def _log_tail(path: Path, lines: int = 15) -> str:
+    text = path.read_text(errors="replace").splitlines()[-lines:]
+    return "\n".join([f"--- {path.name} (last {len(text)} lines) ---", *text])
+
+
+def _read_summary(output_dir: Path) -> RunSummary:
+    records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    with np.load(output_dir / "model.npz", allow_pickle=False) as npz:
+        weights = Vector({k: npz[k] for k in npz.files})
     summary = json.loads((output_dir / "summary.json").read_text())
     return RunSummary(
         summary["status"],
@@ -199,10 +323,17 @@ def simulate_grpc(
     )
 
 
-def _follow(proc: subprocess.Popen[bytes], on_round: OnRound | None, timeout: float) -> None:
+def _follow(proc: subprocess.Popen[bytes], on_round: OnRound | None, timeout: float) -> bool:
     """Report each round as the server process prints it (``--progress json``), until the
-    process closes its output; kill it if the whole run exceeds ``timeout`` seconds."""
-    watchdog = threading.Timer(timeout, proc.kill)
+    process closes its output; kill it if the whole run exceeds ``timeout`` seconds (then
+    return True)."""
+    expired = threading.Event()
+
+    def expire() -> None:
+        expired.set()
+        proc.kill()
+
+    watchdog = threading.Timer(timeout, expire)
     watchdog.start()
     try:
         assert proc.stdout is not None
@@ -211,3 +342,4 @@ def _follow(proc: subprocess.Popen[bytes], on_round: OnRound | None, timeout: fl
                 on_round(json.loads(line))
     finally:
         watchdog.cancel()
+    return expired.is_set()

@@ -99,7 +99,7 @@ def test_an_unwritable_run_directory_fails_before_the_port_opens(
     blocker = tmp_path / "not-a-directory"
     blocker.write_text("a file where the run directory should go")
     config = server_config(tmp_path, output_dir=str(blocker / "run"))
-    server = spawn_server(config, name="blocked", log_dir=tmp_path)
+    server = spawn_server(config, name="blocked", log_dir=tmp_path, verbose=False)
     procs.append(server)
     assert server.wait(30) == ExitCode.FAILED
     log = (tmp_path / "blocked.log").read_text()
