@@ -67,6 +67,9 @@ class ClientDaemon:
         self.trainer: LocalTrainer | None = None
         self.specs: dict[str, ArraySpec] = {}
         self.max_payload = DEFAULT_MAX_PAYLOAD
+        #: From the last Welcome: proves, when reconnecting, that a session under our name
+        #: still open on the server is ours.
+        self.session_secret = ""
 
     async def run(self) -> int:
         """Take part in the run until the server says stop; the process exit code."""
@@ -105,6 +108,7 @@ class ClientDaemon:
                 protocol_version=PROTOCOL_VERSION,
                 client_name=self.name,
                 token=self.config.token,
+                session_secret=self.session_secret,
                 data=pb.DataSummary(
                     n_train_samples=len(self.train_data),
                     n_eval_samples=len(self.eval_data) if self.eval_data is not None else 0,
@@ -129,6 +133,7 @@ class ClientDaemon:
                     continue
                 kind = got.message.WhichOneof("kind")
                 if kind == "welcome":
+                    self.session_secret = got.message.welcome.session_secret
                     log.info("joined run %s as %s", got.message.welcome.run_id, self.name)
                     continue
                 task = got.message.task
