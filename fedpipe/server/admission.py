@@ -5,6 +5,7 @@ rate-limited per peer address, and the gRPC server options that bound connection
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import OrderedDict
 from typing import Any
@@ -15,6 +16,8 @@ from fedpipe.common.config import ServerConfig
 from fedpipe.common.tokens import is_hashed, verify_token
 
 __all__ = ["Credentials", "FailureLimiter", "Refused", "peer_host", "server_options"]
+
+log = logging.getLogger(__name__)
 
 #: Streams one connection may hold open. A client process needs one session (plus a health
 #: check); a process speaking for many clients multiplexes their sessions on one connection.
@@ -31,9 +34,9 @@ CONCURRENT_HASH_CHECKS = 2
 class Refused(Exception):
     """A hello the server refuses: the status code and the reason the client is told."""
 
-    def __init__(self, code: grpc.StatusCode, reason: str) -> None:
+    def __init__(self, code: grpc.StatusCode, reason: str, *, level: int = logging.WARNING) -> None:
         super().__init__(reason)
-        self.code, self.reason = code, reason
+        self.code, self.reason, self.level = code, reason, level
 
 
 def server_options(config: ServerConfig) -> tuple[list[tuple[str, Any]], int]:
@@ -86,6 +89,14 @@ class FailureLimiter:
         self._buckets.move_to_end(host)
         while len(self._buckets) > MAX_TRACKED_PEERS:
             self._buckets.popitem(last=False)
+        if wait := self.blocked_for(host):
+            log.warning(
+                "%s failed to authenticate too often; its hellos are refused unchecked for "
+                "%.0fs (then one try every %.0fs)",
+                host,
+                wait,
+                1.0 / self.rate,
+            )
 
     def _left(self, host: str) -> float:
         if host not in self._buckets:
@@ -136,6 +147,7 @@ class Credentials:
             raise Refused(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"too many failed authentications from {host}; try again in {wait:.0f}s",
+                level=logging.DEBUG,  # a guessing peer must not fill the log: said once above
             )
 
     async def _token_matches(self, name: str, token: str, host: str) -> bool:

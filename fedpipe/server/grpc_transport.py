@@ -290,7 +290,7 @@ class FederationServicer:
             proxy = GrpcClient(hello.client_name, hello, self.config, self.budget)
             await self._enter(proxy, hello.session_secret)
         except Refused as exc:
-            log.warning("refused %s%s: %s", peer, claimed, exc.reason)
+            log.log(exc.level, "refused %s%s: %s", peer, claimed, exc.reason)
             await context.abort(exc.code, exc.reason)
             return
         log.info("client %s joined from %s", proxy.name, peer)
