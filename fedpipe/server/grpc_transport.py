@@ -367,11 +367,17 @@ class FederationServicer:
         it is the same client, in a place of its own only below ``max_clients``."""
         async with self._entering:
             previous = self.pool.get(proxy.name)
-            live = isinstance(previous, GrpcClient) and previous._closed is None
-            if live and not self.credentials.required:
-                # No credential proves the name: only the live session's secret does.
-                owned = previous.secret if isinstance(previous, GrpcClient) else ""
-                if not (owned and hmac.compare_digest(secret.encode(), owned.encode())):
+            # Without credentials, only the live session's secret proves the name; a session
+            # that ended frees it (a client restarted from scratch has no secret).
+            if (
+                isinstance(previous, GrpcClient)
+                and previous._closed is None
+                and not self.credentials.required
+            ):
+                if not (
+                    previous.secret
+                    and hmac.compare_digest(secret.encode(), previous.secret.encode())
+                ):
                     raise Refused(
                         grpc.StatusCode.ALREADY_EXISTS,
                         f"client name {proxy.name!r} is taken by a live session; a client "

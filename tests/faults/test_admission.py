@@ -163,7 +163,7 @@ async def test_connections_that_never_say_hello_are_closed_within_the_deadline(
             asyncio.to_thread(closed_within, raw, 10.0), asyncio.to_thread(closed_within, h2, 10.0)
         )
     print(f"closed after {waits[0]}s (raw) and {waits[1]}s (HTTP/2)")
-    assert all(w is not None and w < 1.0 + 3.0 for w in waits), waits
+    assert all(w is not None and w < 1.0 + 5.0 for w in waits), waits
 
 
 @needs_openssl
@@ -177,7 +177,7 @@ async def test_a_tls_connection_that_never_handshakes_is_closed_within_the_deadl
     await started(config, procs)
     with socket.create_connection(("127.0.0.1", config.port)) as raw:
         wait = await asyncio.to_thread(closed_within, raw, 10.0)
-    assert wait is not None and wait < 1.0 + 3.0, wait
+    assert wait is not None and wait < 1.0 + 5.0, wait
 
 
 async def flood_peer(port: int, name: str, seen: Counter[str], go: asyncio.Event) -> None:

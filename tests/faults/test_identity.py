@@ -223,7 +223,7 @@ async def test_without_credentials_a_live_session_is_replaced_only_by_its_owner(
     assert len(welcome.session_secret) >= 32
     try:
         # Someone else under the same name, without or with a wrong secret: refused.
-        for secret in ("", "not-the-secret", welcome.session_secret[:-1]):
+        for secret in ("", "not-the-secret", welcome.session_secret[:-1], "s\u00e9cret"):
             other = Session(config.port)
             exc = await refusal(other, "alice", secret=secret)
             await other.close()
