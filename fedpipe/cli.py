@@ -1,9 +1,10 @@
-"""The ``fedpipe`` command: ``server``, ``client``, ``simulate``, ``split``."""
+"""The ``fedpipe`` command: ``server``, ``client``, ``simulate``, ``split``, ``hash-token``."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import getpass
 import json
 import logging
 import os
@@ -35,6 +36,7 @@ fedpipe: federated learning with pipelines of stateful optimizer modules.
   fedpipe server --config server.toml
   fedpipe client --server HOST:PORT --data client_0/ --name hospital-a
   fedpipe split --dataset digits --clients 4 --out data/
+  fedpipe hash-token < token.txt    print a token's hash for the server's [tokens] table
 """
 
 
@@ -137,6 +139,7 @@ def cmd_client(args: argparse.Namespace) -> int:
         "server": args.server,
         "name": args.name,
         "token": args.token,
+        "token_file": str(args.token_file) if args.token_file else None,
         "data": str(args.data) if args.data else None,
         "dataset": args.dataset,
         "eval_data": str(args.eval_data) if args.eval_data else None,
@@ -156,6 +159,7 @@ def cmd_client(args: argparse.Namespace) -> int:
 
     if not config.name:
         config.name = f"{socket.gethostname()}-{os.getpid()}"
+    config = config.model_copy(update={"token": config.load_token(os.environ), "token_file": None})
     data = load_dataset(config.data) if config.data else load_builtin(str(config.dataset))
     eval_data = load_dataset(config.eval_data) if config.eval_data else None
     if eval_data is None and config.eval_fraction > 0:
@@ -205,6 +209,21 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     print("final: " + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()))
     print(f"metrics and model in {sim.server.output_dir}/")
     return _report(summary, sim.server.output_dir, "simulate", quiet=True)
+
+
+def cmd_hash_token(args: argparse.Namespace) -> int:
+    from fedpipe.common.tokens import hash_token
+
+    # Read from the terminal or stdin, never argv: argv is visible to every user in `ps`.
+    if sys.stdin.isatty():
+        token = getpass.getpass("token: ")
+    else:
+        token = sys.stdin.readline().strip()
+    if not token:
+        print("fedpipe hash-token: no token given on stdin", file=sys.stderr)
+        return 2
+    print(hash_token(token))
+    return 0
 
 
 def cmd_split(args: argparse.Namespace) -> int:
@@ -292,7 +311,12 @@ def build_parser() -> argparse.ArgumentParser:
     client.add_argument("--config", type=Path, help="client TOML file")
     client.add_argument("--server", help="server address HOST:PORT")
     client.add_argument("--name", help="this client's unique name")
-    client.add_argument("--token", help="admission token, if the server requires one")
+    client.add_argument(
+        "--token",
+        help="admission token, if the server requires one (visible in `ps`: prefer "
+        "--token-file or the FEDPIPE_TOKEN environment variable)",
+    )
+    client.add_argument("--token-file", type=Path, help="file whose first line is the token")
     client.add_argument("--data", type=Path, help="training data: .npz, .csv or a split folder")
     client.add_argument("--dataset", help="a built-in dataset instead of --data (demos)")
     client.add_argument("--eval-data", type=Path, help="evaluation data (same formats)")
@@ -346,6 +370,14 @@ def build_parser() -> argparse.ArgumentParser:
     split.add_argument("--seed", type=int, default=0)
     split.add_argument("--out", type=Path, required=True)
     split.set_defaults(func=cmd_split)
+
+    hashing = sub.add_parser(
+        "hash-token",
+        help="print a client token's salted hash for the server config",
+        description="Read a client token from stdin (or the terminal) and print its salted "
+        "scrypt hash: paste it in the server's [tokens] table in place of the token.",
+    )
+    hashing.set_defaults(func=cmd_hash_token)
     return parser
 
 

@@ -76,6 +76,9 @@ class ClientDaemon:
         self.max_payload = DEFAULT_MAX_PAYLOAD
         self.joined = False  # the current session was welcomed into the run
         self.setup_error: str | None = None  # why the last run setup failed here
+        #: From the last Welcome: proves, when reconnecting, that a session under our name
+        #: still open on the server is ours.
+        self.session_secret = ""
 
     async def run(self) -> int:
         """Take part in the run until the server says it is over; the process exit code
@@ -140,6 +143,7 @@ class ClientDaemon:
                 protocol_version=PROTOCOL_VERSION,
                 client_name=self.name,
                 token=self.config.token,
+                session_secret=self.session_secret,
                 data=pb.DataSummary(
                     n_train_samples=len(self.train_data),
                     n_eval_samples=len(self.eval_data) if self.eval_data is not None else 0,
@@ -165,6 +169,7 @@ class ClientDaemon:
                 kind = got.message.WhichOneof("kind")
                 if kind == "welcome":
                     self.joined = True
+                    self.session_secret = got.message.welcome.session_secret
                     log.info("joined run %s as %s", got.message.welcome.run_id, self.name)
                     continue
                 task = got.message.task

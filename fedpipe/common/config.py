@@ -11,12 +11,16 @@ import ipaddress
 import json
 import re
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self, TypeVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from fedpipe.common.tokens import is_hashed, parse_hashed
+
 __all__ = [
+    "TOKEN_ENV",
     "ClientConfig",
     "ConfigError",
     "EarlyStopConfig",
@@ -29,6 +33,10 @@ __all__ = [
     "apply_overrides",
     "load_config",
 ]
+
+
+#: Environment variable a client reads its token from when its config names none.
+TOKEN_ENV = "FEDPIPE_TOKEN"
 
 
 class ConfigError(ValueError):
@@ -123,12 +131,23 @@ class ServerConfig(_Strict):
     early_stop: EarlyStopConfig | None = None
     output_dir: Path = Path("runs/fedpipe-run")
     checkpoint: bool = True
-    #: Client name -> its secret token; when set, only these clients get in, each by its token.
+    #: Client name -> its secret token, or its hash from ``fedpipe hash-token``; when set,
+    #: only these clients get in, each by its token.
     tokens: dict[str, str] = Field(default_factory=dict)
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    #: Mutual TLS: only certificates signed by this CA get in, each under its own name (its
+    #: DNS subject alternative names, or its common name when it has none).
     tls_client_ca: Path | None = None
     insecure: bool = False
+    #: Clients connected at once; a reconnecting client still gets its place back.
+    max_clients: int = Field(default=1000, ge=1)
+    #: Seconds a connection has to open its session and say hello before it is closed.
+    hello_timeout: float = Field(default=10.0, gt=0)
+    #: Failed authentications allowed per peer address within ``auth_failure_window``
+    #: seconds; beyond, that address's hellos are refused unchecked until it cools down.
+    max_auth_failures: int = Field(default=10, ge=1)
+    auth_failure_window: float = Field(default=60.0, gt=0)
     chunk_mib: float = Field(default=4.0, gt=0, le=32)
     max_payload_mib: float = Field(default=16384.0, gt=0)
     #: Reply bytes assembled at once across clients (at least one model's worth): bounds the
@@ -145,6 +164,20 @@ class ServerConfig(_Strict):
                 f"min_results={self.min_results} exceeds min_clients={self.min_clients}: "
                 "a round could never collect enough results"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _clients_within_max(self) -> Self:
+        if self.min_clients > self.max_clients:
+            raise ValueError(
+                f"min_clients={self.min_clients} exceeds max_clients={self.max_clients}: "
+                "the run could never start"
+            )
+        for name, stored in self.tokens.items():
+            if not stored:
+                raise ValueError(f"tokens.{name} is empty: give each client a secret")
+            if is_hashed(stored):
+                parse_hashed(stored)  # a malformed hash fails now, not at the client's hello
         return self
 
     @model_validator(mode="after")
@@ -174,7 +207,9 @@ class ClientConfig(_Strict):
 
     server: str = "127.0.0.1:50051"
     name: str = ""
+    #: The admission token; prefer ``token_file`` or $FEDPIPE_TOKEN (argv is visible in ps).
     token: str = ""
+    token_file: Path | None = None
     data: Path | None = None
     dataset: str | None = None
     eval_data: Path | None = None
@@ -200,8 +235,30 @@ class ClientConfig(_Strict):
         explicit = self.tls_ca is not None or self.tls_cert is not None
         return explicit or not (self.insecure or is_loopback(self.server.rsplit(":", 1)[0]))
 
+    def load_token(self, environ: Mapping[str, str]) -> str:
+        """The admission token: ``token``, else the first line of ``token_file``, else
+        ``environ["FEDPIPE_TOKEN"]``, else none.
+
+        Raises
+        ------
+        ConfigError
+            ``token_file`` cannot be read or is empty.
+        """
+        if self.token or self.token_file is None:
+            return self.token or environ.get(TOKEN_ENV, "")
+        try:
+            lines = self.token_file.read_text().splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"token_file {self.token_file}: cannot read it ({exc})") from None
+        token = lines[0].strip() if lines else ""
+        if not token:
+            raise ConfigError(f"token_file {self.token_file} is empty; expected the token")
+        return token
+
     @model_validator(mode="after")
     def _has_data(self) -> Self:
+        if self.token and self.token_file is not None:
+            raise ValueError("token and token_file are two sources of one secret: set one")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("tls_cert and tls_key go together: set both or neither")
         if (self.data is None) == (self.dataset is None):
@@ -232,6 +289,15 @@ class SimulationConfig(_Strict):
     #: Modules to import in this process and in every process the simulation spawns (the
     #: simulation's owner owns its clients); added to ``server.plugins``.
     plugins: Plugins = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _clients_admitted(self) -> Self:
+        if self.transport == "grpc" and self.n_clients > self.server.max_clients:
+            raise ValueError(
+                f"n_clients={self.n_clients} exceeds server.max_clients="
+                f"{self.server.max_clients}: the server would refuse the extra client processes"
+            )
+        return self
 
 
 C = TypeVar("C", bound=BaseModel)

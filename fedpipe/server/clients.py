@@ -88,6 +88,9 @@ class ClientPool:
     def clients(self) -> list[ClientProxy]:
         return [self._clients[n] for n in sorted(self._clients)]
 
+    def get(self, name: str) -> ClientProxy | None:
+        return self._clients.get(name)
+
     async def add(self, proxy: ClientProxy) -> ClientProxy | None:
         """Add ``proxy``; return the proxy it replaces (same name, reconnecting), if any."""
         async with self._changed:

@@ -14,6 +14,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from fedpipe.common.config import ServerConfig
 from fedpipe.common.plugins import import_plugins
 from fedpipe.common.wire import channel_options
+from fedpipe.server.admission import server_options
 from fedpipe.server.clients import ClientPool
 from fedpipe.server.grpc_transport import FederationServicer
 from fedpipe.server.receive_budget import ReceiveBudget
@@ -43,7 +44,10 @@ async def serve(
     stop_event = asyncio.Event()
     # Build the run first: a bad model or optimizer config fails before the port opens.
     run = FederatedRun(config, pool, stop_event=stop_event, on_round=on_round, resume=resume)
-    server = grpc.aio.server(options=channel_options(config.chunk_bytes))
+    options, max_rpcs = server_options(config)
+    server = grpc.aio.server(
+        options=channel_options(config.chunk_bytes) + options, maximum_concurrent_rpcs=max_rpcs
+    )
     model_bytes = sum(spec.nbytes for spec in run.specs.values())
     budget = ReceiveBudget(max(int(config.receive_budget_mib * (1 << 20)), model_bytes))
     server.add_generic_rpc_handlers((FederationServicer(pool, config, budget).handler(),))

@@ -6,6 +6,7 @@ import asyncio
 import hmac
 import itertools
 import logging
+import secrets
 import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -35,6 +36,7 @@ from fedpipe.common.wire import (
 )
 from fedpipe.proto.fedpipe.v1 import federation_pb2 as pb
 from fedpipe.proto.fedpipe.v1 import tensor_pb2
+from fedpipe.server.admission import Credentials, Refused
 from fedpipe.server.clients import ClientError, ClientPool, ClientProxy, RoundTask, RunOutcome
 from fedpipe.server.receive_budget import ReceiveBudget
 
@@ -47,8 +49,6 @@ OUTBOX_FRAMES = 4
 #: Round payloads up to this size keep their chunk frames for every client of the round.
 FRAME_CACHE_BYTES = 256 << 20
 MAX_NAME_LENGTH = 128
-#: Seconds a new stream has to say hello before it is closed.
-HELLO_TIMEOUT = 10.0
 #: Payload limits before a client accepted the run setup (its replies carry no tensors yet).
 SETUP_PAYLOAD_BYTES = 1 << 20
 SETUP_TENSORS = 64
@@ -58,6 +58,9 @@ PAYLOAD_STALL_TIMEOUT = 10.0
 
 class GrpcClient(ClientProxy):
     """A remote client process on the other end of a ``Session`` stream."""
+
+    #: Handed out in the Welcome: a reconnecting client proves by it that it owns the name.
+    secret: str = ""
 
     def __init__(self, name: str, hello: Any, config: ServerConfig, budget: ReceiveBudget) -> None:
         self.name = name
@@ -263,6 +266,8 @@ class FederationServicer:
         self.pool = pool
         self.config = config
         self.budget = budget
+        self.credentials = Credentials(config)
+        self._entering = asyncio.Lock()
 
     def handler(self) -> grpc.GenericRpcHandler:
         method = grpc.stream_stream_rpc_method_handler(self.session)
@@ -272,29 +277,33 @@ class FederationServicer:
 
     async def session(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
         peer = context.peer()
+        timeout = self.config.hello_timeout
         try:
-            frame = await asyncio.wait_for(context.read(), HELLO_TIMEOUT)
+            frame = await asyncio.wait_for(context.read(), timeout)
         except TimeoutError:
-            log.warning("refused %s: no hello within %.0fs", peer, HELLO_TIMEOUT)
+            log.warning("refused %s: no hello within %.1fs", peer, timeout)
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "no hello in time")
             return
         if frame is grpc.aio.EOF:
             return
+        claimed = ""
         try:
             hello = self._admit(frame)
-        except _Refused as exc:
-            log.warning("refused %s: %s", peer, exc.reason)
+            claimed = f" (claiming to be {hello.client_name!r})"
+            auth = context.auth_context()
+            await self.credentials.check(hello.client_name, hello.token, peer, auth)
+            proxy = GrpcClient(hello.client_name, hello, self.config, self.budget)
+            await self._enter(proxy, hello.session_secret)
+        except Refused as exc:
+            log.log(exc.level, "refused %s%s: %s", peer, claimed, exc.reason)
             await context.abort(exc.code, exc.reason)
             return
-        proxy = GrpcClient(hello.client_name, hello, self.config, self.budget)
-        previous = await self.pool.add(proxy)
-        if previous is not None and isinstance(previous, GrpcClient):
-            previous.close("replaced by a new session of the same client")
         log.info("client %s joined from %s", proxy.name, peer)
         welcome = pb.Welcome(
             protocol_version=PROTOCOL_VERSION,
             run_id=self.config.run_id,
             session_id=uuid.uuid4().hex,
+            session_secret=proxy.secret,
         )
         await context.write(pb.ServerMessage(welcome=welcome).SerializeToString())
         reader = asyncio.create_task(self._read(context, proxy))
@@ -358,37 +367,58 @@ class FederationServicer:
             if held:
                 await self.budget.release(held)
 
+    async def _enter(self, proxy: GrpcClient, secret: str) -> None:
+        """Put ``proxy`` in the pool: in place of a live session of its name only if it proves
+        it is the same client, in a place of its own only below ``max_clients``."""
+        async with self._entering:
+            previous = self.pool.get(proxy.name)
+            # Without credentials, only the live session's secret proves the name; a session
+            # that ended frees it (a client restarted from scratch has no secret).
+            if (
+                isinstance(previous, GrpcClient)
+                and previous._closed is None
+                and not self.credentials.required
+            ):
+                if not (
+                    previous.secret
+                    and hmac.compare_digest(secret.encode(), previous.secret.encode())
+                ):
+                    raise Refused(
+                        grpc.StatusCode.ALREADY_EXISTS,
+                        f"client name {proxy.name!r} is taken by a live session; a client "
+                        "reconnecting under its name presents its last session secret",
+                    )
+            if previous is None and len(self.pool) >= self.config.max_clients:
+                raise Refused(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"the server is full: {len(self.pool)} clients connected "
+                    f"(max_clients={self.config.max_clients})",
+                )
+            proxy.secret = secrets.token_urlsafe(32)
+            await self.pool.add(proxy)
+        if isinstance(previous, GrpcClient):
+            previous.close("replaced by a new session of the same client")
+
     def _admit(self, frame: bytes) -> Any:
         message = pb.ClientMessage()
         try:
             message.ParseFromString(frame)
         except ProtobufDecodeError as exc:
-            raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, f"undecodable hello: {exc}") from None
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"undecodable hello: {exc}") from None
         if message.WhichOneof("kind") != "hello":
-            raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, "the first message must be a hello")
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "the first message must be a hello")
         hello = message.hello
         if hello.protocol_version != PROTOCOL_VERSION:
-            raise _Refused(
+            raise Refused(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"protocol version {hello.protocol_version} is not supported; "
                 f"this server speaks version {PROTOCOL_VERSION}",
             )
         name = hello.client_name
-        if self.config.tokens:
-            # Each name has its own token: a valid token cannot claim another client's name.
-            expected = self.config.tokens.get(name, "")
-            if not (expected and hmac.compare_digest(hello.token.encode(), expected.encode())):
-                raise _Refused(grpc.StatusCode.UNAUTHENTICATED, "invalid or missing client token")
         if not name or len(name) > MAX_NAME_LENGTH or not name.isprintable():
-            raise _Refused(
+            raise Refused(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"client name {name[:MAX_NAME_LENGTH]!r} must be 1-{MAX_NAME_LENGTH} "
                 "printable characters",
             )
         return hello
-
-
-class _Refused(Exception):
-    def __init__(self, code: grpc.StatusCode, reason: str) -> None:
-        super().__init__(reason)
-        self.code, self.reason = code, reason

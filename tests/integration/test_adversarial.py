@@ -485,10 +485,9 @@ async def test_a_header_of_many_tiny_tensors_does_not_block_the_server(
 
 
 async def test_a_session_that_never_says_hello_is_closed(
-    tmp_path: Path, peers_of: Callable[[int], Peers], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, peers_of: Callable[[int], Peers]
 ) -> None:
-    monkeypatch.setattr(grpc_transport, "HELLO_TIMEOUT", 0.5, raising=False)
-    config = server_config(tmp_path, rounds=1, min_clients=1)
+    config = server_config(tmp_path, rounds=1, min_clients=1, hello_timeout=0.5)
     async with running_server(config):
         peers = peers_of(config.port)
         mute = [peers.new(f"mute-{i}") for i in range(20)]

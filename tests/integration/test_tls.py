@@ -110,7 +110,7 @@ async def test_mutual_tls_admits_only_certified_clients(
         )
         good = client_process(
             tmp_path,
-            "certified",
+            "client",  # the certificate's name: a certificate admits only its own name
             config.port,
             client_data[2],
             {
@@ -125,7 +125,7 @@ async def test_mutual_tls_admits_only_certified_clients(
     assert code_plain == 1 and code_no_cert == 1  # gave up: the server never let them in
     assert "gave up reaching" in out_no_cert
     assert code_good == 0, out_good
-    assert summary.history[0]["clients"] == ["certified"]
+    assert summary.history[0]["clients"] == ["client"]
 
 
 def test_serving_beyond_loopback_without_tls_must_be_explicit() -> None:

@@ -50,26 +50,30 @@ class DataSummary(_message.Message):
     def __init__(self, n_train_samples: _Optional[int] = ..., n_eval_samples: _Optional[int] = ...) -> None: ...
 
 class Hello(_message.Message):
-    __slots__ = ("protocol_version", "client_name", "token", "data")
+    __slots__ = ("protocol_version", "client_name", "token", "data", "session_secret")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     CLIENT_NAME_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    SESSION_SECRET_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     client_name: str
     token: str
     data: DataSummary
-    def __init__(self, protocol_version: _Optional[int] = ..., client_name: _Optional[str] = ..., token: _Optional[str] = ..., data: _Optional[_Union[DataSummary, _Mapping]] = ...) -> None: ...
+    session_secret: str
+    def __init__(self, protocol_version: _Optional[int] = ..., client_name: _Optional[str] = ..., token: _Optional[str] = ..., data: _Optional[_Union[DataSummary, _Mapping]] = ..., session_secret: _Optional[str] = ...) -> None: ...
 
 class Welcome(_message.Message):
-    __slots__ = ("protocol_version", "run_id", "session_id")
+    __slots__ = ("protocol_version", "run_id", "session_id", "session_secret")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_SECRET_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     run_id: str
     session_id: str
-    def __init__(self, protocol_version: _Optional[int] = ..., run_id: _Optional[str] = ..., session_id: _Optional[str] = ...) -> None: ...
+    session_secret: str
+    def __init__(self, protocol_version: _Optional[int] = ..., run_id: _Optional[str] = ..., session_id: _Optional[str] = ..., session_secret: _Optional[str] = ...) -> None: ...
 
 class Task(_message.Message):
     __slots__ = ("task_id", "kind", "round", "settings", "payload", "weight_specs")

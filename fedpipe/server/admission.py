@@ -1,0 +1,166 @@
+"""Who may open a session: credentials bound to the client's name, failed authentications
+rate-limited per peer address, and the gRPC server options that bound connections and streams.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from typing import Any
+
+import grpc
+
+from fedpipe.common.config import ServerConfig
+from fedpipe.common.tokens import is_hashed, verify_token
+
+__all__ = ["Credentials", "FailureLimiter", "Refused", "peer_host", "server_options"]
+
+log = logging.getLogger(__name__)
+
+#: Streams one connection may hold open. A client process needs one session (plus a health
+#: check); a process speaking for many clients multiplexes their sessions on one connection.
+STREAMS_PER_CONNECTION = 100
+#: RPCs beyond ``max_clients`` the server serves at once: hellos in progress, health checks,
+#: a reconnecting client whose old session has not ended yet.
+EXTRA_RPCS = 64
+#: Peer addresses whose failures are remembered; the oldest is forgotten beyond.
+MAX_TRACKED_PEERS = 10_000
+#: scrypt checks run at once: a flood of hellos must not take every core.
+CONCURRENT_HASH_CHECKS = 2
+
+
+class Refused(Exception):
+    """A hello the server refuses: the status code and the reason the client is told."""
+
+    def __init__(self, code: grpc.StatusCode, reason: str, *, level: int = logging.WARNING) -> None:
+        super().__init__(reason)
+        self.code, self.reason, self.level = code, reason, level
+
+
+def server_options(config: ServerConfig) -> tuple[list[tuple[str, Any]], int]:
+    """gRPC server options that close silent connections and bound streams, and the most
+    RPCs served at once (``grpc.aio.server(maximum_concurrent_rpcs=...)``).
+
+    A connection must finish its TLS handshake within ``hello_timeout``; one with no stream
+    open for that long (a raw socket that sends nothing included) is closed. No option
+    bounds a connection's age: a session lasts the whole run, its transfers included.
+    """
+    deadline_ms = max(1, int(config.hello_timeout * 1000))
+    options: list[tuple[str, Any]] = [
+        ("grpc.server_handshake_timeout_ms", deadline_ms),
+        ("grpc.max_connection_idle_ms", deadline_ms),
+        ("grpc.max_concurrent_streams", STREAMS_PER_CONNECTION),
+    ]
+    return options, config.max_clients + EXTRA_RPCS
+
+
+def peer_host(peer: str) -> str:
+    """The address part of a gRPC peer string (``ipv4:1.2.3.4:5``, ``ipv6:[::1]:5``)."""
+    kind, _, rest = peer.partition(":")
+    if kind == "ipv4":
+        return rest.rsplit(":", 1)[0]
+    if kind == "ipv6":
+        return rest.rsplit(":", 1)[0].strip("[]")
+    return peer
+
+
+class FailureLimiter:
+    """A token bucket of failed authentications per peer address.
+
+    An address may fail ``burst`` times at once, then once every ``window / burst`` seconds;
+    while its bucket is empty its hellos are refused before any credential is checked.
+    """
+
+    def __init__(self, burst: int, window: float, *, clock: Any = time.monotonic) -> None:
+        self.burst = burst
+        self.rate = burst / window  # failures regained per second
+        self.clock = clock
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+
+    def blocked_for(self, host: str) -> float:
+        """Seconds until ``host`` may try again; 0 when it may try now."""
+        left = self._left(host)
+        return 0.0 if left >= 1.0 else (1.0 - left) / self.rate
+
+    def failed(self, host: str) -> None:
+        self._buckets[host] = (max(0.0, self._left(host) - 1.0), self.clock())
+        self._buckets.move_to_end(host)
+        while len(self._buckets) > MAX_TRACKED_PEERS:
+            self._buckets.popitem(last=False)
+        if wait := self.blocked_for(host):
+            log.warning(
+                "%s failed to authenticate too often; its hellos are refused unchecked for "
+                "%.0fs (then one try every %.0fs)",
+                host,
+                wait,
+                1.0 / self.rate,
+            )
+
+    def _left(self, host: str) -> float:
+        if host not in self._buckets:
+            return float(self.burst)
+        left, since = self._buckets[host]
+        return min(float(self.burst), left + (self.clock() - since) * self.rate)
+
+
+class Credentials:
+    """Checks that a hello's credentials prove its name: the client certificate's names
+    under mutual TLS, the name's token when tokens are configured."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.limiter = FailureLimiter(config.max_auth_failures, config.auth_failure_window)
+        self._hashing = asyncio.Semaphore(CONCURRENT_HASH_CHECKS)
+
+    @property
+    def required(self) -> bool:
+        """Whether a credential proves each name (else a session secret must)."""
+        return bool(self.config.tokens) or self.config.tls_client_ca is not None
+
+    async def check(self, name: str, token: str, peer: str, auth: dict[str, list[bytes]]) -> None:
+        """Raise :class:`Refused` unless the credentials admit ``name``.
+
+        ``auth`` is the call's ``context.auth_context()``.
+        """
+        if not self.required:
+            return
+        host = peer_host(peer)
+        self._check_rate(host)
+        if self.config.tls_client_ca is not None:
+            names = certificate_names(auth)
+            if name not in names:
+                self.limiter.failed(host)
+                raise Refused(
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    f"the client certificate is for {' or '.join(map(repr, names)) or 'no name'}"
+                    f", not {name!r}: a certificate admits only its own name",
+                )
+        if self.config.tokens and not await self._token_matches(name, token, host):
+            self.limiter.failed(host)
+            raise Refused(grpc.StatusCode.UNAUTHENTICATED, "invalid or missing client token")
+
+    def _check_rate(self, host: str) -> None:
+        wait = self.limiter.blocked_for(host)
+        if wait > 0:
+            raise Refused(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"too many failed authentications from {host}; try again in {wait:.0f}s",
+                level=logging.DEBUG,  # a guessing peer must not fill the log: said once above
+            )
+
+    async def _token_matches(self, name: str, token: str, host: str) -> bool:
+        stored = self.config.tokens.get(name, "")
+        if not is_hashed(stored):
+            return verify_token(token, stored)
+        async with self._hashing:
+            self._check_rate(host)  # failures may have piled up while this hello waited
+            return await asyncio.to_thread(verify_token, token, stored)
+
+
+def certificate_names(auth: dict[str, list[bytes]]) -> list[str]:
+    """The names a client certificate proves: its DNS subject alternative names, else its
+    common name (RFC 6125: a certificate with DNS SANs is not identified by its CN)."""
+    values = auth.get("peer_dns") or auth.get("x509_common_name") or []
+    return [v.decode("utf-8", "replace") for v in values]

@@ -1,0 +1,69 @@
+"""The admission policy's parts: the failure limiter, peer addresses, certificate names."""
+
+from __future__ import annotations
+
+import pytest
+
+from fedpipe.common.config import ServerConfig
+from fedpipe.server import admission
+from fedpipe.server.admission import FailureLimiter, certificate_names, peer_host, server_options
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_an_address_fails_a_burst_then_once_per_window_share() -> None:
+    clock = Clock()
+    limiter = FailureLimiter(3, 6.0, clock=clock)  # one failure regained every 2 s
+    for _ in range(3):
+        assert limiter.blocked_for("10.0.0.1") == 0.0
+        limiter.failed("10.0.0.1")
+    assert limiter.blocked_for("10.0.0.1") == pytest.approx(2.0)
+    assert limiter.blocked_for("10.0.0.2") == 0.0  # other addresses are not affected
+    clock.now += 1.5
+    assert limiter.blocked_for("10.0.0.1") == pytest.approx(0.5)
+    clock.now += 0.5
+    assert limiter.blocked_for("10.0.0.1") == 0.0
+    limiter.failed("10.0.0.1")
+    assert limiter.blocked_for("10.0.0.1") == pytest.approx(2.0)
+    clock.now += 60
+    assert limiter.blocked_for("10.0.0.1") == 0.0  # refilled up to the burst, no further
+    for _ in range(3):
+        limiter.failed("10.0.0.1")
+    assert limiter.blocked_for("10.0.0.1") > 0
+
+
+def test_the_limiter_forgets_the_oldest_addresses_beyond_its_bound(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(admission, "MAX_TRACKED_PEERS", 2)
+    limiter = FailureLimiter(1, 60.0, clock=Clock())
+    for host in ("a", "b", "c"):
+        limiter.failed(host)
+    assert limiter.blocked_for("a") == 0.0 and limiter.blocked_for("c") > 0
+
+
+def test_peer_host() -> None:
+    assert peer_host("ipv4:127.0.0.1:5000") == "127.0.0.1"
+    assert peer_host("ipv6:[::1]:5000") == "::1"
+    assert peer_host("unix:/tmp/sock") == "unix:/tmp/sock"
+
+
+def test_certificate_names_are_the_dns_sans_else_the_common_name() -> None:
+    both = {"peer_dns": [b"a", b"a.example.org"], "x509_common_name": [b"cn"]}
+    assert certificate_names(both) == ["a", "a.example.org"]
+    assert certificate_names({"x509_common_name": [b"cn"]}) == ["cn"]
+    assert certificate_names({}) == []
+
+
+def test_server_options_follow_the_config() -> None:
+    options, max_rpcs = server_options(ServerConfig(hello_timeout=2.5, max_clients=7))
+    assert dict(options)["grpc.max_connection_idle_ms"] == 2500
+    assert dict(options)["grpc.server_handshake_timeout_ms"] == 2500
+    assert "grpc.max_connection_age_ms" not in dict(options)  # a session lasts the whole run
+    assert max_rpcs == 7 + admission.EXTRA_RPCS
