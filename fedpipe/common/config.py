@@ -169,6 +169,9 @@ class ClientConfig(_Strict):
     threads: int | None = Field(default=None, ge=1)
     #: Model import paths (``pkg.module:factory``) the server may ask this client to build.
     trusted_models: list[str] = Field(default_factory=list)
+    #: Where this client keeps its module state after each round (one directory per client),
+    #: so that it continues exactly after a crash; None keeps it in memory only.
+    state_dir: Path | None = None
 
     @property
     def use_tls(self) -> bool:
