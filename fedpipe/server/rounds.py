@@ -392,9 +392,9 @@ class _Fold:
     """The running sum of one round's train replies (partials and aux vars).
 
     Replies are added in arrival order. With two replies the sum does not depend on it
-    (float addition commutes); with three or more, rounding may differ between two runs
-    whose replies arrive in different orders, so a replayed round is then equal to about
-    1 ulp, not bit for bit.
+    (float addition commutes); with three or more, two runs whose replies arrive in other
+    orders may round differently: a round replayed after a resume may then differ from the
+    first run's by rounding (about 1 ulp) instead of being equal bit for bit.
     """
 
     def __init__(
