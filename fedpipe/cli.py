@@ -147,6 +147,7 @@ def cmd_client(args: argparse.Namespace) -> int:
         "tls_ca": str(args.tls_ca) if args.tls_ca else None,
         "insecure": args.insecure or None,
         "threads": args.threads,
+        "state_dir": str(args.state_dir) if args.state_dir else None,
     }
     config: ClientConfig = load_config(
         ClientConfig, args.config, {**overrides, **parse_sets(args.set)}
@@ -325,6 +326,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--threads", type=int, help="math-library threads (1 when many clients share a machine)"
     )
     client.add_argument("--tls-ca", type=Path, help="CA certificate that signed the server's")
+    client.add_argument(
+        "--state-dir",
+        type=Path,
+        help="keep the module state here after each round, to continue exactly after a crash",
+    )
     client.add_argument(
         "--insecure", action="store_true", help="plaintext gRPC to a non-loopback server"
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import random
 import time
@@ -11,6 +12,7 @@ from typing import Any
 
 import grpc
 
+from fedpipe.client.state_store import ClientStateStore
 from fedpipe.common.codec import spec_from_wire
 from fedpipe.common.config import ClientConfig
 from fedpipe.common.data import Dataset
@@ -79,6 +81,7 @@ class ClientDaemon:
         #: From the last Welcome: proves, when reconnecting, that a session under our name
         #: still open on the server is ours.
         self.session_secret = ""
+        self.states = ClientStateStore(self.name, config.state_dir)
 
     async def run(self) -> int:
         """Take part in the run until the server says it is over; the process exit code
@@ -221,7 +224,7 @@ class ClientDaemon:
                 raise ProtocolError(f"global weights: {problem}")
             if task.kind == pb.TASK_KIND_TRAIN:
                 aux = summables_from(received.get("aux_vars", {}), "aux_vars")
-                result = await asyncio.to_thread(
+                work = functools.partial(
                     trainer.train,
                     self.train_data,
                     weights,
@@ -229,6 +232,8 @@ class ClientDaemon:
                     client=self.name,
                     round_number=task.round,
                 )
+                base = settings_data(task.settings).get("base_round")
+                result = await asyncio.to_thread(self.states.train, trainer, base, task.round, work)
                 info, state = train_reply_parts(result)
                 log.info(
                     "round %d: %d steps, train loss %.4f, %.2fs",
@@ -275,6 +280,7 @@ class ClientDaemon:
         if self.trainer is not None and self.trainer.setup == setup:
             return  # reconnected to the same run: keep the optimizer's state
         self.trainer, self.specs = trainer, specs
+        self.states.start_run(setup)
         model_bytes = sum(s.nbytes for s in specs.values())
         self.max_payload = 2 * model_bytes + (64 << 20)
 

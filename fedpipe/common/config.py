@@ -228,6 +228,9 @@ class ClientConfig(_Strict):
     #: Modules of this client owner's packages to import (registered classes). Only the
     #: client's own config and flags name them: a server cannot make a client import code.
     plugins: Plugins = Field(default_factory=list)
+    #: Where this client keeps its module state after each round (one directory per client),
+    #: so that it continues exactly after a crash; None keeps it in memory only.
+    state_dir: Path | None = None
 
     @property
     def use_tls(self) -> bool:

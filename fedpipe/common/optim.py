@@ -186,6 +186,12 @@ class Optimizer:
             module.set_state(mod_state)
         self.step = step
 
+    def on_state_lost(self) -> None:
+        """Tell every module that this fresh state replaces a lost one (see
+        :meth:`~fedpipe.common.modules.base.OptiModule.on_state_lost`)."""
+        for module in self.modules:
+            module.on_state_lost()
+
     # ---- auxiliary variables -----------------------------------------------------------------
 
     def collect_aux_var(self) -> dict[str, Summable]:

@@ -12,7 +12,7 @@ import numpy as np
 
 from fedpipe.common.vector import Vector
 
-__all__ = ["State", "StateValue", "state_vector", "states_equal"]
+__all__ = ["State", "StateValue", "copy_state", "state_vector", "states_equal"]
 
 StateValue = (
     None
@@ -53,4 +53,19 @@ def state_vector(state: State, key: str, owner: str) -> Vector | None:
     value = state.get(key)
     if value is not None and not isinstance(value, Vector):
         raise ValueError(f"{owner} state {key!r} must be a Vector or None, got {value!r}")
+    return value
+
+
+def copy_state(state: State) -> State:
+    """A deep copy of ``state``: arrays and Vectors copied, plain values shared."""
+    return {key: _copy_value(value) for key, value in state.items()}
+
+
+def _copy_value(value: StateValue) -> StateValue:
+    if isinstance(value, (Vector, np.ndarray)):
+        return value.copy()
+    if isinstance(value, dict):
+        return copy_state(value)
+    if isinstance(value, list):
+        return [_copy_value(item) for item in value]
     return value

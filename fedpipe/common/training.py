@@ -29,7 +29,8 @@ __all__ = ["EvalResult", "LocalTrainer", "RunSetup", "TrainResult", "round_seed"
 
 @dataclass(frozen=True)
 class RunSetup:
-    """What the server tells every client when it joins: plain data only.
+    """What the server tells every client when it joins: plain data only (``run_id``
+    names the run, so that a client never continues another run's module state).
 
     ``model`` is ``{"name": ..., "config": {...}}``; ``client_optimizer`` the kwargs of
     :class:`~fedpipe.common.optim.Optimizer`; ``aggregator`` and ``metrics`` registry specs.
@@ -42,6 +43,7 @@ class RunSetup:
     training: dict[str, Any]
     seed: int = 0
     chunk_bytes: int = 4 << 20
+    run_id: str = ""
 
     def to_data(self) -> dict[str, Any]:
         return {
@@ -52,6 +54,7 @@ class RunSetup:
             "training": self.training,
             "seed": self.seed,
             "chunk_bytes": self.chunk_bytes,
+            "run_id": self.run_id,
         }
 
     @classmethod
@@ -65,6 +68,7 @@ class RunSetup:
                 training=dict(data["training"]),
                 seed=int(data.get("seed", 0)),
                 chunk_bytes=int(data.get("chunk_bytes", 4 << 20)),
+                run_id=str(data.get("run_id", "")),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"malformed run setup: {exc!r}") from None

@@ -38,6 +38,9 @@ class RoundTask:
     weights: Vector
     aux_vars: dict[str, Summable] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
+    #: Client name -> round of its latest aggregated reply (absent: none), sent with its
+    #: train task: the module state it trains from (see ``fedpipe.client.state_store``).
+    base_rounds: Mapping[str, int] = field(default_factory=dict)
     cache: dict[str, Any] = field(default_factory=dict)
 
 

@@ -98,8 +98,9 @@ class GrpcClient(ClientProxy):
 
     async def train(self, task: RoundTask) -> TrainResult:
         payload = _round_payload(task, "train", self.chunk_bytes)
+        settings = {**task.settings, "base_round": task.base_rounds.get(self.name, 0)}
         got = await self._request(
-            pb.TASK_KIND_TRAIN, task.round_number, task.settings, payload, cache=task.cache
+            pb.TASK_KIND_TRAIN, task.round_number, settings, payload, cache=task.cache
         )
         return train_result_from(settings_data(got.message.reply.info), got.payload)
 

@@ -39,6 +39,28 @@ class History:
         else:
             self.write_csv()
 
+    @classmethod
+    def resumed(cls, output_dir: Path | None, records: list[dict[str, Any]]) -> History:
+        """The history of a run resumed with ``records`` (its checkpoint's), files rewritten.
+
+        The crashed server may have written rounds after its last checkpoint: they are dropped,
+        so that a round replayed after the resume replaces its first line rather than
+        duplicating it. Kept rounds keep their ``metrics.jsonl`` line (it has the client lists
+        the checkpoint leaves out); a line missing or torn by the crash is written again from
+        the checkpoint's record.
+        """
+        history = cls(output_dir, records)
+        if output_dir is None or not output_dir.is_dir():
+            return history
+        path = output_dir / "metrics.jsonl"
+        written = _lines_by_round(path) if path.exists() else {}
+        lines = [written.get(r.get("round"), json.dumps(r, default=_jsonable)) for r in records]
+        tmp = output_dir / "metrics.jsonl.tmp"
+        tmp.write_text("".join(line + "\n" for line in lines))
+        tmp.replace(path)
+        history.write_csv()
+        return history
+
     def write_csv(self) -> None:
         """Rewrite ``metrics.csv`` with the union of every record's scalar columns."""
         if self.output_dir is None:
@@ -80,6 +102,19 @@ class EarlyStopping:
         for record in records:
             if self.config.metric in record:
                 self.update(float(record[self.config.metric]))
+
+
+def _lines_by_round(path: Path) -> dict[Any, str]:
+    """The last complete line of each round in a ``metrics.jsonl`` (torn lines skipped)."""
+    lines: dict[Any, str] = {}
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # the tail a kill cut in the middle of a write
+        if isinstance(record, dict) and "round" in record:
+            lines[record["round"]] = line
+    return lines
 
 
 def _scalar_keys(record: dict[str, Any]) -> list[str]:

@@ -22,10 +22,17 @@ from fedpipe.common.config import ConfigError, ServerConfig
 from fedpipe.common.metrics import MetricSet
 from fedpipe.common.optim import BareWeights, Optimizer
 from fedpipe.common.outcome import RunError
+from fedpipe.common.state import State
 from fedpipe.common.summable import Summable
 from fedpipe.common.training import EvalResult, RunSetup, TrainResult, build_model
 from fedpipe.common.vector import ArraySpec, Vector
-from fedpipe.server.checkpoint import load_checkpoint, save_checkpoint, save_model
+from fedpipe.server.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    remove_interrupted_writes,
+    save_checkpoint,
+    save_model,
+)
 from fedpipe.server.clients import ClientError, ClientPool, ClientProxy, RoundTask, RunOutcome
 from fedpipe.server.history import EarlyStopping, History
 
@@ -113,6 +120,7 @@ class FederatedRun:
             training=config.training.model_dump(),
             seed=config.seed,
             chunk_bytes=config.chunk_bytes,
+            run_id=config.run_id,
         )
         try:
             self.model = BareWeights(build_model(self.setup).get_weights())
@@ -131,8 +139,11 @@ class FederatedRun:
         self.output_dir: Path | None = Path(config.output_dir) if config.output_dir else None
         self.history = History(self.output_dir)
         self.early_stop = EarlyStopping(config.early_stop) if config.early_stop else None
+        #: Round of each client's latest aggregated reply: the state its next round starts from.
+        self.base_rounds: dict[str, int] = {}
         if self.output_dir is not None:
             _check_writable(self.output_dir)
+            remove_interrupted_writes(self.output_dir)
             # The run is under way: no summary until it ends, never a last run's.
             (self.output_dir / "summary.json").unlink(missing_ok=True)
         if resume:
@@ -145,20 +156,28 @@ class FederatedRun:
         return self.output_dir / "checkpoint.fpk" if self.output_dir else None
 
     def _resume(self) -> None:
+        """Continue from the checkpoint: weights, server optimizer, RNG, round, history and
+        each client's base round. Rounds the crashed server ran past its last checkpoint are
+        replayed, their lines in ``metrics.jsonl`` replaced (clients roll their module state
+        back to the base round each train task names: bit-identical results)."""
         path = self.checkpoint_path
         if path is None or not path.exists():
             log.warning("no checkpoint at %s: starting from round 0", path)
+            self.history = History.resumed(self.output_dir, [])
             return
         state = load_checkpoint(path)
-        weights = state["weights"]
-        if not isinstance(weights, Vector):
-            raise RunError(f"checkpoint {path} holds no weight Vector")
-        weights.check_specs(self.specs, f"checkpoint {path}")
+        try:
+            weights, history, base_rounds = _checkpoint_fields(state)
+            weights.check_specs(self.specs, "weights")
+            self.optimizer.set_state(state["optimizer"])  # type: ignore[arg-type]
+            self.rng.bit_generator.state = json.loads(str(state["rng"]))
+        except (ValueError, TypeError, KeyError) as exc:
+            # A valid file with the wrong contents: another run's, or damaged in the middle.
+            raise CheckpointError(f"{path} does not fit this run: {exc}") from None
         self.model.weights = weights
-        self.optimizer.set_state(state["optimizer"])  # type: ignore[arg-type]
-        self.rng.bit_generator.state = json.loads(str(state["rng"]))
         self.round = int(state["round"])  # type: ignore[arg-type]
-        self.history = History(self.output_dir, list(state["history"]))  # type: ignore[arg-type]
+        self.base_rounds = base_rounds
+        self.history = History.resumed(self.output_dir, history)
         self.completed = sum(1 for r in self.history.records if not r.get("failed"))
         if self.early_stop is not None:
             self.early_stop.replay(self.history.records)
@@ -175,6 +194,7 @@ class FederatedRun:
                 "weights": self.model.weights,
                 "optimizer": self.optimizer.get_state(),
                 "rng": json.dumps(self.rng.bit_generator.state),  # 128-bit ints: as text
+                "base_rounds": dict(self.base_rounds),
                 # Scalars only: per-round client lists stay in metrics.jsonl, else each
                 # checkpoint would grow with rounds x clients.
                 "history": [
@@ -302,7 +322,12 @@ class FederatedRun:
             for c in self.pool.sample(self.rng, cfg.fraction, cfg.clients_per_round)
             if c.initialized
         ]
-        task = RoundTask(round_number, self.model.weights, self.optimizer.collect_aux_var())
+        task = RoundTask(
+            round_number,
+            self.model.weights,
+            self.optimizer.collect_aux_var(),
+            base_rounds=dict(self.base_rounds),
+        )
         folded = _Fold(self.aggregator, self.optimizer, self.specs)
         await self._collect(sampled, lambda c: c.train(task), folded.add, deadline)
         record: dict[str, Any] = {
@@ -314,7 +339,7 @@ class FederatedRun:
         if folded.count >= cfg.required_results and folded.total is not None:
             record["train_loss"] = folded.loss_sum / max(folded.seen, 1)
             try:
-                self._step(folded)
+                self._step(folded, round_number)
             except (ValueError, TypeError, ArithmeticError) as exc:
                 # Replies were checked one by one; their sum can still be unusable (a total
                 # weight of 0...). The round fails, the global model stays as it was.
@@ -349,8 +374,9 @@ class FederatedRun:
         if not record.get("failed"):
             self.completed += 1
 
-    def _step(self, folded: _Fold) -> None:
-        """Aggregate the round's sum and let the server optimizer move the global model."""
+    def _step(self, folded: _Fold, round_number: int) -> None:
+        """Aggregate the round's sum and let the server optimizer move the global model; the
+        round becomes the base round of every client folded in."""
         assert folded.total is not None
         aggregated = self.aggregator.finalize(folded.total)
         folded.total = None  # model-sized: free it before the updates are computed
@@ -361,6 +387,7 @@ class FederatedRun:
         if not updates.is_finite():
             raise ArithmeticError("the server update is not finite")
         self.model.apply_updates(updates)
+        self.base_rounds.update(dict.fromkeys(folded.names, round_number))
 
     async def evaluate(
         self,
@@ -536,7 +563,13 @@ def _write_text_atomic(path: Path, text: str) -> None:
 
 
 class _Fold:
-    """The running sum of one round's train replies (partials and aux vars)."""
+    """The running sum of one round's train replies (partials and aux vars).
+
+    Replies are added in arrival order. With two replies the sum does not depend on it
+    (float addition commutes); with three or more, two runs whose replies arrive in other
+    orders may round differently: a round replayed after a resume may then differ from the
+    first run's by rounding (about 1 ulp) instead of being equal bit for bit.
+    """
 
     def __init__(
         self, aggregator: Aggregator, optimizer: Optimizer, specs: Mapping[str, ArraySpec]
@@ -593,3 +626,19 @@ class _Fold:
         self.count += 1
         self.seen += result.n_samples_seen
         self.loss_sum += result.loss_sum
+
+
+def _checkpoint_fields(state: State) -> tuple[Vector, list[dict[str, Any]], dict[str, int]]:
+    """The weights, history and base rounds of a checkpoint, checked (ValueError if not)."""
+    weights, history, base_rounds = state["weights"], state["history"], state.get("base_rounds", {})
+    if not isinstance(weights, Vector):
+        raise ValueError(f"'weights' is a {type(weights).__name__}, expected a Vector")
+    if not isinstance(state["round"], int) or state["round"] < 0:
+        raise ValueError(f"'round' is {state['round']!r}, expected a non-negative int")
+    if not isinstance(history, list) or not all(isinstance(r, dict) for r in history):
+        raise ValueError("'history' is not a list of round records")
+    if not isinstance(base_rounds, dict) or not all(
+        isinstance(r, int) and not isinstance(r, bool) for r in base_rounds.values()
+    ):
+        raise ValueError("'base_rounds' is not a map of client names to rounds")
+    return weights, history, base_rounds  # type: ignore[return-value]

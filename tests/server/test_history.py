@@ -35,3 +35,29 @@ def test_early_stopping_counts_evaluations_without_improvement() -> None:
     ]
     maximize = EarlyStopping(EarlyStopConfig(metric="accuracy", mode="max", patience=1))
     assert [maximize.update(v) for v in (0.5, 0.6, 0.6)] == [False, False, True]
+
+
+def test_a_resumed_history_drops_rounds_past_the_checkpoint_and_keeps_client_lists(
+    tmp_path: Path,
+) -> None:
+    history = History(tmp_path)
+    for number in (1, 2, 3):  # round 3 was written, then the server died before its checkpoint
+        history.append({"round": number, "train_loss": 1.0 / number, "clients": ["a", "b"]})
+    with open(tmp_path / "metrics.jsonl", "a") as fh:
+        fh.write('{"round": 4, "train_lo')  # torn by the kill
+    checkpointed = [{"round": 1, "train_loss": 1.0}, {"round": 2, "train_loss": 0.5}]
+    resumed = History.resumed(tmp_path, checkpointed)
+    resumed.append({"round": 3, "train_loss": 0.25, "clients": ["a"]})  # the replayed round
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in lines] == [1, 2, 3]
+    assert lines[1]["clients"] == ["a", "b"]  # the checkpoint leaves the lists out
+    assert lines[2] == {"round": 3, "train_loss": 0.25, "clients": ["a"]}
+    with open(tmp_path / "metrics.csv") as fh:
+        assert [r["train_loss"] for r in csv.DictReader(fh)] == ["1.0", "0.5", "0.25"]
+
+
+def test_a_resumed_history_rewrites_a_line_the_crash_lost(tmp_path: Path) -> None:
+    (tmp_path / "metrics.jsonl").write_text('{"round": 1, "train_loss": 1.0}\n')
+    History.resumed(tmp_path, [{"round": 1, "train_loss": 1.0}, {"round": 2, "train_loss": 0.5}])
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert lines == [{"round": 1, "train_loss": 1.0}, {"round": 2, "train_loss": 0.5}]

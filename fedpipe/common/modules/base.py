@@ -44,6 +44,11 @@ class OptiModule(Registrable):
         if state:
             raise ValueError(f"module {self.name!r} is stateless, got state keys {sorted(state)}")
 
+    def on_state_lost(self) -> None:
+        """This fresh module replaces one whose state was lost, in a run its counterpart
+        already knows (a client that lost its saved state re-joins): forget nothing, but do
+        not announce a newcomer. The default does nothing."""
+
     def collect_aux_var(self) -> Summable | None:
         """Auxiliary variable to send to the other side after a step, if any."""
         return None

@@ -94,6 +94,13 @@ class ScaffoldClient(OptiModule):
         self.grad_sum, self.n_steps = None, 0
         return record
 
+    def on_state_lost(self) -> None:
+        """The server already counts this client and holds its lost ``c_i`` in its sum:
+        report no newcomer, and take ``c`` (the clients' mean) for the lost ``c_i``. The
+        server's sum then keeps ``c_i_lost - c`` for good (with zero it would keep all of
+        ``c_i_lost``): only a restored state is exact."""
+        self.reported = True
+
     def process_aux_var(self, aux_var: Summable) -> None:
         """Take in ``{"global_state": c}`` from the server; starts a new round."""
         value = _aux_vector(aux_var, {"global_state"}, "global_state", self.name)
@@ -101,7 +108,8 @@ class ScaffoldClient(OptiModule):
         _check_aux_specs(value, None if known is None else known.specs(), "global_state", self.name)
         self.global_state = value.copy()
         if self.local_state is None:
-            self.local_state = value.zeros_like()
+            # A reported client without c_i lost its state: see on_state_lost.
+            self.local_state = value.copy() if self.reported else value.zeros_like()
         self.grad_sum, self.n_steps = None, 0
 
     def get_state(self) -> State:
