@@ -116,6 +116,11 @@ class ServerConfig(_Strict):
     #: Reply bytes assembled at once across clients (at least one model's worth): bounds the
     #: server's memory when many clients answer together.
     receive_budget_mib: float = Field(default=256.0, gt=0)
+    #: A reply holding part of that budget must keep this pace (KiB/s) once ``transfer_grace``
+    #: seconds have passed, with one chunk of slack, or its session is closed: a trickle
+    #: cannot keep the other clients' replies waiting.
+    min_transfer_rate_kib: float = Field(default=256.0, gt=0)
+    transfer_grace: float = Field(default=5.0, gt=0)
 
     @model_validator(mode="after")
     def _results_within_clients(self) -> Self:

@@ -711,13 +711,9 @@ async def test_a_model_the_client_cannot_import_becomes_an_error_reply(
 
 
 async def test_a_client_stalling_mid_payload_cannot_hold_the_receive_budget(
-    tmp_path: Path,
-    peers_of: Callable[[int], Peers],
-    caplog: pytest.LogCaptureFixture,
-    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path, peers_of: Callable[[int], Peers], caplog: pytest.LogCaptureFixture
 ) -> None:
     # A budget of one reply: replies are assembled one at a time, so a stalled one blocks all.
-    monkeypatch.setattr(grpc_transport, "PAYLOAD_STALL_TIMEOUT", 0.5)
     config = server_config(
         tmp_path,
         rounds=1,
@@ -725,6 +721,9 @@ async def test_a_client_stalling_mid_payload_cannot_hold_the_receive_budget(
         round_timeout=8.0,
         eval_every=0,
         receive_budget_mib=1e-6,
+        chunk_mib=0.0625,
+        min_transfer_rate_kib=1024.0,
+        transfer_grace=0.5,
     )
 
     async def stall(peer: Peer, got: Received[pb.ServerMessage]) -> None:
@@ -741,4 +740,4 @@ async def test_a_client_stalling_mid_payload_cannot_hold_the_receive_budget(
         peers.start("honest-2", delay=0.2)
         summary = await asyncio.wait_for(server, 30)
     assert summary.history[0]["clients"] == ["honest-1", "honest-2"]
-    assert logged(caplog, "staller", "stalled")
+    assert logged(caplog, "staller", "min_transfer_rate_kib")
