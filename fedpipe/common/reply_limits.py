@@ -79,24 +79,19 @@ def check_reply_header(header: Any, limits: ReplyLimits) -> None:
     Raises
     ------
     RejectedReply
-        Too many bytes, tensors or Vectors; a tensor outside any Vector; an invalid tensor
+        Too many bytes or Vectors; a tensor outside any Vector; an invalid tensor
         spec; a Vector whose specs are not ``limits.vector_specs``.
     """
+    vectors = _vector_refs(header)
+    if len(vectors) > limits.max_vectors:
+        paths = ", ".join(path for path, _ in vectors[:5])
+        raise RejectedReply(
+            f"payload holds {len(vectors)} Vectors ({paths}), expected at most {limits.max_vectors}"
+        )
     if header.total_bytes > limits.max_bytes:
         raise RejectedReply(
             f"payload announces {header.total_bytes} bytes, expected at most "
             f"{limits.max_bytes} (one reply's worth)"
-        )
-    per_vector = len(limits.vector_specs) if limits.vector_specs else 1
-    if len(header.tensors) > limits.max_vectors * per_vector:
-        raise RejectedReply(
-            f"payload announces {len(header.tensors)} tensors, expected at most "
-            f"{limits.max_vectors * per_vector}"
-        )
-    vectors = _vector_refs(header)
-    if len(vectors) > limits.max_vectors:
-        raise RejectedReply(
-            f"payload holds {len(vectors)} Vectors, expected at most {limits.max_vectors}"
         )
     for path, indices in vectors:
         try:

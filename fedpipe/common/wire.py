@@ -127,7 +127,7 @@ class FrameReceiver(Generic[M]):
         self._pending: M | None = None
         self._assembler: PayloadAssembler | None = None
         self._skipping = 0  # bytes of an unwanted payload still to skip
-        self.received_bytes = 0  # of the payload in progress
+        self.received_bytes = 0  # of the payload in progress, received or skipped
 
     @property
     def assembling(self) -> bool:
@@ -181,7 +181,7 @@ class FrameReceiver(Generic[M]):
     def _skip_bytes(self, nbytes: int) -> None:
         if nbytes > self.max_payload_bytes:
             raise ProtocolError(f"payload of {nbytes} bytes exceeds {self.max_payload_bytes}")
-        self._skipping = nbytes
+        self._skipping, self.received_bytes = nbytes, 0
 
     def feed(self, frame: bytes, decoded: M | None = None) -> Received[M] | None:
         """Take one frame; return a message once it and all its chunks have arrived.
@@ -198,6 +198,7 @@ class FrameReceiver(Generic[M]):
             if len(chunk[2]) > self._skipping:
                 raise ProtocolError("a skipped payload sent more bytes than it announced")
             self._skipping -= len(chunk[2])
+            self.received_bytes += len(chunk[2])
             return None
         if chunk is not None:
             if self._assembler is None or self._pending is None:

@@ -224,6 +224,8 @@ class GrpcClient(ClientProxy):
             Not a reply, or a reply to a task this server never sent.
         """
         kind = message.WhichOneof("kind")
+        if kind is None:
+            raise ProtocolError("message has no kind set")
         if kind != "reply":
             raise ProtocolError(f"expected a reply, got a {kind} in the middle of a session")
         task_id = message.reply.task_id
@@ -399,14 +401,17 @@ class FederationServicer:
                 else:
                     got = receiver.feed(frame)  # one bounded copy into a preallocated array
                     if got is None and floor is not None:
-                        floor = self._keep_or_drop(proxy, receiver, floor)
+                        self._keep_or_drop(proxy, receiver, floor)
                 if got is not None:
-                    reserved, floor = floor is not None, None
+                    reserved, floor = floor is not None and floor.reserved, None
                     await proxy.deliver(got, reserved)  # the budget goes with the reply
                     del got  # a model-sized reply: this loop must not keep it until next round
-                elif floor is not None and not receiver.assembling:  # skipped, not allocated
-                    self.budget.release(proxy)
-                    floor = None
+                elif floor is not None:
+                    if floor.reserved and not receiver.assembling:  # skipped, not allocated
+                        self.budget.release(proxy)
+                        floor.reserved = False
+                    if not receiver.busy:  # a skipped rest keeps the floor until its end
+                        floor = None
         except TimeoutError:  # only a payload holding budget has a deadline
             received, nbytes, elapsed = (0, 0, 0.0) if floor is None else floor.progress()
             log.warning(
@@ -428,7 +433,7 @@ class FederationServicer:
             log.exception("client %s: session failed", proxy.name)
             proxy.close(f"session failed: {type(exc).__name__}: {exc}")
         finally:
-            if floor is not None:
+            if floor is not None and floor.reserved:
                 self.budget.release(proxy)
 
     async def _reserve(self, proxy: GrpcClient, message: Any) -> TransferFloor | None:
@@ -455,17 +460,18 @@ class FederationServicer:
 
     def _keep_or_drop(
         self, proxy: GrpcClient, receiver: FrameReceiver[Any], floor: TransferFloor
-    ) -> TransferFloor | None:
+    ) -> None:
         """Stop receiving a payload that can no longer count while it holds budget: nobody
         awaits it any more (its round ended), or others wait and at its pace it would arrive
-        after its round. Its budget goes back at once; the rest of it is skipped."""
-        pending = receiver.pending
-        if pending is None:
-            return floor
+        after its round. Its budget goes back at once; the rest of it is skipped, at the
+        floor's pace still."""
         floor.received = receiver.received_bytes
+        pending = receiver.pending
+        if pending is None or not floor.reserved:
+            return
         if proxy.expects(pending):
             if not (self.budget.waiting and floor.behind()):
-                return floor
+                return
             pace = floor.received / floor.elapsed / 1024
             reason = (
                 f"at {pace:.1f} KiB/s its {floor.nbytes} bytes would arrive after the round "
@@ -475,6 +481,7 @@ class FederationServicer:
             reason = ""
         remaining = receiver.skip_rest()
         self.budget.release(proxy)
+        floor.reserved = False
         if reason:
             proxy.refuse(pending, reason)
         else:
@@ -484,7 +491,6 @@ class FederationServicer:
                 pending.reply.task_id,
                 remaining,
             )
-        return None
 
     def _admit(self, frame: bytes) -> Any:
         message = pb.ClientMessage()

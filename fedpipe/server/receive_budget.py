@@ -126,6 +126,8 @@ class TransferFloor:
     grace: float
     slack: int
     received: int = 0
+    #: Whether the payload still holds its reservation (False: dropped, its rest skipped).
+    reserved: bool = True
     #: When the reply's round ends at the latest (``time.monotonic()``).
     due: float = math.inf
     started: float = field(default_factory=time.monotonic)
