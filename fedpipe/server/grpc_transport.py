@@ -374,7 +374,7 @@ class FederationServicer:
 
     async def _read(self, context: grpc.aio.ServicerContext, proxy: GrpcClient) -> None:
         receiver = FrameReceiver(pb.ClientMessage, proxy.max_payload_bytes, accept=proxy.expects)
-        floor: TransferFloor | None = None  # set while a payload in progress holds budget
+        floor: TransferFloor | None = None  # from a reservation to the end of its payload
         try:
             while True:
                 timeout = None if floor is None else floor.time_left()

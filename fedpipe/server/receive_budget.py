@@ -13,14 +13,22 @@ Each peer's share is capped, so that one admitted client cannot starve the other
   reply is skipped without a reservation.
 * **One reply's worth per peer.** A peer holds at most one reservation, from the header of
   its reply until the round loop has folded it; the reservation is that reply's checked size.
-* **The whole budget only while it is earned.** With a budget of about one model (the
-  default for models of 256 MiB and more), one reply takes all of it and the others wait
-  behind it, in arrival order. The holder keeps it only while its transfer keeps
-  ``min_transfer_rate_kib`` (after ``transfer_grace`` seconds and one chunk of slack, as an
-  honest client at that rate would), or its session is closed; and only while its task still
-  awaits the reply: past the round deadline the reservation is returned and the rest of the
-  payload skipped. A peer can thus keep the others waiting at most
-  ``transfer_grace + (reply + chunk) / min_transfer_rate`` seconds, and never past the round.
+* **Never the whole budget when others wait, unless it is earned.** With a budget of about
+  one model (the default for models of 256 MiB and more), one reply takes all of it and the
+  others wait behind it, in arrival order. The holder keeps it only
+
+  - while its transfer keeps ``min_transfer_rate_kib`` (after ``transfer_grace`` seconds,
+    with one chunk of slack, as an honest client at that rate would); below, its session is
+    closed, and the rest of a dropped reply must keep that pace too;
+  - while others wait, only if at its pace so far it arrives before its round ends (past
+    the grace period): a reply that cannot count is refused and its budget given back;
+  - only while its task awaits it: past the round deadline the budget goes back.
+
+  A dropped reply's rest is skipped unallocated and the session goes on. So a peer keeps
+  the others waiting at most ``transfer_grace + (reply + chunk) / min_transfer_rate``
+  seconds, never past its round, and no longer than the grace period for a reply that
+  cannot make its round. A client slow but on time still delays those behind it: with a
+  budget of several replies they are assembled side by side.
 * **Every failure path releases.** :meth:`ReceiveBudget.release` is synchronous and
   idempotent, so error handlers, ``finally`` blocks and session teardown can always call it.
 """
