@@ -156,6 +156,11 @@ class ServerConfig(_Strict):
     #: Modules of the server owner's packages to import (registered classes); never sent to
     #: clients.
     plugins: Plugins = Field(default_factory=list)
+    #: A reply holding part of that budget must keep this pace (KiB/s) once ``transfer_grace``
+    #: seconds have passed, with one chunk of slack, or its session is closed: a trickle
+    #: cannot keep the other clients' replies waiting.
+    min_transfer_rate_kib: float = Field(default=256.0, gt=0)
+    transfer_grace: float = Field(default=5.0, gt=0)
 
     @model_validator(mode="after")
     def _results_within_clients(self) -> Self:

@@ -127,6 +127,7 @@ class FrameReceiver(Generic[M]):
         self._pending: M | None = None
         self._assembler: PayloadAssembler | None = None
         self._skipping = 0  # bytes of an unwanted payload still to skip
+        self.received_bytes = 0  # of the payload in progress, received or skipped
 
     @property
     def assembling(self) -> bool:
@@ -150,6 +151,38 @@ class FrameReceiver(Generic[M]):
         """True while a payload's chunks are still expected."""
         return self._assembler is not None or self._skipping > 0
 
+    @property
+    def pending(self) -> M | None:
+        """The message whose payload is being received into allocated arrays, if any."""
+        return self._pending if self._assembler is not None else None
+
+    def skip(self, message: M) -> None:
+        """Refuse ``message`` (decoded, not fed): skip its payload's chunks unallocated.
+
+        Raises
+        ------
+        ProtocolError
+            A payload is still in progress, or the refused one is larger than accepted.
+        """
+        if self.busy:
+            self._reset()
+            raise ProtocolError("a new message arrived before the previous payload was complete")
+        self._skip_bytes(announced_bytes(message))
+
+    def skip_rest(self) -> int:
+        """Stop receiving the payload in progress (its arrays are dropped) and skip its
+        remaining chunks; return how many bytes are left to skip."""
+        if self._assembler is not None:
+            remaining = self._assembler.total_bytes - self._assembler.received_bytes
+            self._pending, self._assembler = None, None
+            self._skipping = remaining
+        return self._skipping
+
+    def _skip_bytes(self, nbytes: int) -> None:
+        if nbytes > self.max_payload_bytes:
+            raise ProtocolError(f"payload of {nbytes} bytes exceeds {self.max_payload_bytes}")
+        self._skipping, self.received_bytes = nbytes, 0
+
     def feed(self, frame: bytes, decoded: M | None = None) -> Received[M] | None:
         """Take one frame; return a message once it and all its chunks have arrived.
         ``decoded`` is the frame already passed through :meth:`decode`, if it was.
@@ -165,6 +198,7 @@ class FrameReceiver(Generic[M]):
             if len(chunk[2]) > self._skipping:
                 raise ProtocolError("a skipped payload sent more bytes than it announced")
             self._skipping -= len(chunk[2])
+            self.received_bytes += len(chunk[2])
             return None
         if chunk is not None:
             if self._assembler is None or self._pending is None:
@@ -175,6 +209,7 @@ class FrameReceiver(Generic[M]):
             except DecodeError as exc:
                 self._reset()
                 raise ProtocolError(f"bad chunk: {exc}") from None
+            self.received_bytes += len(data)
             if self._assembler.complete:
                 return self._complete()
             return None
@@ -186,11 +221,7 @@ class FrameReceiver(Generic[M]):
         if header is None:
             return Received(message, {})
         if self.accept is not None and not self.accept(message):
-            if header.total_bytes > self.max_payload_bytes:
-                raise ProtocolError(
-                    f"payload of {header.total_bytes} bytes exceeds {self.max_payload_bytes}"
-                )
-            self._skipping = int(header.total_bytes)
+            self._skip_bytes(int(header.total_bytes))
             return None
         try:
             self._assembler = PayloadAssembler(
@@ -198,7 +229,7 @@ class FrameReceiver(Generic[M]):
             )
         except DecodeError as exc:
             raise ProtocolError(f"bad payload header: {exc}") from None
-        self._pending = message
+        self._pending, self.received_bytes = message, 0
         if self._assembler.complete:
             return self._complete()
         return None

@@ -7,6 +7,7 @@ import hmac
 import itertools
 import logging
 import secrets
+import time
 import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -17,6 +18,14 @@ from google.protobuf.message import DecodeError as ProtobufDecodeError
 from fedpipe.common.codec import dtype_to_enum
 from fedpipe.common.config import ServerConfig
 from fedpipe.common.payload import EncodedPayload, chunk_frame, encode_payload
+from fedpipe.common.reply_limits import (
+    REPLY_MODEL_COPIES,
+    RejectedReply,
+    ReplyLimits,
+    check_reply_header,
+    eval_reply_limits,
+    train_reply_limits,
+)
 from fedpipe.common.training import EvalResult, RunSetup, TrainResult
 from fedpipe.common.vector import ArraySpec
 from fedpipe.common.wire import (
@@ -38,7 +47,7 @@ from fedpipe.proto.fedpipe.v1 import federation_pb2 as pb
 from fedpipe.proto.fedpipe.v1 import tensor_pb2
 from fedpipe.server.admission import Credentials, Refused
 from fedpipe.server.clients import ClientError, ClientPool, ClientProxy, RoundTask, RunOutcome
-from fedpipe.server.receive_budget import ReceiveBudget
+from fedpipe.server.receive_budget import ReceiveBudget, TransferFloor
 
 __all__ = ["FederationServicer", "GrpcClient"]
 
@@ -52,8 +61,7 @@ MAX_NAME_LENGTH = 128
 #: Payload limits before a client accepted the run setup (its replies carry no tensors yet).
 SETUP_PAYLOAD_BYTES = 1 << 20
 SETUP_TENSORS = 64
-#: Seconds a payload may go without a chunk while it holds part of the receive budget.
-PAYLOAD_STALL_TIMEOUT = 10.0
+SETUP_REPLY = ReplyLimits(SETUP_PAYLOAD_BYTES, SETUP_TENSORS)
 
 
 class GrpcClient(ClientProxy):
@@ -78,7 +86,10 @@ class GrpcClient(ClientProxy):
         self.max_payload_bytes = SETUP_PAYLOAD_BYTES
         self.max_tensors = SETUP_TENSORS
         self.budget = budget
-        self._held = 0  # receive budget held by delivered replies the round loop still folds
+        self._holding = False  # a delivered reply the round loop still folds holds budget
+        # What each awaited reply may carry, and when its round ends at the latest.
+        self._expected: dict[int, tuple[ReplyLimits, float]] = {}
+        self._train_limits = self._eval_limits = SETUP_REPLY
 
     # ---- the round loop's side ---------------------------------------------------------------
 
@@ -90,26 +101,51 @@ class GrpcClient(ClientProxy):
         model_bytes = sum(s.nbytes for s in specs.values())
         # A reply holds a few model-sized Vectors (partial fields, aux vars): bound it.
         configured = int(self.config.max_payload_mib * (1 << 20))
-        self.max_payload_bytes = min(configured, 8 * model_bytes + (64 << 20))
-        self.max_tensors = 8 * len(specs) + 256
+        self.max_payload_bytes = min(configured, REPLY_MODEL_COPIES * model_bytes + (64 << 20))
+        self.max_tensors = REPLY_MODEL_COPIES * len(specs) + 256
+        self._train_limits = train_reply_limits(specs)
+        self._eval_limits = eval_reply_limits(setup.metrics)
         await self._request(
-            pb.TASK_KIND_INITIALIZE, 0, setup.to_data(), None, weight_specs=weight_specs
+            pb.TASK_KIND_INITIALIZE,
+            0,
+            setup.to_data(),
+            None,
+            weight_specs=weight_specs,
+            limits=SETUP_REPLY,
         )
 
     async def train(self, task: RoundTask) -> TrainResult:
         payload = _round_payload(task, "train", self.chunk_bytes)
         settings = {**task.settings, "base_round": task.base_rounds.get(self.name, 0)}
         got = await self._request(
-            pb.TASK_KIND_TRAIN, task.round_number, settings, payload, cache=task.cache
+            pb.TASK_KIND_TRAIN,
+            task.round_number,
+            settings,
+            payload,
+            cache=task.cache,
+            limits=self._train_limits,
         )
-        return train_result_from(settings_data(got.message.reply.info), got.payload)
+        try:
+            return train_result_from(settings_data(got.message.reply.info), got.payload)
+        except Exception:
+            self._drop_reply()  # the round loop never sees it, so it never releases it
+            raise
 
     async def evaluate(self, task: RoundTask) -> EvalResult:
         payload = _round_payload(task, "evaluate", self.chunk_bytes)
         got = await self._request(
-            pb.TASK_KIND_EVALUATE, task.round_number, task.settings, payload, cache=task.cache
+            pb.TASK_KIND_EVALUATE,
+            task.round_number,
+            task.settings,
+            payload,
+            cache=task.cache,
+            limits=self._eval_limits,
         )
-        return eval_result_from(settings_data(got.message.reply.info), got.payload)
+        try:
+            return eval_result_from(settings_data(got.message.reply.info), got.payload)
+        except Exception:
+            self._drop_reply()
+            raise
 
     async def stop(self, outcome: RunOutcome) -> None:
         if self._closed is not None:
@@ -139,6 +175,7 @@ class GrpcClient(ClientProxy):
         *,
         weight_specs: list[Any] | None = None,
         cache: dict[str, Any] | None = None,
+        limits: ReplyLimits,
     ) -> Received[Any]:
         if self._closed is not None:
             raise ClientError(f"client {self.name} is disconnected ({self._closed})")
@@ -158,6 +195,8 @@ class GrpcClient(ClientProxy):
         )
         future: asyncio.Future[Received[Any]] = asyncio.get_running_loop().create_future()
         self._waiting[task_id] = future
+        # An upper bound of the round's deadline (the round loop owns the exact one).
+        self._expected[task_id] = (limits, time.monotonic() + self.config.round_timeout)
         self._last_id = task_id
         # The frames go out in a task of their own that the round deadline does not cancel:
         # a payload cut in two would corrupt the stream for the next task.
@@ -169,8 +208,10 @@ class GrpcClient(ClientProxy):
             got = await future
         finally:
             self._waiting.pop(task_id, None)
+            self._expected.pop(task_id, None)
         reply = got.message.reply
         if reply.error:
+            self._drop_reply()
             raise ClientError(f"client {self.name}: {reply.error}")
         return got
 
@@ -192,6 +233,8 @@ class GrpcClient(ClientProxy):
             Not a reply, or a reply to a task this server never sent.
         """
         kind = message.WhichOneof("kind")
+        if kind is None:
+            raise ProtocolError("message has no kind set")
         if kind != "reply":
             raise ProtocolError(f"expected a reply, got a {kind} in the middle of a session")
         task_id = message.reply.task_id
@@ -200,15 +243,36 @@ class GrpcClient(ClientProxy):
         future = self._waiting.get(task_id)
         return future is not None and not future.done()
 
-    async def deliver(self, got: Received[Any], held: int) -> None:
+    def awaited_payload(self, message: Any) -> tuple[ReplyLimits, float] | None:
+        """What the payload of a reply may hold and when its round ends at the latest; None
+        if it has no payload or nobody awaits it (its chunks are skipped, nothing reserved).
+
+        Raises
+        ------
+        ProtocolError
+            As :meth:`expects`.
+        """
+        if not self.expects(message) or not message.reply.HasField("payload"):
+            return None
+        return self._expected[message.reply.task_id]
+
+    def refuse(self, message: Any, reason: str) -> None:
+        """Fail the task awaiting a reply whose header was refused before reception."""
+        task_id = message.reply.task_id
+        log.warning("client %s: reply to task %d refused: %s", self.name, task_id, reason)
+        future = self._waiting.get(task_id)
+        if future is not None and not future.done():
+            future.set_exception(ClientError(f"client {self.name}: reply refused: {reason}"))
+
+    async def deliver(self, got: Received[Any], reserved: bool) -> None:
         """A complete reply arrived: hand it to the task waiting for it, with the receive
-        budget it holds until the round loop has folded it (:meth:`release`)."""
+        budget it holds (``reserved``) until the round loop has folded it (:meth:`release`)."""
         if self.expects(got.message):
-            self._held += held
+            self._holding = self._holding or reserved
             self._waiting[got.message.reply.task_id].set_result(got)
             return
-        if held:
-            await self.budget.release(held)
+        if reserved:
+            self.budget.release(self)
         log.info(
             "client %s: reply to task %d arrived after its deadline; dropped",
             self.name,
@@ -216,9 +280,13 @@ class GrpcClient(ClientProxy):
         )
 
     async def release(self) -> None:
-        if self._held:
-            held, self._held = self._held, 0
-            await self.budget.release(held)
+        self._drop_reply()
+
+    def _drop_reply(self) -> None:
+        """Free the budget of the delivered reply, if it holds any (idempotent)."""
+        if self._holding:
+            self._holding = False
+            self.budget.release(self)
 
     def close(self, reason: str) -> None:
         """Fail every waiting task and let the writer end the stream."""
@@ -226,8 +294,7 @@ class GrpcClient(ClientProxy):
             self._closed = reason
             for sending in list(self._sending):
                 sending.cancel()
-            if self._held:
-                asyncio.get_running_loop().create_task(self.release())
+            self._drop_reply()
             try:
                 self.outbox.put_nowait(None)
             except asyncio.QueueFull:
@@ -322,13 +389,11 @@ class FederationServicer:
 
     async def _read(self, context: grpc.aio.ServicerContext, proxy: GrpcClient) -> None:
         receiver = FrameReceiver(pb.ClientMessage, proxy.max_payload_bytes, accept=proxy.expects)
-        held = 0  # bytes of the receive budget this session holds for its payload in progress
+        floor: TransferFloor | None = None  # from a reservation to the end of its payload
         try:
             while True:
-                if held:  # a payload holding the budget must keep coming, or lose its place
-                    frame = await asyncio.wait_for(context.read(), PAYLOAD_STALL_TIMEOUT)
-                else:
-                    frame = await context.read()
+                timeout = None if floor is None else floor.time_left()
+                frame = await asyncio.wait_for(context.read(), timeout)
                 if frame is grpc.aio.EOF:
                     proxy.close("client closed the stream")
                     return
@@ -337,25 +402,43 @@ class FederationServicer:
                 if not is_chunk_frame(frame):
                     # Headers can take long to decode: off the loop, which serves the others.
                     message = await asyncio.to_thread(receiver.decode, frame)
-                    if announced := announced_bytes(message):
-                        held = await self.budget.acquire(announced)
+                    if receiver.busy:  # before any reservation: this peer already holds one
+                        raise ProtocolError(
+                            "a new message arrived before the previous payload was complete"
+                        )
+                    try:
+                        floor = await self._reserve(proxy, message)
+                    except RejectedReply as exc:
+                        receiver.skip(message)
+                        proxy.refuse(message, str(exc))
+                        continue
                     got = await asyncio.to_thread(receiver.feed, frame, message)
                 else:
                     got = receiver.feed(frame)  # one bounded copy into a preallocated array
+                    if got is None and floor is not None:
+                        self._keep_or_drop(proxy, receiver, floor)
                 if got is not None:
-                    held, handed = 0, held
-                    await proxy.deliver(got, handed)  # the budget goes with the reply
+                    reserved, floor = floor is not None and floor.reserved, None
+                    await proxy.deliver(got, reserved)  # the budget goes with the reply
                     del got  # a model-sized reply: this loop must not keep it until next round
-                elif held and not receiver.assembling:  # skipped without allocating
-                    await self.budget.release(held)
-                    held = 0
-        except TimeoutError:
+                elif floor is not None:
+                    if floor.reserved and not receiver.assembling:  # skipped, not allocated
+                        self.budget.release(proxy)
+                        floor.reserved = False
+                    if not receiver.busy:  # a skipped rest keeps the floor until its end
+                        floor = None
+        except TimeoutError:  # only a payload holding budget has a deadline
+            received, nbytes, elapsed = (0, 0, 0.0) if floor is None else floor.progress()
             log.warning(
-                "client %s stalled for %.0fs in the middle of a payload; closing its session",
+                "client %s sent %d of %d bytes in %.1fs, below min_transfer_rate_kib=%g; "
+                "closing its session",
                 proxy.name,
-                PAYLOAD_STALL_TIMEOUT,
+                received,
+                nbytes,
+                elapsed,
+                self.config.min_transfer_rate_kib,
             )
-            proxy.close("stalled in the middle of a payload")
+            proxy.close("payload below the minimum transfer rate")
         except ProtocolError as exc:
             log.warning("client %s broke the protocol: %s; closing its session", proxy.name, exc)
             proxy.close(f"protocol error: {exc}")
@@ -365,8 +448,64 @@ class FederationServicer:
             log.exception("client %s: session failed", proxy.name)
             proxy.close(f"session failed: {type(exc).__name__}: {exc}")
         finally:
-            if held:
-                await self.budget.release(held)
+            if floor is not None and floor.reserved:
+                self.budget.release(proxy)
+
+    async def _reserve(self, proxy: GrpcClient, message: Any) -> TransferFloor | None:
+        """Check an awaited reply's header, then wait for its share of the budget; the floor
+        its transfer must keep from then on (None: nothing reserved).
+
+        Raises
+        ------
+        RejectedReply
+            The header is not what the reply's task expects.
+        """
+        awaited = proxy.awaited_payload(message)
+        if awaited is None:
+            return None
+        limits, due = awaited
+        await asyncio.to_thread(check_reply_header, message.reply.payload, limits)
+        nbytes = announced_bytes(message)
+        if not nbytes:
+            return None
+        await self.budget.acquire(proxy, nbytes)
+        cfg = self.config
+        rate = cfg.min_transfer_rate_kib * 1024
+        return TransferFloor(nbytes, rate, cfg.transfer_grace, cfg.chunk_bytes, due=due)
+
+    def _keep_or_drop(
+        self, proxy: GrpcClient, receiver: FrameReceiver[Any], floor: TransferFloor
+    ) -> None:
+        """Stop receiving a payload that can no longer count while it holds budget: nobody
+        awaits it any more (its round ended), or others wait and at its pace it would arrive
+        after its round. Its budget goes back at once; the rest of it is skipped, at the
+        floor's pace still."""
+        floor.received = receiver.received_bytes
+        pending = receiver.pending
+        if pending is None or not floor.reserved:
+            return
+        if proxy.expects(pending):
+            if not (self.budget.waiting and floor.behind()):
+                return
+            pace = floor.received / floor.elapsed / 1024
+            reason = (
+                f"at {pace:.1f} KiB/s its {floor.nbytes} bytes would arrive after the round "
+                "ends, while other replies wait for the receive budget"
+            )
+        else:
+            reason = ""
+        remaining = receiver.skip_rest()
+        self.budget.release(proxy)
+        floor.reserved = False
+        if reason:
+            proxy.refuse(pending, reason)
+        else:
+            log.info(
+                "client %s: reply to task %d is no longer awaited; skipping its last %d bytes",
+                proxy.name,
+                pending.reply.task_id,
+                remaining,
+            )
 
     async def _enter(self, proxy: GrpcClient, secret: str) -> None:
         """Put ``proxy`` in the pool: in place of a live session of its name only if it proves
