@@ -85,7 +85,7 @@ async def _explain_closed(config: ClientConfig) -> str | None:
         )
     return (
         f"the server refused this client's certificate ({config.tls_cert}) after the TLS "
-        "handshake: it is expired, revoked or not signed by the CA the server trusts "
+        "handshake: it is expired or not signed by the CA the server trusts "
         "(its tls_client_ca); ask the server's operator for a certificate "
         "(`fedpipe certs --add-client NAME`)"
     )
