@@ -17,7 +17,7 @@ from fedpipe.common.tls_files import check_server_files
 from fedpipe.common.wire import channel_options
 from fedpipe.server.admission import server_options
 from fedpipe.server.clients import ClientPool
-from fedpipe.server.grpc_transport import FederationServicer
+from fedpipe.server.grpc_transport import STOP_GRACE, FederationServicer
 from fedpipe.server.receive_budget import ReceiveBudget
 from fedpipe.server.rounds import FederatedRun, RunSummary
 
@@ -81,7 +81,7 @@ async def serve(
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
         await health_servicer.enter_graceful_shutdown()
-        await server.stop(grace=2.0)
+        await server.stop(grace=STOP_GRACE + 1.0)  # sessions end at once unless a client is busy
 
 
 def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
