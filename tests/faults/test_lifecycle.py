@@ -154,7 +154,7 @@ def test_a_client_busy_when_the_run_completes_is_told_and_exits_0(
         min_results=1,
         round_timeout=1.0,
         eval_every=0,
-        training={"epochs": 3, "batch_size": 16},
+        training={"epochs": 8, "batch_size": 16},  # about 4 s for the busy client
     )
     server = spawn_server(config)
     procs.append(server)
