@@ -120,10 +120,15 @@ class ClientPool:
         return True
 
     def sample(
-        self, rng: np.random.Generator, fraction: float, count: int | None
+        self,
+        rng: np.random.Generator,
+        fraction: float,
+        count: int | None,
+        candidates: list[ClientProxy] | None = None,
     ) -> list[ClientProxy]:
-        """Draw this round's clients: ``count`` of them, or ``ceil(fraction * n)``."""
-        clients = self.clients()
+        """Draw this round's clients among ``candidates`` (default: every connected client):
+        ``count`` of them, or ``ceil(fraction * n)``."""
+        clients = self.clients() if candidates is None else candidates
         n = len(clients)
         if n == 0:
             return []

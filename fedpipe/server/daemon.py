@@ -17,7 +17,7 @@ from fedpipe.common.tls_files import check_server_files
 from fedpipe.common.wire import channel_options
 from fedpipe.server.admission import server_options
 from fedpipe.server.clients import ClientPool
-from fedpipe.server.grpc_transport import STOP_GRACE, FederationServicer
+from fedpipe.server.grpc_transport import FederationServicer
 from fedpipe.server.receive_budget import ReceiveBudget
 from fedpipe.server.rounds import FederatedRun, RunSummary
 
@@ -37,8 +37,9 @@ async def serve(
 ) -> RunSummary:
     """Listen on ``config.host:config.port``, run the federated training, stop.
 
-    SIGTERM and SIGINT end the run after the current round: the last checkpoint stays, clients
-    are told to stop and the final model is written.
+    SIGTERM and SIGINT end the run after the current round (a second one at once, dropping the
+    round under way): the last checkpoint stays, clients are told and the final model is
+    written.
     """
     import_plugins(config.plugins)  # the server owner's modules, before any name is built
     pool = ClientPool()
@@ -51,7 +52,8 @@ async def serve(
     )
     model_bytes = sum(spec.nbytes for spec in run.specs.values())
     budget = ReceiveBudget(max(int(config.receive_budget_mib * (1 << 20)), model_bytes))
-    server.add_generic_rpc_handlers((FederationServicer(pool, config, budget).handler(),))
+    servicer = FederationServicer(pool, config, budget)
+    server.add_generic_rpc_handlers((servicer.handler(),))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     address = f"{config.host}:{config.port}"
@@ -72,7 +74,7 @@ async def serve(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         try:
-            loop.add_signal_handler(sig, _stop_requested, stop_event, sig)
+            loop.add_signal_handler(sig, _stop_requested, run, sig)
         except (NotImplementedError, RuntimeError):  # not the main thread (tests)
             log.debug("no %s handler: the caller stops the run another way", sig.name)
     try:
@@ -80,8 +82,9 @@ async def serve(
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
+        await servicer.drained()  # clients still busy with a task hear the outcome too
         await health_servicer.enter_graceful_shutdown()
-        await server.stop(grace=STOP_GRACE + 1.0)  # sessions end at once unless a client is busy
+        await server.stop(grace=1.0)
 
 
 def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
@@ -97,6 +100,12 @@ def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
     )
 
 
-def _stop_requested(stop_event: asyncio.Event, sig: signal.Signals) -> None:
-    log.info("%s received: finishing the current round, then stopping", sig.name)
-    stop_event.set()
+def _stop_requested(run: FederatedRun, sig: signal.Signals) -> None:
+    if not run.stop_event.is_set():
+        log.warning(
+            "%s received: finishing the current round, then stopping (again: stop now)", sig.name
+        )
+        run.stop_event.set()
+        return
+    log.warning("%s received again: abandoning the current round", sig.name)
+    run.abandon_round()

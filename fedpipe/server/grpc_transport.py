@@ -167,7 +167,8 @@ class GrpcClient(ClientProxy):
         except asyncio.QueueFull:
             self.close("run finished (the client is not reading)")
             return
-        self.told = True
+        # A client told "stopped" reconnects anyway, as it does when it hears nothing.
+        self.told = outcome.status != "stopped"
         self.close("run finished")
 
     async def _request(
@@ -340,6 +341,16 @@ class FederationServicer:
         self.budget = budget
         self.credentials = Credentials(config)
         self._entering = asyncio.Lock()
+        self._ended: dict[GrpcClient, asyncio.Event] = {}  # set when a session is over
+
+    async def drained(self) -> None:
+        """Wait (``STOP_GRACE`` at most) for the sessions still handing a busy client the run's
+        outcome; the others are over already."""
+        waits = [asyncio.ensure_future(e.wait()) for p, e in self._ended.items() if p.told]
+        if waits:
+            _, pending = await asyncio.wait(waits, timeout=STOP_GRACE + 1.0)
+            for wait in pending:
+                wait.cancel()
 
     def handler(self) -> grpc.GenericRpcHandler:
         method = grpc.stream_stream_rpc_method_handler(self.session)
@@ -370,6 +381,7 @@ class FederationServicer:
             log.log(exc.level, "refused %s%s: %s", peer, claimed, exc.reason)
             await context.abort(exc.code, exc.reason)
             return
+        ended = self._ended[proxy] = asyncio.Event()
         log.info("client %s joined from %s", proxy.name, peer)
         welcome = pb.Welcome(
             protocol_version=PROTOCOL_VERSION,
@@ -377,9 +389,10 @@ class FederationServicer:
             session_id=uuid.uuid4().hex,
             session_secret=proxy.secret,
         )
-        await context.write(pb.ServerMessage(welcome=welcome).SerializeToString())
-        reader = asyncio.create_task(self._read(context, proxy))
-        try:
+        reader: asyncio.Task[None] | None = None
+        try:  # from here on, however the session ends, the client leaves the pool
+            await context.write(pb.ServerMessage(welcome=welcome).SerializeToString())
+            reader = asyncio.create_task(self._read(context, proxy))
             while True:
                 out = await proxy.outbox.get()
                 if out is None:
@@ -390,7 +403,10 @@ class FederationServicer:
                 # keep the stream until it closes its side, or the grace passes.
                 await asyncio.wait({reader}, timeout=STOP_GRACE)
         finally:
-            reader.cancel()
+            ended.set()
+            del self._ended[proxy]
+            if reader is not None:
+                reader.cancel()
             proxy.close("session ended")
             await self.pool.remove(proxy)
             log.info("client %s left (%s)", proxy.name, proxy._closed)

@@ -136,6 +136,7 @@ class FederatedRun:
         self.rng = np.random.default_rng(config.seed)
         self.round = 0
         self.completed = 0  # rounds aggregated and checkpointed
+        self._round_task: asyncio.Future[dict[str, Any]] | None = None
         self.output_dir: Path | None = Path(config.output_dir) if config.output_dir else None
         self.history = History(self.output_dir)
         self.early_stop = EarlyStopping(config.early_stop) if config.early_stop else None
@@ -213,48 +214,75 @@ class FederatedRun:
         status: RunStatus = "completed"
         reason = ""
         stopped_early = False
-        failed_rounds = 0
         first = True  # min_clients is awaited before this process's first round only
         try:
             while self.round < cfg.rounds:
                 if self.stop_event.is_set():
-                    status, reason = "stopped", f"stopped by a signal after round {self.round}"
-                    break
-                record = await self.run_round(self.round + 1, wait_for_all=first)
+                    raise _Stopped
+                record = await self._run_round_task(self.round + 1, wait_for_all=first)
                 first = False
                 if self.on_round is not None:
                     self.on_round(record)
-                if record.get("failed"):
-                    failed_rounds += 1
-                    if failed_rounds > cfg.max_failed_rounds:
-                        status = "failed"
-                        reason = (
-                            f"round {record['round']}: {record['failed']} ({record['replied']} "
-                            f"of {record['sampled']} sampled client(s) replied, "
-                            f"min_results={cfg.required_results})"
-                        )
-                        break
+                # Counted over the whole history: a resumed run has no fresh allowance.
+                failed = sum(1 for r in self.history.records if r.get("failed"))
+                if record.get("failed") and failed > cfg.max_failed_rounds:
+                    status = "failed"
+                    reason = (
+                        f"round {record['round']}: {record['failed']} ({record['replied']} "
+                        f"of {record['sampled']} sampled client(s) replied, "
+                        f"min_results={cfg.required_results})"
+                    )
+                    break
                 if self.early_stop is not None and cfg.early_stop is not None:
                     value = record.get(cfg.early_stop.metric)
                     if value is not None and self.early_stop.update(float(value)):
                         log.info("early stop: %s has not improved", cfg.early_stop.metric)
                         stopped_early = True
                         break
-        except _Stopped:
-            status, reason = "stopped", f"stopped by a signal after round {self.round}"
+            if status == "completed" and self.completed == 0:
+                status, reason = "failed", "no round completed (every round failed)"
+        except _Stopped as stop:
+            status = "stopped"
+            reason = str(stop) or f"stopped by a signal after round {self.round}"
         except RunError as exc:
             status, reason = "failed", str(exc)
         except BaseException as exc:  # a bug or a cancellation: clients and files still learn
             status, reason = "failed", f"{type(exc).__name__}: {exc}"
             raise
         finally:
+            # The files first: what the clients are told is what summary.json says.
+            status, reason = self._write_final(status, reason, stopped_early)
             if status == "failed":
                 log.error("run failed: %s", reason)
             await self._stop_clients(RunOutcome(status, reason))
-            status, reason = self._write_final(status, reason, stopped_early)
         return RunSummary(
             status, reason, self.completed, stopped_early, self.history.records, self.model.weights
         )
+
+    async def _run_round_task(self, round_number: int, *, wait_for_all: bool) -> dict[str, Any]:
+        """:meth:`run_round` as a task that :meth:`abandon_round` can cancel."""
+        self._round_task = asyncio.ensure_future(
+            self.run_round(round_number, wait_for_all=wait_for_all)
+        )
+        try:
+            return await self._round_task
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if self._round_task.cancelled() and not (current and current.cancelling()):
+                raise _Stopped(
+                    f"round {round_number} abandoned by a second stop signal; the last "
+                    f"checkpoint is round {self.round}"
+                ) from None
+            raise
+        finally:
+            self._round_task = None
+
+    def abandon_round(self) -> None:
+        """Stop now (a second SIGTERM/SIGINT): drop the round under way, keep the last
+        checkpoint, tell the clients, write the files."""
+        self.stop_event.set()
+        if self._round_task is not None:
+            self._round_task.cancel()
 
     def _write_final(
         self, status: RunStatus, reason: str, stopped_early: bool
@@ -317,11 +345,12 @@ class FederatedRun:
         if not wait_for_all:
             await self._wait_for_clients(cfg.required_results, cfg.round_timeout)
         await self._initialize_new_clients(deadline)
-        sampled = [
-            c
-            for c in self.pool.sample(self.rng, cfg.fraction, cfg.clients_per_round)
-            if c.initialized
-        ]
+        sampled = self.pool.sample(
+            self.rng,
+            cfg.fraction,
+            cfg.clients_per_round,
+            [c for c in self.pool.clients() if c.initialized],
+        )
         task = RoundTask(
             round_number,
             self.model.weights,
@@ -330,6 +359,7 @@ class FederatedRun:
         )
         folded = _Fold(self.aggregator, self.optimizer, self.specs)
         await self._collect(sampled, lambda c: c.train(task), folded.add, deadline)
+        await folded.settled()
         record: dict[str, Any] = {
             "round": round_number,
             "sampled": len(sampled),
@@ -583,19 +613,33 @@ class _Fold:
         self.seen = 0
         self.loss_sum = 0.0
         self.names: list[str] = []
+        self._adding: asyncio.Future[None] | None = None
 
     async def add(self, client: ClientProxy, result: TrainResult) -> None:
         """Check one reply whole, then add it to the running sum (off the loop if large)."""
         size = sum(v.size for v in result.partial.fields.values() if isinstance(v, Vector))
-        if size >= INLINE_ADD_ELEMENTS:
-            await asyncio.to_thread(self._checked_add, result)
-        else:
-            self._checked_add(result)
-        self.names.append(client.name)
+        if size < INLINE_ADD_ELEMENTS:
+            self._checked_add(result, client.name)
+            return
+        # A thread cannot be cancelled: the round deadline must not leave it adding into a
+        # sum that is being aggregated. It finishes on its own; :meth:`settled` waits for it.
+        self._adding = asyncio.ensure_future(
+            asyncio.to_thread(self._checked_add, result, client.name)
+        )
+        await asyncio.shield(self._adding)
 
-    def _checked_add(self, result: TrainResult) -> None:
+    async def settled(self) -> None:
+        """Wait for an addition the round deadline interrupted; the sum is then whole (the
+        reply counted if it was valid)."""
+        if self._adding is not None and not self._adding.done():
+            await asyncio.wait({self._adding})
+        if self._adding is not None and not self._adding.cancelled():
+            self._adding.exception()  # retrieved: a rejected reply was logged by the loop
+
+    def _checked_add(self, result: TrainResult, name: str) -> None:
         self.validate(result)
         self._add(result)
+        self.names.append(name)
 
     def validate(self, result: TrainResult) -> None:
         self.aggregator.validate(result.partial, self.specs)

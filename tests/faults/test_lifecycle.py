@@ -165,3 +165,29 @@ def test_a_client_busy_when_the_run_completes_is_told_and_exits_0(
     code, out = finish(busy, 60)
     assert code == ExitCode.OK, out
     assert "round 1:" in out and "the server ended the run" in out
+
+
+def test_a_second_signal_abandons_the_round_under_way(
+    tmp_path: Path, client_data: list[Path], procs: list[subprocess.Popen[str]]
+) -> None:
+    config = server_config(tmp_path, rounds=5, min_clients=2, round_timeout=120.0, eval_every=0)
+    server = spawn_server(config)
+    procs.append(server)
+    frozen = spawn_client(config.port, "frozen", client_data[0])
+    procs += [frozen, spawn_client(config.port, "alive", client_data[1])]
+    assert wait_for_line(server, lambda r: r.get("round") == 1, 90) is not None
+    frozen.send_signal(signal.SIGSTOP)  # round 2 would wait 120 s for it
+    time.sleep(1.0)
+    server.send_signal(signal.SIGTERM)
+    time.sleep(1.0)
+    assert server.poll() is None  # the first signal waits for the round to end
+    start = time.monotonic()
+    server.send_signal(signal.SIGTERM)
+    code = server.wait(30)
+    assert time.monotonic() - start < 10, "the second signal must not wait for the deadline"
+    assert code == ExitCode.INTERRUPTED, (tmp_path / "server.log").read_text()
+    summary = read_summary(tmp_path)
+    assert summary["status"] == "stopped" and summary["rounds_completed"] == 1
+    assert summary["reason"] == (
+        "round 2 abandoned by a second stop signal; the last checkpoint is round 1"
+    )
