@@ -168,9 +168,9 @@ def test_every_path_a_compose_container_writes_is_a_volume_its_user_owns() -> No
     assert (
         certs["user"] == "0:0" and certs["environment"]["OWNER"] == f"{image_uid()}:{image_uid()}"
     )
-    out = option(["-", *certs["command"]], "-")
-    for volume, target in (("server-secrets", "server"), ("client-0-secrets", "client-0")):
-        assert f"{volume}:{out}/{target}" in certs["volumes"]
+    out = certs["command"][0]  # make-secrets.sh OUT_DIR SERVER_NAMES CLIENT_NAMES
+    for target in ("server", "client-0", "client-1"):
+        assert f"{target}-secrets:{out}/{target}" in certs["volumes"]
 
 
 def _mount(volumes: list[str], path: str) -> tuple[str, str, str]:
