@@ -9,7 +9,8 @@ Paths measured (best of ``--repeat`` runs, each a full round trip):
 and floors over the same arrays: ``np.copyto`` into preallocated arrays, ``arr.copy()`` (fresh
 allocations, like the assembler's), and a protobuf ``bytes`` field round trip.
 
-Target (DESIGN.md): the payload path at >= half of a numpy copy's GB/s.
+Target (docs/architecture.md, "Performance targets"): the payload path at >= half of a numpy
+copy's GB/s.
 
 Usage: ``python benchmarks/codec.py [--size 100_000_000] [--chunk-mib 4] [--repeat 5]``
 """

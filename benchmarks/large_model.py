@@ -7,9 +7,10 @@ are more) and the peak RSS (``VmHWM``) of the server and of each client, next to
 and floors: memcpy of the model 4 times (2 down + 2 up) and a raw gRPC stream moving the same
 bytes (2 concurrent streams, each receiving the model and sending it back).
 
-Targets (DESIGN.md): 100M params <= 4 s/round and server peak RSS <= 1.2 GB (declearn 2.9.1:
-16 s, 3.9 GB; Flower 1.42: 16-27 s, 5.6-6.3 GB). ``--params 600M`` (2.4 GB model): runs, with
-server peak RSS <= 3x the model (declearn and Flower run out of memory).
+Targets (docs/architecture.md, "Performance targets"): 100M params <= 4 s/round and server
+peak RSS <= 1.2 GB (declearn 2.9.1: 16 s, 3.9 GB; Flower 1.42: 16-27 s, 5.6-6.3 GB).
+``--params 600M`` (2.4 GB model): runs, with server peak RSS <= 3x the model (declearn and
+Flower run out of memory).
 
 Usage: ``python benchmarks/large_model.py [--params 100M|600M|<n>] [--rounds 3]
 [--samples 4] [--no-floors]``

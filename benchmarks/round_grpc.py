@@ -14,7 +14,8 @@ Floors printed next to it, over the same bytes:
 * raw gRPC: a minimal ``grpc.aio`` bytes stream, server in its own process, 8 concurrent
   streams each receiving the model and sending it back, in chunks of ``--chunk-mib``.
 
-Target (DESIGN.md): <= 0.08 s/round (declearn 2.9.1: 1.04 s, Flower 1.42 legacy API: 0.24 s).
+Target (docs/architecture.md, "Performance targets"): <= 0.08 s/round (declearn 2.9.1: 1.04 s,
+Flower 1.42 legacy API: 0.24 s).
 
 Usage: ``python benchmarks/round_grpc.py [--rounds 10] [--clients 8] [--features 1000]
 [--outputs 1000] [--samples 8] [--no-checkpoint] [--profile server.speedscope.json]``

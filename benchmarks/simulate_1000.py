@@ -10,8 +10,8 @@ this process's ``VmHWM``.
 Floor printed next to it: the bare numpy work of a round (per client: one forward/backward of
 the batch, the update, a weighted add into the running sum), in a Python loop over clients.
 
-Target (DESIGN.md): <= 0.15 s/round and <= 1 GB (declearn 2.9.1: 1.62 s, 525 MB;
-Flower 1.42 with Ray: 7.1 s).
+Target (docs/architecture.md, "Performance targets"): <= 0.15 s/round and <= 1 GB (declearn
+2.9.1: 1.62 s, 525 MB; Flower 1.42 with Ray: 7.1 s).
 
 Usage: ``python benchmarks/simulate_1000.py [--clients 1000] [--rounds 10] [--samples 32]
 [--profile out.prof]``

@@ -30,15 +30,15 @@ mkdir -p "$out/server"
 
 set --
 for name in $(echo "$server_names" | tr ',' ' ') localhost; do
-    set -- "$@" --host "$name"
+    set -- "$@" --server-name "$name"
 done
 for name in $clients health; do
     set -- "$@" --client "$name"
 done
-fedpipe certs --out "$out/ca" "$@"
+fedpipe certs --out "$out/ca" "$@" >/dev/null
 
 cp "$out/ca/ca.crt" "$out/ca/server.crt" "$out/ca/server.key" "$out/server/"
-cp "$out/ca/health.crt" "$out/ca/health.key" "$out/server/"
+cp "$out/ca/clients/health.crt" "$out/ca/clients/health.key" "$out/server/"
 {
     cat "$base"
     printf '\n[tokens]\n'
@@ -46,8 +46,8 @@ cp "$out/ca/health.crt" "$out/ca/health.key" "$out/server/"
 for name in $clients; do
     mkdir -p "$out/$name"
     cp "$out/ca/ca.crt" "$out/$name/ca.crt"
-    cp "$out/ca/$name.crt" "$out/$name/client.crt"
-    cp "$out/ca/$name.key" "$out/$name/client.key"
+    cp "$out/ca/clients/$name.crt" "$out/$name/client.crt"
+    cp "$out/ca/clients/$name.key" "$out/$name/client.key"
     # 256 random bits; the server keeps only their salted hash.
     od -An -tx1 -N32 /dev/urandom | tr -d ' \n' >"$out/$name/client.token"
     hash=$(fedpipe hash-token <"$out/$name/client.token")

@@ -1,4 +1,5 @@
-"""The ``fedpipe`` command: ``server``, ``client``, ``simulate``, ``split``, ``hash-token``."""
+"""The ``fedpipe`` command: ``server``, ``client``, ``simulate``, ``split``, ``hash-token``,
+``certs``."""
 
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ fedpipe: federated learning with pipelines of stateful optimizer modules.
   fedpipe client --server HOST:PORT --data client_0/ --name hospital-a
   fedpipe split --dataset digits --clients 4 --out data/
   fedpipe hash-token < token.txt    print a token's hash for the server's [tokens] table
+  fedpipe certs --out certs/ --server-name fl.example.org --client hospital-a
   fedpipe health --server HOST:PORT exit 0 if the server is serving (health checks)
 """
 
@@ -146,6 +148,8 @@ def cmd_client(args: argparse.Namespace) -> int:
         "eval_data": str(args.eval_data) if args.eval_data else None,
         "eval_fraction": args.eval_fraction,
         "tls_ca": str(args.tls_ca) if args.tls_ca else None,
+        "tls_cert": str(args.tls_cert) if args.tls_cert else None,
+        "tls_key": str(args.tls_key) if args.tls_key else None,
         "insecure": args.insecure or None,
         "threads": args.threads,
         "state_dir": str(args.state_dir) if args.state_dir else None,
@@ -226,6 +230,35 @@ def cmd_hash_token(args: argparse.Namespace) -> int:
         return 2
     print(hash_token(token))
     return 0
+
+
+def cmd_certs(args: argparse.Namespace) -> int:
+    try:
+        from fedpipe.common import certs
+    except ModuleNotFoundError as exc:
+        if not (exc.name or "").startswith("cryptography"):
+            raise
+        print(
+            "fedpipe certs: needs the 'cryptography' package: pip install 'fedpipe[certs]'",
+            file=sys.stderr,
+        )
+        return ExitCode.USAGE
+    try:
+        if args.add_client:
+            if args.server_name or args.client:
+                raise certs.CertificateError("--add-client uses the CA in --out; give it alone")
+            written = certs.add_clients(args.out, args.add_client, days=args.days, force=args.force)
+        else:
+            written = certs.make_pki(
+                args.out, args.server_name, args.client, days=args.days, force=args.force
+            )
+    except certs.CertificateError as exc:
+        return _fail(args, exc, ExitCode.USAGE)
+    for item in written:
+        print(f"wrote {item.path} ({'0600' if item.secret else '0644'}): {item.what}")
+    clients = args.add_client or args.client
+    print(certs.usage_text(args.out, not args.add_client, clients))
+    return ExitCode.OK
 
 
 def cmd_split(args: argparse.Namespace) -> int:
@@ -365,6 +398,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     client.add_argument("--tls-ca", type=Path, help="CA certificate that signed the server's")
     client.add_argument(
+        "--tls-cert", type=Path, help="this client's certificate, for mutual TLS (fedpipe certs)"
+    )
+    client.add_argument("--tls-key", type=Path, help="the private key of --tls-cert")
+    client.add_argument(
         "--state-dir",
         type=Path,
         help="keep the module state here after each round, to continue exactly after a crash",
@@ -422,6 +459,39 @@ def build_parser() -> argparse.ArgumentParser:
         "scrypt hash: paste it in the server's [tokens] table in place of the token.",
     )
     hashing.set_defaults(func=cmd_hash_token)
+
+    certs = sub.add_parser(
+        "certs",
+        parents=[common],
+        help="make a CA and the server's and clients' certificates for mutual TLS",
+        description="Make a private CA, a certificate for the server (for the host names "
+        "clients dial) and one per client (its name in it: the server admits it only under "
+        "that name), and print the config lines that use them. Needs 'fedpipe[certs]'.",
+    )
+    certs.add_argument("--out", type=Path, required=True, help="folder to write the files to")
+    certs.add_argument(
+        "--server-name",
+        action="append",
+        default=[],
+        metavar="HOST",
+        help="a host name or IP address clients dial the server by (repeatable; add "
+        "localhost and 127.0.0.1 only if clients use them)",
+    )
+    certs.add_argument(
+        "--client", action="append", default=[], metavar="NAME", help="a client's name (repeatable)"
+    )
+    certs.add_argument(
+        "--add-client",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a certificate for a new client, signed by the CA already in --out (repeatable)",
+    )
+    certs.add_argument(
+        "--days", type=int, default=365, help="validity of the server and client certificates"
+    )
+    certs.add_argument("--force", action="store_true", help="replace existing files")
+    certs.set_defaults(func=cmd_certs)
 
     health = sub.add_parser(
         "health",

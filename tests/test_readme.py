@@ -5,8 +5,10 @@ from __future__ import annotations
 import re
 import tomllib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pytest
 
 from fedpipe.common import registry
 from fedpipe.common.codec import state_from_bytes, state_to_bytes
@@ -43,3 +45,23 @@ def test_readme_optimizer_toml_builds_the_documented_pipelines() -> None:
     assert [r.name for r in client.regularizers] == ["fedprox"]
     fedadam = OptimizerConfig.model_validate(server["server_optimizer"]).build()
     assert [m.name for m in fedadam.modules] == ["adam"]
+
+
+def test_readme_notebook_example_runs_and_its_histories_hold_the_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (source,) = [b for b in blocks("python") if "fedpipe.simulate" in b]
+    monkeypatch.chdir(tmp_path)  # its runs/ folders go here
+    namespace: dict[str, Any] = {"__name__": "readme_notebook"}
+    exec(compile(source, "README.md", "exec"), namespace)  # noqa: S102 (our own README)
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(",")[0] for line in lines] == ["FedAvg: completed", "FedAdam: completed"]
+    fedavg, fedadam = namespace["fedavg"], namespace["fedadam"]
+    for history, folder in ((fedavg, "fedavg"), (fedadam, "fedadam")):
+        assert history.rounds_completed == 5
+        assert [r for r, _ in history.metric("accuracy")] == [1, 2, 3, 4, 5]
+        with np.load(tmp_path / "runs" / folder / "model.npz") as npz:
+            assert np.array_equal(npz["kernel"], history.weights["kernel"])
+        assert history.metric("accuracy")[-1][1] > 0.8  # digits, 10 classes: it learned
+    assert [m.name for m in fedadam.config.server.server_optimizer.build().modules] == ["adam"]
+    assert namespace["kernel"] is fedadam.weights["kernel"]

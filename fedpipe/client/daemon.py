@@ -13,12 +13,14 @@ from typing import Any
 import grpc
 
 from fedpipe.client.state_store import ClientStateStore
+from fedpipe.client.tls_errors import explain_connection_failure
 from fedpipe.common.codec import spec_from_wire
 from fedpipe.common.config import ClientConfig
 from fedpipe.common.data import Dataset
 from fedpipe.common.outcome import ExitCode, RunOutcome
 from fedpipe.common.payload import encode_payload
 from fedpipe.common.plugins import import_plugins
+from fedpipe.common.tls_files import check_client_files
 from fedpipe.common.training import LocalTrainer, RunSetup
 from fedpipe.common.vector import ArraySpec, describe_spec_mismatch
 from fedpipe.common.wire import (
@@ -93,6 +95,7 @@ class ClientDaemon:
         ``retry_timeout``.
         """
         cfg = self.config
+        check_client_files(cfg)  # a certificate of its own that cannot work stops it here
         delay = cfg.retry_initial
         give_up = time.monotonic() + cfg.retry_timeout
         while True:
@@ -102,7 +105,9 @@ class ClientDaemon:
             except grpc.aio.AioRpcError as exc:
                 if exc.code() in FINAL_CODES:
                     raise ClientRefused(f"server refused: {exc.details()}") from None
-                why = f"{exc.code().name}: {exc.details()}"
+                why = await explain_connection_failure(exc, cfg) or (
+                    f"{exc.code().name}: {exc.details()}"
+                )
             except STREAM_ENDED as exc:
                 why = f"{type(exc).__name__}: {exc}"
             else:

@@ -13,10 +13,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from fedpipe.common.config import ServerConfig
 from fedpipe.common.plugins import import_plugins
+from fedpipe.common.tls_files import check_server_files
 from fedpipe.common.wire import channel_options
 from fedpipe.server.admission import server_options
 from fedpipe.server.clients import ClientPool
-from fedpipe.server.grpc_transport import FederationServicer
+from fedpipe.server.grpc_transport import STOP_GRACE, FederationServicer
 from fedpipe.server.receive_budget import ReceiveBudget
 from fedpipe.server.rounds import FederatedRun, RunSummary
 
@@ -80,13 +81,14 @@ async def serve(
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
         await health_servicer.enter_graceful_shutdown()
-        await server.stop(grace=2.0)
+        await server.stop(grace=STOP_GRACE + 1.0)  # sessions end at once unless a client is busy
 
 
 def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
     """TLS credentials from the config's files; mutual TLS when ``tls_client_ca`` is set."""
     if config.tls_cert is None or config.tls_key is None:
         return None
+    check_server_files(config)  # else gRPC only says "Failed to bind to address"
     pair = (config.tls_key.read_bytes(), config.tls_cert.read_bytes())
     if config.tls_client_ca is None:
         return grpc.ssl_server_credentials([pair])

@@ -55,6 +55,8 @@ log = logging.getLogger(__name__)
 
 #: Frames queued per client before the round loop waits for the socket (backpressure).
 OUTBOX_FRAMES = 4
+#: Seconds a stopped session stays open for a client still busy with its last task.
+STOP_GRACE = 10.0
 #: Round payloads up to this size keep their chunk frames for every client of the round.
 FRAME_CACHE_BYTES = 256 << 20
 MAX_NAME_LENGTH = 128
@@ -81,6 +83,7 @@ class GrpcClient(ClientProxy):
         self._waiting: dict[int, asyncio.Future[Received[Any]]] = {}
         self._last_id = 0
         self._closed: str | None = None
+        self.told = False  # the stop task is queued: the run's outcome is on its way
         self._send_lock = asyncio.Lock()
         self._sending: set[asyncio.Task[None]] = set()
         self.max_payload_bytes = SETUP_PAYLOAD_BYTES
@@ -164,6 +167,7 @@ class GrpcClient(ClientProxy):
         except asyncio.QueueFull:
             self.close("run finished (the client is not reading)")
             return
+        self.told = True
         self.close("run finished")
 
     async def _request(
@@ -381,6 +385,10 @@ class FederationServicer:
                 if out is None:
                     break
                 await context.write(out)
+            if proxy.told:
+                # A client busy with a task reads its stop task only once it has replied:
+                # keep the stream until it closes its side, or the grace passes.
+                await asyncio.wait({reader}, timeout=STOP_GRACE)
         finally:
             reader.cancel()
             proxy.close("session ended")

@@ -5,14 +5,11 @@ one line that says why."""
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
-
-import pytest
 
 from tests.faults.conftest import server_config, spawn_server
 from tests.integration.test_tls import pki  # noqa: F401 (a fixture)
@@ -64,7 +61,6 @@ def test_health_is_0_while_the_server_serves_and_1_with_one_line_when_none_liste
     assert after.returncode == 1 and "UNAVAILABLE" in one_line(after)
 
 
-@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI")
 def test_health_over_mutual_tls_needs_the_ca_and_a_client_certificate(
     tmp_path: Path,
     procs: list[subprocess.Popen[str]],
@@ -80,7 +76,7 @@ def test_health_over_mutual_tls_needs_the_ca_and_a_client_certificate(
     )
     procs.append(server := spawn_server(config))
     wait_listening(server, tmp_path / "server.log")
-    ca, cert, key = (str(pki / f) for f in ("ca.crt", "client.crt", "client.key"))
+    ca, cert, key = (str(pki / f) for f in ("ca.crt", "clients/client.crt", "clients/client.key"))
     for host in ("127.0.0.1", "localhost"):  # the names in the server's certificate
         ok = health(
             "--server",

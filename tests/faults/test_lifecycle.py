@@ -8,6 +8,9 @@ import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
+
+from fedpipe.common.data import Dataset, load_dataset, save_dataset
 from fedpipe.common.outcome import ExitCode
 from tests.faults.conftest import (
     finish,
@@ -135,3 +138,30 @@ def test_the_server_logs_its_address_and_each_client_by_default(
     assert f"listening on 127.0.0.1:{config.port}" in log
     assert "client site-0 joined from ipv4:127.0.0.1" in log
     assert "client site-0 left (run finished)" in log
+
+
+def test_a_client_busy_when_the_run_completes_is_told_and_exits_0(
+    tmp_path: Path, client_data: list[Path], procs: list[subprocess.Popen[str]]
+) -> None:
+    # One client has 40 times the data: it is still training when the round deadline ends
+    # the run, and reads the stop task only after writing its (late) reply.
+    small = load_dataset(client_data[0])
+    big = Dataset(np.concatenate([small.x] * 40), np.concatenate([small.y] * 40))
+    config = server_config(
+        tmp_path,
+        rounds=1,
+        min_clients=2,
+        min_results=1,
+        round_timeout=1.0,
+        eval_every=0,
+        training={"epochs": 3, "batch_size": 16},
+    )
+    server = spawn_server(config)
+    procs.append(server)
+    busy = spawn_client(config.port, "busy", save_dataset(big, tmp_path / "big"))
+    procs += [busy, spawn_client(config.port, "quick", client_data[1])]
+    assert server.wait(60) == 0, (tmp_path / "server.log").read_text()
+    assert read_summary(tmp_path)["status"] == "completed"
+    code, out = finish(busy, 60)
+    assert code == ExitCode.OK, out
+    assert "round 1:" in out and "the server ended the run" in out

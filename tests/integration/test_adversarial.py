@@ -1,6 +1,6 @@
 """A malicious or buggy peer speaking the wire protocol by hand.
 
-The rule under test (DESIGN.md, "Security and reliability rules"): every network input is
+The rule under test (docs/security.md, "Untrusted network input"): every network input is
 untrusted; a bad one is rejected with a logged reason, the round goes on with the honest
 clients, and the server never crashes, hangs or grows without bound because of a client.
 

@@ -182,12 +182,17 @@ async def test_client_started_before_the_server_connects_with_backoff(
     config = server_config(tmp_path, rounds=1, min_clients=1)
     early = spawn_client(config.port, "early", client_data[0])
     processes.append(early)
-    await asyncio.sleep(2.0)
+    assert early.stdout is not None
+    before: list[str] = []  # what the client said while no server was there
+    while not any("reconnecting in" in line for line in before[-1:]):
+        line = await asyncio.wait_for(asyncio.to_thread(early.stdout.readline), 60)
+        assert line, "".join(before)
+        before.append(line)
     async with running_server(config) as server:
         summary = await asyncio.wait_for(server, 60)
     code, out = await asyncio.to_thread(finish, early)
-    assert code == 0
-    assert "UNAVAILABLE" in out and "reconnecting in" in out
+    assert code == 0, out
+    assert "UNAVAILABLE" in before[-1] and "joined run" in out
     assert summary.history[0]["clients"] == ["early"]
 
 

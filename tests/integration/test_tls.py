@@ -3,65 +3,28 @@
 from __future__ import annotations
 
 import asyncio
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from fedpipe.common.certs import make_pki
 from fedpipe.common.config import ServerConfig
 from tests.integration.conftest import finish, running_server, server_config
 
-pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI")
-
 
 def openssl(*args: str, cwd: Path) -> None:
+    """The openssl CLI (tests/faults/test_identity.py makes a certificate without SAN)."""
     subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
 
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A CA, a server certificate for 127.0.0.1 and a client certificate, all signed by it."""
+    """A CA (ca.crt, ca.key), a server certificate for 127.0.0.1 and localhost, and a
+    client certificate for "client" (clients/client.crt), made by ``fedpipe certs``' code."""
     d = tmp_path_factory.mktemp("pki")
-    key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
-    openssl(
-        "req",
-        "-x509",
-        *key,
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.crt",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=fedpipe-test-ca",
-        cwd=d,
-    )
-    for who, san in (("server", "IP:127.0.0.1,DNS:localhost"), ("client", "DNS:client")):
-        openssl(
-            "req", *key, "-keyout", f"{who}.key", "-out", f"{who}.csr", "-subj", f"/CN={who}", cwd=d
-        )
-        (d / f"{who}.ext").write_text(f"subjectAltName={san}\n")
-        openssl(
-            "x509",
-            "-req",
-            "-in",
-            f"{who}.csr",
-            "-CA",
-            "ca.crt",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            f"{who}.crt",
-            "-days",
-            "2",
-            "-extfile",
-            f"{who}.ext",
-            cwd=d,
-        )
+    make_pki(d, ["127.0.0.1", "localhost"], ["client"], days=2)
     return d
 
 
@@ -115,8 +78,8 @@ async def test_mutual_tls_admits_only_certified_clients(
             client_data[2],
             {
                 "tls_ca": pki / "ca.crt",
-                "tls_cert": pki / "client.crt",
-                "tls_key": pki / "client.key",
+                "tls_cert": pki / "clients" / "client.crt",
+                "tls_key": pki / "clients" / "client.key",
             },
         )
         processes.append(good)
@@ -124,6 +87,7 @@ async def test_mutual_tls_admits_only_certified_clients(
         code_good, out_good = await asyncio.to_thread(finish, good)
     assert code_plain == 1 and code_no_cert == 1  # gave up: the server never let them in
     assert "gave up reaching" in out_no_cert
+    assert "it requires a client certificate (mutual TLS)" in out_no_cert
     assert code_good == 0, out_good
     assert summary.history[0]["clients"] == ["client"]
 
