@@ -147,3 +147,26 @@ def linter(name: str) -> str:
             pytest.fail(f"{name} is not installed: CI must run the deploy linters")
         pytest.skip(f"{name} is not installed (pip install -e '.[dev]')")
     return found
+
+
+def build_context(dest: Path) -> list[str]:
+    """Copy what ``docker build`` would be sent (the repository less .dockerignore) to
+    ``dest``; returns the paths copied. Ignored folders are not walked into."""
+    patterns = dockerignore_patterns()
+    reincluded = [p.lstrip("!").strip("/") for p in patterns if p.startswith("!")]
+    copied = []
+    for top, dirs, files in os.walk(ROOT):
+        rel = Path(top).relative_to(ROOT)
+        dirs[:] = [
+            d
+            for d in dirs
+            if not dockerignored((rel / d).as_posix(), patterns)
+            or any(r.startswith(f"{(rel / d).as_posix()}/") for r in reincluded)
+        ]
+        for name in files:
+            path = (rel / name).as_posix()
+            if not dockerignored(path, patterns):
+                (dest / path).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(ROOT / path, dest / path)
+                copied.append(path)
+    return copied

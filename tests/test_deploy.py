@@ -69,6 +69,9 @@ def test_the_build_context_leaves_out_venvs_runs_git_caches_tests_and_secrets() 
     # Everything the image's COPY lines and `pip install .` read is still there.
     copied = [args.split()[0] for word, args in _build_stage() if word == "COPY"]
     assert copied == ["pyproject.toml", "fedpipe"]
+    # compose's `certs` runs `fedpipe certs` in the image: the extra that it needs is there.
+    installs = [args for word, args in _build_stage() if word == "RUN" and "pip install" in args]
+    assert len(installs) == 1 and installs[0].endswith('pip install --no-cache-dir ".[certs]"')
     package = [p.relative_to(ROOT).as_posix() for p in (ROOT / "fedpipe").rglob("*")]
     needed = ["pyproject.toml", "README.md", *(p for p in package if "__pycache__" not in p)]
     assert "fedpipe/datasets/digits.npz" in needed

@@ -4,11 +4,12 @@ cluster allows: hadolint, yamllint, Kubernetes' schemas (strict), shellcheck,
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 
-from tests.deploy_files import DEPLOY, K8S, ROOT, linter
+from tests.deploy_files import DEPLOY, K8S, ROOT, build_context, linter
 
 
 def run(*argv: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
@@ -66,3 +67,33 @@ def test_docker_compose_renders_the_compose_file() -> None:
     assert_clean(result)
     for name in ("certs", "demo-data", "server", "client-0", "client-1"):
         assert f"\n  {name}:\n" in result.stdout
+
+
+def test_the_image_install_step_builds_fedpipe_from_the_build_context_alone(
+    tmp_path: Path,
+) -> None:
+    # `pip install ".[certs]"` as the Dockerfile runs it, on the files .dockerignore lets
+    # through; the dependencies come from this venv (no network, no Docker).
+    context = tmp_path / "context"
+    copied = build_context(context)
+    assert "pyproject.toml" in copied and "fedpipe/datasets/digits.npz" in copied
+    assert not [p for p in copied if p.startswith((".venv/", "tests/", "runs/", ".git/"))]
+    target = tmp_path / "site"
+    pip = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation"]
+    assert_clean(run(*pip, "--target", str(target), str(context)))
+    env = dict(os.environ, PYTHONPATH=str(target))
+
+    def installed(*argv: str) -> subprocess.CompletedProcess[str]:
+        # Run away from the checkout: the installed package is the one imported.
+        return subprocess.run(
+            [sys.executable, *argv], cwd=tmp_path, env=env, capture_output=True, text=True
+        )
+
+    where = installed("-c", "import fedpipe; print(fedpipe.__file__)")
+    assert where.stdout.startswith(str(target)), where.stdout + where.stderr
+    assert_clean(installed("-m", "fedpipe", "health", "--help"))
+    # The built-in dataset is package data: it made it into the package.
+    assert_clean(
+        installed("-m", "fedpipe", "split", "--dataset", "digits", "--clients", "2", "--out", "s")
+    )
+    assert (tmp_path / "s" / "client_1" / "y.npy").exists()
