@@ -39,6 +39,7 @@ fedpipe: federated learning with pipelines of stateful optimizer modules.
   fedpipe split --dataset digits --clients 4 --out data/
   fedpipe hash-token < token.txt    print a token's hash for the server's [tokens] table
   fedpipe certs --out certs/ --server-name fl.example.org --client hospital-a
+  fedpipe health --server HOST:PORT exit 0 if the server is serving (health checks)
 """
 
 
@@ -271,6 +272,43 @@ def cmd_split(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_health(args: argparse.Namespace) -> int:
+    if not args.verbose:  # gRPC's own log of a failed handshake would be a second line
+        os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from fedpipe.common.config import is_loopback
+
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise ConfigError("--tls-cert and --tls-key go together: give both or neither")
+    # TLS on the same terms as `fedpipe client`: plaintext only to loopback or with --insecure.
+    host = args.server.rsplit(":", 1)[0]
+    if args.tls_ca or args.tls_cert or not (args.insecure or is_loopback(host)):
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=args.tls_ca.read_bytes() if args.tls_ca else None,
+            private_key=args.tls_key.read_bytes() if args.tls_key else None,
+            certificate_chain=args.tls_cert.read_bytes() if args.tls_cert else None,
+        )
+        channel = grpc.secure_channel(args.server, credentials)
+    else:
+        channel = grpc.insecure_channel(args.server)
+    request = health_pb2.HealthCheckRequest(service="")
+    with channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(request, timeout=args.timeout)
+        except grpc.RpcError as exc:
+            detail = " ".join(str(exc.details()).split())  # one line, whatever gRPC says
+            print(f"fedpipe health: {args.server}: {exc.code().name}: {detail}", file=sys.stderr)
+            return ExitCode.FAILED
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    if reply.status != health_pb2.HealthCheckResponse.SERVING:
+        print(f"fedpipe health: {args.server}: {status}", file=sys.stderr)
+        return ExitCode.FAILED
+    print(f"{args.server}: {status}")
+    return ExitCode.OK
+
+
 # ---- parser -----------------------------------------------------------------------------------
 
 
@@ -454,6 +492,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     certs.add_argument("--force", action="store_true", help="replace existing files")
     certs.set_defaults(func=cmd_certs)
+
+    health = sub.add_parser(
+        "health",
+        parents=[common],
+        help="ask a server whether it is serving (for health checks)",
+        description="Ask a fedpipe server through the gRPC health service whether it is "
+        "serving: exit 0 when it is, 1 with one line on stderr when it is not or cannot be "
+        "reached. Docker's HEALTHCHECK and Kubernetes probes run it.",
+    )
+    health.add_argument(
+        "--server", default="127.0.0.1:50051", help="HOST:PORT (default %(default)s)"
+    )
+    health.add_argument("--tls-ca", type=Path, help="CA certificate that signed the server's")
+    health.add_argument("--tls-cert", type=Path, help="client certificate, for mutual TLS")
+    health.add_argument("--tls-key", type=Path, help="its private key")
+    health.add_argument(
+        "--insecure", action="store_true", help="plaintext gRPC to a non-loopback server"
+    )
+    health.add_argument("--timeout", type=float, default=5.0, help="seconds (default %(default)s)")
+    health.set_defaults(func=cmd_health)
     return parser
 
 

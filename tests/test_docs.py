@@ -31,7 +31,7 @@ from tests.plugin_packages import write_dist_info
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = sorted((ROOT / "docs").glob("*.md"))
-MARKDOWN = [*DOCS, ROOT / "README.md"]
+MARKDOWN = [*DOCS, ROOT / "README.md", ROOT / "deploy" / "README.md"]
 TUTORIAL = ROOT / "docs" / "writing-a-module.md"
 MODULE_NAME = "tutorial-rmsprop"
 
