@@ -37,6 +37,7 @@ fedpipe: federated learning with pipelines of stateful optimizer modules.
   fedpipe client --server HOST:PORT --data client_0/ --name hospital-a
   fedpipe split --dataset digits --clients 4 --out data/
   fedpipe hash-token < token.txt    print a token's hash for the server's [tokens] table
+  fedpipe plot runs/a runs/b        charts of runs (metrics, participation, round time)
 """
 
 
@@ -118,7 +119,12 @@ def cmd_server(args: argparse.Namespace) -> int:
     )
     _load_plugins(config, args.plugin)
     summary = asyncio.run(
-        serve(config, resume=args.resume, on_round=_printer(config.rounds, args.progress))
+        serve(
+            config,
+            resume=args.resume,
+            overwrite=args.overwrite,
+            on_round=_printer(config.rounds, args.progress),
+        )
     )
     return _report(summary, config.output_dir, "server", quiet=args.progress != "text")
 
@@ -173,7 +179,7 @@ def cmd_client(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from fedpipe.server.simulation import SimulationError, simulate
+    from fedpipe.server.simulation import SimulationError, simulate, with_run_dir
 
     overrides = {
         "n_clients": args.clients,
@@ -194,14 +200,15 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         default_text=DEFAULT_CONFIG_TEXT,
     )
     _load_plugins(sim, args.plugin)
+    sim = with_run_dir(sim)
     print(
         f"simulating {sim.n_clients} clients on {sim.dataset} "
         f"({sim.partition.scheme} split, transport {sim.transport}), "
-        f"{sim.server.rounds} rounds",
+        f"{sim.server.rounds} rounds, in {sim.server.output_dir}/",
         flush=True,
     )
     try:
-        summary = simulate(sim, on_round=_printer(sim.server.rounds))
+        summary = simulate(sim, on_round=_printer(sim.server.rounds), overwrite=args.overwrite)
     except SimulationError as exc:
         print(f"fedpipe simulate: {exc}", file=sys.stderr)
         return 1
@@ -224,6 +231,20 @@ def cmd_hash_token(args: argparse.Namespace) -> int:
         print("fedpipe hash-token: no token given on stdin", file=sys.stderr)
         return 2
     print(hash_token(token))
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from fedpipe.plot import PlotError, plot_runs
+
+    out = args.out or (args.runs[0] / "plots" if len(args.runs) == 1 else Path("plots"))
+    try:
+        written = plot_runs(args.runs, out)
+    except PlotError as exc:
+        print(f"fedpipe plot: {exc}", file=sys.stderr)
+        return ExitCode.USAGE
+    for path in written:
+        print(path)
     return 0
 
 
@@ -287,6 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="allow plaintext gRPC on a non-loopback host (behind a TLS proxy or trusted LAN)",
     )
     server.add_argument("--resume", action="store_true", help="continue from the checkpoint")
+    _add_overwrite_flag(server)
     server.add_argument(
         "--progress",
         choices=["text", "json", "none"],
@@ -355,7 +377,11 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--rounds", type=int, help="number of rounds")
     simulate.add_argument("--dataset", help="built-in dataset name or a data file/folder")
     simulate.add_argument("--transport", choices=["inprocess", "grpc"])
-    simulate.add_argument("--output-dir", help="where metrics and the model go")
+    simulate.add_argument(
+        "--output-dir",
+        help="where metrics and the models go (default: a new runs/simulation-<date>-<time>/)",
+    )
+    _add_overwrite_flag(simulate)
     simulate.add_argument(
         "--print-config", action="store_true", help="print the default config and exit"
     )
@@ -384,7 +410,30 @@ def build_parser() -> argparse.ArgumentParser:
         "scrypt hash: paste it in the server's [tokens] table in place of the token.",
     )
     hashing.set_defaults(func=cmd_hash_token)
+
+    plot = sub.add_parser(
+        "plot",
+        parents=[common],
+        help="draw the metrics of runs as PNG charts",
+        description="Write PNG charts of one or more run directories: each metric per round "
+        "(runs overlaid), clients per round, time per round, and a client x round map per run. "
+        "Needs matplotlib: pip install 'fedpipe[plot]'.",
+    )
+    plot.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR", help="a run's directory")
+    plot.add_argument(
+        "--out", type=Path, help="where the PNGs go (default: RUN_DIR/plots, or plots/ for several)"
+    )
+    plot.set_defaults(func=cmd_plot)
     return parser
+
+
+def _add_overwrite_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run the output directory holds (its metrics, checkpoint, models, "
+        "logs); without it such a directory is refused",
+    )
 
 
 def _add_plugin_flag(parser: argparse.ArgumentParser) -> None:
