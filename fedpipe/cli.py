@@ -1,9 +1,10 @@
-"""The ``fedpipe`` command: ``server``, ``client``, ``simulate``, ``split``, ``hash-token``."""
+"""The ``fedpipe`` command: ``server``, ``client``, ``simulate``, ``split``, ``hash-token``, ``plot``."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import getpass
 import json
 import logging
@@ -92,6 +93,19 @@ def _printer(rounds: int, progress: str = "text") -> Any:
     return on_round
 
 
+def _round_display(rounds: int, progress: str, title: str) -> Any:
+    """A context manager giving the per-round callback: a live bar (``rich``) when stdout is a
+    terminal and text progress is asked for, else :func:`_printer`'s lines or JSON."""
+    if progress == "text" and sys.stdout.isatty():
+        try:
+            from fedpipe.progress import RoundBar
+        except ImportError:  # the optional `rich` extra: lines will do
+            pass
+        else:
+            return RoundBar(rounds, title)
+    return contextlib.nullcontext(_printer(rounds, progress))
+
+
 def _load_plugins(config: ServerConfig | ClientConfig | SimulationConfig, extra: list[str]) -> None:
     """Add the ``--plugin`` modules to the config's, then import them all: before any name of
     the config is looked up, and recorded in the config for the processes a simulation spawns."""
@@ -118,14 +132,10 @@ def cmd_server(args: argparse.Namespace) -> int:
         ServerConfig, args.config, {**overrides, **parse_sets(args.set)}
     )
     _load_plugins(config, args.plugin)
-    summary = asyncio.run(
-        serve(
-            config,
-            resume=args.resume,
-            overwrite=args.overwrite,
-            on_round=_printer(config.rounds, args.progress),
+    with _round_display(config.rounds, args.progress, "server") as on_round:
+        summary = asyncio.run(
+            serve(config, resume=args.resume, overwrite=args.overwrite, on_round=on_round)
         )
-    )
     return _report(summary, config.output_dir, "server", quiet=args.progress != "text")
 
 
@@ -208,7 +218,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         flush=True,
     )
     try:
-        summary = simulate(sim, on_round=_printer(sim.server.rounds), overwrite=args.overwrite)
+        with _round_display(sim.server.rounds, "text", "simulate") as on_round:
+            summary = simulate(sim, on_round=on_round, overwrite=args.overwrite)
     except SimulationError as exc:
         print(f"fedpipe simulate: {exc}", file=sys.stderr)
         return 1
