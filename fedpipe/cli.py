@@ -1,4 +1,5 @@
-"""The ``fedpipe`` command: ``server``, ``client``, ``simulate``, ``split``, ``hash-token``, ``plot``."""
+"""The ``fedpipe`` command: ``server``, ``client``, ``simulate``, ``split``, ``hash-token``,
+``plot``."""
 
 from __future__ import annotations
 
