@@ -359,16 +359,7 @@ class FederatedRun:
             self.optimizer.collect_aux_var(),
             base_rounds=dict(self.base_rounds),
         )
-        folded = _Fold(self.aggregator, self.optimizer, self.specs)
-        clients = RoundClients(round_number, [c.name for c in sampled])
-
-        async def fold(client: ClientProxy, result: TrainResult) -> None:
-            await folded.add(client, result)
-            clients.trained(client.name, result, time.perf_counter() - start)
-
-        failures: dict[str, str] = {}
-        await self._collect(sampled, lambda c: c.train(task), fold, deadline, failures)
-        clients.failed(failures)
+        folded, clients = await self._train(sampled, task, deadline, start)
         record: dict[str, Any] = {
             "round": round_number,
             "sampled": len(sampled),
@@ -400,6 +391,23 @@ class FederatedRun:
         record["seconds"] = round(time.perf_counter() - start, 6)
         self._persist(record, clients)
         return record
+
+    async def _train(
+        self, sampled: list[ClientProxy], task: RoundTask, deadline: float, start: float
+    ) -> tuple[_Fold, RoundClients]:
+        """Send ``task`` to the sampled clients and fold their replies as they arrive; what
+        each client did (``start``: the round's ``perf_counter``) goes in the records."""
+        folded = _Fold(self.aggregator, self.optimizer, self.specs)
+        clients = RoundClients(task.round_number, [c.name for c in sampled])
+
+        async def fold(client: ClientProxy, result: TrainResult) -> None:
+            await folded.add(client, result)
+            clients.trained(client.name, result, time.perf_counter() - start)
+
+        failures: dict[str, str] = {}
+        await self._collect(sampled, lambda c: c.train(task), fold, deadline, failures)
+        clients.failed(failures)
+        return folded, clients
 
     def _persist(self, record: dict[str, Any], clients: RoundClients) -> None:
         """Record the round and checkpoint it; only then does it count as completed. The best
@@ -467,11 +475,15 @@ class FederatedRun:
                 state.check_like(expected[name], f"metric {name!r}")
                 if not state.is_finite():
                     raise ClientError(f"metric {name!r} state is not finite")
-            if records is not None:
-                own = metric_set.result(result.metrics)
-                records.evaluated(client.name, own, result.n_samples)
             for name, state in result.metrics.items():
                 merged[name] = state.copy() if name not in merged else merged[name].add_(state)
+            if records is not None:
+                try:
+                    own = metric_set.result(result.metrics)
+                except (ValueError, ArithmeticError) as exc:  # its share is merged all the same
+                    log.info("client %s: no metrics of its own: %s", client.name, exc)
+                else:
+                    records.evaluated(client.name, own, result.n_samples)
 
         failures: dict[str, str] = {}
         await self._collect(clients, lambda c: c.evaluate(task), fold, deadline, failures)

@@ -340,6 +340,7 @@ def _read_summary(output_dir: Path) -> RunSummary:
         summary["stopped_early"],
         records,
         weights,
+        {k: v for k, v in summary.items() if k.startswith("best_")},
     )
 
 
