@@ -1,8 +1,10 @@
 """Run directories: one run per directory, never a silent overwrite.
 
-A directory that holds a run's files (metrics, a checkpoint, a summary, models) belongs to that
-run: a new run refuses it unless told to ``overwrite`` (which removes that run's files and
-nothing else) or to ``resume`` it. A simulation given no directory gets a new one.
+A directory where a run recorded a round (its metrics, checkpoint, client lines, best model)
+belongs to that run: a new run refuses it unless told to ``overwrite`` (which removes that
+run's files and nothing else) or to ``resume`` it. What a run that never finished a round leaves
+(a summary saying so, the initial model) is simply replaced. A simulation given no directory
+gets a new one.
 """
 
 from __future__ import annotations
@@ -27,6 +29,9 @@ RUN_FILES = (
     "model.npz",
     "best_model.npz",
 )
+
+#: Files written once a round has run: their presence means the directory holds a run.
+ROUND_FILES = ("metrics.jsonl", "checkpoint.fpk", "clients.jsonl", "best_model.npz")
 
 #: Files of the run's own sub-folders: a gRPC simulation's process logs, ``fedpipe plot``'s.
 RUN_PATTERNS = ("logs/*.log", "plots/*.png")
@@ -58,7 +63,7 @@ def prepare_run_dir(
     if resume or not directory.is_dir():
         return
     found = run_files_in(directory)
-    if not found:
+    if not any(name in ROUND_FILES for name in found):
         return
     if not overwrite:
         ways = "--resume to continue it, " if can_resume else ""

@@ -88,6 +88,18 @@ def test_resume_takes_the_directory_and_overwrite_clears_it(tmp_path: Path) -> N
         prepare_run_dir(run, resume=True, overwrite=True)
 
 
+def test_what_a_run_stopped_before_its_first_round_left_is_no_run(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "summary.json").write_text('{"status": "stopped", "rounds_completed": 0}')
+    (run / "model.npz").write_bytes(b"initial weights")
+    prepare_run_dir(run)  # nothing recorded: the directory is free
+    assert (run / "model.npz").exists()  # replaced at the new run's end, not before
+    (run / "metrics.jsonl").write_text('{"round": 1}\n')
+    with pytest.raises(RunDirectoryInUse, match=r"\(metrics.jsonl, summary.json, model.npz\)"):
+        prepare_run_dir(run)
+
+
 def test_simulate_without_a_directory_writes_a_new_one_each_time(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
