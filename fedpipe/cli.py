@@ -1,10 +1,11 @@
 """The ``fedpipe`` command: ``server``, ``client``, ``simulate``, ``split``, ``hash-token``,
-``certs``."""
+``certs``, ``health``, ``plot``."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import getpass
 import json
 import logging
@@ -40,6 +41,7 @@ fedpipe: federated learning with pipelines of stateful optimizer modules.
   fedpipe hash-token < token.txt    print a token's hash for the server's [tokens] table
   fedpipe certs --out certs/ --server-name fl.example.org --client hospital-a
   fedpipe health --server HOST:PORT exit 0 if the server is serving (health checks)
+  fedpipe plot runs/a runs/b        charts of runs (metrics, participation, round time)
 """
 
 
@@ -94,6 +96,19 @@ def _printer(rounds: int, progress: str = "text") -> Any:
     return on_round
 
 
+def _round_display(rounds: int, progress: str, title: str) -> Any:
+    """A context manager giving the per-round callback: a live bar (``rich``) when stdout is a
+    terminal and text progress is asked for, else :func:`_printer`'s lines or JSON."""
+    if progress == "text" and sys.stdout.isatty():
+        try:
+            from fedpipe.progress import RoundBar
+        except ImportError:  # the optional `rich` extra: lines will do
+            pass
+        else:
+            return RoundBar(rounds, title)
+    return contextlib.nullcontext(_printer(rounds, progress))
+
+
 def _load_plugins(config: ServerConfig | ClientConfig | SimulationConfig, extra: list[str]) -> None:
     """Add the ``--plugin`` modules to the config's, then import them all: before any name of
     the config is looked up, and recorded in the config for the processes a simulation spawns."""
@@ -120,9 +135,10 @@ def cmd_server(args: argparse.Namespace) -> int:
         ServerConfig, args.config, {**overrides, **parse_sets(args.set)}
     )
     _load_plugins(config, args.plugin)
-    summary = asyncio.run(
-        serve(config, resume=args.resume, on_round=_printer(config.rounds, args.progress))
-    )
+    with _round_display(config.rounds, args.progress, "server") as on_round:
+        summary = asyncio.run(
+            serve(config, resume=args.resume, overwrite=args.overwrite, on_round=on_round)
+        )
     return _report(summary, config.output_dir, "server", quiet=args.progress != "text")
 
 
@@ -178,7 +194,7 @@ def cmd_client(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from fedpipe.server.simulation import SimulationError, simulate
+    from fedpipe.server.simulation import SimulationError, simulate, with_run_dir
 
     overrides = {
         "n_clients": args.clients,
@@ -199,14 +215,16 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         default_text=DEFAULT_CONFIG_TEXT,
     )
     _load_plugins(sim, args.plugin)
+    sim = with_run_dir(sim)
     print(
         f"simulating {sim.n_clients} clients on {sim.dataset} "
         f"({sim.partition.scheme} split, transport {sim.transport}), "
-        f"{sim.server.rounds} rounds",
+        f"{sim.server.rounds} rounds, in {sim.server.output_dir}/",
         flush=True,
     )
     try:
-        summary = simulate(sim, on_round=_printer(sim.server.rounds))
+        with _round_display(sim.server.rounds, "text", "simulate") as on_round:
+            summary = simulate(sim, on_round=on_round, overwrite=args.overwrite)
     except SimulationError as exc:
         print(f"fedpipe simulate: {exc}", file=sys.stderr)
         return 1
@@ -259,6 +277,20 @@ def cmd_certs(args: argparse.Namespace) -> int:
     clients = args.add_client or args.client
     print(certs.usage_text(args.out, not args.add_client, clients))
     return ExitCode.OK
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from fedpipe.plot import PlotError, plot_runs
+
+    out = args.out or (args.runs[0] / "plots" if len(args.runs) == 1 else Path("plots"))
+    try:
+        written = plot_runs(args.runs, out)
+    except PlotError as exc:
+        print(f"fedpipe plot: {exc}", file=sys.stderr)
+        return ExitCode.USAGE
+    for path in written:
+        print(path)
+    return 0
 
 
 def cmd_split(args: argparse.Namespace) -> int:
@@ -358,6 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="allow plaintext gRPC on a non-loopback host (behind a TLS proxy or trusted LAN)",
     )
     server.add_argument("--resume", action="store_true", help="continue from the checkpoint")
+    _add_overwrite_flag(server)
     server.add_argument(
         "--progress",
         choices=["text", "json", "none"],
@@ -430,7 +463,11 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--rounds", type=int, help="number of rounds")
     simulate.add_argument("--dataset", help="built-in dataset name or a data file/folder")
     simulate.add_argument("--transport", choices=["inprocess", "grpc"])
-    simulate.add_argument("--output-dir", help="where metrics and the model go")
+    simulate.add_argument(
+        "--output-dir",
+        help="where metrics and the models go (default: a new runs/simulation-<date>-<time>/)",
+    )
+    _add_overwrite_flag(simulate)
     simulate.add_argument(
         "--print-config", action="store_true", help="print the default config and exit"
     )
@@ -512,7 +549,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     health.add_argument("--timeout", type=float, default=5.0, help="seconds (default %(default)s)")
     health.set_defaults(func=cmd_health)
+
+    plot = sub.add_parser(
+        "plot",
+        parents=[common],
+        help="draw the metrics of runs as PNG charts",
+        description="Write PNG charts of one or more run directories: each metric per round "
+        "(runs overlaid), clients per round, time per round, and a client x round map per run. "
+        "Needs matplotlib: pip install 'fedpipe[plot]'.",
+    )
+    plot.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR", help="a run's directory")
+    plot.add_argument(
+        "--out", type=Path, help="where the PNGs go (default: RUN_DIR/plots, or plots/ for several)"
+    )
+    plot.set_defaults(func=cmd_plot)
     return parser
+
+
+def _add_overwrite_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run the output directory holds (its metrics, checkpoint, models, "
+        "logs); without it such a directory is refused",
+    )
 
 
 def _add_plugin_flag(parser: argparse.ArgumentParser) -> None:

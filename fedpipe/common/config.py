@@ -129,6 +129,10 @@ class ServerConfig(_Strict):
     metrics: list[Spec] = Field(default_factory=lambda: list[Spec](["loss", "accuracy"]))
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     early_stop: EarlyStopConfig | None = None
+    #: Keep ``best_model.npz``: the weights of the round with the best value of this metric
+    #: (default: the early-stop metric, else ``loss`` when evaluation runs).
+    best_metric: str | None = None
+    best_mode: Literal["min", "max"] | None = None
     output_dir: Path = Path("runs/fedpipe-run")
     checkpoint: bool = True
     #: Client name -> its secret token, or its hash from ``fedpipe hash-token``; when set,
@@ -183,6 +187,21 @@ class ServerConfig(_Strict):
                 raise ValueError(f"tokens.{name} is empty: give each client a secret")
             if is_hashed(stored):
                 parse_hashed(stored)  # a malformed hash fails now, not at the client's hello
+        return self
+
+    @model_validator(mode="after")
+    def _best_mode_known(self) -> Self:
+        if self.best_metric is None or self.best_mode is not None:
+            return self
+        if self.early_stop is not None and self.early_stop.metric == self.best_metric:
+            self.best_mode = self.early_stop.mode
+        elif self.best_metric in ("loss", "train_loss"):
+            self.best_mode = "min"
+        else:
+            raise ValueError(
+                f"best_metric={self.best_metric!r} needs best_mode: 'max' if a higher value "
+                "is better, 'min' if a lower one is"
+            )
         return self
 
     @model_validator(mode="after")

@@ -22,6 +22,7 @@ from fedpipe.common.state_file import (
     write_state_file,
 )
 from fedpipe.common.vector import Vector
+from fedpipe.server.best_model import BEST_MODEL_NAME
 
 __all__ = [
     "CheckpointError",
@@ -62,7 +63,7 @@ def load_checkpoint(path: Path) -> State:
 def remove_interrupted_writes(output_dir: Path) -> None:
     """Delete the temp files of a checkpoint or model write that a crash interrupted."""
     if output_dir.is_dir():
-        for name in (CHECKPOINT_NAME, MODEL_NAME):
+        for name in (CHECKPOINT_NAME, MODEL_NAME, BEST_MODEL_NAME):
             remove_stale_temp_files(output_dir, name)
 
 

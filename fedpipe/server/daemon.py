@@ -32,6 +32,7 @@ async def serve(
     config: ServerConfig,
     *,
     resume: bool = False,
+    overwrite: bool = False,
     on_round: Callable[[dict[str, Any]], None] | None = None,
     on_listening: Callable[[int], None] | None = None,
 ) -> RunSummary:
@@ -39,13 +40,16 @@ async def serve(
 
     SIGTERM and SIGINT end the run after the current round (a second one at once, dropping the
     round under way): the last checkpoint stays, clients are told and the final model is
-    written.
+    written. An output directory that holds a run is refused unless ``resume`` (continue it)
+    or ``overwrite`` (replace it) is set.
     """
     import_plugins(config.plugins)  # the server owner's modules, before any name is built
     pool = ClientPool()
     stop_event = asyncio.Event()
     # Build the run first: a bad model or optimizer config fails before the port opens.
-    run = FederatedRun(config, pool, stop_event=stop_event, on_round=on_round, resume=resume)
+    run = FederatedRun(
+        config, pool, stop_event=stop_event, on_round=on_round, resume=resume, overwrite=overwrite
+    )
     options, max_rpcs = server_options(config)
     server = grpc.aio.server(
         options=channel_options(config.chunk_bytes) + options, maximum_concurrent_rpcs=max_rpcs

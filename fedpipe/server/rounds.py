@@ -10,7 +10,7 @@ import math
 import os
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -26,6 +26,7 @@ from fedpipe.common.state import State
 from fedpipe.common.summable import Summable
 from fedpipe.common.training import EvalResult, RunSetup, TrainResult, build_model
 from fedpipe.common.vector import ArraySpec, Vector
+from fedpipe.server.best_model import BEST_MODEL_NAME, BestRound
 from fedpipe.server.checkpoint import (
     CheckpointError,
     load_checkpoint,
@@ -33,8 +34,10 @@ from fedpipe.server.checkpoint import (
     save_checkpoint,
     save_model,
 )
+from fedpipe.server.client_log import ClientLog, RoundClients
 from fedpipe.server.clients import ClientError, ClientPool, ClientProxy, RoundTask, RunOutcome
 from fedpipe.server.history import EarlyStopping, History
+from fedpipe.server.run_dir import prepare_run_dir
 
 __all__ = ["FederatedRun", "RunError", "RunSummary"]
 
@@ -71,6 +74,8 @@ class RunSummary:
     stopped_early: bool
     history: list[dict[str, Any]]
     weights: Vector
+    #: The best round by the run's best metric (``best_round``, ``best_value``...), if any.
+    best: dict[str, Any] = field(default_factory=dict)
 
     def raise_for_status(self) -> RunSummary:
         """Raise :class:`RunError` with the reason if the run failed; else return self."""
@@ -86,6 +91,7 @@ class RunSummary:
             "rounds_completed": self.rounds_completed,
             "last_round": self.history[-1]["round"] if self.history else 0,
             "stopped_early": self.stopped_early,
+            **self.best,
         }
 
 
@@ -107,6 +113,7 @@ class FederatedRun:
         stop_event: asyncio.Event | None = None,
         on_round: Callable[[dict[str, Any]], None] | None = None,
         resume: bool = False,
+        overwrite: bool = False,
     ) -> None:
         self.config = config
         self.pool = pool
@@ -128,7 +135,7 @@ class FederatedRun:
             self.optimizer: Optimizer = config.server_optimizer.build()
             # Built once here so that a typo fails now, not on every client after start-up.
             config.client_optimizer.build()
-            MetricSet(config.metrics)
+            metric_names = MetricSet(config.metrics).result().keys()
         except (ValueError, TypeError, KeyError, ImportError) as exc:
             raise ConfigError(f"cannot build the run from its config: {exc}") from exc
         self.specs: dict[str, ArraySpec] = self.model.weights.specs()
@@ -140,9 +147,13 @@ class FederatedRun:
         self.output_dir: Path | None = Path(config.output_dir) if config.output_dir else None
         self.history = History(self.output_dir)
         self.early_stop = EarlyStopping(config.early_stop) if config.early_stop else None
+        self.client_log = ClientLog(self.output_dir)
+        best = BestRound.from_config(config, metric_names)
+        self.best = best if self.output_dir is not None else None
         #: Round of each client's latest aggregated reply: the state its next round starts from.
         self.base_rounds: dict[str, int] = {}
         if self.output_dir is not None:
+            prepare_run_dir(self.output_dir, resume=resume, overwrite=overwrite)
             _check_writable(self.output_dir)
             remove_interrupted_writes(self.output_dir)
             # The run is under way: no summary until it ends, never a last run's.
@@ -182,7 +193,26 @@ class FederatedRun:
         self.completed = sum(1 for r in self.history.records if not r.get("failed"))
         if self.early_stop is not None:
             self.early_stop.replay(self.history.records)
+        self.client_log.truncate(self.round)
+        self._resume_best()
         log.info("resumed from %s at round %d", path, self.round)
+
+    def _resume_best(self) -> None:
+        """Rebuild the best round from the history. ``best_model.npz`` is written after the
+        checkpoint: a crash between the two leaves the checkpoint's round as the best with an
+        older file, rewritten here from the checkpoint's weights (they are that round's)."""
+        if self.best is None or self.output_dir is None:
+            return
+        self.best.replay(self.history.records)
+        path = self.output_dir / BEST_MODEL_NAME
+        if self.best.round and self.best.round == self.round:
+            save_model(path, self.model.weights)
+        elif self.best.round and not path.exists():
+            log.warning(
+                "%s of round %d is missing: it comes back when a round beats it",
+                path,
+                self.best.round,
+            )
 
     def _checkpoint(self) -> None:
         path = self.checkpoint_path
@@ -255,9 +285,12 @@ class FederatedRun:
             if status == "failed":
                 log.error("run failed: %s", reason)
             await self._stop_clients(RunOutcome(status, reason))
-        return RunSummary(
-            status, reason, self.completed, stopped_early, self.history.records, self.model.weights
-        )
+        return self._summary(status, reason, stopped_early)
+
+    def _summary(self, status: RunStatus, reason: str, stopped_early: bool) -> RunSummary:
+        best = self.best.to_data() if self.best is not None else {}
+        records, weights = self.history.records, self.model.weights
+        return RunSummary(status, reason, self.completed, stopped_early, records, weights, best)
 
     async def _run_round_task(self, round_number: int, *, wait_for_all: bool) -> dict[str, Any]:
         """:meth:`run_round` as a task that :meth:`abandon_round` can cancel."""
@@ -297,9 +330,7 @@ class FederatedRun:
             if status != "failed":
                 status, reason = "failed", f"cannot write {self.output_dir / 'model.npz'}: {exc}"
             log.error("cannot write the final model: %s", exc)
-        summary = RunSummary(
-            status, reason, self.completed, stopped_early, self.history.records, self.model.weights
-        )
+        summary = self._summary(status, reason, stopped_early)
         try:
             _write_text_atomic(self.output_dir / "summary.json", json.dumps(summary.to_data()))
         except OSError as exc:
@@ -357,9 +388,7 @@ class FederatedRun:
             self.optimizer.collect_aux_var(),
             base_rounds=dict(self.base_rounds),
         )
-        folded = _Fold(self.aggregator, self.optimizer, self.specs)
-        await self._collect(sampled, lambda c: c.train(task), folded.add, deadline)
-        await folded.settled()
+        folded, clients = await self._train(sampled, task, deadline, start)
         record: dict[str, Any] = {
             "round": round_number,
             "sampled": len(sampled),
@@ -386,17 +415,39 @@ class FederatedRun:
             )
             record["failed"] = "too few results"
         if cfg.eval_every and round_number % cfg.eval_every == 0:
-            record.update(await self.evaluate(round_number, sampled, deadline))
+            record.update(await self.evaluate(round_number, sampled, deadline, clients))
         self.round = round_number
         record["seconds"] = round(time.perf_counter() - start, 6)
-        self._persist(record)
+        self._persist(record, clients)
         return record
 
-    def _persist(self, record: dict[str, Any]) -> None:
-        """Record the round and checkpoint it; only then does it count as completed."""
+    async def _train(
+        self, sampled: list[ClientProxy], task: RoundTask, deadline: float, start: float
+    ) -> tuple[_Fold, RoundClients]:
+        """Send ``task`` to the sampled clients and fold their replies as they arrive; what
+        each client did (``start``: the round's ``perf_counter``) goes in the records."""
+        folded = _Fold(self.aggregator, self.optimizer, self.specs)
+        clients = RoundClients(task.round_number, [c.name for c in sampled])
+
+        async def fold(client: ClientProxy, result: TrainResult) -> None:
+            await folded.add(client, result)
+            clients.trained(client.name, result, time.perf_counter() - start)
+
+        failures: dict[str, str] = {}
+        await self._collect(sampled, lambda c: c.train(task), fold, deadline, failures)
+        await folded.settled()
+        clients.failed(failures)
+        return folded, clients
+
+    def _persist(self, record: dict[str, Any], clients: RoundClients) -> None:
+        """Record the round and checkpoint it; only then does it count as completed. The best
+        model is written after the checkpoint, which a resume relies on."""
         try:
             self.history.append(record)
+            self.client_log.append(clients)
             self._checkpoint()
+            if self.best is not None and self.output_dir and self.best.update(record):
+                save_model(self.output_dir / BEST_MODEL_NAME, self.model.weights)
         except OSError as exc:
             raise RunError(
                 f"round {record['round']}: cannot write its results to {self.output_dir}: {exc}"
@@ -424,10 +475,12 @@ class FederatedRun:
         round_number: int,
         clients: list[ClientProxy] | None = None,
         deadline: float | None = None,
+        records: RoundClients | None = None,
     ) -> dict[str, float]:
         """Federated evaluation on ``clients`` (the round's sampled clients; default: every
-        client): metric states merged across clients (exact). The global weights go only to
-        clients the round sampled, never to every connection."""
+        client): metric states merged across clients (exact), each client's own metrics put
+        in ``records``. The global weights go only to clients the round sampled, never to
+        every connection."""
         candidates = self.pool.clients() if clients is None else clients
         clients = [c for c in candidates if c.initialized and c.n_eval_samples]
         if not clients:
@@ -454,8 +507,18 @@ class FederatedRun:
                     raise ClientError(f"metric {name!r} state is not finite")
             for name, state in result.metrics.items():
                 merged[name] = state.copy() if name not in merged else merged[name].add_(state)
+            if records is not None:
+                try:
+                    own = metric_set.result(result.metrics)
+                except (ValueError, ArithmeticError) as exc:  # its share is merged all the same
+                    log.info("client %s: no metrics of its own: %s", client.name, exc)
+                else:
+                    records.evaluated(client.name, own, result.n_samples)
 
-        await self._collect(clients, lambda c: c.evaluate(task), fold, deadline)
+        failures: dict[str, str] = {}
+        await self._collect(clients, lambda c: c.evaluate(task), fold, deadline, failures)
+        if records is not None:
+            records.failed(failures, "eval_error")
         if not merged:
             return {}
         return {k: float(v) for k, v in metric_set.result(merged).items()}

@@ -36,6 +36,7 @@ from fedpipe.common.vector import Vector
 from fedpipe.server.clients import ClientPool
 from fedpipe.server.inprocess import InProcessClient, SharedModels
 from fedpipe.server.rounds import FederatedRun, RunSummary
+from fedpipe.server.run_dir import fresh_run_dir, prepare_run_dir
 
 __all__ = [
     "DEFAULT_CONFIG_TEXT",
@@ -43,6 +44,7 @@ __all__ = [
     "client_datasets",
     "complete_model_config",
     "simulate",
+    "with_run_dir",
 ]
 
 log = logging.getLogger(__name__)
@@ -94,15 +96,35 @@ def complete_model_config(server: ServerConfig, data: Dataset) -> ServerConfig:
     return server.model_copy(update={"model": model})
 
 
-def simulate(sim: SimulationConfig, on_round: OnRound | None = None) -> RunSummary:
-    """Run the simulation described by ``sim`` with its transport."""
+def with_run_dir(sim: SimulationConfig) -> SimulationConfig:
+    """``sim`` with its own run directory: a new ``runs/simulation-YYYYmmdd-HHMMSS`` when its
+    config names none, so that running a simulation again never touches the last one."""
+    if "output_dir" in sim.server.model_fields_set:
+        return sim
+    server = sim.server.model_copy(update={"output_dir": fresh_run_dir(Path("runs"), "simulation")})
+    return sim.model_copy(update={"server": server})
+
+
+def simulate(
+    sim: SimulationConfig, on_round: OnRound | None = None, *, overwrite: bool = False
+) -> RunSummary:
+    """Run the simulation described by ``sim`` with its transport, in its own directory (see
+    :func:`with_run_dir`); ``overwrite`` replaces the run a directory already holds.
+
+    Raises
+    ------
+    RunDirectoryInUse
+        The output directory holds a run and ``overwrite`` is not set.
+    """
     import asyncio
 
     import_plugins(simulation_plugins(sim))  # before the config's names are looked up
     data = load_source(sim.dataset)
     clients = client_datasets(sim, data)
+    sim = with_run_dir(sim)
     server = complete_model_config(sim.server, data)
     sim = sim.model_copy(update={"server": server})
+    prepare_run_dir(Path(server.output_dir), overwrite=overwrite, can_resume=False)
     if sim.transport == "inprocess":
         return asyncio.run(simulate_inprocess(sim, clients, on_round))
     return simulate_grpc(sim, clients, on_round)
@@ -159,8 +181,6 @@ def simulate_grpc(
             "plugins": simulation_plugins(sim),
         }
     )
-    for stale in ("metrics.jsonl", "summary.json"):  # this run's files, not a last run's
-        (output_dir / stale).unlink(missing_ok=True)
     with tempfile.TemporaryDirectory(prefix="fedpipe-sim-") as tmp:
         work = Path(tmp)
         (work / "server.json").write_text(server.model_dump_json())
@@ -320,6 +340,7 @@ def _read_summary(output_dir: Path) -> RunSummary:
         summary["stopped_early"],
         records,
         weights,
+        {k: v for k, v in summary.items() if k.startswith("best_")},
     )
 
 
