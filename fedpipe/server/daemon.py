@@ -88,7 +88,7 @@ async def serve(
             loop.remove_signal_handler(sig)
         await servicer.drained()  # clients still busy with a task hear the outcome too
         await health_servicer.enter_graceful_shutdown()
-        await server.stop(grace=1.0)
+        await server.stop(grace=2.0)  # time to flush what sessions already wrote
 
 
 def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:

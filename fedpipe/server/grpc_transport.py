@@ -56,7 +56,7 @@ log = logging.getLogger(__name__)
 #: Frames queued per client before the round loop waits for the socket (backpressure).
 OUTBOX_FRAMES = 4
 #: Seconds a stopped session stays open for a client still busy with its last task.
-STOP_GRACE = 10.0
+STOP_GRACE = 5.0
 #: Round payloads up to this size keep their chunk frames for every client of the round.
 FRAME_CACHE_BYTES = 256 << 20
 MAX_NAME_LENGTH = 128
