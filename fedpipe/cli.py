@@ -1,5 +1,5 @@
 """The ``fedpipe`` command: ``server``, ``client``, ``simulate``, ``split``, ``hash-token``,
-``certs``, ``health``, ``plot``."""
+``certs``, ``health``, ``plot``, ``new``."""
 
 from __future__ import annotations
 
@@ -42,6 +42,7 @@ fedpipe: federated learning with pipelines of stateful optimizer modules.
   fedpipe certs --out certs/ --server-name fl.example.org --client hospital-a
   fedpipe health --server HOST:PORT exit 0 if the server is serving (health checks)
   fedpipe plot runs/a runs/b        charts of runs (metrics, participation, round time)
+  fedpipe new my_project            a project to start from: model, module, configs, tests
 """
 
 
@@ -291,6 +292,23 @@ def cmd_plot(args: argparse.Namespace) -> int:
     for path in written:
         print(path)
     return 0
+
+
+def cmd_new(args: argparse.Namespace) -> int:
+    from fedpipe.project_template import ProjectError, write_project
+
+    try:
+        folder, written = write_project(args.name, args.dir, force=args.force)
+    except ProjectError as exc:
+        return _fail(args, exc, ExitCode.USAGE)
+    print(f"wrote {len(written)} files in {folder}/:")
+    for path in written:
+        print(f"  {path.relative_to(folder)}")
+    print(
+        f"next:\n  cd {folder}\n  PYTHONPATH=. fedpipe simulate --config simulation.toml\n"
+        f"  python -m pytest\nand see {folder / 'README.md'} (server, clients, pip install -e .)"
+    )
+    return ExitCode.OK
 
 
 def cmd_split(args: argparse.Namespace) -> int:
@@ -563,6 +581,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", type=Path, help="where the PNGs go (default: RUN_DIR/plots, or plots/ for several)"
     )
     plot.set_defaults(func=cmd_plot)
+
+    new = sub.add_parser(
+        "new",
+        parents=[common],
+        help="write a new project: a package with a model, a module, configs and tests",
+        description="Write DIR/NAME/: a Python package NAME with a model factory and an "
+        "optimizer module of its own, simulation/server/client configs that use them, a test, "
+        "a README and a pyproject.toml that registers the module as a fedpipe plugin. Its "
+        "simulation runs at once: cd NAME && PYTHONPATH=. fedpipe simulate --config "
+        "simulation.toml",
+    )
+    new.add_argument("name", metavar="NAME", help="the package name: a Python identifier")
+    new.add_argument(
+        "--dir", type=Path, default=Path(), help="where to make the NAME folder (default: here)"
+    )
+    new.add_argument(
+        "--force", action="store_true", help="write into a non-empty NAME folder (replaces files)"
+    )
+    new.set_defaults(func=cmd_new)
     return parser
 
 
