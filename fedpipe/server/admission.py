@@ -52,6 +52,9 @@ def server_options(config: ServerConfig) -> tuple[list[tuple[str, Any]], int]:
         ("grpc.server_handshake_timeout_ms", deadline_ms),
         ("grpc.max_connection_idle_ms", deadline_ms),
         ("grpc.max_concurrent_streams", STREAMS_PER_CONNECTION),
+        # gRPC sets SO_REUSEPORT by default: a second server on the same port would then
+        # share it (and this run's clients) instead of failing to start.
+        ("grpc.so_reuseport", 0),
     ]
     return options, config.max_clients + EXTRA_RPCS
 

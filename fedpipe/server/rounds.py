@@ -35,6 +35,7 @@ from fedpipe.server.checkpoint import (
 )
 from fedpipe.server.clients import ClientError, ClientPool, ClientProxy, RoundTask, RunOutcome
 from fedpipe.server.history import EarlyStopping, History
+from fedpipe.server.run_lock import RunLock
 
 __all__ = ["FederatedRun", "RunError", "RunSummary"]
 
@@ -141,13 +142,30 @@ class FederatedRun:
         self.early_stop = EarlyStopping(config.early_stop) if config.early_stop else None
         #: Round of each client's latest aggregated reply: the state its next round starts from.
         self.base_rounds: dict[str, int] = {}
-        if self.output_dir is not None:
-            _check_writable(self.output_dir)
-            remove_interrupted_writes(self.output_dir)
-            # The run is under way: no summary until it ends, never a last run's.
-            (self.output_dir / "summary.json").unlink(missing_ok=True)
-        if resume:
-            self._resume()
+        # Taken before any file of the run directory is touched: another run may be using it.
+        self._lock = RunLock(self.output_dir) if self.output_dir is not None else None
+        try:
+            if self.output_dir is not None:
+                _check_writable(self.output_dir)
+                remove_interrupted_writes(self.output_dir)
+                # The run is under way: no summary until it ends, never a last run's.
+                (self.output_dir / "summary.json").unlink(missing_ok=True)
+            if resume:
+                self._resume()
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Release the run directory, for another run to use (idempotent)."""
+        if self._lock is not None:
+            self._lock.release()
+
+    def __enter__(self) -> FederatedRun:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     # ---- checkpoints ------------------------------------------------------------------------
 

@@ -120,7 +120,8 @@ async def simulate_inprocess(
     server = sim.server.model_copy(
         update={"min_clients": min(sim.server.min_clients, len(clients))}
     )
-    return await FederatedRun(server, pool, on_round=on_round).run()
+    with FederatedRun(server, pool, on_round=on_round) as run:
+        return await run.run()
 
 
 def free_port() -> int:

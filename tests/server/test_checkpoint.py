@@ -101,8 +101,8 @@ def test_a_checkpoint_of_another_run_is_refused_by_name(tmp_path: Path) -> None:
 def test_temp_files_of_an_interrupted_write_are_removed_at_start(tmp_path: Path) -> None:
     for name in (".checkpoint.fpk.tmp-4242", ".model.npz.tmp-17", "notes.txt"):
         (tmp_path / name).write_bytes(b"partial")
-    FederatedRun(server(tmp_path), ClientPool())
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+    FederatedRun(server(tmp_path), ClientPool()).close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "notes.txt"]
 
 
 def test_every_flipped_bit_is_a_checkpoint_error_naming_the_file(tmp_path: Path) -> None:
