@@ -45,7 +45,7 @@ from fedpipe.common.wire import (
 )
 from fedpipe.proto.fedpipe.v1 import federation_pb2 as pb
 from fedpipe.proto.fedpipe.v1 import tensor_pb2
-from fedpipe.server.admission import Credentials, Refused
+from fedpipe.server.admission import Credentials, PendingStreams, Refused, peer_host
 from fedpipe.server.clients import ClientError, ClientPool, ClientProxy, RoundTask, RunOutcome
 from fedpipe.server.receive_budget import ReceiveBudget, TransferFloor
 
@@ -335,6 +335,7 @@ class FederationServicer:
         self.config = config
         self.budget = budget
         self.credentials = Credentials(config)
+        self.pending = PendingStreams()
         self._entering = asyncio.Lock()
 
     def handler(self) -> grpc.GenericRpcHandler:
@@ -345,26 +346,18 @@ class FederationServicer:
 
     async def session(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
         peer = context.peer()
-        timeout = self.config.hello_timeout
+        host = peer_host(peer)
         try:
-            frame = await asyncio.wait_for(context.read(), timeout)
-        except TimeoutError:
-            log.warning("refused %s: no hello within %.1fs", peer, timeout)
-            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "no hello in time")
-            return
-        if frame is grpc.aio.EOF:
-            return
-        claimed = ""
-        try:
-            hello = self._admit(frame)
-            claimed = f" (claiming to be {hello.client_name!r})"
-            auth = context.auth_context()
-            await self.credentials.check(hello.client_name, hello.token, peer, auth)
-            proxy = GrpcClient(hello.client_name, hello, self.config, self.budget)
-            await self._enter(proxy, hello.session_secret)
+            self.pending.enter(host)
         except Refused as exc:
-            log.log(exc.level, "refused %s%s: %s", peer, claimed, exc.reason)
+            log.log(exc.level, "refused %s: %s", peer, exc.reason)
             await context.abort(exc.code, exc.reason)
+            return
+        try:
+            proxy = await self._admission(context, peer)
+        finally:
+            self.pending.leave(host)  # admitted or not, it awaits admission no more
+        if proxy is None:
             return
         log.info("client %s joined from %s", proxy.name, peer)
         welcome = pb.Welcome(
@@ -386,6 +379,31 @@ class FederationServicer:
             proxy.close("session ended")
             await self.pool.remove(proxy)
             log.info("client %s left (%s)", proxy.name, proxy._closed)
+
+    async def _admission(self, context: grpc.aio.ServicerContext, peer: str) -> GrpcClient | None:
+        """Read the hello, check it and enter its client in the pool; None when refused."""
+        timeout = self.config.hello_timeout
+        try:
+            frame = await asyncio.wait_for(context.read(), timeout)
+        except TimeoutError:
+            log.warning("refused %s: no hello within %.1fs", peer, timeout)
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "no hello in time")
+            return None
+        if frame is grpc.aio.EOF:
+            return None
+        claimed = ""
+        try:
+            hello = self._admit(frame)
+            claimed = f" (claiming to be {hello.client_name!r})"
+            auth = context.auth_context()
+            await self.credentials.check(hello.client_name, hello.token, peer, auth)
+            proxy = GrpcClient(hello.client_name, hello, self.config, self.budget)
+            await self._enter(proxy, hello.session_secret)
+        except Refused as exc:
+            log.log(exc.level, "refused %s%s: %s", peer, claimed, exc.reason)
+            await context.abort(exc.code, exc.reason)
+            return None
+        return proxy
 
     async def _read(self, context: grpc.aio.ServicerContext, proxy: GrpcClient) -> None:
         receiver = FrameReceiver(pb.ClientMessage, proxy.max_payload_bytes, accept=proxy.expects)
