@@ -81,8 +81,12 @@ class GrpcClient(ClientProxy):
         self._waiting: dict[int, asyncio.Future[Received[Any]]] = {}
         self._last_id = 0
         self._closed: str | None = None
+        #: Done once the session is closed (:meth:`close`).
+        self.gone: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._send_lock = asyncio.Lock()
         self._sending: set[asyncio.Task[None]] = set()
+        #: The round and pace of the frames going out now (None: nothing going out).
+        self._unsent: tuple[int, TransferFloor] | None = None
         self.max_payload_bytes = SETUP_PAYLOAD_BYTES
         self.max_tensors = SETUP_TENSORS
         self.budget = budget
@@ -177,6 +181,10 @@ class GrpcClient(ClientProxy):
         cache: dict[str, Any] | None = None,
         limits: ReplyLimits,
     ) -> Received[Any]:
+        if self._sending and self._closed is None:
+            # The last task's frames are still going out: a client that reads nothing more
+            # would pin one payload per round. It is treated as gone.
+            self._not_reading("before its next task")
         if self._closed is not None:
             raise ClientError(f"client {self.name} is disconnected ({self._closed})")
         task_id = next(self._ids)
@@ -189,10 +197,11 @@ class GrpcClient(ClientProxy):
         )
         if payload is not None:
             task.payload.CopyFrom(payload.header)
+        envelope = pb.ServerMessage(task=task).SerializeToString()
         frames = itertools.chain(
-            [pb.ServerMessage(task=task).SerializeToString()],
-            _chunk_frames(payload, cache) if payload is not None else [],
+            [envelope], _chunk_frames(payload, cache) if payload is not None else []
         )
+        nbytes = len(envelope) + (payload.total_bytes if payload is not None else 0)
         future: asyncio.Future[Received[Any]] = asyncio.get_running_loop().create_future()
         self._waiting[task_id] = future
         # An upper bound of the round's deadline (the round loop owns the exact one).
@@ -200,11 +209,13 @@ class GrpcClient(ClientProxy):
         self._last_id = task_id
         # The frames go out in a task of their own that the round deadline does not cancel:
         # a payload cut in two would corrupt the stream for the next task.
-        sending = asyncio.create_task(self._send(frames))
+        sending = asyncio.create_task(self._send(frames, round_number, nbytes))
         self._sending.add(sending)
         sending.add_done_callback(self._sending.discard)
         try:
-            await asyncio.shield(sending)
+            # Neither cancels the other: a round deadline leaves the send going, a closed
+            # session (which cancels the send) fails the future instead.
+            await asyncio.wait({sending})
             got = await future
         finally:
             self._waiting.pop(task_id, None)
@@ -215,12 +226,38 @@ class GrpcClient(ClientProxy):
             raise ClientError(f"client {self.name}: {reply.error}")
         return got
 
-    async def _send(self, frames: Iterable[bytes]) -> None:
+    async def _send(self, frames: Iterable[bytes], round_number: int, nbytes: int) -> None:
+        """Queue a task's frames at the pace of the receive side's floor, or close the
+        session: a client that stops reading must not keep them."""
+        cfg = self.config
         async with self._send_lock:  # one task's frames at a time, never interleaved
-            for frame in frames:
-                if self._closed is not None:
-                    return
-                await self.outbox.put(frame)
+            rate = cfg.min_transfer_rate_kib * 1024
+            floor = TransferFloor(nbytes, rate, cfg.transfer_grace, cfg.chunk_bytes)
+            self._unsent = (round_number, floor)
+            try:
+                for frame in frames:
+                    if self._closed is not None:
+                        return
+                    try:
+                        await asyncio.wait_for(self.outbox.put(frame), floor.time_left())
+                    except TimeoutError:
+                        self._not_reading(
+                            f"below min_transfer_rate_kib={cfg.min_transfer_rate_kib:g}"
+                        )
+                        return
+                    floor.received += len(frame)
+            finally:
+                self._unsent = None
+
+    def _not_reading(self, when: str) -> None:
+        """Close the session of a client whose frames do not go out."""
+        round_number, unsent = 0, 0
+        if self._unsent is not None:
+            round_number, floor = self._unsent
+            unsent = floor.nbytes - floor.received
+        reason = f"not reading: {unsent} bytes of round {round_number} still unsent"
+        log.warning("client %s is %s (%s); closing its session", self.name, reason, when)
+        self.close(reason)
 
     # ---- the stream's side ---------------------------------------------------------------------
 
@@ -292,6 +329,8 @@ class GrpcClient(ClientProxy):
         """Fail every waiting task and let the writer end the stream."""
         if self._closed is None:
             self._closed = reason
+            if not self.gone.done():
+                self.gone.set_result(None)
             for sending in list(self._sending):
                 sending.cancel()
             self._drop_reply()
@@ -373,7 +412,13 @@ class FederationServicer:
                 out = await proxy.outbox.get()
                 if out is None:
                     break
-                await context.write(out)
+                # A write waits while the client reads nothing: closing the session ends it.
+                writing = asyncio.ensure_future(context.write(out))
+                await asyncio.wait({writing, proxy.gone}, return_when=asyncio.FIRST_COMPLETED)
+                if not writing.done():
+                    writing.cancel()
+                    break
+                writing.result()
         finally:
             reader.cancel()
             proxy.close("session ended")
