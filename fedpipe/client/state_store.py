@@ -52,7 +52,7 @@ __all__ = ["ClientStateStore", "StateStoreError"]
 
 log = logging.getLogger(__name__)
 
-MAGIC = b"FEDPIPE-CLIENT-STATE-1\n"
+MAGIC = b"FEDPIPE-CLIENT-STATE-2\n"  # 2: a CRC-32 trailer
 
 R = TypeVar("R")
 

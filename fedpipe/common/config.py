@@ -162,7 +162,8 @@ class ServerConfig(_Strict):
     plugins: Plugins = Field(default_factory=list)
     #: A reply holding part of that budget must keep this pace (KiB/s) once ``transfer_grace``
     #: seconds have passed, with one chunk of slack, or its session is closed: a trickle
-    #: cannot keep the other clients' replies waiting.
+    #: cannot keep the other clients' replies waiting. The server's tasks to a client keep it
+    #: too: a client that stops reading is closed rather than let it pin a payload.
     min_transfer_rate_kib: float = Field(default=256.0, gt=0)
     transfer_grace: float = Field(default=5.0, gt=0)
 

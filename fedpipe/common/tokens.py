@@ -1,7 +1,8 @@
 """Client tokens stored as salted scrypt hashes, so that a leaked server config reveals none.
 
 A stored entry is either the token itself or ``scrypt$n=16384,r=8,p=1$<salt>$<hash>`` (salt and
-hash in base64), as printed by ``fedpipe hash-token``. Both compare in constant time.
+hash in base64), as printed by ``fedpipe hash-token``. Both compare in constant time: plain
+tokens as SHA-256 digests, so that neither token's length shows either.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import hashlib
 import hmac
 import secrets
 
-__all__ = ["SCHEME", "hash_token", "is_hashed", "parse_hashed", "verify_token"]
+__all__ = ["SCHEME", "dummy_hash", "hash_token", "is_hashed", "parse_hashed", "verify_token"]
 
 SCHEME = "scrypt"
 #: scrypt's cost: about 16 MiB and a few tens of milliseconds per check.
@@ -30,6 +31,14 @@ def hash_token(token: str, *, n: int = N, r: int = R, p: int = P) -> str:
     salt = secrets.token_bytes(SALT_BYTES)
     digest = _scrypt(token, salt, n, r, p, HASH_BYTES)
     return f"{SCHEME}$n={n},r={r},p={p}${_b64(salt)}${_b64(digest)}"
+
+
+def dummy_hash(like: str) -> str:
+    """A hashed entry with the parameters of ``like`` that no token matches: checking a
+    token against it costs what checking against ``like`` does (for names with no token)."""
+    n, r, p, salt, digest = parse_hashed(like)
+    fake = secrets.token_bytes(len(digest))  # the hash of no known token
+    return f"{SCHEME}$n={n},r={r},p={p}${_b64(secrets.token_bytes(len(salt)))}${_b64(fake)}"
 
 
 def is_hashed(stored: str) -> bool:
@@ -72,10 +81,12 @@ def verify_token(presented: str, stored: str) -> bool:
 
     A hashed entry costs one scrypt: call it off the event loop.
     """
-    if not stored or not presented:
-        return False
     if not is_hashed(stored):
-        return hmac.compare_digest(presented.encode(), stored.encode())
+        # Equal-length digests: the comparison takes as long whatever either token's length.
+        same = hmac.compare_digest(_sha256(presented), _sha256(stored))
+        return same and bool(stored) and bool(presented)
+    if not presented:
+        return False
     n, r, p, salt, digest = parse_hashed(stored)
     return hmac.compare_digest(_scrypt(presented, salt, n, r, p, len(digest)), digest)
 
@@ -84,6 +95,10 @@ def _scrypt(token: str, salt: bytes, n: int, r: int, p: int, length: int) -> byt
     # maxmem above the 128 * n * r bytes scrypt needs (OpenSSL's default cap is 32 MiB).
     maxmem = 128 * n * r * (p + 1) + (1 << 20)
     return hashlib.scrypt(token.encode(), salt=salt, n=n, r=r, p=p, maxmem=maxmem, dklen=length)
+
+
+def _sha256(text: str) -> bytes:
+    return hashlib.sha256(text.encode()).digest()
 
 
 def _b64(data: bytes) -> str:

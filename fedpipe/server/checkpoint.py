@@ -32,7 +32,7 @@ __all__ = [
     "save_model",
 ]
 
-MAGIC = b"FEDPIPE-CKPT-1\n"
+MAGIC = b"FEDPIPE-CKPT-2\n"  # 2: a CRC-32 trailer
 CHECKPOINT_NAME = "checkpoint.fpk"
 MODEL_NAME = "model.npz"
 

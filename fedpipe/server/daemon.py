@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import signal
+import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -12,6 +14,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from fedpipe.common.config import ServerConfig
+from fedpipe.common.outcome import RunError
 from fedpipe.common.plugins import import_plugins
 from fedpipe.common.tls_files import check_server_files
 from fedpipe.common.wire import channel_options
@@ -46,10 +49,21 @@ async def serve(
     import_plugins(config.plugins)  # the server owner's modules, before any name is built
     pool = ClientPool()
     stop_event = asyncio.Event()
-    # Build the run first: a bad model or optimizer config fails before the port opens.
-    run = FederatedRun(
+    # Build the run first: a bad model or optimizer config, or a run directory in use,
+    # fails before the port opens. The directory stays locked until the server has stopped.
+    with FederatedRun(
         config, pool, stop_event=stop_event, on_round=on_round, resume=resume, overwrite=overwrite
-    )
+    ) as run:
+        return await _serve_run(config, run, pool, stop_event, on_listening)
+
+
+async def _serve_run(
+    config: ServerConfig,
+    run: FederatedRun,
+    pool: ClientPool,
+    stop_event: asyncio.Event,
+    on_listening: Callable[[int], None] | None,
+) -> RunSummary:
     options, max_rpcs = server_options(config)
     server = grpc.aio.server(
         options=channel_options(config.chunk_bytes) + options, maximum_concurrent_rpcs=max_rpcs
@@ -60,14 +74,7 @@ async def serve(
     server.add_generic_rpc_handlers((servicer.handler(),))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    address = f"{config.host}:{config.port}"
-    credentials = server_credentials(config)
-    if credentials is None:
-        port = server.add_insecure_port(address)
-    else:
-        port = server.add_secure_port(address, credentials)
-    if port == 0:
-        raise OSError(f"cannot listen on {address}")
+    port = _bind(server, config)
     await server.start()
     for service in ("", SERVICE_NAME):
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
@@ -89,6 +96,39 @@ async def serve(
         await servicer.drained()  # clients still busy with a task hear the outcome too
         await health_servicer.enter_graceful_shutdown()
         await server.stop(grace=2.0)  # time to flush what sessions already wrote
+
+
+def _bind(server: grpc.aio.Server, config: ServerConfig) -> int:
+    """Open the listening port; :class:`RunError` saying why when it cannot be opened."""
+    address = f"{config.host}:{config.port}"
+    credentials = server_credentials(config)
+    try:
+        if credentials is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, credentials)
+    except RuntimeError:  # grpcio's "Failed to bind": the cause is only in its debug log
+        port = 0
+    if port == 0:
+        raise RunError(_bind_failure(config.host, config.port))
+    return port
+
+
+def _bind_failure(host: str, port: int) -> str:
+    """Why ``host:port`` cannot be listened on, found out by binding a plain socket."""
+    try:
+        infos = socket.getaddrinfo(
+            host.strip("[]") or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+        family, kind, _, _, sockaddr = infos[0]
+        with socket.socket(family, kind) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(sockaddr)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            return f"port {port} is in use (another server listens on {host}:{port})"
+        return f"cannot listen on {host}:{port}: {exc.strerror or exc}"
+    return f"cannot listen on {host}:{port}"
 
 
 def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:

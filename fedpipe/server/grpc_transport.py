@@ -45,7 +45,7 @@ from fedpipe.common.wire import (
 )
 from fedpipe.proto.fedpipe.v1 import federation_pb2 as pb
 from fedpipe.proto.fedpipe.v1 import tensor_pb2
-from fedpipe.server.admission import Credentials, Refused
+from fedpipe.server.admission import Credentials, PendingStreams, Refused, peer_host
 from fedpipe.server.clients import ClientError, ClientPool, ClientProxy, RoundTask, RunOutcome
 from fedpipe.server.receive_budget import ReceiveBudget, TransferFloor
 
@@ -84,8 +84,12 @@ class GrpcClient(ClientProxy):
         self._last_id = 0
         self._closed: str | None = None
         self.told = False  # the stop task is queued: the run's outcome is on its way
+        #: Done once the session is closed (:meth:`close`).
+        self.gone: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._send_lock = asyncio.Lock()
         self._sending: set[asyncio.Task[None]] = set()
+        #: The round and pace of the frames going out now (None: nothing going out).
+        self._unsent: tuple[int, TransferFloor] | None = None
         self.max_payload_bytes = SETUP_PAYLOAD_BYTES
         self.max_tensors = SETUP_TENSORS
         self.budget = budget
@@ -169,7 +173,7 @@ class GrpcClient(ClientProxy):
             return
         # A client told "stopped" reconnects anyway, as it does when it hears nothing.
         self.told = outcome.status != "stopped"
-        self.close("run finished")
+        self.close("run finished", flush=True)
 
     async def _request(
         self,
@@ -182,6 +186,10 @@ class GrpcClient(ClientProxy):
         cache: dict[str, Any] | None = None,
         limits: ReplyLimits,
     ) -> Received[Any]:
+        if self._sending and self._closed is None:
+            # The last task's frames are still going out: a client that reads nothing more
+            # would pin one payload per round. It is treated as gone.
+            self._not_reading("before its next task")
         if self._closed is not None:
             raise ClientError(f"client {self.name} is disconnected ({self._closed})")
         task_id = next(self._ids)
@@ -194,10 +202,11 @@ class GrpcClient(ClientProxy):
         )
         if payload is not None:
             task.payload.CopyFrom(payload.header)
+        envelope = pb.ServerMessage(task=task).SerializeToString()
         frames = itertools.chain(
-            [pb.ServerMessage(task=task).SerializeToString()],
-            _chunk_frames(payload, cache) if payload is not None else [],
+            [envelope], _chunk_frames(payload, cache) if payload is not None else []
         )
+        nbytes = len(envelope) + (payload.total_bytes if payload is not None else 0)
         future: asyncio.Future[Received[Any]] = asyncio.get_running_loop().create_future()
         self._waiting[task_id] = future
         # An upper bound of the round's deadline (the round loop owns the exact one).
@@ -205,11 +214,13 @@ class GrpcClient(ClientProxy):
         self._last_id = task_id
         # The frames go out in a task of their own that the round deadline does not cancel:
         # a payload cut in two would corrupt the stream for the next task.
-        sending = asyncio.create_task(self._send(frames))
+        sending = asyncio.create_task(self._send(frames, round_number, nbytes))
         self._sending.add(sending)
         sending.add_done_callback(self._sending.discard)
         try:
-            await asyncio.shield(sending)
+            # Neither cancels the other: a round deadline leaves the send going, a closed
+            # session (which cancels the send) fails the future instead.
+            await asyncio.wait({sending})
             got = await future
         finally:
             self._waiting.pop(task_id, None)
@@ -220,12 +231,38 @@ class GrpcClient(ClientProxy):
             raise ClientError(f"client {self.name}: {reply.error}")
         return got
 
-    async def _send(self, frames: Iterable[bytes]) -> None:
+    async def _send(self, frames: Iterable[bytes], round_number: int, nbytes: int) -> None:
+        """Queue a task's frames at the pace of the receive side's floor, or close the
+        session: a client that stops reading must not keep them."""
+        cfg = self.config
         async with self._send_lock:  # one task's frames at a time, never interleaved
-            for frame in frames:
-                if self._closed is not None:
-                    return
-                await self.outbox.put(frame)
+            rate = cfg.min_transfer_rate_kib * 1024
+            floor = TransferFloor(nbytes, rate, cfg.transfer_grace, cfg.chunk_bytes)
+            self._unsent = (round_number, floor)
+            try:
+                for frame in frames:
+                    if self._closed is not None:
+                        return
+                    try:
+                        await asyncio.wait_for(self.outbox.put(frame), floor.time_left())
+                    except TimeoutError:
+                        self._not_reading(
+                            f"below min_transfer_rate_kib={cfg.min_transfer_rate_kib:g}"
+                        )
+                        return
+                    floor.received += len(frame)
+            finally:
+                self._unsent = None
+
+    def _not_reading(self, when: str) -> None:
+        """Close the session of a client whose frames do not go out."""
+        round_number, unsent = 0, 0
+        if self._unsent is not None:
+            round_number, floor = self._unsent
+            unsent = floor.nbytes - floor.received
+        reason = f"not reading: {unsent} bytes of round {round_number} still unsent"
+        log.warning("client %s is %s (%s); closing its session", self.name, reason, when)
+        self.close(reason)
 
     # ---- the stream's side ---------------------------------------------------------------------
 
@@ -293,10 +330,13 @@ class GrpcClient(ClientProxy):
             self._holding = False
             self.budget.release(self)
 
-    def close(self, reason: str) -> None:
-        """Fail every waiting task and let the writer end the stream."""
+    def close(self, reason: str, *, flush: bool = False) -> None:
+        """Fail every waiting task and let the writer end the stream: at once, or with
+        ``flush`` after the frames already queued (the stop task)."""
         if self._closed is None:
             self._closed = reason
+            if not flush and not self.gone.done():
+                self.gone.set_result(None)
             for sending in list(self._sending):
                 sending.cancel()
             self._drop_reply()
@@ -340,6 +380,7 @@ class FederationServicer:
         self.config = config
         self.budget = budget
         self.credentials = Credentials(config)
+        self.pending = PendingStreams()
         self._entering = asyncio.Lock()
         self._ended: dict[GrpcClient, asyncio.Event] = {}  # set when a session is over
 
@@ -360,26 +401,18 @@ class FederationServicer:
 
     async def session(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
         peer = context.peer()
-        timeout = self.config.hello_timeout
+        host = peer_host(peer)
         try:
-            frame = await asyncio.wait_for(context.read(), timeout)
-        except TimeoutError:
-            log.warning("refused %s: no hello within %.1fs", peer, timeout)
-            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "no hello in time")
-            return
-        if frame is grpc.aio.EOF:
-            return
-        claimed = ""
-        try:
-            hello = self._admit(frame)
-            claimed = f" (claiming to be {hello.client_name!r})"
-            auth = context.auth_context()
-            await self.credentials.check(hello.client_name, hello.token, peer, auth)
-            proxy = GrpcClient(hello.client_name, hello, self.config, self.budget)
-            await self._enter(proxy, hello.session_secret)
+            self.pending.enter(host)
         except Refused as exc:
-            log.log(exc.level, "refused %s%s: %s", peer, claimed, exc.reason)
+            log.log(exc.level, "refused %s: %s", peer, exc.reason)
             await context.abort(exc.code, exc.reason)
+            return
+        try:
+            proxy = await self._admission(context, peer)
+        finally:
+            self.pending.leave(host)  # admitted or not, it awaits admission no more
+        if proxy is None:
             return
         ended = self._ended[proxy] = asyncio.Event()
         log.info("client %s joined from %s", proxy.name, peer)
@@ -397,7 +430,13 @@ class FederationServicer:
                 out = await proxy.outbox.get()
                 if out is None:
                     break
-                await context.write(out)
+                # A write waits while the client reads nothing: closing the session ends it.
+                writing = asyncio.ensure_future(context.write(out))
+                await asyncio.wait({writing, proxy.gone}, return_when=asyncio.FIRST_COMPLETED)
+                if not writing.done():
+                    writing.cancel()
+                    break
+                writing.result()
             if proxy.told:
                 # A client busy with a task reads its stop task only once it has replied:
                 # keep the stream until it closes its side, or the grace passes.
@@ -410,6 +449,31 @@ class FederationServicer:
             proxy.close("session ended")
             await self.pool.remove(proxy)
             log.info("client %s left (%s)", proxy.name, proxy._closed)
+
+    async def _admission(self, context: grpc.aio.ServicerContext, peer: str) -> GrpcClient | None:
+        """Read the hello, check it and enter its client in the pool; None when refused."""
+        timeout = self.config.hello_timeout
+        try:
+            frame = await asyncio.wait_for(context.read(), timeout)
+        except TimeoutError:
+            log.warning("refused %s: no hello within %.1fs", peer, timeout)
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "no hello in time")
+            return None
+        if frame is grpc.aio.EOF:
+            return None
+        claimed = ""
+        try:
+            hello = self._admit(frame)
+            claimed = f" (claiming to be {hello.client_name!r})"
+            auth = context.auth_context()
+            await self.credentials.check(hello.client_name, hello.token, peer, auth)
+            proxy = GrpcClient(hello.client_name, hello, self.config, self.budget)
+            await self._enter(proxy, hello.session_secret)
+        except Refused as exc:
+            log.log(exc.level, "refused %s%s: %s", peer, claimed, exc.reason)
+            await context.abort(exc.code, exc.reason)
+            return None
+        return proxy
 
     async def _read(self, context: grpc.aio.ServicerContext, proxy: GrpcClient) -> None:
         receiver = FrameReceiver(pb.ClientMessage, proxy.max_payload_bytes, accept=proxy.expects)

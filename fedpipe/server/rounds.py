@@ -38,6 +38,7 @@ from fedpipe.server.client_log import ClientLog, RoundClients
 from fedpipe.server.clients import ClientError, ClientPool, ClientProxy, RoundTask, RunOutcome
 from fedpipe.server.history import EarlyStopping, History
 from fedpipe.server.run_dir import prepare_run_dir
+from fedpipe.server.run_lock import RunLock
 
 __all__ = ["FederatedRun", "RunError", "RunSummary"]
 
@@ -152,14 +153,31 @@ class FederatedRun:
         self.best = best if self.output_dir is not None else None
         #: Round of each client's latest aggregated reply: the state its next round starts from.
         self.base_rounds: dict[str, int] = {}
-        if self.output_dir is not None:
-            prepare_run_dir(self.output_dir, resume=resume, overwrite=overwrite)
-            _check_writable(self.output_dir)
-            remove_interrupted_writes(self.output_dir)
-            # The run is under way: no summary until it ends, never a last run's.
-            (self.output_dir / "summary.json").unlink(missing_ok=True)
-        if resume:
-            self._resume()
+        # Taken before any file of the run directory is touched: another run may be using it.
+        self._lock = RunLock(self.output_dir) if self.output_dir is not None else None
+        try:
+            if self.output_dir is not None:
+                prepare_run_dir(self.output_dir, resume=resume, overwrite=overwrite)
+                _check_writable(self.output_dir)
+                remove_interrupted_writes(self.output_dir)
+                # The run is under way: no summary until it ends, never a last run's.
+                (self.output_dir / "summary.json").unlink(missing_ok=True)
+            if resume:
+                self._resume()
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Release the run directory, for another run to use (idempotent)."""
+        if self._lock is not None:
+            self._lock.release()
+
+    def __enter__(self) -> FederatedRun:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     # ---- checkpoints ------------------------------------------------------------------------
 
@@ -284,6 +302,7 @@ class FederatedRun:
             status, reason = self._write_final(status, reason, stopped_early)
             if status == "failed":
                 log.error("run failed: %s", reason)
+            self.close()  # its files are final: the directory is free for the next run
             await self._stop_clients(RunOutcome(status, reason))
         return self._summary(status, reason, stopped_early)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from fedpipe.common.config import ConfigError
 
-__all__ = ["RUN_FILES", "RunDirectoryInUse", "fresh_run_dir", "prepare_run_dir", "run_files_in"]
+__all__ = ["RUN_FILES", "RunDirectoryTaken", "fresh_run_dir", "prepare_run_dir", "run_files_in"]
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ ROUND_FILES = ("metrics.jsonl", "checkpoint.fpk", "clients.jsonl", "best_model.n
 RUN_PATTERNS = ("logs/*.log", "plots/*.png")
 
 
-class RunDirectoryInUse(ConfigError):
+class RunDirectoryTaken(ConfigError):
     """The output directory holds another run and neither overwrite nor resume was asked."""
 
 
@@ -53,7 +53,7 @@ def prepare_run_dir(
 
     Raises
     ------
-    RunDirectoryInUse
+    RunDirectoryTaken
         The directory holds a run's files and neither ``overwrite`` nor ``resume`` is set.
     ConfigError
         Both ``overwrite`` and ``resume`` are set.
@@ -67,7 +67,7 @@ def prepare_run_dir(
         return
     if not overwrite:
         ways = "--resume to continue it, " if can_resume else ""
-        raise RunDirectoryInUse(
+        raise RunDirectoryTaken(
             f"{directory} already holds a run ({', '.join(found)}): pass --overwrite to "
             f"replace it, {ways}or choose another --output-dir"
         )

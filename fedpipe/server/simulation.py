@@ -113,7 +113,7 @@ def simulate(
 
     Raises
     ------
-    RunDirectoryInUse
+    RunDirectoryTaken
         The output directory holds a run and ``overwrite`` is not set.
     """
     import asyncio
@@ -142,7 +142,8 @@ async def simulate_inprocess(
     server = sim.server.model_copy(
         update={"min_clients": min(sim.server.min_clients, len(clients))}
     )
-    return await FederatedRun(server, pool, on_round=on_round).run()
+    with FederatedRun(server, pool, on_round=on_round) as run:
+        return await run.run()
 
 
 def free_port() -> int:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
+
 import pytest
 
+from fedpipe.common import tokens
 from fedpipe.common.config import ServerConfig
 from fedpipe.server import admission
 from fedpipe.server.admission import FailureLimiter, certificate_names, peer_host, server_options
@@ -51,6 +55,7 @@ def test_the_limiter_forgets_the_oldest_addresses_beyond_its_bound(
 def test_peer_host() -> None:
     assert peer_host("ipv4:127.0.0.1:5000") == "127.0.0.1"
     assert peer_host("ipv6:[::1]:5000") == "::1"
+    assert peer_host("ipv6:%5B::1%5D:5000") == "::1"  # as gRPC writes it
     assert peer_host("unix:/tmp/sock") == "unix:/tmp/sock"
 
 
@@ -66,4 +71,69 @@ def test_server_options_follow_the_config() -> None:
     assert dict(options)["grpc.max_connection_idle_ms"] == 2500
     assert dict(options)["grpc.server_handshake_timeout_ms"] == 2500
     assert "grpc.max_connection_age_ms" not in dict(options)  # a session lasts the whole run
-    assert max_rpcs == 7 + admission.EXTRA_RPCS
+    assert max_rpcs == 2 * 7 + admission.PENDING_TOTAL + admission.EXTRA_RPCS
+    assert ("grpc.so_reuseport", 0) in options
+
+
+@pytest.mark.parametrize("token", ["guess", ""])
+def test_every_name_costs_one_scrypt_so_timing_reveals_no_name(
+    monkeypatch: pytest.MonkeyPatch, token: str
+) -> None:
+    config = ServerConfig.model_validate(
+        {"tokens": {"alice": tokens.hash_token("s3cret"), "bob": "plain"}, "max_auth_failures": 99}
+    )
+    credentials = admission.Credentials(config)
+    calls: list[str] = []
+    real = tokens._scrypt
+
+    def counting(presented: str, *args: Any) -> bytes:
+        calls.append(presented)
+        return real(presented, *args)
+
+    monkeypatch.setattr(tokens, "_scrypt", counting)
+    for name in ("alice", "mallory", "bob"):  # hashed, unknown, plain among hashed ones
+        calls.clear()
+        with pytest.raises(admission.Refused, match="invalid or missing client token"):
+            asyncio.run(credentials.check(name, token, "ipv4:10.0.0.9:1", {}))
+        assert len(calls) == 1, name
+    asyncio.run(credentials.check("alice", "s3cret", "ipv4:10.0.0.9:1", {}))
+    asyncio.run(credentials.check("bob", "plain", "ipv4:10.0.0.9:1", {}))
+
+
+def test_plain_tokens_compare_as_digests_of_one_length(monkeypatch: pytest.MonkeyPatch) -> None:
+    compared: list[tuple[int, int]] = []
+    real = tokens.hmac.compare_digest
+
+    def recording(a: bytes, b: bytes) -> bool:
+        compared.append((len(a), len(b)))
+        return real(a, b)
+
+    monkeypatch.setattr(tokens.hmac, "compare_digest", recording)
+    assert tokens.verify_token("a-rather-long-token", "a-rather-long-token")
+    assert not tokens.verify_token("x", "a-rather-long-token")
+    assert not tokens.verify_token("x", "")  # a name with no token
+    assert not tokens.verify_token("", "")
+    assert compared == [(32, 32)] * 4
+
+
+def test_pending_streams_are_capped_per_address_and_in_all() -> None:
+    clock = Clock()
+    pending = admission.PendingStreams(per_peer=2, total=3, clock=clock)
+    levels = []
+    pending.enter("10.0.0.1")
+    pending.enter("10.0.0.1")
+    for _ in range(2):
+        with pytest.raises(admission.Refused, match=r"awaiting admission from 10\.0\.0\.1") as err:
+            pending.enter("10.0.0.1")
+        assert err.value.code == admission.grpc.StatusCode.RESOURCE_EXHAUSTED
+        levels.append(err.value.level)
+    assert levels == [admission.logging.WARNING, admission.logging.DEBUG]  # said once
+    pending.enter("10.0.0.2")
+    with pytest.raises(admission.Refused, match=r"awaiting admission \(3\)"):
+        pending.enter("10.0.0.3")  # the total cap, though this address holds none
+    pending.leave("10.0.0.1")  # admitted: it counts no more
+    pending.enter("10.0.0.3")
+    for host in ("10.0.0.1", "10.0.0.2", "10.0.0.3"):
+        pending.leave(host)
+    assert len(pending) == 0
+    pending.enter("10.0.0.1")

@@ -101,5 +101,30 @@ def test_a_checkpoint_of_another_run_is_refused_by_name(tmp_path: Path) -> None:
 def test_temp_files_of_an_interrupted_write_are_removed_at_start(tmp_path: Path) -> None:
     for name in (".checkpoint.fpk.tmp-4242", ".model.npz.tmp-17", "notes.txt"):
         (tmp_path / name).write_bytes(b"partial")
-    FederatedRun(server(tmp_path), ClientPool())
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+    FederatedRun(server(tmp_path), ClientPool()).close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "notes.txt"]
+
+
+def test_every_flipped_bit_is_a_checkpoint_error_naming_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "checkpoint.fpk"
+    save_checkpoint(path, sample_state())
+    good = path.read_bytes()
+    data_start = len(good) - 4 - (12 * 4 + 3 * 8)  # the kernel's and the bias's bytes
+    for position in range(len(MAGIC), len(good)):
+        for bit in range(8):
+            damaged = bytearray(good)
+            damaged[position] ^= 1 << bit
+            path.write_bytes(bytes(damaged))
+            with pytest.raises(CheckpointError, match=re.escape(str(path))) as err:
+                load_checkpoint(path)
+            if position >= data_start:  # tensor bytes decode fine: only the checksum tells
+                assert "checksum" in str(err.value)
+
+
+def test_a_checkpoint_of_an_older_format_says_so(tmp_path: Path) -> None:
+    path = tmp_path / "checkpoint.fpk"
+    save_checkpoint(path, sample_state())
+    path.write_bytes(b"FEDPIPE-CKPT-1\n" + path.read_bytes()[len(MAGIC) :])
+    older = r"checkpoint\.fpk is a checkpoint written by an older fedpipe \(format 1; "
+    with pytest.raises(CheckpointError, match=older):
+        load_checkpoint(path)

@@ -12,7 +12,7 @@ from fedpipe.cli import main
 from fedpipe.common.config import ConfigError, ServerConfig
 from fedpipe.server.clients import ClientPool
 from fedpipe.server.rounds import FederatedRun
-from fedpipe.server.run_dir import RunDirectoryInUse, fresh_run_dir, prepare_run_dir
+from fedpipe.server.run_dir import RunDirectoryTaken, fresh_run_dir, prepare_run_dir
 
 SIMULATE = ["simulate", "--rounds", "2", "--clients", "3"]
 
@@ -78,7 +78,7 @@ def test_resume_takes_the_directory_and_overwrite_clears_it(tmp_path: Path) -> N
     config = ServerConfig.model_validate(
         {"output_dir": str(run), "model": {"config": {"n_features": 4, "n_classes": 3}}}
     )
-    with pytest.raises(RunDirectoryInUse, match="already holds a run"):
+    with pytest.raises(RunDirectoryTaken, match="already holds a run"):
         FederatedRun(config, ClientPool())
     FederatedRun(config, ClientPool(), resume=True)  # no checkpoint: starts at round 0
     FederatedRun(config, ClientPool(), overwrite=True)
@@ -96,7 +96,7 @@ def test_what_a_run_stopped_before_its_first_round_left_is_no_run(tmp_path: Path
     prepare_run_dir(run)  # nothing recorded: the directory is free
     assert (run / "model.npz").exists()  # replaced at the new run's end, not before
     (run / "metrics.jsonl").write_text('{"round": 1}\n')
-    with pytest.raises(RunDirectoryInUse, match=r"\(metrics.jsonl, summary.json, model.npz\)"):
+    with pytest.raises(RunDirectoryTaken, match=r"\(metrics.jsonl, summary.json, model.npz\)"):
         prepare_run_dir(run)
 
 
