@@ -35,6 +35,7 @@ from fedpipe.common.plugins import import_plugins
 from fedpipe.common.vector import Vector
 from fedpipe.server.clients import ClientPool
 from fedpipe.server.inprocess import InProcessClient, SharedModels
+from fedpipe.server.monitoring import Monitoring
 from fedpipe.server.rounds import FederatedRun, RunSummary
 from fedpipe.server.run_dir import fresh_run_dir, prepare_run_dir
 
@@ -126,7 +127,7 @@ def simulate(
     sim = sim.model_copy(update={"server": server})
     prepare_run_dir(Path(server.output_dir), overwrite=overwrite, can_resume=False)
     if sim.transport == "inprocess":
-        return asyncio.run(simulate_inprocess(sim, clients, on_round))
+        return asyncio.run(simulate_inprocess(sim, clients, on_round, overwrite=overwrite))
     return simulate_grpc(sim, clients, on_round)
 
 
@@ -134,6 +135,8 @@ async def simulate_inprocess(
     sim: SimulationConfig,
     clients: list[tuple[str, Dataset, Dataset | None]],
     on_round: OnRound | None = None,
+    *,
+    overwrite: bool = False,
 ) -> RunSummary:
     pool = ClientPool()
     models = SharedModels()
@@ -142,7 +145,14 @@ async def simulate_inprocess(
     server = sim.server.model_copy(
         update={"min_clients": min(sim.server.min_clients, len(clients))}
     )
-    return await FederatedRun(server, pool, on_round=on_round).run()
+    run = FederatedRun(server, pool, on_round=on_round)
+    monitoring = await Monitoring.start(server, run, overwrite=overwrite)
+    try:
+        summary = await run.run()
+        monitoring.finished(summary)
+        return summary
+    finally:
+        await monitoring.close()
 
 
 def free_port() -> int:
