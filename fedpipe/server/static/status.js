@@ -3,7 +3,7 @@
 "use strict";
 (() => {
   const SVG = "http://www.w3.org/2000/svg";
-  const W = 480, H = 210, PAD = { left: 58, right: 14, top: 12, bottom: 30 };
+  const W = 520, H = 220, PAD = { left: 62, right: 16, top: 12, bottom: 32 };
   const LABELS = {
     accuracy: "Accuracy", loss: "Evaluation loss", train_loss: "Training loss",
     replied: "Clients replied", seconds: "Round time (s)",
@@ -74,9 +74,16 @@
 
   function span(values) {
     let lo = Math.min(...values), hi = Math.max(...values);
+    if (values.every(Number.isInteger) && lo >= 0) return [0, 4 * Math.ceil((hi + 1) / 4)]; // counts: whole ticks
     if (lo === hi) { const d = Math.abs(lo) * 0.1 || 1; lo -= d; hi += d; }
     const pad = (hi - lo) * 0.06;
     return [lo - pad, hi + pad];
+  }
+
+  function tick(v) {
+    const a = Math.abs(v);
+    if (a !== 0 && (a < 0.001 || a >= 1e5)) return v.toExponential(1);
+    return String(Number(v.toPrecision(3)));
   }
 
   function draw(c, points) {
@@ -91,14 +98,15 @@
     for (let i = 0; i <= 4; i += 1) {
       const v = y0 + ((y1 - y0) * i) / 4, yy = y(v);
       svg("line", { class: "grid", x1: PAD.left, x2: W - PAD.right, y1: yy, y2: yy }, c.axes);
-      const t = svg("text", { class: "axis-label", x: PAD.left - 6, y: yy + 4, "text-anchor": "end" }, c.axes);
-      t.textContent = number(Number(v.toPrecision(3)));
+      const t = svg("text", { class: "axis-label", x: PAD.left - 8, y: yy + 4, "text-anchor": "end" }, c.axes);
+      t.textContent = tick(v);
     }
     const ticks = [...new Set([x0, Math.round((x0 + x1) / 2), x1])];
-    for (const r of ticks) {
-      const t = svg("text", { class: "axis-label", x: x(r), y: H - 10, "text-anchor": "middle" }, c.axes);
+    ticks.forEach((r, i) => {
+      const anchor = i === 0 ? "start" : i === ticks.length - 1 ? "end" : "middle";
+      const t = svg("text", { class: "axis-label", x: x(r), y: H - 8, "text-anchor": anchor }, c.axes);
       t.textContent = "round " + r;
-    }
+    });
     const d = points.map((p, i) => `${i ? "L" : "M"}${x(p[0]).toFixed(1)},${y(p[1]).toFixed(1)}`);
     c.path.setAttribute("d", d.join(" "));
     c.path.setAttribute("data-points", String(points.length));
@@ -147,7 +155,8 @@
     setText("elapsed", duration(s.now - s.started));
     const secs = s.series.seconds;
     setText("last-round", secs && secs.length ? `last round ${number(secs[secs.length - 1][1])} s` : "");
-    setText("traffic", `${bytes(s.bytes_received)} / ${bytes(s.bytes_sent)}`);
+    setText("traffic-in", bytes(s.bytes_received) + " in");
+    setText("traffic-out", bytes(s.bytes_sent) + " out");
     clients(s.clients);
     ordered(Object.keys(s.series)).forEach((name, i) => {
       const points = s.series[name];
