@@ -265,7 +265,9 @@ class ServerConfig(_Strict):
         for name, number in ports.items():
             if number:  # 0 and None: no clash (any free port, or off)
                 if number in taken:
-                    raise ValueError(f"{name} and {taken[number]} are both {number}")
+                    raise ValueError(
+                        f"{taken[number]} and {name} are both {number}: each needs its own port"
+                    )
                 taken[number] = name
         return self
 
