@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from fedpipe.common.config import ConfigError, ServerConfig
+from fedpipe.common.outcome import RunError
 from fedpipe.server.monitor import ServerMonitor
 
 __all__ = ["ROUND_SECONDS_BUCKETS", "MetricsEndpoint", "MonitorCollector"]
@@ -94,6 +95,15 @@ class MetricsEndpoint:
     """``/metrics`` on ``config.host:config.metrics_port``, served until :meth:`close`."""
 
     def __init__(self, config: ServerConfig, monitor: ServerMonitor) -> None:
+        """Serve now.
+
+        Raises
+        ------
+        ConfigError
+            prometheus-client is not installed.
+        RunError
+            The port cannot be opened or the TLS files do not load.
+        """
         try:
             from prometheus_client import CollectorRegistry, ProcessCollector, start_http_server
         except ModuleNotFoundError as exc:
@@ -105,13 +115,17 @@ class MetricsEndpoint:
         registry.register(MonitorCollector(monitor))  # type: ignore[arg-type]
         ProcessCollector(registry=registry)  # the server's memory, CPU and open files
         tls = config.tls_cert is not None and config.tls_key is not None
-        self.server, self.thread = start_http_server(
-            config.metrics_port,
-            addr=config.host,
-            registry=registry,
-            certfile=str(config.tls_cert) if tls else None,
-            keyfile=str(config.tls_key) if tls else None,
-        )
+        try:
+            self.server, self.thread = start_http_server(
+                config.metrics_port,
+                addr=config.host,
+                registry=registry,
+                certfile=str(config.tls_cert) if tls else None,
+                keyfile=str(config.tls_key) if tls else None,
+            )
+        except OSError as exc:  # the port is taken, the TLS files do not load...
+            where = f"{config.host}:{config.metrics_port}"
+            raise RunError(f"cannot serve /metrics on {where}: {exc}") from None
         self.port = int(self.server.server_port)
         scheme = "https" if tls else "http"
         log.info("Prometheus metrics on %s://%s:%d/metrics", scheme, config.host, self.port)

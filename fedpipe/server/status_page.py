@@ -67,10 +67,14 @@ class StatusPage:
         ConfigError
             The token file cannot be read.
         RunError
-            The port cannot be opened.
+            The port cannot be opened, or the TLS files do not load.
         """
         assert config.status_port is not None
-        tls = _tls_context(config)
+        host = config.status_host
+        try:
+            tls = _tls_context(config)
+        except OSError as exc:  # ssl.SSLError included
+            raise RunError(f"cannot serve the status page over HTTPS: {exc}") from None
         limiter = FailureLimiter(config.max_auth_failures, config.auth_failure_window)
         auth = StatusAuth(load_status_token(config), limiter, "", secure=tls is not None)
         server = StatusHttpServer(
@@ -79,7 +83,6 @@ class StatusPage:
             request_timeout=config.hello_timeout,
             on_auth_failure=partial(monitor.authentication_failed, "status"),
         )
-        host = config.status_host
         try:
             port = await server.start(host, config.status_port, tls)
         except OSError as exc:

@@ -4,7 +4,12 @@ reason, failed authentications; and the endpoints close with the server."""
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
+import ssl
+import subprocess
+import sys
+import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -28,6 +33,7 @@ from tests.integration.test_adversarial import (  # noqa: F401 (peers_of: a fixt
     train_info,
     train_state,
 )
+from tests.integration.test_tls import pki  # noqa: F401 (a fixture)
 
 parser = pytest.importorskip("prometheus_client.parser", reason="fedpipe[prometheus]")
 
@@ -140,3 +146,75 @@ async def test_failed_authentications_are_counted_and_the_endpoint_closes_with_t
         assert samples[("fedpipe_round", ())] == 0
     with pytest.raises(OSError), socket.create_connection(("127.0.0.1", port), timeout=2):
         pass  # the server is gone, and its /metrics with it
+
+
+async def test_with_tls_files_the_page_and_metrics_are_served_over_https(
+    tmp_path: Path,
+    pki: Path,  # noqa: F811
+) -> None:
+    config = server_config(
+        tmp_path,
+        rounds=1,
+        min_clients=1,
+        tls_cert=str(pki / "server.crt"),
+        tls_key=str(pki / "server.key"),
+        metrics_port=free_port(),
+        status_port=free_port(),
+        status_token="tls-page-token",
+        hello_timeout=2.0,  # the status page's TLS handshake must end within it too
+    )
+    trusted = ssl.create_default_context(cafile=str(pki / "ca.crt"))
+
+    def fetch(url: str, *headers: tuple[str, str]) -> tuple[int, str, str]:
+        request = urllib.request.Request(url, headers=dict(headers))
+        opener = urllib.request.build_opener(
+            urllib.request.HTTPSHandler(context=trusted), NoRedirect
+        )
+        try:
+            with opener.open(request, timeout=10) as reply:
+                return reply.status, reply.headers.get("Set-Cookie", ""), reply.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.headers.get("Set-Cookie", ""), ""
+
+    async with running_server(config):
+        page = f"https://127.0.0.1:{config.status_port}/"
+        bearer = ("Authorization", "Bearer tls-page-token")
+        status, _, body = await asyncio.to_thread(fetch, page + "api/status", bearer)
+        assert status == 200 and '"status": "running"' in body
+        status, cookie, _ = await asyncio.to_thread(fetch, page + "?token=tls-page-token")
+        assert status == 303 and cookie.endswith("; Secure")  # never sent back in clear
+        metrics = f"https://127.0.0.1:{config.metrics_port}/metrics"
+        status, _, body = await asyncio.to_thread(fetch, metrics)
+        assert status == 200 and "fedpipe_clients_connected 0.0" in body
+        # Plain HTTP on the HTTPS port: no page, the connection ends with the handshake timeout.
+        plain = page.replace("https", "http")
+        with pytest.raises(OSError):
+            await asyncio.to_thread(lambda: urllib.request.urlopen(plain, timeout=10).read())
+
+
+class NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args: object, **kwargs: object) -> None:
+        return None
+
+
+@pytest.mark.parametrize("field", ["metrics_port", "status_port"])
+def test_a_taken_port_is_one_line_and_exit_1(tmp_path: Path, field: str) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        argv = ["server", "--port", str(free_port()), "--output-dir", str(tmp_path / "run")]
+        argv += ["--set", "model.config.n_features=64", "--set", "model.config.n_classes=10"]
+        argv += ["--set", f"{field}={port}", "--set", 'status_token="t"']
+        result = subprocess.run(
+            [sys.executable, "-m", "fedpipe", *argv],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=dict(os.environ, PYTHONUNBUFFERED="1"),
+        )
+    assert result.returncode == 1, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("fedpipe server: cannot serve ") and f":{port}: " in last, last
+    assert "already in use" in last.lower() and "Traceback" not in result.stderr
+    assert "listening on" not in result.stderr
