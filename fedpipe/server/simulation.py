@@ -128,7 +128,7 @@ def simulate(
     prepare_run_dir(Path(server.output_dir), overwrite=overwrite, can_resume=False)
     if sim.transport == "inprocess":
         return asyncio.run(simulate_inprocess(sim, clients, on_round, overwrite=overwrite))
-    return simulate_grpc(sim, clients, on_round)
+    return simulate_grpc(sim, clients, on_round, overwrite=overwrite)
 
 
 async def simulate_inprocess(
@@ -167,6 +167,7 @@ def simulate_grpc(
     on_round: OnRound | None = None,
     *,
     timeout: float = 3600.0,
+    overwrite: bool = False,
 ) -> RunSummary:
     """A real server process and one process per client, over loopback gRPC.
 
@@ -195,10 +196,10 @@ def simulate_grpc(
         work = Path(tmp)
         (work / "server.json").write_text(server.model_dump_json())
         (work / "client.json").write_text(json.dumps(_client_config(server)))
+        # --overwrite: what the run's trackers keep elsewhere (TensorBoard) is replaced too.
+        args = [*FEDPIPE, "server", "--config", str(work / "server.json"), "--progress", "json"]
         server_proc = _spawn(
-            [*FEDPIPE, "server", "--config", str(work / "server.json"), "--progress", "json"],
-            logs / "server.log",
-            stdout=subprocess.PIPE,
+            args + ["--overwrite"] * overwrite, logs / "server.log", stdout=subprocess.PIPE
         )
         client_procs: dict[str, subprocess.Popen[bytes]] = {}
         watcher = _ClientWatcher(server_proc, client_procs)

@@ -143,3 +143,26 @@ def test_a_missing_extra_is_one_line_and_exit_2_before_the_port_opens(
     assert "Traceback" not in result.stderr
     assert "listening on" not in result.stderr
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_a_grpc_simulation_tracks_from_its_server_process_and_overwrites_its_events(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # this test reads the file store
+    uri = f"file:{tmp_path / 'mlruns'}"
+    tracking = {"tensorboard_dir": str(tmp_path / "tb"), "mlflow_uri": uri}
+    sim = sim_config(tmp_path, rounds=2, **tracking)
+    server = sim.server.model_copy(update={"tokens": {}})  # spawned clients present none
+    sim = sim.model_copy(update={"transport": "grpc", "server": server})
+    for overwrite in (False, True):  # the second run replaces the first, its events too
+        assert simulate(sim, overwrite=overwrite).status == "completed"
+    scalars, _ = tensorboard_scalars(tmp_path / "tb" / "exp-a")
+    records = records_of(tmp_path / "exp-a")
+    assert scalars["accuracy"] == [(r["round"], pytest.approx(r["accuracy"])) for r in records]
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("fedpipe")
+    assert experiment is not None
+    runs = client.search_runs([experiment.experiment_id])
+    assert [r.info.status for r in runs] == ["FINISHED", "FINISHED"]  # one MLflow run each
