@@ -267,7 +267,8 @@ class StatusHttpServer:
             return None
         # A token in the address: trade it for a session cookie, and drop it from the address.
         cookie = self.auth.open_session()
-        return Response(303, headers=[("Location", request.path), ("Set-Cookie", cookie)])
+        back = request.path if request.path in self.routes else "/"  # never another site
+        return Response(303, headers=[("Location", back), ("Set-Cookie", cookie)])
 
     async def _send(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, response: Response

@@ -122,6 +122,8 @@ async def test_a_token_in_the_address_becomes_a_session_cookie(served: Served) -
     assert (await send(served.port, get("/", f"Cookie: {forged}"))).status == 401
     assert (await send(served.port, get(f"/?token={TOKEN[:-1]}"))).status == 401
     assert served.failures == [1]
+    elsewhere = await send(served.port, get(f"//evil.example/x?token={TOKEN}"))
+    assert (elsewhere.status, elsewhere.headers["Location"]) == (303, "/")
 
 
 async def test_a_hashed_token_is_checked_as_well() -> None:
