@@ -29,6 +29,7 @@ __all__ = [
     "PartitionConfig",
     "ServerConfig",
     "SimulationConfig",
+    "TrackingConfig",
     "TrainingConfig",
     "apply_overrides",
     "load_config",
@@ -105,6 +106,18 @@ class EarlyStopConfig(_Strict):
     min_delta: float = Field(default=0.0, ge=0.0)
 
 
+class TrackingConfig(_Strict):
+    """Where each round's metrics and the run's config also go (optional extras)."""
+
+    #: TensorBoard event files go in ``tensorboard_dir/<run directory name>/``: point
+    #: ``tensorboard --logdir`` at ``tensorboard_dir`` to compare runs (``fedpipe[tensorboard]``).
+    tensorboard_dir: Path | None = None
+    #: An MLflow tracking URI: ``file:./mlruns``, ``sqlite:///mlflow.db``, ``http://host:5000``
+    #: (``fedpipe[mlflow]``); one MLflow run per fedpipe run, named after its directory.
+    mlflow_uri: str | None = None
+    mlflow_experiment: str = Field(default="fedpipe", min_length=1)
+
+
 class ServerConfig(_Strict):
     """Everything the server daemon needs to run a federated training."""
 
@@ -166,6 +179,17 @@ class ServerConfig(_Strict):
     #: too: a client that stops reading is closed rather than let it pin a payload.
     min_transfer_rate_kib: float = Field(default=256.0, gt=0)
     transfer_grace: float = Field(default=5.0, gt=0)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    #: Serve Prometheus metrics on ``host:metrics_port/metrics`` (``fedpipe[prometheus]``;
+    #: HTTPS with the server's certificate when ``tls_cert`` is set).
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    #: Serve the live status page on ``status_host:status_port``, to holders of the status
+    #: token only (``status_token``, its hash from ``fedpipe hash-token``, or
+    #: ``status_token_file``); a request must send its head within ``hello_timeout``.
+    status_port: int | None = Field(default=None, ge=0, le=65535)
+    status_host: str = "127.0.0.1"
+    status_token: str = ""
+    status_token_file: Path | None = None
 
     @model_validator(mode="after")
     def _results_within_clients(self) -> Self:
@@ -216,6 +240,36 @@ class ServerConfig(_Strict):
                 f"host={self.host!r} is reachable from other machines: set tls_cert and "
                 "tls_key, or insecure = true if a TLS proxy or a trusted network protects it"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _status_page_protected(self) -> Self:
+        if self.status_token and self.status_token_file is not None:
+            raise ValueError("status_token and status_token_file are two sources of one secret")
+        if is_hashed(self.status_token):
+            parse_hashed(self.status_token)
+        if self.status_port is not None:
+            if not self.status_token and self.status_token_file is None:
+                raise ValueError(
+                    "status_port needs status_token or status_token_file: the page is only "
+                    "shown to holders of the token"
+                )
+            if self.tls_cert is None and not self.insecure and not is_loopback(self.status_host):
+                raise ValueError(
+                    f"status_host={self.status_host!r} is reachable from other machines: the "
+                    "token would cross the network in clear; set tls_cert and tls_key (the "
+                    "page is then served over HTTPS), or insecure = true"
+                )
+        ports = {"port": self.port, "metrics_port": self.metrics_port}
+        ports["status_port"] = self.status_port
+        taken: dict[int, str] = {}
+        for name, number in ports.items():
+            if number:  # 0 and None: no clash (any free port, or off)
+                if number in taken:
+                    raise ValueError(
+                        f"{taken[number]} and {name} are both {number}: each needs its own port"
+                    )
+                taken[number] = name
         return self
 
     @property

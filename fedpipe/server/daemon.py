@@ -21,6 +21,7 @@ from fedpipe.common.wire import channel_options
 from fedpipe.server.admission import server_options
 from fedpipe.server.clients import ClientPool
 from fedpipe.server.grpc_transport import FederationServicer
+from fedpipe.server.monitoring import Monitoring
 from fedpipe.server.receive_budget import ReceiveBudget
 from fedpipe.server.rounds import FederatedRun, RunSummary
 
@@ -54,23 +55,30 @@ async def serve(
     with FederatedRun(
         config, pool, stop_event=stop_event, on_round=on_round, resume=resume, overwrite=overwrite
     ) as run:
-        return await _serve_run(config, run, pool, stop_event, on_listening)
+        # Trackers, /metrics and the status page, before the port opens: a missing extra fails
+        # now.
+        monitoring = await Monitoring.start(config, run, resume=resume, overwrite=overwrite)
+        try:
+            return await _serve_run(config, run, monitoring, on_listening)
+        finally:
+            await monitoring.close()
 
 
 async def _serve_run(
     config: ServerConfig,
     run: FederatedRun,
-    pool: ClientPool,
-    stop_event: asyncio.Event,
+    monitoring: Monitoring,
     on_listening: Callable[[int], None] | None,
 ) -> RunSummary:
+    """Open the gRPC port, run the rounds, stop the server (see :func:`serve`)."""
+    pool = run.pool
     options, max_rpcs = server_options(config)
     server = grpc.aio.server(
         options=channel_options(config.chunk_bytes) + options, maximum_concurrent_rpcs=max_rpcs
     )
     model_bytes = sum(spec.nbytes for spec in run.specs.values())
     budget = ReceiveBudget(max(int(config.receive_budget_mib * (1 << 20)), model_bytes))
-    servicer = FederationServicer(pool, config, budget)
+    servicer = FederationServicer(pool, config, budget, monitoring.monitor)
     server.add_generic_rpc_handlers((servicer.handler(),))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -89,7 +97,9 @@ async def _serve_run(
         except (NotImplementedError, RuntimeError):  # not the main thread (tests)
             log.debug("no %s handler: the caller stops the run another way", sig.name)
     try:
-        return await run.run()
+        summary = await run.run()
+        monitoring.finished(summary)
+        return summary
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)

@@ -47,6 +47,7 @@ from fedpipe.proto.fedpipe.v1 import federation_pb2 as pb
 from fedpipe.proto.fedpipe.v1 import tensor_pb2
 from fedpipe.server.admission import Credentials, PendingStreams, Refused, peer_host
 from fedpipe.server.clients import ClientError, ClientPool, ClientProxy, RoundTask, RunOutcome
+from fedpipe.server.monitor import ServerMonitor
 from fedpipe.server.receive_budget import ReceiveBudget, TransferFloor
 
 __all__ = ["FederationServicer", "GrpcClient"]
@@ -64,6 +65,14 @@ MAX_NAME_LENGTH = 128
 SETUP_PAYLOAD_BYTES = 1 << 20
 SETUP_TENSORS = 64
 SETUP_REPLY = ReplyLimits(SETUP_PAYLOAD_BYTES, SETUP_TENSORS)
+#: Refusals that mean a credential was checked and did not prove the name.
+AUTH_FAILURES = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
+#: Task kinds as the monitor names them.
+TASK_KINDS: dict[int, str] = {
+    pb.TASK_KIND_INITIALIZE: "initialize",
+    pb.TASK_KIND_TRAIN: "train",
+    pb.TASK_KIND_EVALUATE: "evaluate",
+}
 
 
 class GrpcClient(ClientProxy):
@@ -72,8 +81,16 @@ class GrpcClient(ClientProxy):
     #: Handed out in the Welcome: a reconnecting client proves by it that it owns the name.
     secret: str = ""
 
-    def __init__(self, name: str, hello: Any, config: ServerConfig, budget: ReceiveBudget) -> None:
+    def __init__(
+        self,
+        name: str,
+        hello: Any,
+        config: ServerConfig,
+        budget: ReceiveBudget,
+        monitor: ServerMonitor | None = None,
+    ) -> None:
         self.name = name
+        self.monitor = monitor
         self.n_train_samples = int(hello.data.n_train_samples)
         self.n_eval_samples = int(hello.data.n_eval_samples)
         self.config = config
@@ -136,6 +153,7 @@ class GrpcClient(ClientProxy):
             return train_result_from(settings_data(got.message.reply.info), got.payload)
         except Exception:
             self._drop_reply()  # the round loop never sees it, so it never releases it
+            self._rejected("undecodable")
             raise
 
     async def evaluate(self, task: RoundTask) -> EvalResult:
@@ -152,6 +170,7 @@ class GrpcClient(ClientProxy):
             return eval_result_from(settings_data(got.message.reply.info), got.payload)
         except Exception:
             self._drop_reply()
+            self._rejected("undecodable")
             raise
 
     async def stop(self, outcome: RunOutcome) -> None:
@@ -209,6 +228,8 @@ class GrpcClient(ClientProxy):
         nbytes = len(envelope) + (payload.total_bytes if payload is not None else 0)
         future: asyncio.Future[Received[Any]] = asyncio.get_running_loop().create_future()
         self._waiting[task_id] = future
+        if self.monitor is not None:
+            self.monitor.task_sent(TASK_KINDS.get(kind, ""), round_number)
         # An upper bound of the round's deadline (the round loop owns the exact one).
         self._expected[task_id] = (limits, time.monotonic() + self.config.round_timeout)
         self._last_id = task_id
@@ -298,6 +319,10 @@ class GrpcClient(ClientProxy):
             return None
         return self._expected[message.reply.task_id]
 
+    def _rejected(self, reason: str) -> None:
+        if self.monitor is not None:
+            self.monitor.reply_rejected(reason)
+
     def refuse(self, message: Any, reason: str) -> None:
         """Fail the task awaiting a reply whose header was refused before reception."""
         task_id = message.reply.task_id
@@ -315,6 +340,7 @@ class GrpcClient(ClientProxy):
             return
         if reserved:
             self.budget.release(self)
+        self._rejected("late")
         log.info(
             "client %s: reply to task %d arrived after its deadline; dropped",
             self.name,
@@ -375,10 +401,17 @@ class FederationServicer:
     proxies. A misbehaving client ends its own session with a logged reason; the server and
     the other sessions go on."""
 
-    def __init__(self, pool: ClientPool, config: ServerConfig, budget: ReceiveBudget) -> None:
+    def __init__(
+        self,
+        pool: ClientPool,
+        config: ServerConfig,
+        budget: ReceiveBudget,
+        monitor: ServerMonitor | None = None,
+    ) -> None:
         self.pool = pool
         self.config = config
         self.budget = budget
+        self.monitor = monitor or ServerMonitor(config, pool)
         self.credentials = Credentials(config)
         self.pending = PendingStreams()
         self._entering = asyncio.Lock()
@@ -437,6 +470,7 @@ class FederationServicer:
                     writing.cancel()
                     break
                 writing.result()
+                self.monitor.sent(len(out))
             if proxy.told:
                 # A client busy with a task reads its stop task only once it has replied:
                 # keep the stream until it closes its side, or the grace passes.
@@ -461,16 +495,19 @@ class FederationServicer:
             return None
         if frame is grpc.aio.EOF:
             return None
+        self.monitor.received(len(frame))
         claimed = ""
         try:
             hello = self._admit(frame)
             claimed = f" (claiming to be {hello.client_name!r})"
             auth = context.auth_context()
             await self.credentials.check(hello.client_name, hello.token, peer, auth)
-            proxy = GrpcClient(hello.client_name, hello, self.config, self.budget)
+            proxy = GrpcClient(hello.client_name, hello, self.config, self.budget, self.monitor)
             await self._enter(proxy, hello.session_secret)
         except Refused as exc:
             log.log(exc.level, "refused %s%s: %s", peer, claimed, exc.reason)
+            if exc.code in AUTH_FAILURES:
+                self.monitor.authentication_failed("grpc")
             await context.abort(exc.code, exc.reason)
             return None
         return proxy
@@ -485,6 +522,7 @@ class FederationServicer:
                 if frame is grpc.aio.EOF:
                     proxy.close("client closed the stream")
                     return
+                self.monitor.received(len(frame))
                 receiver.max_payload_bytes = proxy.max_payload_bytes
                 receiver.max_tensors = proxy.max_tensors
                 if not is_chunk_frame(frame):
@@ -499,6 +537,7 @@ class FederationServicer:
                     except RejectedReply as exc:
                         receiver.skip(message)
                         proxy.refuse(message, str(exc))
+                        self.monitor.reply_rejected("limits")
                         continue
                     got = await asyncio.to_thread(receiver.feed, frame, message)
                 else:
@@ -527,8 +566,10 @@ class FederationServicer:
                 self.config.min_transfer_rate_kib,
             )
             proxy.close("payload below the minimum transfer rate")
+            self.monitor.reply_rejected("transfer_rate")
         except ProtocolError as exc:
             log.warning("client %s broke the protocol: %s; closing its session", proxy.name, exc)
+            self.monitor.reply_rejected("protocol")
             proxy.close(f"protocol error: {exc}")
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as exc:
             proxy.close(f"stream error: {exc}")
@@ -587,6 +628,7 @@ class FederationServicer:
         floor.reserved = False
         if reason:
             proxy.refuse(pending, reason)
+            self.monitor.reply_rejected("too_slow")
         else:
             log.info(
                 "client %s: reply to task %d is no longer awaited; skipping its last %d bytes",

@@ -120,6 +120,8 @@ class FederatedRun:
         self.pool = pool
         self.stop_event = stop_event or asyncio.Event()
         self.on_round = on_round
+        #: Told the reason label of each reply the round loop's checks refuse (monitoring).
+        self.on_rejected: Callable[[str], None] | None = None
         self.setup = RunSetup(
             model=config.model.model_dump(),
             client_optimizer=config.client_optimizer.model_dump(),
@@ -614,9 +616,13 @@ class FederatedRun:
                     except EXPECTED_CLIENT_ERRORS as exc:
                         log.warning("client %s: rejected reply: %s", client.name, exc)
                         failures[client.name] = f"rejected reply: {exc}"
+                        if self.on_rejected is not None:
+                            self.on_rejected("invalid")
                     except Exception:  # contained, with its traceback: never the whole run
                         log.exception("client %s: rejected reply (unexpected error)", client.name)
                         failures[client.name] = "rejected reply (unexpected error)"
+                        if self.on_rejected is not None:
+                            self.on_rejected("invalid")
                     finally:
                         del outcome  # folded or rejected: its memory may go
                         await client.release()

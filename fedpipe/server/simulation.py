@@ -35,6 +35,7 @@ from fedpipe.common.plugins import import_plugins
 from fedpipe.common.vector import Vector
 from fedpipe.server.clients import ClientPool
 from fedpipe.server.inprocess import InProcessClient, SharedModels
+from fedpipe.server.monitoring import Monitoring
 from fedpipe.server.rounds import FederatedRun, RunSummary
 from fedpipe.server.run_dir import fresh_run_dir, prepare_run_dir
 
@@ -126,14 +127,16 @@ def simulate(
     sim = sim.model_copy(update={"server": server})
     prepare_run_dir(Path(server.output_dir), overwrite=overwrite, can_resume=False)
     if sim.transport == "inprocess":
-        return asyncio.run(simulate_inprocess(sim, clients, on_round))
-    return simulate_grpc(sim, clients, on_round)
+        return asyncio.run(simulate_inprocess(sim, clients, on_round, overwrite=overwrite))
+    return simulate_grpc(sim, clients, on_round, overwrite=overwrite)
 
 
 async def simulate_inprocess(
     sim: SimulationConfig,
     clients: list[tuple[str, Dataset, Dataset | None]],
     on_round: OnRound | None = None,
+    *,
+    overwrite: bool = False,
 ) -> RunSummary:
     pool = ClientPool()
     models = SharedModels()
@@ -143,7 +146,13 @@ async def simulate_inprocess(
         update={"min_clients": min(sim.server.min_clients, len(clients))}
     )
     with FederatedRun(server, pool, on_round=on_round) as run:
-        return await run.run()
+        monitoring = await Monitoring.start(server, run, overwrite=overwrite)
+        try:
+            summary = await run.run()
+            monitoring.finished(summary)
+            return summary
+        finally:
+            await monitoring.close()
 
 
 def free_port() -> int:
@@ -158,6 +167,7 @@ def simulate_grpc(
     on_round: OnRound | None = None,
     *,
     timeout: float = 3600.0,
+    overwrite: bool = False,
 ) -> RunSummary:
     """A real server process and one process per client, over loopback gRPC.
 
@@ -186,10 +196,10 @@ def simulate_grpc(
         work = Path(tmp)
         (work / "server.json").write_text(server.model_dump_json())
         (work / "client.json").write_text(json.dumps(_client_config(server)))
+        # --overwrite: what the run's trackers keep elsewhere (TensorBoard) is replaced too.
+        args = [*FEDPIPE, "server", "--config", str(work / "server.json"), "--progress", "json"]
         server_proc = _spawn(
-            [*FEDPIPE, "server", "--config", str(work / "server.json"), "--progress", "json"],
-            logs / "server.log",
-            stdout=subprocess.PIPE,
+            args + ["--overwrite"] * overwrite, logs / "server.log", stdout=subprocess.PIPE
         )
         client_procs: dict[str, subprocess.Popen[bytes]] = {}
         watcher = _ClientWatcher(server_proc, client_procs)
