@@ -15,7 +15,15 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-run: $(STAMP)
+# The demo needs fedpipe alone (numpy, grpcio, protobuf, pydantic), not the dev tools.
+RUN_STAMP := $(VENV)/.installed-core
+$(RUN_STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e .
+	touch $@
+
+run: $(RUN_STAMP)
 	$(VENV)/bin/fedpipe simulate
 
 lint: $(STAMP)
