@@ -33,6 +33,7 @@ __all__ = [
     "TrainingConfig",
     "apply_overrides",
     "load_config",
+    "read_token_file",
 ]
 
 
@@ -328,14 +329,7 @@ class ClientConfig(_Strict):
         """
         if self.token or self.token_file is None:
             return self.token or environ.get(TOKEN_ENV, "")
-        try:
-            lines = self.token_file.read_text().splitlines()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"token_file {self.token_file}: cannot read it ({exc})") from None
-        token = lines[0].strip() if lines else ""
-        if not token:
-            raise ConfigError(f"token_file {self.token_file} is empty; expected the token")
-        return token
+        return read_token_file(self.token_file, "token_file", "the token")
 
     @model_validator(mode="after")
     def _has_data(self) -> Self:
@@ -383,6 +377,24 @@ class SimulationConfig(_Strict):
 
 
 C = TypeVar("C", bound=BaseModel)
+
+
+def read_token_file(path: Path, field: str, what: str) -> str:
+    """The first line of ``path`` (config field ``field``), a secret kept out of argv.
+
+    Raises
+    ------
+    ConfigError
+        The file cannot be read or its first line is empty.
+    """
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{field} {path}: cannot read it ({exc})") from None
+    token = lines[0].strip() if lines else ""
+    if not token:
+        raise ConfigError(f"{field} {path} is empty; expected {what}")
+    return token
 
 
 def is_loopback(host: str) -> bool:

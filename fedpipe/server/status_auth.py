@@ -14,9 +14,8 @@ import hmac
 import secrets
 import time
 from collections import OrderedDict
-from pathlib import Path
 
-from fedpipe.common.config import ConfigError, ServerConfig
+from fedpipe.common.config import ServerConfig, read_token_file
 from fedpipe.common.tokens import is_hashed, verify_token
 from fedpipe.server.admission import FailureLimiter
 
@@ -47,15 +46,7 @@ def load_status_token(config: ServerConfig) -> str:
     """
     if config.status_token or config.status_token_file is None:
         return config.status_token
-    path: Path = config.status_token_file
-    try:
-        lines = path.read_text().splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"status_token_file {path}: cannot read it ({exc})") from None
-    token = lines[0].strip() if lines else ""
-    if not token:
-        raise ConfigError(f"status_token_file {path} is empty; expected the status token")
-    return token
+    return read_token_file(config.status_token_file, "status_token_file", "the status token")
 
 
 def _digest(text: str) -> bytes:
