@@ -156,11 +156,12 @@ class FederatedRun:
         #: Round of each client's latest aggregated reply: the state its next round starts from.
         self.base_rounds: dict[str, int] = {}
         # Taken before any file of the run directory is touched: another run may be using it.
+        # Creating the lock file also proves, before any client is admitted, that the
+        # directory can be written.
         self._lock = RunLock(self.output_dir) if self.output_dir is not None else None
         try:
             if self.output_dir is not None:
                 prepare_run_dir(self.output_dir, resume=resume, overwrite=overwrite)
-                _check_writable(self.output_dir)
                 remove_interrupted_writes(self.output_dir)
                 # The run is under way: no summary until it ends, never a last run's.
                 (self.output_dir / "summary.json").unlink(missing_ok=True)
@@ -653,18 +654,7 @@ class FederatedRun:
 
 
 class _Stopped(Exception):
-    """A stop signal arrived while the run was waiting for clients."""
-
-
-def _check_writable(directory: Path) -> None:
-    """Fail now, before any client is admitted, if the run directory cannot be written."""
-    probe = directory / f".write-test-{os.getpid()}"
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise RunError(f"the run directory {directory} is not writable: {exc}") from None
+    """A stop signal ended the wait for clients, or a second one abandoned the round."""
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
