@@ -140,3 +140,25 @@ def assert_stopped(federation: Federation, code: int) -> None:
     assert code == ExitCode.INTERRUPTED
     summary = json.loads((federation.run_dir / "summary.json").read_text())
     assert summary["status"] == "stopped"
+
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def scrape(port: int) -> Samples:
+    """Every sample ``/metrics`` on ``port`` shows, by name and labels (needs
+    prometheus-client's parser: callers skip without it)."""
+    from prometheus_client import parser
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in parser.text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def fedpipe_samples(port: int) -> Samples:
+    """The samples fedpipe itself exports (not the process collector's)."""
+    return {k: v for k, v in scrape(port).items() if k[0].startswith("fedpipe_")}

@@ -6,7 +6,6 @@ from __future__ import annotations
 import signal
 import subprocess
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -14,27 +13,14 @@ import pytest
 
 from tests.faults.monitored_federation import (
     CLIENTS,
+    Samples,
     assert_stopped,
+    fedpipe_samples,
+    scrape,
     start_monitored_federation,
 )
 
-parser = pytest.importorskip("prometheus_client.parser", reason="fedpipe[prometheus]")
-
-Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
-
-
-def scrape(port: int) -> Samples:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
-        text = reply.read().decode()
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in parser.text_string_to_metric_families(text)
-        for s in family.samples
-    }
-
-
-def fedpipe_samples(port: int) -> Samples:
-    return {k: v for k, v in scrape(port).items() if k[0].startswith("fedpipe_")}
+pytest.importorskip("prometheus_client.parser", reason="fedpipe[prometheus]")
 
 
 def test_prometheus_counts_what_the_run_files_record(

@@ -21,6 +21,8 @@ from fedpipe.common.vector import Vector
 from fedpipe.common.wire import Received, weights_from
 from fedpipe.proto.fedpipe.v1 import federation_pb2 as pb
 from fedpipe.server.simulation import free_port
+from tests.faults.monitored_federation import Samples
+from tests.faults.monitored_federation import fedpipe_samples as scrape
 from tests.integration.conftest import RawClient, running_server, server_config
 from tests.integration.test_adversarial import (  # noqa: F401 (peers_of: a fixture)
     Behaviour,
@@ -35,20 +37,7 @@ from tests.integration.test_adversarial import (  # noqa: F401 (peers_of: a fixt
 )
 from tests.integration.test_tls import pki  # noqa: F401 (a fixture)
 
-parser = pytest.importorskip("prometheus_client.parser", reason="fedpipe[prometheus]")
-
-Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
-
-
-def scrape(port: int) -> Samples:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
-        text = reply.read().decode()
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in parser.text_string_to_metric_families(text)
-        for s in family.samples
-        if s.name.startswith("fedpipe_")
-    }
+pytest.importorskip("prometheus_client.parser", reason="fedpipe[prometheus]")
 
 
 async def wait_scraped(port: int, ready: Callable[[Samples], bool], timeout: float = 20) -> Samples:
