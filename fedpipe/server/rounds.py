@@ -133,7 +133,7 @@ class FederatedRun:
             run_id=config.run_id,
         )
         try:
-            self.model = BareWeights(build_model(self.setup).get_weights())
+            self.model = BareWeights(build_model(self.setup).get_weights().to_numpy())
             self.aggregator: Aggregator = registry.build_spec("aggregator", config.aggregator)
             self.optimizer: Optimizer = config.server_optimizer.build()
             # Built once here so that a typo fails now, not on every client after start-up.
