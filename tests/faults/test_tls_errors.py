@@ -34,7 +34,7 @@ from tests.faults.conftest import (
 )
 
 #: Short retries: each failing client gives up within seconds.
-RETRIES = ("--set", "retry_initial=0.3", "--set", "retry_max=1.0", "--set", "retry_timeout=3.0")
+RETRIES = ("--set", "retry_initial=0.3", "--set", "retry_max=1.0", "--set", "retry_timeout=6.0")
 PAST = dt.datetime.now(dt.UTC) - dt.timedelta(days=30)
 
 
