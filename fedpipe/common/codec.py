@@ -251,9 +251,10 @@ def _check_spec(spec: ArraySpec, expected: ArraySpec, what: str) -> None:
 
 
 def encode_vector(vector: Vector) -> pb.VectorProto:
-    """Encode a Vector as a ``VectorProto`` (one ``Tensor`` per array, in order)."""
+    """Encode a Vector as a ``VectorProto`` (one ``Tensor`` per array, in order); torch
+    tensors are copied to the host first."""
     msg = pb.VectorProto()
-    for name, array in vector.coefs.items():
+    for name, array in vector.to_numpy().coefs.items():
         _fill_tensor(msg.tensors.add(), name, array)
     return msg
 
@@ -367,7 +368,7 @@ class StateEncoder:
 
     def vector(self, out: pb.Value, vector: Vector, path: str) -> None:
         out.vector_value.SetInParent()
-        for name, array in vector.coefs.items():
+        for name, array in vector.to_numpy().coefs.items():
             _fill_tensor(out.vector_value.tensors.add(), name, array)
 
 

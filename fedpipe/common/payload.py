@@ -118,7 +118,7 @@ class _PayloadEncoder(StateEncoder):
 
     def vector(self, out: pb.Value, vector: Vector, path: str) -> None:
         out.vector_ref.SetInParent()
-        for name, array in vector.coefs.items():
+        for name, array in vector.to_numpy().coefs.items():
             out.vector_ref.indices.append(self._add(name, array, f"{path}[{name!r}]"))
 
 

@@ -2,8 +2,13 @@
 
 A :class:`Vector` is what flows through optimizer modules, aggregators and the codec: model
 weights, gradients, updates, optimizer states. Module code only uses the methods and operators
-defined here (never ``numpy`` directly), so that another backend (torch) can subclass
-:class:`Vector` without any module changing.
+defined here (never ``numpy`` directly), so that they run unchanged on every array backend
+(:mod:`fedpipe.common.backends`): numpy arrays, or torch tensors on any device.
+
+A Vector's arrays all belong to one backend (and, for torch, one device). An operation between
+a numpy Vector and a torch Vector gives a torch Vector on the torch side's device, so a module
+state restored from a checkpoint (numpy) moves to the device at its first step; in-place
+accumulation (:meth:`Vector.add_`) keeps the accumulator's backend.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ from functools import cache
 from typing import Any, Self
 
 import numpy as np
+
+from fedpipe.common.backends import NUMPY, ArrayOps, is_array, ops_of
 
 __all__ = ["ArraySpec", "SpecMismatchError", "Vector", "VectorSpecs", "dtype_name"]
 
@@ -74,7 +81,8 @@ class Vector:
     Parameters
     ----------
     coefs:
-        Mapping of array names to numpy arrays. The arrays are not copied.
+        Mapping of array names to numpy arrays or torch tensors (all of one backend and
+        device); anything else is converted with ``np.asarray``. Arrays are not copied.
 
     Examples
     --------
@@ -83,28 +91,30 @@ class Vector:
     array([3., 3., 3.], dtype=float32)
     """
 
-    __slots__ = ("coefs",)
+    __slots__ = ("coefs", "ops")
     __array_priority__ = 1000  # make ``ndarray * Vector`` defer to Vector.__rmul__
 
     def __init__(self, coefs: Mapping[str, Any]) -> None:
-        self.coefs: dict[str, np.ndarray] = {
-            name: value if isinstance(value, np.ndarray) else np.asarray(value)
-            for name, value in coefs.items()
+        self.coefs: dict[str, Any] = {
+            name: value if is_array(value) else np.asarray(value) for name, value in coefs.items()
         }
+        self.ops: ArrayOps = _backend(self.coefs)
 
     # ---- introspection -------------------------------------------------------------------
 
     def specs(self) -> VectorSpecs:
         """Names, shapes and dtypes of the arrays."""
+        dtype_of = self.ops.dtype_name
         return {
-            name: ArraySpec(tuple(int(d) for d in a.shape), dtype_name(a.dtype))
+            name: ArraySpec(tuple(int(d) for d in a.shape), dtype_of(a))
             for name, a in self.coefs.items()
         }
 
     def check_specs(self, expected: Mapping[str, ArraySpec], what: str = "vector") -> None:
         """Raise :class:`SpecMismatchError` if the specs differ from ``expected``."""
+        dtype_of = self.ops.dtype_name
         if self.coefs.keys() == expected.keys() and all(
-            a.shape == expected[n].shape and dtype_name(a.dtype) == expected[n].dtype
+            tuple(a.shape) == expected[n].shape and dtype_of(a) == expected[n].dtype
             for n, a in self.coefs.items()
         ):
             return  # fast path: no spec dicts built (called several times per client and round)
@@ -114,11 +124,22 @@ class Vector:
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in self.coefs.values())
+        return sum(map(self.ops.nbytes, self.coefs.values()))
 
     @property
     def size(self) -> int:
-        return sum(a.size for a in self.coefs.values())
+        return sum(map(self.ops.numel, self.coefs.values()))
+
+    @property
+    def backend(self) -> str:
+        """``"numpy"`` or ``"torch"``."""
+        return self.ops.name
+
+    @property
+    def device(self) -> str:
+        """Where the arrays live: ``"cpu"`` for numpy, the tensors' device for torch."""
+        first = next(iter(self.coefs.values()), None)
+        return str(getattr(first, "device", "cpu"))
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.coefs)
@@ -126,7 +147,7 @@ class Vector:
     def __len__(self) -> int:
         return len(self.coefs)
 
-    def __getitem__(self, name: str) -> np.ndarray:
+    def __getitem__(self, name: str) -> Any:
         return self.coefs[name]
 
     def __repr__(self) -> str:
@@ -135,23 +156,46 @@ class Vector:
 
     # ---- construction --------------------------------------------------------------------
 
-    def _new(self, coefs: dict[str, np.ndarray]) -> Self:
+    def _new(self, coefs: dict[str, Any], ops: ArrayOps | None = None) -> Self:
         out = object.__new__(type(self))
         out.coefs = coefs
+        out.ops = self.ops if ops is None else ops
         return out
 
-    def apply(self, func: Callable[[np.ndarray], np.ndarray]) -> Self:
+    def apply(self, func: Callable[[Any], Any]) -> Self:
         """Return a Vector of ``func(array)`` for each array (backend code only)."""
         return self._new({name: func(a) for name, a in self.coefs.items()})
 
     def zeros_like(self) -> Self:
-        return self.apply(np.zeros_like)
+        return self.apply(self.ops.zeros_like)
 
     def full_like(self, value: float) -> Self:
-        return self.apply(lambda a: np.full_like(a, value))
+        full_like = self.ops.full_like
+        return self.apply(lambda a: full_like(a, value))
 
     def copy(self) -> Self:
-        return self.apply(np.array)
+        return self.apply(self.ops.copy)
+
+    def normal_like(self, rng: np.random.Generator) -> Self:
+        """Standard normal draws of the same specs, from ``rng`` (drawn on the host, so the
+        same generator gives the same numbers on every backend)."""
+        normal_like = self.ops.normal_like
+        return self.apply(lambda a: normal_like(a, rng))
+
+    def to_numpy(self) -> Vector:
+        """The same arrays as numpy arrays on the host (itself on the numpy backend)."""
+        if self.ops is NUMPY:
+            return self
+        to_numpy = self.ops.to_numpy
+        return Vector({n: to_numpy(a) for n, a in self.coefs.items()})
+
+    def like(self, other: Vector) -> Vector:
+        """These arrays on ``other``'s backend and device (itself when already there)."""
+        first = next(iter(other.coefs.values()), None)
+        if first is None or (self.ops is other.ops and self.device == other.device):
+            return self
+        asarray = other.ops.asarray
+        return other._new({n: asarray(a, first) for n, a in self.coefs.items()})
 
     @classmethod
     def zeros(cls, specs: Mapping[str, ArraySpec]) -> Vector:
@@ -159,8 +203,14 @@ class Vector:
 
     # ---- element-wise arithmetic -----------------------------------------------------------
 
-    def _binary(self, other: object, op: Callable[[Any, Any], np.ndarray], sym: str) -> Self:
+    def _binary(self, other: object, name: str, sym: str, reflected: bool = False) -> Self:
+        ops = self.ops
         if isinstance(other, Vector):
+            if other.ops is not ops:
+                if ops is NUMPY:  # numpy with torch: the result is torch, on its device
+                    return self.like(other)._binary(other, name, sym, reflected)  # type: ignore[return-value]
+                other = other.like(self)
+            op = _operation(ops, name, reflected)
             if self.coefs.keys() != other.coefs.keys():
                 left = sorted(self.coefs.keys() - other.coefs.keys())
                 right = sorted(other.coefs.keys() - self.coefs.keys())
@@ -169,126 +219,128 @@ class Vector:
                     f"only on the left {left}, only on the right {right}"
                 )
             out = {}
-            for name, a in self.coefs.items():
-                b = other.coefs[name]
+            for key, a in self.coefs.items():
+                b = other.coefs[key]
                 if a.shape != b.shape or a.dtype != b.dtype:
                     raise SpecMismatchError(
-                        f"cannot compute Vector {sym} Vector: array {name!r} is "
-                        f"{a.dtype.name}{list(a.shape)} on the left and "
-                        f"{b.dtype.name}{list(b.shape)} on the right"
+                        f"cannot compute Vector {sym} Vector: array {key!r} is "
+                        f"{ops.dtype_name(a)}{list(a.shape)} on the left and "
+                        f"{ops.dtype_name(b)}{list(b.shape)} on the right"
                     )
-                out[name] = op(a, b)
+                out[key] = op(a, b)
             return self._new(out)
         if isinstance(other, (int, float, np.number)) and not isinstance(other, bool):
-            scalar = float(other) if isinstance(other, np.floating) else other
-            return self._new({n: _keep_dtype(op(a, scalar), a) for n, a in self.coefs.items()})
+            scalar = other.item() if isinstance(other, np.generic) else other
+            op, keep = _operation(ops, name, reflected), ops.keep_dtype
+            return self._new({n: keep(op(a, scalar), a) for n, a in self.coefs.items()})
         return NotImplemented
 
     def __add__(self, other: object) -> Self:
-        return self._binary(other, np.add, "+")
+        return self._binary(other, "add", "+")
 
     def __radd__(self, other: object) -> Self:
-        return self._binary(other, lambda a, b: np.add(b, a), "+")
+        return self._binary(other, "add", "+", reflected=True)
 
     def __sub__(self, other: object) -> Self:
-        return self._binary(other, np.subtract, "-")
+        return self._binary(other, "subtract", "-")
 
     def __rsub__(self, other: object) -> Self:
-        return self._binary(other, lambda a, b: np.subtract(b, a), "-")
+        return self._binary(other, "subtract", "-", reflected=True)
 
     def __mul__(self, other: object) -> Self:
-        return self._binary(other, np.multiply, "*")
+        return self._binary(other, "multiply", "*")
 
     def __rmul__(self, other: object) -> Self:
-        return self._binary(other, lambda a, b: np.multiply(b, a), "*")
+        return self._binary(other, "multiply", "*", reflected=True)
 
     def __truediv__(self, other: object) -> Self:
-        return self._binary(other, np.true_divide, "/")
+        return self._binary(other, "true_divide", "/")
 
     def __rtruediv__(self, other: object) -> Self:
-        return self._binary(other, lambda a, b: np.true_divide(b, a), "/")
+        return self._binary(other, "true_divide", "/", reflected=True)
 
     def __pow__(self, other: object) -> Self:
-        return self._binary(other, np.power, "**")
+        return self._binary(other, "power", "**")
 
     def __neg__(self) -> Self:
-        return self.apply(np.negative)
+        return self.apply(self.ops.negative)
 
     def __pos__(self) -> Self:
         return self
 
     def sqrt(self) -> Self:
-        return self.apply(np.sqrt)
+        return self.apply(self.ops.sqrt)
 
     def abs(self) -> Self:
-        return self.apply(np.abs)
+        return self.apply(self.ops.abs)
 
     def sign(self) -> Self:
-        return self.apply(np.sign)
+        return self.apply(self.ops.sign)
 
     def square(self) -> Self:
-        return self.apply(np.square)
+        return self.apply(self.ops.square)
 
     def minimum(self, other: Vector | float) -> Self:
-        return self._binary(other, np.minimum, "minimum")
+        return self._binary(other, "minimum", "minimum")
 
     def maximum(self, other: Vector | float) -> Self:
-        return self._binary(other, np.maximum, "maximum")
+        return self._binary(other, "maximum", "maximum")
 
     def scale(self, factors: Mapping[str, float]) -> Self:
         """Multiply each array by its own scalar factor (``factors[name]``)."""
-        return self._new({n: _keep_dtype(a * factors[n], a) for n, a in self.coefs.items()})
+        keep = self.ops.keep_dtype
+        return self._new({n: keep(a * factors[n], a) for n, a in self.coefs.items()})
 
     # ---- in-place accumulation (aggregation hot path) ----------------------------------------
 
     def add_(self, other: Vector, alpha: float = 1.0) -> Self:
         """In place: ``self += alpha * other``. Used to keep one running sum when aggregating."""
+        ops = self.ops
+        if other.ops is not ops or other.device != self.device:
+            other = other.like(self)  # the accumulator keeps its backend and device
         if self.coefs.keys() != other.coefs.keys() or any(
             a.shape != other.coefs[n].shape or a.dtype != other.coefs[n].dtype
             for n, a in self.coefs.items()
         ):
             self.check_specs(other.specs(), "in-place addition")  # raises, saying what differs
         for name, a in self.coefs.items():
-            if not a.flags.writeable:
-                a = self.coefs[name] = a.copy()
+            if not ops.writable(a):
+                a = self.coefs[name] = ops.copy(a)
             if alpha == 1.0:
-                np.add(a, other.coefs[name], out=a)
+                ops.add_(a, other.coefs[name])
             else:
-                a += _keep_dtype(other.coefs[name] * alpha, a)
+                ops.add_(a, ops.keep_dtype(other.coefs[name] * alpha, a))
         return self
 
     def mul_(self, factor: float) -> Self:
         """In place: ``self *= factor`` (dtypes kept). Finalizes an aggregate without a copy."""
+        ops = self.ops
         for name, a in self.coefs.items():
-            if not a.flags.writeable:
-                a = self.coefs[name] = a.copy()
-            if a.dtype.kind in "fc":
-                np.multiply(a, factor, out=a)
+            if not ops.writable(a):
+                a = self.coefs[name] = ops.copy(a)
+            if ops.is_float(a):
+                ops.mul_(a, factor)
             else:
-                a[...] = _keep_dtype(a * factor, a)
+                ops.assign(a, ops.keep_dtype(a * factor, a))
         return self
 
     # ---- reductions ----------------------------------------------------------------------------
 
     def sum(self) -> float:
         """Sum of every element of every array."""
-        return float(sum(float(np.sum(a, dtype=np.float64)) for a in self.coefs.values()))
+        return float(sum(map(self.ops.sum64, self.coefs.values())))
 
     def dot(self, other: Vector) -> float:
         """Inner product over all arrays."""
+        other = other.like(self)
         self.check_specs(other.specs(), "dot product")
-        return float(
-            sum(
-                float(np.dot(a.ravel().astype(np.float64), other.coefs[n].ravel()))
-                for n, a in self.coefs.items()
-            )
-        )
+        dot64 = self.ops.dot64
+        return float(sum(dot64(a, other.coefs[n]) for n, a in self.coefs.items()))
 
     def norms(self) -> dict[str, float]:
         """L2 norm of each array."""
-        return {
-            n: float(np.linalg.norm(a.ravel().astype(np.float64))) for n, a in self.coefs.items()
-        }
+        norm64 = self.ops.norm64
+        return {n: norm64(a) for n, a in self.coefs.items()}
 
     def norm(self) -> float:
         """Global L2 norm over all arrays."""
@@ -296,30 +348,56 @@ class Vector:
 
     def is_finite(self) -> bool:
         """True if no array holds NaN or infinity (checked in blocks: no model-sized mask)."""
+        ops = self.ops
         for a in self.coefs.values():
-            if a.dtype.kind not in "fc":
+            if not ops.is_float(a):
                 continue
-            flat = a.reshape(-1)
-            for start in range(0, flat.size, _FINITE_BLOCK):
-                if not np.isfinite(flat[start : start + _FINITE_BLOCK]).all():
+            flat = ops.flat(a)
+            for start in range(0, ops.numel(flat), _FINITE_BLOCK):
+                if not ops.all_finite(flat[start : start + _FINITE_BLOCK]):
                     return False
         return True
 
     def allclose(self, other: Vector, rtol: float = 1e-7, atol: float = 0.0) -> bool:
         """Same names and shapes, and values equal within tolerance."""
+        allclose = self.ops.allclose
         return self.coefs.keys() == other.coefs.keys() and all(
-            a.shape == other.coefs[n].shape
-            and bool(np.allclose(a, other.coefs[n], rtol=rtol, atol=atol, equal_nan=True))
+            tuple(a.shape) == tuple(other.coefs[n].shape)
+            and allclose(a, other.coefs[n], rtol, atol)
             for n, a in self.coefs.items()
         )
 
     def array_equal(self, other: Vector) -> bool:
         """Same specs and bit-identical values."""
+        array_equal = self.ops.array_equal
         return self.specs() == other.specs() and all(
-            np.array_equal(a, other.coefs[n], equal_nan=True) for n, a in self.coefs.items()
+            array_equal(a, other.coefs[n]) for n, a in self.coefs.items()
         )
 
 
-def _keep_dtype(result: np.ndarray, like: np.ndarray) -> np.ndarray:
-    """Cast a scalar-op result back to the input's dtype (integer arrays times floats...)."""
-    return result if result.dtype == like.dtype else result.astype(like.dtype, copy=False)
+def _backend(coefs: Mapping[str, Any]) -> ArrayOps:
+    """The one backend of ``coefs``' arrays (numpy when empty)."""
+    arrays = iter(coefs.values())
+    first = next(arrays, None)
+    if first is None or isinstance(first, np.ndarray):
+        ops = NUMPY
+    else:
+        ops = ops_of(first)
+    kind = type(first)
+    for array in arrays:
+        if type(array) is not kind and ops_of(array) is not ops:
+            raise TypeError(
+                f"a Vector's arrays must all be numpy arrays or all torch tensors, "
+                f"got {kind.__name__} and {type(array).__name__}"
+            )
+    return ops
+
+
+def _operation(ops: ArrayOps, name: str, reflected: bool) -> Callable[[Any, Any], Any]:
+    op = getattr(ops, name)
+    binary = ops.binary_arrays
+    if reflected:
+        return lambda a, b: binary(op, b, a)
+    if ops is NUMPY:
+        return op  # type: ignore[no-any-return]
+    return lambda a, b: binary(op, a, b)

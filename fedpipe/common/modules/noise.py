@@ -64,14 +64,7 @@ class GaussianNoise(OptiModule):
     def run(self, gradients: Vector) -> Vector:
         if self.rng is None:
             self.rng = np.random.default_rng(self.seed)
-        rng = self.rng
-
-        def draw(array: np.ndarray) -> np.ndarray:
-            if array.dtype in (np.float32, np.float64):
-                return rng.standard_normal(array.shape, dtype=array.dtype)
-            return rng.standard_normal(array.shape).astype(array.dtype)
-
-        return gradients + gradients.apply(draw) * self.std
+        return gradients + gradients.normal_like(self.rng) * self.std
 
     def get_state(self) -> State:
         if self.rng is None:

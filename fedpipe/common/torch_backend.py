@@ -1,0 +1,156 @@
+"""The torch backend of :class:`~fedpipe.common.vector.Vector` (tensors on any device).
+
+Needs the ``torch`` extra. Every operation keeps tensors on their device; reductions
+accumulate in float64 like the numpy backend's and return Python floats, so results agree
+with numpy's on CPU (float64 to ~1e-15, float32 to one rounding). Noise is drawn from the
+caller's numpy generator on the host and copied to the device, so a seeded pipeline draws the
+same noise on either backend.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["TorchOps", "numpy_dtype", "torch_dtype"]
+
+_NUMPY_OF_TORCH = {
+    torch.bool: np.bool_,
+    torch.uint8: np.uint8,
+    torch.int8: np.int8,
+    torch.int16: np.int16,
+    torch.int32: np.int32,
+    torch.int64: np.int64,
+    torch.float16: np.float16,
+    torch.float32: np.float32,
+    torch.float64: np.float64,
+}
+
+
+def numpy_dtype(dtype: torch.dtype) -> np.dtype:
+    """The numpy dtype of a torch dtype (``TypeError`` for one numpy does not have)."""
+    try:
+        return np.dtype(_NUMPY_OF_TORCH[dtype])
+    except KeyError:
+        raise TypeError(f"torch dtype {dtype} has no numpy equivalent") from None
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a dtype name (``"float32"``, ``"bfloat16"``...)."""
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"{name!r} is not a torch dtype")
+    return dtype
+
+
+@cache
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _scalar(value: float | int, like: torch.Tensor) -> torch.Tensor:
+    dtype = torch.float64 if isinstance(value, float) else torch.int64
+    return torch.tensor(value, dtype=dtype, device=like.device)
+
+
+def _from_numpy(array: np.ndarray) -> torch.Tensor:
+    # torch refuses to share read-only memory (decoded payloads are read-only views)
+    return torch.from_numpy(array if array.flags.writeable else array.copy())
+
+
+class TorchOps:
+    """Vector operations on torch tensors."""
+
+    name = "torch"
+    add, subtract, multiply, true_divide = torch.add, torch.sub, torch.mul, torch.true_divide
+    power, minimum, maximum = torch.pow, torch.minimum, torch.maximum
+    negative, sqrt, abs, sign, square = torch.neg, torch.sqrt, torch.abs, torch.sign, torch.square
+    zeros_like, copy = torch.zeros_like, torch.clone
+
+    def dtype_name(self, array: torch.Tensor) -> str:
+        return _dtype_name(array.dtype)
+
+    def numel(self, array: torch.Tensor) -> int:
+        return array.numel()
+
+    def nbytes(self, array: torch.Tensor) -> int:
+        return array.numel() * array.element_size()
+
+    def full_like(self, array: torch.Tensor, value: float) -> torch.Tensor:
+        return torch.full_like(array, value)
+
+    def binary_arrays(self, op: Any, left: Any, right: Any) -> torch.Tensor:
+        # Some torch functions take no Python scalar in some positions: such a scalar becomes
+        # a 0-d tensor, which type promotion treats like numpy's "weak" Python scalars.
+        if not isinstance(left, torch.Tensor):
+            left = _scalar(left, right)
+        elif not isinstance(right, torch.Tensor) and op in (torch.minimum, torch.maximum):
+            right = _scalar(right, left)
+        return op(left, right)
+
+    def keep_dtype(self, result: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return result if result.dtype == like.dtype else result.to(like.dtype)
+
+    def writable(self, array: torch.Tensor) -> bool:
+        return True
+
+    def add_(self, array: torch.Tensor, other: torch.Tensor) -> None:
+        array.add_(other)
+
+    def is_float(self, array: torch.Tensor) -> bool:
+        return array.is_floating_point() or array.is_complex()
+
+    def mul_(self, array: torch.Tensor, factor: float) -> None:
+        array.mul_(factor)
+
+    def assign(self, array: torch.Tensor, value: torch.Tensor) -> None:
+        array.copy_(value)
+
+    def sum64(self, array: torch.Tensor) -> float:
+        return float(torch.sum(array, dtype=torch.float64))
+
+    def dot64(self, left: torch.Tensor, right: torch.Tensor) -> float:
+        return float(torch.dot(left.reshape(-1).double(), right.reshape(-1).double()))
+
+    def norm64(self, array: torch.Tensor) -> float:
+        return float(torch.linalg.vector_norm(array, dtype=torch.float64))
+
+    def all_finite(self, array: torch.Tensor) -> bool:
+        return bool(torch.isfinite(array).all())
+
+    def flat(self, array: torch.Tensor) -> torch.Tensor:
+        return array.reshape(-1)
+
+    def allclose(self, left: torch.Tensor, right: Any, rtol: float, atol: float) -> bool:
+        right = self.asarray(right, left)
+        if left.dtype != right.dtype:
+            return False
+        return bool(torch.allclose(left, right, rtol=rtol, atol=atol, equal_nan=True))
+
+    def array_equal(self, left: torch.Tensor, right: Any) -> bool:
+        right = self.asarray(right, left)
+        if left.shape != right.shape or left.dtype != right.dtype:
+            return False
+        same = left == right
+        if self.is_float(left):
+            same |= torch.isnan(left) & torch.isnan(right)
+        return bool(same.all())
+
+    def asarray(self, value: Any, like: torch.Tensor) -> torch.Tensor:
+        if not isinstance(value, torch.Tensor):
+            value = _from_numpy(np.asarray(value))
+        return value.to(like.device, non_blocking=False)
+
+    def to_numpy(self, array: torch.Tensor) -> np.ndarray:
+        numpy_dtype(array.dtype)  # TypeError for bfloat16 and other torch-only dtypes
+        return array.detach().cpu().numpy()
+
+    def normal_like(self, array: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+        if array.dtype in (torch.float32, torch.float64):
+            draw = rng.standard_normal(tuple(array.shape), dtype=numpy_dtype(array.dtype))
+            return torch.from_numpy(draw).to(array.device)
+        draw = rng.standard_normal(tuple(array.shape))
+        return torch.from_numpy(draw).to(device=array.device, dtype=array.dtype)
