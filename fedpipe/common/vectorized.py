@@ -216,12 +216,12 @@ class VectorizedTrainer:
         loss_sum: torch.Tensor,
         start: float,
     ) -> Iterator[TrainResult]:
-        # start - end for every client at once, then one device-to-host copy per array
-        host = {n: p.neg_().add_(start_w[n]).cpu().numpy() for n, p in params.items()}
+        # start - end for every client at once; each update is a row, left on the device
+        deltas = {n: p.neg_().add_(start_w[n]) for n, p in params.items()}
         losses = loss_sum.cpu().numpy()
         seconds = (time.perf_counter() - start) / len(jobs)
         for k, job in enumerate(jobs):
-            updates = Vector({n: a[k] for n, a in host.items()})
+            updates = Vector({n: a[k] for n, a in deltas.items()})
             steps = len(schedules[k])
             yield TrainResult(
                 partial=job.trainer.aggregator.prepare(
