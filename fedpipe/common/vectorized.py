@@ -37,7 +37,7 @@ from fedpipe.common.models.torch_adapter import TorchModel
 from fedpipe.common.summable import Summable
 from fedpipe.common.training import LocalTrainer, TrainResult, round_seed
 from fedpipe.common.vector import Vector
-from fedpipe.common.vectorized_pipeline import ClientOptimizers, module_pipeline_reason
+from fedpipe.common.vectorized_pipeline import ClientOptimizers
 
 __all__ = ["ClientJob", "VectorizedTrainer", "batch_schedule"]
 
@@ -93,7 +93,7 @@ class VectorizedTrainer:
         self.dtype = next(model.module.parameters()).dtype
         self.fallback: str | None = None  # why clients train one after another, once known
         self._checked = False
-        self._pipeline_logged = False
+        self._logged: set[str] = set()
         self._grad = vmap(grad_and_value(self._loss), in_dims=(0, None, 0, 0))
         self._data: dict[str, tuple[Dataset, torch.Tensor, torch.Tensor]] = {}
 
@@ -161,8 +161,6 @@ class VectorizedTrainer:
         self, jobs: Sequence[ClientJob], weights: Vector, round_number: int
     ) -> Iterator[TrainResult]:
         start = time.perf_counter()
-        optimizers = ClientOptimizers([job.trainer.optimizer for job in jobs])
-        self._log_pipeline(jobs)
         for job in jobs:
             if job.aux_vars:
                 job.trainer.optimizer.process_aux_var(dict(job.aux_vars))
@@ -171,23 +169,30 @@ class VectorizedTrainer:
         x_all, y_all = self._stacked_data(jobs)
         start_w = {n: torch.as_tensor(a).to(self.device) for n, a in weights.coefs.items()}
         params = {n: w.unsqueeze(0).repeat(len(jobs), *([1] * w.dim())) for n, w in start_w.items()}
+        optimizers = ClientOptimizers([job.trainer.optimizer for job in jobs], params)
+        if optimizers.reason is not None and optimizers.reason not in self._logged:
+            self._logged.add(optimizers.reason)
+            logger.info(
+                "vectorized training: optimizer runs client by client: %s", optimizers.reason
+            )
         loss_sum = torch.zeros(len(jobs), dtype=torch.float64, device=self.device)
         buffers = self._buffers()
         self.model.module.train()
         for t in range(max((len(s) for s in schedules), default=0)):
             for members in _groups_by_batch_size(schedules, t):
                 rows = np.stack([schedules[k][t] for k in members])
-                self._step(params, buffers, optimizers, members, x_all, y_all, rows, loss_sum)
+                self._step(t, params, buffers, optimizers, members, (x_all, y_all), rows, loss_sum)
+        optimizers.finish([len(s) for s in schedules])
         yield from self._results(jobs, schedules, start_w, params, loss_sum, start)
 
     def _step(
         self,
+        t: int,
         params: Tensors,
         buffers: Tensors,
         optimizers: ClientOptimizers,
         members: list[int],
-        x_all: torch.Tensor,
-        y_all: torch.Tensor,
+        data: tuple[torch.Tensor, torch.Tensor],
         rows: np.ndarray,
         loss_sum: torch.Tensor,
     ) -> None:
@@ -196,10 +201,10 @@ class VectorizedTrainer:
         everyone = len(members) == len(loss_sum)
         sel = torch.as_tensor(members, device=self.device)
         index = torch.as_tensor(rows, device=self.device)
-        xb, yb = x_all[sel[:, None], index], y_all[sel[:, None], index]
+        xb, yb = data[0][sel[:, None], index], data[1][sel[:, None], index]
         mine = params if everyone else {n: p.index_select(0, sel) for n, p in params.items()}
         grads, loss = self._grad(mine, buffers, xb, yb)
-        updates = optimizers.updates(members, grads, mine)
+        updates = optimizers.updates(t, members, grads, mine)
         for name, p in params.items():
             if everyone:
                 p.add_(updates[name])
@@ -269,14 +274,6 @@ class VectorizedTrainer:
 
     def _buffers(self) -> Tensors:
         return dict(self.model.module.named_buffers())
-
-    def _log_pipeline(self, jobs: Sequence[ClientJob]) -> None:
-        if self._pipeline_logged:
-            return
-        self._pipeline_logged = True
-        reason = module_pipeline_reason([job.trainer.optimizer for job in jobs])
-        if reason is not None:
-            logger.info("vectorized training: %s", reason)
 
 
 def _groups_by_batch_size(schedules: list[list[np.ndarray]], t: int) -> list[list[int]]:

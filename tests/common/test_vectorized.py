@@ -20,6 +20,8 @@ SIZES = (37, 64, 100, 150, 9, 64)  # ragged last batches, different step counts
 SGD = {"lrate": 0.1}
 MOMENTUM = {"lrate": 0.05, "modules": [["momentum", {"beta": 0.9}]]}
 ADAM_PROX = {"lrate": 0.01, "modules": ["adam"], "regularizers": [["fedprox", {"mu": 0.1}]]}
+CLIPPED = {"lrate": 0.1, "modules": [["l2-global-clipping", {"max_norm": 0.5}], "momentum"]}
+DECAY = {"lrate": ["exponential-decay", {"initial": 0.2, "decay_rate": 0.9}], "w_decay": 0.01}
 
 
 def mlp(seed: int = 0, batch_norm: bool = False) -> TorchModel:
@@ -78,7 +80,9 @@ def run_both(
 
 
 @pytest.mark.parametrize(
-    "optimizer", [SGD, MOMENTUM, ADAM_PROX], ids=["sgd", "momentum", "adam+fedprox"]
+    "optimizer",
+    [SGD, MOMENTUM, ADAM_PROX, CLIPPED, DECAY],
+    ids=["sgd", "momentum", "adam+fedprox", "clipping", "scheduler+w_decay"],
 )
 def test_vectorized_equals_sequential(optimizer: dict[str, Any]) -> None:
     seq, vec, engine = run_both(optimizer)
@@ -140,11 +144,32 @@ def test_unvectorizable_model_falls_back_with_one_log_line(
         assert updates_of(got).array_equal(updates_of(want))
 
 
-def test_module_pipeline_reason_is_logged_once(caplog: pytest.LogCaptureFixture) -> None:
+def engine_log(optimizer: dict[str, Any], caplog: pytest.LogCaptureFixture) -> list[str]:
     with caplog.at_level(logging.INFO, logger="fedpipe.common.vectorized"):
-        run_both(MOMENTUM, rounds=2)
-    lines = [r.getMessage() for r in caplog.records]
-    assert len(lines) == 1 and "[momentum] runs client by client" in lines[0]
+        run_both(optimizer, rounds=2)
+    return [r.getMessage() for r in caplog.records]
+
+
+def test_momentum_state_runs_stacked_inside_vmap(caplog: pytest.LogCaptureFixture) -> None:
+    """Each client's buffer is a slice of stacked state; each client keeps its own after."""
+    assert engine_log(MOMENTUM, caplog) == []
+    run, data = setup(MOMENTUM), client_data()
+    model = mlp()
+    jobs = jobs_for(run, model, data)
+    list(VectorizedTrainer(model).train(jobs, model.get_weights(copy=True), 1))
+    buffers = [j.trainer.optimizer.modules[0].get_state()["buffer"] for j in jobs]
+    assert all(isinstance(b, Vector) for b in buffers)
+    assert buffers[0].norm() != pytest.approx(buffers[1].norm())
+    assert [j.trainer.optimizer.step for j in jobs] == [6, 8, 14, 20, 2, 8]
+
+
+def test_clipping_runs_client_by_client_with_one_log_line(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Global clipping turns the norm into a Python number: not possible inside vmap."""
+    lines = engine_log(CLIPPED, caplog)
+    assert len(lines) == 1, lines
+    assert "module l2-global-clipping cannot run inside torch.func.vmap" in lines[0]
 
 
 def test_max_clients_must_be_positive() -> None:
