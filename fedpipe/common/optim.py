@@ -186,6 +186,18 @@ class Optimizer:
             module.set_state(mod_state)
         self.step = step
 
+    def place_like(self, like: Vector) -> None:
+        """Move every module and regularizer state to ``like``'s backend and device (a torch
+        model's GPU, say), once, rather than at every step that would mix them."""
+        if like.backend == "numpy":
+            return
+        parts: list[Regularizer | OptiModule] = [*self.regularizers, *self.modules]
+        for part in parts:
+            state = part.get_state()
+            placed = _placed(state, like)
+            if placed is not state:
+                part.set_state(placed)  # type: ignore[arg-type]
+
     def on_state_lost(self) -> None:
         """Tell every module that this fresh state replaces a lost one (see
         :meth:`~fedpipe.common.modules.base.OptiModule.on_state_lost`)."""
@@ -221,6 +233,19 @@ class Optimizer:
                 f"known aux-var names: {sorted(self._aux_modules) or 'none'}"
             )
         return module
+
+
+def _placed(value: StateValue, like: Vector) -> StateValue:
+    """``value`` with its Vectors on ``like``'s backend and device (itself if none moved)."""
+    if isinstance(value, Vector):
+        return value.like(like)
+    if isinstance(value, dict):
+        items = {key: _placed(item, like) for key, item in value.items()}
+        return items if any(items[k] is not value[k] for k in value) else value
+    if isinstance(value, list):
+        listed = [_placed(item, like) for item in value]
+        return listed if any(a is not b for a, b in zip(listed, value, strict=True)) else value
+    return value
 
 
 def _pipeline_states(state: State, key: str, names: list[str]) -> list[State]:

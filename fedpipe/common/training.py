@@ -135,9 +135,11 @@ class LocalTrainer:
         start = time.perf_counter()
         model, optimizer, cfg = self.model, self.optimizer, self.training
         model.set_weights(weights)
+        initial = model.get_weights()  # where the model lives (a torch model's GPU...)
         if aux_vars:
             optimizer.process_aux_var(dict(aux_vars))
-        optimizer.start_round(weights)
+        optimizer.place_like(initial)
+        optimizer.start_round(initial)
         rng = np.random.default_rng(round_seed(self.setup.seed, client, round_number))
         steps, seen, loss_sum = 0, 0, 0.0
         for _ in range(cfg.epochs):
@@ -153,7 +155,7 @@ class LocalTrainer:
                     break
             if cfg.max_steps is not None and steps >= cfg.max_steps:
                 break
-        updates = model.get_weights().mul_(-1.0).add_(weights)  # start - end, in the copy
+        updates = initial.add_(model.get_weights(copy=False), alpha=-1.0)  # start - end
         partial = self.aggregator.prepare(updates, n_samples=len(data), n_steps=steps)
         return TrainResult(
             partial=partial,

@@ -1,4 +1,4 @@
-"""A :class:`~fedpipe.common.models.Model` around any CPU ``torch.nn.Module`` and loss.
+"""A :class:`~fedpipe.common.models.Model` around any ``torch.nn.Module`` and loss, on any device.
 
 Needs the ``torch`` extra (``pip install 'fedpipe[torch]'``). Users name a factory by import
 path in the run config (``name = "mypkg.models:build"``) that returns a :class:`TorchModel`::
@@ -8,10 +8,12 @@ path in the run config (``name = "mypkg.models:build"``) that returns a :class:`
                                   torch.nn.Linear(hidden, 10))
         return TorchModel(net, torch.nn.CrossEntropyLoss(), task="multiclass")
 
-The weights are the module's parameters, exposed as numpy arrays that share the tensors'
-memory: fedpipe's optimizer pipeline updates them in place, without copies. Buffers (batch
-norm statistics) stay local to each client. CPU only: a GPU module needs the torch Vector
-backend, which is not written yet.
+The federated weights are the module's **trainable** parameters (``requires_grad=True``),
+as torch tensors that share the parameters' memory on the module's device: fedpipe's optimizer
+pipeline runs on them there (the torch backend of :class:`~fedpipe.common.vector.Vector`) and
+updates them in place. Frozen parameters (a frozen backbone under LoRA adapters) and buffers
+(batch-norm statistics) stay local to each client: they never cross the wire. A client picks
+the device (``device = "cuda:0"`` in its own config, or :meth:`TorchModel.to`).
 """
 
 from __future__ import annotations
@@ -23,9 +25,12 @@ import numpy as np
 import torch
 
 from fedpipe.common.models.base import TASKS, Model
-from fedpipe.common.vector import Vector
+from fedpipe.common.torch_backend import TorchOps
+from fedpipe.common.vector import ArraySpec, Vector, VectorSpecs
 
 __all__ = ["TorchModel"]
+
+_OPS = TorchOps()
 
 
 class TorchModel(Model, register_name=False):
@@ -35,78 +40,133 @@ class TorchModel(Model, register_name=False):
     Parameters
     ----------
     module:
-        A CPU ``torch.nn.Module``; its parameters are the federated weights.
+        A ``torch.nn.Module`` on any device; its trainable parameters are the federated
+        weights.
     loss_fn:
         Mean loss; targets are int64 class ids for ``"multiclass"``, float for the others.
     task:
         ``"multiclass"``, ``"binary"`` (one logit per sample) or ``"regression"``.
+    device:
+        Move the module there first (``"cuda:0"``, ``"cpu"``...); default: where it is.
     """
 
     name: ClassVar[str] = "torch"
+    _weights: dict[str, torch.Tensor]  # type: ignore[assignment]
 
     def __init__(
         self,
         module: torch.nn.Module,
         loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
         task: str = "multiclass",
+        device: str | torch.device | None = None,
     ) -> None:
         if task not in TASKS:
             raise ValueError(f"task={task!r}; expected one of {', '.join(TASKS)}")
-        devices = {p.device.type for p in module.parameters()}
-        if devices - {"cpu"}:
-            raise ValueError(f"TorchModel needs a CPU module, got parameters on {devices}")
         self.module, self.loss_fn, self.task = module, loss_fn, task
-        self._params = dict(module.named_parameters())
-        # numpy views of the parameters' storage: updates land in the module directly
-        self._weights = {n: p.detach().numpy() for n, p in self._params.items()}
+        trainable = {n: p for n, p in module.named_parameters() if p.requires_grad}
+        if not trainable:
+            raise ValueError("the module has no trainable parameter (requires_grad=True)")
+        devices = {p.device for p in trainable.values()}
+        if len(devices) > 1:
+            raise ValueError(f"the module's trainable parameters are on several devices {devices}")
+        self._params = trainable
+        self.to(device if device is not None else devices.pop())
+
+    def to(self, device: str | torch.device) -> None:
+        """Move the module (parameters, buffers, frozen parts) to ``device``."""
+        self.module.to(device)
+        self._params = {n: p for n, p in self.module.named_parameters() if p.requires_grad}
+        # tensors sharing the parameters' storage: updates land in the module directly
+        self._weights = {n: p.detach() for n, p in self._params.items()}
+        self.device = next(iter(self._params.values())).device
 
     def get_config(self) -> dict[str, Any]:
         return {"module": type(self.module).__name__, "task": self.task}
 
-    def _targets(self, y: np.ndarray) -> torch.Tensor:
-        if self.task == "multiclass":
-            return torch.from_numpy(np.asarray(y, dtype=np.int64))
-        dtype = next(iter(self._weights.values())).dtype
-        return torch.from_numpy(np.asarray(y, dtype=dtype))
+    # ---- weights (torch tensors on the model's device) ----------------------------------------
 
-    def _outputs(self, x: np.ndarray) -> torch.Tensor:
-        dtype = next(iter(self._weights.values())).dtype
-        out = self.module(torch.from_numpy(np.ascontiguousarray(x, dtype=dtype)))
+    def weight_specs(self) -> VectorSpecs:
+        return {n: ArraySpec(tuple(t.shape), _OPS.dtype_name(t)) for n, t in self._weights.items()}
+
+    def get_weights(self, copy: bool = True) -> Vector:
+        """The trainable parameters: copies, or with ``copy=False`` the live tensors (which
+        torch cannot make read-only: do not write to them)."""
+        if copy:
+            return Vector({n: t.clone() for n, t in self._weights.items()})
+        return Vector(dict(self._weights))
+
+    def set_weights(self, weights: Vector) -> None:
+        """Copy ``weights`` (numpy or torch, any device) into the parameters."""
+        weights.check_specs(self.weight_specs(), f"weights for model {self.name!r}")
+        with torch.no_grad():
+            for name, tensor in self._weights.items():
+                tensor.copy_(_OPS.asarray(weights.coefs[name], tensor))
+
+    def apply_updates(self, updates: Vector) -> None:
+        """In place: ``weights += updates`` (specs checked)."""
+        updates.check_specs(self.weight_specs(), f"updates for model {self.name!r}")
+        updates = updates.like(Vector(self._weights))
+        with torch.no_grad():
+            for name, tensor in self._weights.items():
+                tensor.add_(updates.coefs[name])
+
+    # ---- training and inference ---------------------------------------------------------------
+
+    @property
+    def dtype(self) -> torch.dtype:  # type: ignore[override]
+        return next(iter(self._weights.values())).dtype
+
+    def _tensor(self, values: Any, dtype: torch.dtype) -> torch.Tensor:
+        if isinstance(values, torch.Tensor):
+            return values.to(self.device, dtype)
+        array = np.ascontiguousarray(values)
+        return torch.from_numpy(array).to(self.device, dtype, non_blocking=True)
+
+    def _targets(self, y: Any) -> torch.Tensor:
+        return self._tensor(y, torch.int64 if self.task == "multiclass" else self.dtype)
+
+    def _outputs(self, x: Any) -> torch.Tensor:
+        out = self.module(self._tensor(x, self.dtype))
         return out.reshape(-1) if self.task == "binary" else out
 
-    def compute_batch_gradients(self, x: np.ndarray, y: np.ndarray) -> tuple[Vector, float]:
+    def compute_batch_gradients(self, x: Any, y: Any) -> tuple[Vector, float]:
+        """Gradients of the mean loss (tensors on the model's device) and that loss."""
         self.module.train()
-        self.module.zero_grad()
+        self.module.zero_grad(set_to_none=True)
         loss = self.loss_fn(self._outputs(x), self._targets(y))
         loss.backward()
-        grads = {n: _grad(n, p) for n, p in self._params.items()}
+        # backward allocates fresh .grad tensors after zero_grad(set_to_none=True): the
+        # optimizer may consume (modify) them in place
+        grads = {n: _grad(p) for n, p in self._params.items()}
         return Vector(grads), float(loss.detach())
 
-    def evaluate(self, x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
+    def evaluate(self, x: Any, y: Any) -> tuple[float, np.ndarray]:
         self.module.eval()
         with torch.no_grad():
             out = self._outputs(x)
             loss = float(self.loss_fn(out, self._targets(y)))
         return loss, self._predictions(out)
 
-    def predict(self, x: np.ndarray) -> np.ndarray:
+    def predict(self, x: Any) -> np.ndarray:
         self.module.eval()
         with torch.no_grad():
             return self._predictions(self._outputs(x))
 
-    def loss(self, x: np.ndarray, y: np.ndarray) -> float:
+    def loss(self, x: Any, y: Any) -> float:
         return self.evaluate(x, y)[0]
 
     def _predictions(self, out: torch.Tensor) -> np.ndarray:
+        if out.dtype not in (torch.float32, torch.float64):
+            out = out.float()  # half precision: metrics in float32
         if self.task == "multiclass":
-            return torch.softmax(out, dim=1).numpy()
+            return torch.softmax(out, dim=1).cpu().numpy()
         if self.task == "binary":
-            return torch.sigmoid(out).numpy()
-        values = out.numpy()
+            return torch.sigmoid(out).cpu().numpy()
+        values = out.cpu().numpy()
         return values[:, 0] if values.ndim == 2 and values.shape[1] == 1 else values
 
 
-def _grad(name: str, param: torch.nn.Parameter) -> np.ndarray:
+def _grad(param: torch.nn.Parameter) -> torch.Tensor:
     if param.grad is None:  # unused by this batch's graph: a zero gradient
-        return np.zeros(tuple(param.shape), dtype=param.detach().numpy().dtype)
-    return param.grad.detach().numpy().copy()
+        return torch.zeros_like(param.detach())
+    return param.grad.detach()
