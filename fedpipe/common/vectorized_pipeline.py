@@ -13,8 +13,8 @@ new slice back with ``get_state``, for all clients at once. The plain values of 
 (step counters, ``None`` before a first step) must be equal across the clients, which they are
 for clients that started equal and took the same number of steps; the learning rate is each
 client's own (its own step count, scheduler included). Per-client norms (clipping) are per
-client inside vmap, but a module that turns a tensor into a Python number (``float(norm)``)
-cannot run there.
+client inside vmap (``Vector.clip_norm``), but a module that turns a tensor into a Python
+number (``float(norm)``, ``if norm > c``) cannot run there.
 
 **Client by client** otherwise, through each client's own ``compute_updates`` on Vector views
 of its slice, with one log line saying why: a module that cannot run inside vmap (named),
@@ -24,6 +24,7 @@ own noise), or clients whose plain state values differ.
 
 from __future__ import annotations
 
+import copy
 import traceback
 from collections.abc import Sequence
 from typing import Any
@@ -136,7 +137,8 @@ class ClientOptimizers:
             key: torch.stack([torch.as_tensor(leaves[key]) for leaves in per_client]).to(device)
             for key in per_client[0]
         }
-        self.template = Optimizer.from_config({**self.optimizers[0].get_config(), "lrate": 1.0})
+        self.template = copy.deepcopy(self.optimizers[0])  # user modules need no registry name
+        self.template.lrate = 1.0
         self.reason = self._probe(params)
 
     def _probe(self, params: Tensors) -> str | None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pytest
@@ -12,6 +12,8 @@ import torch
 
 from fedpipe.common.data import Dataset, load_builtin
 from fedpipe.common.models.torch_adapter import TorchModel
+from fedpipe.common.modules.base import OptiModule
+from fedpipe.common.optim import Optimizer
 from fedpipe.common.training import LocalTrainer, RunSetup, TrainResult
 from fedpipe.common.vector import Vector
 from fedpipe.common.vectorized import ClientJob, VectorizedTrainer, batch_schedule
@@ -150,9 +152,16 @@ def engine_log(optimizer: dict[str, Any], caplog: pytest.LogCaptureFixture) -> l
     return [r.getMessage() for r in caplog.records]
 
 
-def test_momentum_state_runs_stacked_inside_vmap(caplog: pytest.LogCaptureFixture) -> None:
+@pytest.mark.parametrize("optimizer", [MOMENTUM, CLIPPED], ids=["momentum", "clipping"])
+def test_pipeline_runs_stacked_inside_vmap(
+    optimizer: dict[str, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """No log line: the module pipeline runs inside vmap (clipping with per-client norms)."""
+    assert engine_log(optimizer, caplog) == []
+
+
+def test_momentum_state_is_each_clients_own_after_the_round() -> None:
     """Each client's buffer is a slice of stacked state; each client keeps its own after."""
-    assert engine_log(MOMENTUM, caplog) == []
     run, data = setup(MOMENTUM), client_data()
     model = mlp()
     jobs = jobs_for(run, model, data)
@@ -163,13 +172,37 @@ def test_momentum_state_runs_stacked_inside_vmap(caplog: pytest.LogCaptureFixtur
     assert [j.trainer.optimizer.step for j in jobs] == [6, 8, 14, 20, 2, 8]
 
 
-def test_clipping_runs_client_by_client_with_one_log_line(
+class NormGate(OptiModule, register_name=False):
+    """Halves gradients above a norm, in Python: data-dependent control flow."""
+
+    name: ClassVar[str] = "norm-gate"
+
+    def run(self, gradients: Vector) -> Vector:
+        return gradients * 0.5 if gradients.norm() > 1.0 else gradients
+
+
+def test_module_that_cannot_vmap_runs_client_by_client_with_one_log_line(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """Global clipping turns the norm into a Python number: not possible inside vmap."""
-    lines = engine_log(CLIPPED, caplog)
+    run, data = setup(MOMENTUM), client_data()
+    seq_model, vec_model = mlp(), mlp()
+    weights = seq_model.get_weights(copy=True)
+    seq_jobs, vec_jobs = jobs_for(run, seq_model, data), jobs_for(run, vec_model, data)
+    for job in seq_jobs + vec_jobs:
+        job.trainer.optimizer = Optimizer(lrate=0.1, modules=[NormGate(), "momentum"])
+    engine = VectorizedTrainer(vec_model, max_clients=4)
+    with caplog.at_level(logging.INFO, logger="fedpipe.common.vectorized"):
+        for round_number in (1, 2):
+            vec = list(engine.train(vec_jobs, weights, round_number))
+            seq = [
+                j.trainer.train(j.data, weights, {}, client=j.name, round_number=round_number)
+                for j in seq_jobs
+            ]
+    lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 1, lines
-    assert "module l2-global-clipping cannot run inside torch.func.vmap" in lines[0]
+    assert "module norm-gate cannot run inside torch.func.vmap" in lines[0]
+    for s, v in zip(seq, vec, strict=True):
+        assert updates_of(v).allclose(updates_of(s), rtol=1e-4, atol=1e-5)
 
 
 def test_max_clients_must_be_positive() -> None:
