@@ -1,0 +1,285 @@
+"""Vectorized local training: the K simulated clients of a round trained at once.
+
+Every client starts from the global weights; the engine stacks them K times (a leading client
+axis), stacks each step's batches ``[K, B, ...]`` and computes all K gradients in one call of
+``torch.func.vmap(torch.func.grad(loss))``, the loss being the user's ``nn.Module`` run with
+``torch.func.functional_call``. Each client's own optimizer then turns its gradients into
+updates (:mod:`fedpipe.common.vectorized_pipeline`). The weights never leave the module's
+device during the round (CPU or CUDA: the device of the module's parameters).
+
+Same maths as :meth:`~fedpipe.common.training.LocalTrainer.train`, client by client: the same
+batches (``round_seed`` and ``Dataset.batches``), the same steps, the same updates, to float
+tolerance. Clients of different sizes take different numbers of steps and their last batches
+differ in size: at each step the clients that still have a batch are **grouped by batch
+size**, and each group is one vmapped call on the gathered rows of the stacked weights (a
+client whose batches ran out is simply not in any group, so its weights and module state stay
+as they are). Grouping, not padding, keeps the user's loss exact whatever its reduction.
+
+A model that cannot run inside ``vmap`` (in-place buffer updates such as batch norm's running
+statistics, dropout, data-dependent Python control flow) is detected at the first round: the
+engine logs one line saying why and trains clients one after another with their
+:class:`~fedpipe.common.training.LocalTrainer`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch.func import functional_call, grad_and_value, vmap
+
+from fedpipe.common.data import Dataset
+from fedpipe.common.models.torch_adapter import TorchModel
+from fedpipe.common.summable import Summable
+from fedpipe.common.training import LocalTrainer, TrainResult, round_seed
+from fedpipe.common.vector import Vector
+from fedpipe.common.vectorized_pipeline import ClientOptimizers
+
+__all__ = ["ClientJob", "VectorizedTrainer", "batch_schedule"]
+
+logger = logging.getLogger(__name__)
+
+Tensors = dict[str, torch.Tensor]
+
+
+@dataclass
+class ClientJob:
+    """One client's task in a round: its trainer (optimizer and state), data and aux vars."""
+
+    name: str
+    trainer: LocalTrainer
+    data: Dataset
+    aux_vars: Mapping[str, Summable] = field(default_factory=dict)
+
+
+def batch_schedule(job: ClientJob, round_number: int) -> list[np.ndarray]:
+    """The sample indices of each of the client's steps this round, in the order
+    :meth:`LocalTrainer.train` draws them (same seed, same ``Dataset.batches``)."""
+    cfg, n = job.trainer.training, len(job.data)
+    rng = np.random.default_rng(round_seed(job.trainer.setup.seed, job.name, round_number))
+    positions = Dataset(np.arange(n), np.arange(n))
+    steps: list[np.ndarray] = []
+    for _ in range(cfg.epochs):
+        for idx, _ in positions.batches(
+            cfg.batch_size, shuffle=True, seed=rng, drop_remainder=cfg.drop_remainder
+        ):
+            steps.append(idx)
+            if cfg.max_steps is not None and len(steps) >= cfg.max_steps:
+                return steps
+    return steps
+
+
+class VectorizedTrainer:
+    """Trains the clients of a round ``max_clients`` at a time on one shared TorchModel.
+
+    Parameters
+    ----------
+    model:
+        The :class:`TorchModel` every client's trainer shares; its module's parameters give
+        the device. Its weights are not changed.
+    max_clients:
+        Clients stacked at once (bounds device memory: ~3 model copies per client).
+    """
+
+    def __init__(self, model: TorchModel, max_clients: int = 1024) -> None:
+        if max_clients < 1:
+            raise ValueError(f"max_clients={max_clients}; expected at least 1")
+        self.model, self.max_clients = model, max_clients
+        self.device = next(model.module.parameters()).device
+        self.dtype = next(model.module.parameters()).dtype
+        self.fallback: str | None = None  # why clients train one after another, once known
+        self._checked = False
+        self._logged: set[str] = set()
+        self._grad = vmap(grad_and_value(self._loss), in_dims=(0, None, 0, 0))
+        self._data: dict[str, tuple[Dataset, torch.Tensor, torch.Tensor]] = {}
+
+    def _loss(
+        self, params: Tensors, buffers: Tensors, x: torch.Tensor, y: torch.Tensor
+    ) -> torch.Tensor:
+        out = functional_call(self.model.module, (params, buffers), (x,))
+        if self.model.task == "binary":
+            out = out.reshape(-1)
+        return self.model.loss_fn(out, y)
+
+    def train(
+        self, jobs: Sequence[ClientJob], weights: Vector, round_number: int
+    ) -> Iterator[TrainResult]:
+        """Train every job from ``weights``; yield each client's result, in ``jobs`` order,
+        ``max_clients`` at a time (the caller folds them as they come)."""
+        for start in range(0, len(jobs), self.max_clients):
+            chunk = jobs[start : start + self.max_clients]
+            if not self._checked:
+                self._check(chunk, round_number)
+            if self.fallback is not None:
+                yield from self._sequential(chunk, weights, round_number)
+            else:
+                yield from self._chunk(chunk, weights, round_number)
+
+    # ---- fallback ----------------------------------------------------------------------------
+
+    def _check(self, jobs: Sequence[ClientJob], round_number: int) -> None:
+        """One vmapped gradient on the first batch of up to two clients: does the model run
+        inside vmap? Touches no client state."""
+        self._checked = True
+        job = jobs[0]
+        rows = batch_schedule(job, round_number)[:1]
+        if not rows:
+            return
+        x, y = self._device_data(job.data)
+        picked = [rows[0]] * min(2, len(jobs))
+        xb = torch.stack([x[torch.as_tensor(r, device=self.device)] for r in picked])
+        yb = torch.stack([y[torch.as_tensor(r, device=self.device)] for r in picked])
+        params = {n: p.detach().unsqueeze(0).expand(len(picked), *p.shape)
+                  for n, p in self.model.module.named_parameters()}  # fmt: skip
+        self.model.module.train()
+        try:
+            buffers = {n: b.clone() for n, b in self._buffers().items()}  # not the model's
+            self._grad(params, buffers, xb, yb)
+        except RuntimeError as exc:
+            reason = str(exc).strip().splitlines()[0]
+            name = type(self.model.module).__name__
+            self.fallback = f"model {name} cannot run inside torch.func.vmap ({reason})"
+            logger.warning(
+                "vectorized training off, clients train one after another: %s", self.fallback
+            )
+
+    def _sequential(
+        self, jobs: Sequence[ClientJob], weights: Vector, round_number: int
+    ) -> Iterator[TrainResult]:
+        for job in jobs:
+            yield job.trainer.train(
+                job.data, weights, job.aux_vars, client=job.name, round_number=round_number
+            )
+
+    # ---- vectorized --------------------------------------------------------------------------
+
+    def _chunk(
+        self, jobs: Sequence[ClientJob], weights: Vector, round_number: int
+    ) -> Iterator[TrainResult]:
+        start = time.perf_counter()
+        for job in jobs:
+            if job.aux_vars:
+                job.trainer.optimizer.process_aux_var(dict(job.aux_vars))
+            job.trainer.optimizer.start_round(weights)
+        schedules = [batch_schedule(job, round_number) for job in jobs]
+        x_all, y_all = self._stacked_data(jobs)
+        start_w = {n: torch.as_tensor(a).to(self.device) for n, a in weights.coefs.items()}
+        params = {n: w.unsqueeze(0).repeat(len(jobs), *([1] * w.dim())) for n, w in start_w.items()}
+        optimizers = ClientOptimizers([job.trainer.optimizer for job in jobs], params)
+        if optimizers.reason is not None and optimizers.reason not in self._logged:
+            self._logged.add(optimizers.reason)
+            logger.info(
+                "vectorized training: optimizer runs client by client: %s", optimizers.reason
+            )
+        loss_sum = torch.zeros(len(jobs), dtype=torch.float64, device=self.device)
+        buffers = self._buffers()
+        self.model.module.train()
+        for t in range(max((len(s) for s in schedules), default=0)):
+            for members in _groups_by_batch_size(schedules, t):
+                rows = np.stack([schedules[k][t] for k in members])
+                self._step(t, params, buffers, optimizers, members, (x_all, y_all), rows, loss_sum)
+        optimizers.finish([len(s) for s in schedules])
+        yield from self._results(jobs, schedules, start_w, params, loss_sum, start)
+
+    def _step(
+        self,
+        t: int,
+        params: Tensors,
+        buffers: Tensors,
+        optimizers: ClientOptimizers,
+        members: list[int],
+        data: tuple[torch.Tensor, torch.Tensor],
+        rows: np.ndarray,
+        loss_sum: torch.Tensor,
+    ) -> None:
+        """One local step of the clients at positions ``members`` (all with a batch of
+        ``rows.shape[1]`` samples, ``rows[i]`` indexing client ``members[i]``'s data)."""
+        everyone = len(members) == len(loss_sum)
+        sel = torch.as_tensor(members, device=self.device)
+        index = torch.as_tensor(rows, device=self.device)
+        xb, yb = data[0][sel[:, None], index], data[1][sel[:, None], index]
+        mine = params if everyone else {n: p.index_select(0, sel) for n, p in params.items()}
+        grads, loss = self._grad(mine, buffers, xb, yb)
+        updates = optimizers.updates(t, members, grads, mine)
+        for name, p in params.items():
+            if everyone:
+                p.add_(updates[name])
+            else:
+                p.index_add_(0, sel, updates[name])
+        loss_sum.index_add_(0, sel, loss.detach().to(torch.float64) * rows.shape[1])
+
+    def _results(
+        self,
+        jobs: Sequence[ClientJob],
+        schedules: list[list[np.ndarray]],
+        start_w: Tensors,
+        params: Tensors,
+        loss_sum: torch.Tensor,
+        start: float,
+    ) -> Iterator[TrainResult]:
+        # start - end for every client at once; each update is a row, left on the device
+        deltas = {n: p.neg_().add_(start_w[n]) for n, p in params.items()}
+        losses = loss_sum.cpu().numpy()
+        seconds = (time.perf_counter() - start) / len(jobs)
+        for k, job in enumerate(jobs):
+            updates = Vector({n: a[k] for n, a in deltas.items()})
+            steps = len(schedules[k])
+            yield TrainResult(
+                partial=job.trainer.aggregator.prepare(
+                    updates, n_samples=len(job.data), n_steps=steps
+                ),
+                aux_vars=job.trainer.optimizer.collect_aux_var(),
+                n_samples=len(job.data),
+                n_steps=steps,
+                loss_sum=float(losses[k]),
+                n_samples_seen=sum(len(r) for r in schedules[k]),
+                seconds=seconds,
+            )
+
+    # ---- data --------------------------------------------------------------------------------
+
+    def _device_data(self, data: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.as_tensor(np.ascontiguousarray(data.x), dtype=self.dtype)
+        target = torch.int64 if self.model.task == "multiclass" else self.dtype
+        y = torch.as_tensor(np.asarray(data.y), dtype=target)
+        return x.to(self.device), y.to(self.device)
+
+    def _stacked_data(self, jobs: Sequence[ClientJob]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every client's data on the device, ``[K, n_max, ...]`` (zero-padded)."""
+        n_max = max(len(job.data) for job in jobs)
+        first = jobs[0].data
+        x_all = torch.zeros(
+            (len(jobs), n_max, *first.x.shape[1:]), dtype=self.dtype, device=self.device
+        )
+        target = torch.int64 if self.model.task == "multiclass" else self.dtype
+        y_all = torch.zeros(
+            (len(jobs), n_max, *first.y.shape[1:]), dtype=target, device=self.device
+        )
+        for k, job in enumerate(jobs):
+            x, y = self._cached_data(job)
+            x_all[k, : len(x)] = x
+            y_all[k, : len(y)] = y
+        return x_all, y_all
+
+    def _cached_data(self, job: ClientJob) -> tuple[torch.Tensor, torch.Tensor]:
+        """The client's data on the device, copied there once per run (not per round)."""
+        cached = self._data.get(job.name)
+        if cached is None or cached[0] is not job.data:
+            cached = self._data[job.name] = (job.data, *self._device_data(job.data))
+        return cached[1], cached[2]
+
+    def _buffers(self) -> Tensors:
+        return dict(self.model.module.named_buffers())
+
+
+def _groups_by_batch_size(schedules: list[list[np.ndarray]], t: int) -> list[list[int]]:
+    """Positions of the clients that have a step ``t``, grouped by that step's batch size."""
+    groups: dict[int, list[int]] = {}
+    for k, steps in enumerate(schedules):
+        if t < len(steps):
+            groups.setdefault(len(steps[t]), []).append(k)
+    return list(groups.values())

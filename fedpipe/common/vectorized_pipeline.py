@@ -1,0 +1,222 @@
+"""The client-side optimizers of K clients, applied to their stacked gradients.
+
+:class:`~fedpipe.common.vectorized.VectorizedTrainer` computes the gradients of K clients at
+once (a leading client axis on every tensor); this is the one place where each client's own
+:class:`~fedpipe.common.optim.Optimizer` (regularizers, module pipeline, weight decay,
+learning rate) turns its slice into updates.
+
+**Stacked** (the default): the pipeline runs inside ``torch.func.vmap``. Every tensor of the
+clients' optimizer states (momentum buffers, Adam moments, FedProx anchors: the Vectors of
+``get_state()``) is stacked on the client axis; at each step one template optimizer gets a
+client's slice with ``set_state``, runs ``compute_updates`` on torch Vectors, and gives the
+new slice back with ``get_state``, for all clients at once. The plain values of the states
+(step counters, ``None`` before a first step) must be equal across the clients, which they are
+for clients that started equal and took the same number of steps; the learning rate is each
+client's own (its own step count, scheduler included). Per-client norms (clipping) are per
+client inside vmap (``Vector.clip_norm``), but a module that turns a tensor into a Python
+number (``float(norm)``, ``if norm > c``) cannot run there.
+
+**Client by client** otherwise, through each client's own ``compute_updates`` on Vector views
+of its slice, with one log line saying why: a module that cannot run inside vmap (named),
+that exchanges auxiliary variables (Scaffold), that draws random numbers (each client its
+own noise), or clients whose plain state values differ.
+"""
+
+from __future__ import annotations
+
+import copy
+import traceback
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch.func import vmap
+
+from fedpipe.common.modules.base import OptiModule
+from fedpipe.common.optim import BareWeights, Optimizer
+from fedpipe.common.regularizers.base import Regularizer
+from fedpipe.common.state import State
+from fedpipe.common.vector import Vector
+
+__all__ = ["ClientOptimizers"]
+
+Tensors = dict[str, torch.Tensor]
+
+
+class _Slot:
+    """Where a Vector of a state sits in the flattened leaves: ``key/name`` per array."""
+
+    def __init__(self, key: str, names: tuple[str, ...]) -> None:
+        self.key, self.names = key, names
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Slot) and (self.key, self.names) == (other.key, other.names)
+
+    def __hash__(self) -> int:
+        return hash((self.key, self.names))
+
+
+def _flatten(value: Any, key: str, leaves: Tensors) -> Any:
+    """The state with every Vector replaced by a :class:`_Slot`, its arrays put in ``leaves``."""
+    if isinstance(value, Vector):
+        for name, array in value.coefs.items():
+            leaves[f"{key}/{name}"] = torch.as_tensor(array)
+        return _Slot(key, tuple(value.coefs))
+    if isinstance(value, dict):
+        return {k: _flatten(v, f"{key}/{k}", leaves) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_flatten(v, f"{key}/{i}", leaves) for i, v in enumerate(value)]
+    return value
+
+
+def _unflatten(skeleton: Any, leaves: Tensors) -> Any:
+    if isinstance(skeleton, _Slot):
+        return Vector({name: leaves[f"{skeleton.key}/{name}"] for name in skeleton.names})
+    if isinstance(skeleton, dict):
+        return {k: _unflatten(v, leaves) for k, v in skeleton.items()}
+    if isinstance(skeleton, list):
+        return [_unflatten(v, leaves) for v in skeleton]
+    return skeleton
+
+
+def _pipeline_state(optimizer: Optimizer) -> State:
+    """The optimizer's state less its step count (the learning rate is applied per client)."""
+    return {k: v for k, v in optimizer.get_state().items() if k != "step"}
+
+
+def _static_reason(optimizers: Sequence[Optimizer]) -> str | None:
+    first = optimizers[0]
+    for part in [*first.modules, *first.regularizers]:
+        if getattr(part, "aux_name", None) is not None:
+            return f"module {part.name} exchanges auxiliary variables"
+        if hasattr(part, "rng"):
+            return f"module {part.name} draws random numbers (each client its own)"
+    skeleton = _flatten(_pipeline_state(first), "", {})
+    for other in optimizers[1:]:
+        if _flatten(_pipeline_state(other), "", {}) != skeleton:
+            return "the clients' optimizer states differ in their plain values (step counts)"
+    return None
+
+
+def _culprit(exc: BaseException) -> str:
+    """The module or regularizer in whose code ``exc`` was raised (the innermost one)."""
+    name = "the optimizer"
+    for frame, _ in traceback.walk_tb(exc.__traceback__):
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, (OptiModule, Regularizer)):
+            name = f"module {owner.name}"
+    return name
+
+
+class ClientOptimizers:
+    """The optimizers of the K clients of a chunk, by position on the client axis.
+
+    Parameters
+    ----------
+    optimizers:
+        Each client's own optimizer, round already started (aux vars processed).
+    params:
+        The stacked weights ``[K, ...]`` (their device and shapes; not changed here).
+
+    ``reason`` is None when the pipeline runs stacked, else why it runs client by client.
+    """
+
+    def __init__(self, optimizers: Sequence[Optimizer], params: Tensors) -> None:
+        self.optimizers = list(optimizers)
+        self.reason = _static_reason(self.optimizers)
+        self.leaves: Tensors = {}
+        self.skeletons: dict[int, Any] = {}  # the plain state values after t steps
+        self._out: Any = None
+        if self.reason is not None:
+            return
+        per_client: list[Tensors] = [{} for _ in self.optimizers]
+        for optimizer, leaves in zip(self.optimizers, per_client, strict=True):
+            self.skeletons[0] = _flatten(_pipeline_state(optimizer), "", leaves)
+        device = next(iter(params.values())).device
+        self.leaves = {
+            key: torch.stack([torch.as_tensor(leaves[key]) for leaves in per_client]).to(device)
+            for key in per_client[0]
+        }
+        self.template = copy.deepcopy(self.optimizers[0])  # user modules need no registry name
+        self.template.lrate = 1.0
+        self.reason = self._probe(params)
+
+    def _probe(self, params: Tensors) -> str | None:
+        """Two pipeline steps on zero gradients, on copies: does the pipeline run in vmap?"""
+        leaves = {k: v[:1].clone() for k, v in self.leaves.items()}
+        weights = {n: p[:1].clone() for n, p in params.items()}
+        skeleton = self.skeletons[0]
+        try:
+            for _ in range(2):
+                grads = {n: torch.zeros_like(w) for n, w in weights.items()}
+                _, leaves = vmap(self._run_fn(skeleton))(grads, weights, leaves)
+                skeleton = self._out
+        except RuntimeError as exc:
+            first = str(exc).strip().splitlines()[0]
+            return f"{_culprit(exc)} cannot run inside torch.func.vmap ({first})"
+        return None
+
+    def _run_fn(self, skeleton: Any) -> Any:
+        def run(grads: Tensors, params: Tensors, leaves: Tensors) -> tuple[Tensors, Tensors]:
+            self.template.set_state({**_unflatten(skeleton, leaves), "step": 0})
+            model = BareWeights(Vector(params))
+            updates = self.template.compute_updates(model, Vector(grads), consume=True)
+            new_leaves: Tensors = {}
+            self._out = _flatten(_pipeline_state(self.template), "", new_leaves)
+            return dict(updates.coefs), new_leaves
+
+        return run
+
+    def updates(self, t: int, members: Sequence[int], grads: Tensors, params: Tensors) -> Tensors:
+        """Step ``t`` of the clients at positions ``members``: their updates (to add to
+        ``params``), from ``grads[name][i]`` and ``params[name][i]`` of ``members[i]``."""
+        if self.reason is not None:
+            return self._client_by_client(members, grads, params)
+        rates = [self.optimizers[k].learning_rate() for k in members]
+        for k in members:
+            self.optimizers[k].step += 1
+        everyone = len(members) == len(self.optimizers)
+        sel = torch.as_tensor(members, device=next(iter(grads.values())).device)
+        mine = (
+            self.leaves if everyone else {k: v.index_select(0, sel) for k, v in self.leaves.items()}
+        )
+        updates, new = vmap(self._run_fn(self.skeletons[t]))(grads, params, mine)
+        self.skeletons[t + 1] = self._out
+        for key, value in new.items():
+            if everyone:
+                self.leaves[key] = value
+            else:
+                if key not in self.leaves:
+                    shape = (len(self.optimizers), *value.shape[1:])
+                    self.leaves[key] = value.new_zeros(shape)
+                self.leaves[key].index_copy_(0, sel, value)
+        return _scaled(updates, rates)
+
+    def _client_by_client(self, members: Sequence[int], grads: Tensors, params: Tensors) -> Tensors:
+        outs: dict[str, list[torch.Tensor]] = {name: [] for name in grads}
+        for i, k in enumerate(members):
+            optimizer = self.optimizers[k]
+            gradients = Vector({n: g[i] for n, g in grads.items()})
+            weights = BareWeights(Vector({n: p[i] for n, p in params.items()}))
+            result = optimizer.compute_updates(weights, gradients, consume=True)
+            for name, out in outs.items():
+                out.append(torch.as_tensor(result[name]).to(grads[name].device))
+        return {name: torch.stack(out) for name, out in outs.items()}
+
+    def finish(self, steps: Sequence[int]) -> None:
+        """Give each client its slice of the stacked state, as it was after its last step."""
+        if self.reason is not None:
+            return
+        for k, optimizer in enumerate(self.optimizers):
+            skeleton = self.skeletons[steps[k]]
+            mine = {key: value[k].clone() for key, value in self.leaves.items()}
+            optimizer.set_state({**_unflatten(skeleton, mine), "step": optimizer.step})
+
+
+def _scaled(updates: Tensors, rates: list[float]) -> Tensors:
+    """``updates[i] * rates[i]`` (the template's updates are ``-g``: a rate of 1)."""
+    if len(set(rates)) == 1:
+        return {n: u.mul_(rates[0]) for n, u in updates.items()}
+    any_update = next(iter(updates.values()))
+    column = torch.tensor(rates, dtype=any_update.dtype, device=any_update.device)
+    return {n: u.mul_(column.view(-1, *([1] * (u.dim() - 1)))) for n, u in updates.items()}

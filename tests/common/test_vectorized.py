@@ -1,0 +1,210 @@
+"""Vectorized local training (torch.func) against LocalTrainer, client by client."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from typing import Any, ClassVar
+
+import numpy as np
+import pytest
+import torch
+
+from fedpipe.common.data import Dataset, load_builtin
+from fedpipe.common.models.torch_adapter import TorchModel
+from fedpipe.common.modules.base import OptiModule
+from fedpipe.common.optim import Optimizer
+from fedpipe.common.training import LocalTrainer, RunSetup, TrainResult
+from fedpipe.common.vector import Vector
+from fedpipe.common.vectorized import ClientJob, VectorizedTrainer, batch_schedule
+
+SIZES = (37, 64, 100, 150, 9, 64)  # ragged last batches, different step counts
+SGD = {"lrate": 0.1}
+MOMENTUM = {"lrate": 0.05, "modules": [["momentum", {"beta": 0.9}]]}
+ADAM_PROX = {"lrate": 0.01, "modules": ["adam"], "regularizers": [["fedprox", {"mu": 0.1}]]}
+CLIPPED = {"lrate": 0.1, "modules": [["l2-global-clipping", {"max_norm": 0.5}], "momentum"]}
+DECAY = {"lrate": ["exponential-decay", {"initial": 0.2, "decay_rate": 0.9}], "w_decay": 0.01}
+
+
+def mlp(seed: int = 0, batch_norm: bool = False) -> TorchModel:
+    torch.manual_seed(seed)
+    layers: list[torch.nn.Module] = [torch.nn.Linear(64, 24), torch.nn.ReLU()]
+    if batch_norm:
+        layers.insert(1, torch.nn.BatchNorm1d(24))
+    net = torch.nn.Sequential(*layers, torch.nn.Linear(24, 10))
+    return TorchModel(net, torch.nn.CrossEntropyLoss(), task="multiclass")
+
+
+def client_data() -> list[Dataset]:
+    digits = load_builtin("digits")
+    bounds = np.cumsum((0, *SIZES))
+    return [digits.subset(np.arange(a, b)) for a, b in itertools.pairwise(bounds)]
+
+
+def setup(optimizer: dict[str, Any], **training: Any) -> RunSetup:
+    return RunSetup(
+        model={"name": "unused-the-trainers-get-a-model", "config": {}},
+        client_optimizer=optimizer,
+        aggregator="averaging",
+        metrics=["loss"],
+        training={"batch_size": 16, "epochs": 2, **training},
+        seed=7,
+    )
+
+
+def jobs_for(run: RunSetup, model: TorchModel, data: list[Dataset]) -> list[ClientJob]:
+    return [ClientJob(f"c{i}", LocalTrainer(run, model=model), d) for i, d in enumerate(data)]
+
+
+def updates_of(result: TrainResult) -> Vector:
+    return result.partial.vector("weighted_sum") * (1.0 / result.partial.number("total_weight"))
+
+
+def run_both(
+    optimizer: dict[str, Any], rounds: int = 2, max_clients: int = 4, **training: Any
+) -> tuple[list[list[TrainResult]], list[list[TrainResult]], VectorizedTrainer]:
+    """Each round from the same global weights: sequential LocalTrainer vs the engine (module
+    state carried across rounds by each client's own optimizer on both sides)."""
+    run, data = setup(optimizer, **training), client_data()
+    seq_model, vec_model = mlp(), mlp()
+    weights = seq_model.get_weights(copy=True)
+    seq_jobs, vec_jobs = jobs_for(run, seq_model, data), jobs_for(run, vec_model, data)
+    engine = VectorizedTrainer(vec_model, max_clients=max_clients)
+    seq, vec = [], []
+    for round_number in range(1, rounds + 1):
+        seq.append(
+            [j.trainer.train(j.data, weights, {}, client=j.name, round_number=round_number)
+             for j in seq_jobs]
+        )  # fmt: skip
+        vec.append(list(engine.train(vec_jobs, weights, round_number)))
+        weights = weights + updates_of(seq[-1][0]) * -0.5  # a new global model, same for both
+    return seq, vec, engine
+
+
+@pytest.mark.parametrize(
+    "optimizer",
+    [SGD, MOMENTUM, ADAM_PROX, CLIPPED, DECAY],
+    ids=["sgd", "momentum", "adam+fedprox", "clipping", "scheduler+w_decay"],
+)
+def test_vectorized_equals_sequential(optimizer: dict[str, Any]) -> None:
+    seq, vec, engine = run_both(optimizer)
+    assert engine.fallback is None
+    for seq_round, vec_round in zip(seq, vec, strict=True):
+        for s, v in zip(seq_round, vec_round, strict=True):
+            assert (v.n_samples, v.n_steps, v.n_samples_seen) == (
+                s.n_samples,
+                s.n_steps,
+                s.n_samples_seen,
+            )
+            assert v.loss_sum == pytest.approx(s.loss_sum, rel=1e-5)
+            su, vu = updates_of(s), updates_of(v)
+            assert su.norm() > 1e-3  # the clients did move
+            assert vu.allclose(su, rtol=1e-4, atol=1e-5), (su - vu).abs().norms()
+
+
+def test_steps_follow_local_trainer_schedule() -> None:
+    """Client sizes 37 and 9 with batch 16, 2 epochs: 3+3 and 1+1 steps, last batches 5, 9."""
+    run, data = setup(SGD), client_data()
+    jobs = jobs_for(run, mlp(), data)
+    sizes = [[len(r) for r in batch_schedule(j, 1)] for j in jobs]
+    assert sizes[0] == [16, 16, 5, 16, 16, 5]
+    assert sizes[4] == [9, 9]
+    first = batch_schedule(jobs[0], 1)
+    assert sorted(np.concatenate(first[:3]).tolist()) == list(range(37))
+    assert not np.array_equal(first[0], first[3])  # a fresh shuffle in epoch 2
+
+
+def test_max_steps_and_drop_remainder() -> None:
+    seq, vec, _ = run_both(MOMENTUM, rounds=1, max_steps=5, drop_remainder=True)
+    assert [r.n_steps for r in vec[0]] == [4, 5, 5, 5, 0, 5]
+    for s, v in zip(seq[0], vec[0], strict=True):
+        assert v.n_steps == s.n_steps
+        assert updates_of(v).allclose(updates_of(s), rtol=1e-4, atol=1e-5)
+
+
+def test_unvectorizable_model_falls_back_with_one_log_line(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Batch norm updates its running statistics in place: not possible inside vmap."""
+    run, data = setup(SGD), client_data()
+    model = mlp(batch_norm=True)
+    reference = mlp(batch_norm=True)  # same seed, same initial weights
+    weights = model.get_weights(copy=True)
+    engine = VectorizedTrainer(model, max_clients=4)
+    with caplog.at_level(logging.WARNING, logger="fedpipe.common.vectorized"):
+        for round_number in (1, 2):
+            results = list(engine.train(jobs_for(run, model, data), weights, round_number))
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and "model Sequential cannot run inside torch.func.vmap" in lines[0]
+    ref_jobs = jobs_for(run, reference, data)  # batch-norm statistics carry over: 2 rounds too
+    for round_number in (1, 2):
+        expected = [
+            j.trainer.train(j.data, weights, {}, client=j.name, round_number=round_number)
+            for j in ref_jobs
+        ]
+    for got, want in zip(results, expected, strict=True):
+        assert updates_of(got).array_equal(updates_of(want))
+
+
+def engine_log(optimizer: dict[str, Any], caplog: pytest.LogCaptureFixture) -> list[str]:
+    with caplog.at_level(logging.INFO, logger="fedpipe.common.vectorized"):
+        run_both(optimizer, rounds=2)
+    return [r.getMessage() for r in caplog.records]
+
+
+@pytest.mark.parametrize("optimizer", [MOMENTUM, CLIPPED], ids=["momentum", "clipping"])
+def test_pipeline_runs_stacked_inside_vmap(
+    optimizer: dict[str, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """No log line: the module pipeline runs inside vmap (clipping with per-client norms)."""
+    assert engine_log(optimizer, caplog) == []
+
+
+def test_momentum_state_is_each_clients_own_after_the_round() -> None:
+    """Each client's buffer is a slice of stacked state; each client keeps its own after."""
+    run, data = setup(MOMENTUM), client_data()
+    model = mlp()
+    jobs = jobs_for(run, model, data)
+    list(VectorizedTrainer(model).train(jobs, model.get_weights(copy=True), 1))
+    buffers = [j.trainer.optimizer.modules[0].get_state()["buffer"] for j in jobs]
+    assert all(isinstance(b, Vector) for b in buffers)
+    assert buffers[0].norm() != pytest.approx(buffers[1].norm())
+    assert [j.trainer.optimizer.step for j in jobs] == [6, 8, 14, 20, 2, 8]
+
+
+class NormGate(OptiModule, register_name=False):
+    """Halves gradients above a norm, in Python: data-dependent control flow."""
+
+    name: ClassVar[str] = "norm-gate"
+
+    def run(self, gradients: Vector) -> Vector:
+        return gradients * 0.5 if gradients.norm() > 1.0 else gradients
+
+
+def test_module_that_cannot_vmap_runs_client_by_client_with_one_log_line(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    run, data = setup(MOMENTUM), client_data()
+    seq_model, vec_model = mlp(), mlp()
+    weights = seq_model.get_weights(copy=True)
+    seq_jobs, vec_jobs = jobs_for(run, seq_model, data), jobs_for(run, vec_model, data)
+    for job in seq_jobs + vec_jobs:
+        job.trainer.optimizer = Optimizer(lrate=0.1, modules=[NormGate(), "momentum"])
+    engine = VectorizedTrainer(vec_model, max_clients=4)
+    with caplog.at_level(logging.INFO, logger="fedpipe.common.vectorized"):
+        for round_number in (1, 2):
+            vec = list(engine.train(vec_jobs, weights, round_number))
+            seq = [
+                j.trainer.train(j.data, weights, {}, client=j.name, round_number=round_number)
+                for j in seq_jobs
+            ]
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1, lines
+    assert "module norm-gate cannot run inside torch.func.vmap" in lines[0]
+    for s, v in zip(seq, vec, strict=True):
+        assert updates_of(v).allclose(updates_of(s), rtol=1e-4, atol=1e-5)
+
+
+def test_max_clients_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="max_clients=0; expected at least 1"):
+        VectorizedTrainer(mlp(), max_clients=0)
