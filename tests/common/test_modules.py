@@ -149,7 +149,7 @@ def test_yogi_second_moment_decreases_additively() -> None:
 def test_yogi_bias_correction() -> None:
     # m_hat as Adam's: 1, -1/3, 1; v = .5, 1, 3 -> v_hat = 1, 4/3, 24/7
     # out = 1, (-1/3)/sqrt(4/3) = -0.288675, sqrt(7/24) = 0.540062
-    module = YogiModule(beta_1=0.5, beta_2=0.5, eps=0.0, bias_correction=True)
+    module = YogiModule(beta_1=0.5, beta_2=0.5, eps=0.0, bias_correction="torch")
     assert scalars(module, [1, -1, 2]) == pytest.approx(
         [1.0, -0.28867513459481287, 0.5400617248673217]
     )
