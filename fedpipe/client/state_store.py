@@ -21,10 +21,11 @@ reply leaves, so that a client killed at any moment finds every state the server
 Re-joining. A client restarted with its ``state_dir`` continues exactly. One without the
 state of the base round it is asked for (no ``state_dir``, files lost, a damaged file, logged
 as an error naming it, or another run's) re-joins with a fresh module state and tells its
-modules so (:meth:`~fedpipe.common.optim.Optimizer.on_state_lost`): Scaffold then announces
-no new client, and the server's count stays the number of distinct clients. Its results from
-then on differ from an uninterrupted run's. A server that names no base round gets the state
-the client is at. Simulated in-process clients keep no snapshots: they die with the server.
+modules so (:meth:`~fedpipe.common.optim.Optimizer.on_state_lost`): Scaffold then takes the
+global control variate for its lost one (the server counts clients by name: still once). Its
+results from then on differ from an uninterrupted run's. A server that names no base round
+gets the state the client is at. Simulated in-process clients keep no snapshots: they die
+with the server.
 """
 
 from __future__ import annotations

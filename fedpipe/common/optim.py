@@ -215,10 +215,13 @@ class Optimizer:
                 collected[aux_name] = aux_var
         return collected
 
-    def process_aux_var(self, aux_vars: Mapping[str, Summable]) -> None:
-        """Route each aux var to the module with that ``aux_name``."""
+    def process_aux_var(
+        self, aux_vars: Mapping[str, Summable], senders: Sequence[str] = ()
+    ) -> None:
+        """Route each aux var to the module with that ``aux_name``; on the server, ``senders``
+        names the clients whose records were summed into them."""
         for aux_name, aux_var in aux_vars.items():
-            self._aux_module(aux_name).process_aux_var(aux_var)
+            self._aux_module(aux_name).process_aux_var(aux_var, senders)
 
     def check_aux_var(self, aux_vars: Mapping[str, Summable]) -> None:
         """Validate one peer's aux vars (names and contents) before they are summed."""

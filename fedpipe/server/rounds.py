@@ -500,7 +500,7 @@ class FederatedRun:
         aggregated = self.aggregator.finalize(folded.total)
         folded.total = None  # model-sized: free it before the updates are computed
         if folded.aux_total:
-            self.optimizer.process_aux_var(folded.aux_total)
+            self.optimizer.process_aux_var(folded.aux_total, senders=folded.names)
         updates = self.optimizer.compute_updates(self.model, aggregated, consume=True)
         del aggregated
         if not updates.is_finite():

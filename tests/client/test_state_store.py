@@ -103,19 +103,27 @@ def test_a_restarted_client_continues_from_its_files(
     assert restarted.train(3, 2).array_equal(uninterrupted[2])
 
 
-def test_a_lost_state_rejoins_fresh_without_a_second_scaffold_count(
+def test_a_lost_state_rejoins_fresh_taking_c_for_its_scaffold_variate(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    aux = {"scaffold": Summable({"global_state": global_weights(0).zeros_like()})}
+    c = global_weights(0).full_like(0.25)
+    aux = {"scaffold": Summable({"global_state": c})}
     client = Client(None, setup(SCAFFOLD))
     client.train(1, 0, aux)
-    assert client.trainer.optimizer.collect_aux_var() is not None  # reported: counted once
     restarted = Client(None, setup(SCAFFOLD))  # no state_dir: the state died with the process
+    work = functools.partial(
+        restarted.trainer.train, DATA, global_weights(2), aux, client="site-0", round_number=2
+    )
     with caplog.at_level(logging.WARNING):
-        restarted.train(2, 1, aux)
+        result: TrainResult = restarted.store.train(restarted.trainer, 1, 2, work)
     assert "whose module state is lost" in caplog.text
-    record = restarted.trainer.optimizer.collect_aux_var()
-    assert record is not None and record["scaffold"].fields["new_clients"] == 0
+    # the server holds the lost c_i in its sum (and counts the client by name): the fresh
+    # module started from c_i = c, not from zero, and reports only its change
+    sent = result.aux_vars["scaffold"]
+    assert list(sent.fields) == ["delta"]
+    local = restarted.trainer.optimizer.modules[0].get_state()["local_state"]
+    assert isinstance(local, Vector) and (local - sent.vector("delta")).allclose(c, atol=1e-7)
+    assert not local.allclose(c, atol=1e-3)  # it did train
 
 
 @pytest.mark.parametrize("damage", ["garbage", "other-run"])

@@ -53,6 +53,26 @@ def test_gradient_masked_averaging_matches_the_paper_mask() -> None:
     assert np.allclose(aggregate(lenient, (0, 1, 2))["w"], average * np.array([1, 1 / 3, 1 / 3]))
 
 
+def test_gradient_masking_keeps_a_coordinate_whose_agreement_equals_the_threshold() -> None:
+    # 4 clients, uniform weights. Signs per coordinate: ++++ (A = 1), +-+- (A = 0),
+    # ++-+ (A = |2| / 4 = .5); the mean is [2, .25, 1].
+    updates = [[1.0, 1.0, 1.0], [3.0, -2.0, 1.0], [1.0, 3.0, -1.0], [3.0, -1.0, 3.0]]
+    expected = {
+        0.5: [2.0, 0.0, 1.0],  # A = .5 at the threshold: kept whole; A = 0 scales to 0
+        0.5000001: [2.0, 0.0, 0.5],  # just above: A = .5 scales by .5
+        1.0: [2.0, 0.0, 0.5],  # A = 1 at the threshold: kept whole
+        0.0: [2.0, 0.25, 1.0],  # every A >= 0: nothing masked
+    }
+    for threshold, values in expected.items():
+        agg = registry.build(
+            "aggregator",
+            "gradient-masked-averaging",
+            {"threshold": threshold, "weighting": "uniform"},
+        )
+        partials = (agg.prepare(Vector({"w": np.array(u)}), 1, 1) for u in updates)
+        assert agg.aggregate(partials)["w"].tolist() == values, f"threshold {threshold}"
+
+
 @pytest.mark.parametrize("name", ["averaging", "gradient-masked-averaging", "sum"])
 def test_partials_add_up_in_any_order(name: str) -> None:
     agg = registry.build("aggregator", name)

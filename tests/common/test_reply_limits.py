@@ -31,7 +31,7 @@ def partial(vector: Any) -> dict[str, Any]:
 
 
 def test_an_honest_train_reply_passes() -> None:
-    state = partial(WEIGHTS) | {"aux_vars": {"scaffold": {"delta": WEIGHTS, "new_clients": 1}}}
+    state = partial(WEIGHTS) | {"aux_vars": {"scaffold": {"delta": WEIGHTS}}}
     check_reply_header(header(state), TRAIN)
 
 

@@ -156,7 +156,7 @@ class Federation:
     def scaffold_clients(self) -> int:
         """The number of clients Scaffold's server module counts (final checkpoint)."""
         modules = load_checkpoint(self.out / "checkpoint.fpk")["optimizer"]["modules"]  # type: ignore[index]
-        return int(modules[0]["state"]["n_clients"])  # type: ignore[index]
+        return len(modules[0]["state"]["clients"])  # type: ignore[index]
 
 
 def same_weights(left: dict[str, np.ndarray], right: dict[str, np.ndarray]) -> bool:

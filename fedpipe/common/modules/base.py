@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import abstractmethod
+from collections.abc import Sequence
 from typing import ClassVar
 
 from fedpipe.common.registry import Registrable, declare_family
@@ -53,8 +54,9 @@ class OptiModule(Registrable):
         """Auxiliary variable to send to the other side after a step, if any."""
         return None
 
-    def process_aux_var(self, aux_var: Summable) -> None:
-        """Take in an auxiliary variable from the other side."""
+    def process_aux_var(self, aux_var: Summable, senders: Sequence[str] = ()) -> None:
+        """Take in an auxiliary variable from the other side: on a client, the server's; on
+        the server, the sum of the records of the clients named in ``senders``."""
         raise AuxVarError(f"module {self.name!r} takes no auxiliary variables")
 
     def check_aux_var(self, aux_var: Summable) -> None:

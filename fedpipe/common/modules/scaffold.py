@@ -7,16 +7,20 @@ Exchange, each round (aux-var name ``"scaffold"``):
    control variates; each sampled client takes it in with ``process_aux_var``;
 2. the client trains: ``run`` turns each gradient ``g`` into ``g - c_i + c``;
 3. the client's ``collect_aux_var()`` updates ``c_i`` and returns ``{"delta": c_i_new -
-   c_i_old, "new_clients": 1 on the client's first report, else 0}``;
-4. the server sums those records over clients and calls its ``process_aux_var`` on the total.
+   c_i_old}``;
+4. the server sums those records over the replies it aggregates and calls its
+   ``process_aux_var`` on the total, with the names of the clients that sent them: the server
+   counts clients by name, so that a reply it never aggregated counts for nothing and a
+   client that re-joins under its name counts once.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import ClassVar
 
 from fedpipe.common.modules.base import AuxVarError, OptiModule
-from fedpipe.common.state import State, state_vector
+from fedpipe.common.state import State, StateValue, state_vector
 from fedpipe.common.summable import Summable
 from fedpipe.common.vector import Vector, VectorSpecs, describe_spec_mismatch
 
@@ -89,19 +93,18 @@ class ScaffoldClient(OptiModule):
         if old is None:
             return None
         new = old if self.grad_sum is None else self.grad_sum / float(self.n_steps)
-        record = Summable({"delta": new - old, "new_clients": 0 if self.reported else 1})
+        record = Summable({"delta": new - old})
         self.local_state, self.reported = new, True
         self.grad_sum, self.n_steps = None, 0
         return record
 
     def on_state_lost(self) -> None:
-        """The server already counts this client and holds its lost ``c_i`` in its sum:
-        report no newcomer, and take ``c`` (the clients' mean) for the lost ``c_i``. The
-        server's sum then keeps ``c_i_lost - c`` for good (with zero it would keep all of
-        ``c_i_lost``): only a restored state is exact."""
+        """The server holds this client's lost ``c_i`` in its sum: take ``c`` (the clients'
+        mean) for it. The server's sum then keeps ``c_i_lost - c`` for good (with zero it
+        would keep all of ``c_i_lost``): only a restored state is exact."""
         self.reported = True
 
-    def process_aux_var(self, aux_var: Summable) -> None:
+    def process_aux_var(self, aux_var: Summable, senders: Sequence[str] = ()) -> None:
         """Take in ``{"global_state": c}`` from the server; starts a new round."""
         value = _aux_vector(aux_var, {"global_state"}, "global_state", self.name)
         known = self.local_state if self.local_state is not None else self.global_state
@@ -133,21 +136,40 @@ class ScaffoldClient(OptiModule):
 
 
 class ScaffoldServer(OptiModule):
-    """Server side of SCAFFOLD: keeps ``S``, the sum of the control variates of the ``N``
-    distinct clients seen so far, and sends ``c = S / N`` (zeros before any report).
+    """Server side of SCAFFOLD: keeps ``S``, the sum of the clients' control variates (each
+    client's deltas add up to its ``c_i``), and the names of the clients it came from.
 
-    ``run`` is the identity (it only learns the model's specs). The paper's server update
-    ``c += |S_t| / N_total * mean(delta)`` assumes a known client population; keeping the sum
-    over clients seen so far gives the same ``c`` once every client has reported, without
-    knowing the population in advance.
+    ``run`` is the identity (it only learns the model's specs). The global control variate:
+
+    - ``population=None``: ``c = S / N_seen``, the mean over the distinct clients whose replies
+      were aggregated so far (zeros before any). It needs no known client population, and
+      equals the paper's ``c`` once every client has reported;
+    - ``population=N``: ``c = S / N``, that is Karimireddy et al. 2020, eq. (5),
+      ``c += |S_t| / N * mean_{i in S_t} delta c_i`` from ``c = 0``, clients that never
+      reported holding ``c_i = 0``. More distinct clients than ``N`` is an error.
+
+    Parameters
+    ----------
+    population:
+        ``N``, the number of clients in the federation (None: count the clients seen).
     """
 
     name: ClassVar[str] = "scaffold-server"
     aux_name: ClassVar[str | None] = "scaffold"
 
-    def __init__(self) -> None:
+    def __init__(self, population: int | None = None) -> None:
+        if population is not None and (
+            isinstance(population, bool) or not isinstance(population, int) or population < 1
+        ):
+            raise ValueError(
+                f"scaffold-server population={population!r}; expected a positive int or None"
+            )
+        self.population = population
         self.state_sum: Vector | None = None
-        self.n_clients = 0
+        self.clients: set[str] = set()
+
+    def get_config(self) -> dict[str, int | None]:
+        return {"population": self.population}
 
     def run(self, gradients: Vector) -> Vector:
         if self.state_sum is None:
@@ -155,42 +177,44 @@ class ScaffoldServer(OptiModule):
         return gradients
 
     def collect_aux_var(self) -> Summable | None:
-        """``{"global_state": S / N}``; ``None`` while the model's specs are unknown."""
+        """``{"global_state": c}``; ``None`` while the model's specs are unknown."""
         if self.state_sum is None:
             return None
-        if self.n_clients == 0:
+        count = self.population if self.population is not None else len(self.clients)
+        if count == 0:
             return Summable({"global_state": self.state_sum.zeros_like()})
-        return Summable({"global_state": self.state_sum / float(self.n_clients)})
+        return Summable({"global_state": self.state_sum / float(count)})
 
     def check_aux_var(self, aux_var: Summable) -> None:
-        """One client's record: a delta of the model's specs and ``new_clients`` 0 or 1."""
-        self._checked(aux_var, max_new_clients=1)
-
-    def _checked(self, aux_var: Summable, max_new_clients: float) -> tuple[Vector, int]:
-        delta = _aux_vector(aux_var, {"delta", "new_clients"}, "delta", self.name)
+        """One client's record: ``{"delta"}``, a finite Vector of the model's specs."""
+        delta = _aux_vector(aux_var, {"delta"}, "delta", self.name)
         known = None if self.state_sum is None else self.state_sum.specs()
         _check_aux_specs(delta, known, "delta", self.name)
-        new_clients = aux_var.fields["new_clients"]
-        if (
-            isinstance(new_clients, (Vector, bool))
-            or not 0 <= new_clients <= max_new_clients
-            or not float(new_clients).is_integer()
-        ):
-            raise AuxVarError(
-                f"{self.name} aux var field 'new_clients' must be an integer in "
-                f"[0, {max_new_clients:g}], got {new_clients!r}"
-            )
-        return delta, int(new_clients)
 
-    def process_aux_var(self, aux_var: Summable) -> None:
-        """Take in the sum over clients of their ``{"delta", "new_clients"}`` records."""
-        delta, new_clients = self._checked(aux_var, max_new_clients=float(1 << 53))
+    def process_aux_var(self, aux_var: Summable, senders: Sequence[str] = ()) -> None:
+        """Take in the sum of the ``{"delta"}`` records of the clients named in ``senders``."""
+        self.check_aux_var(aux_var)
+        if not senders:
+            raise AuxVarError(f"{self.name} takes a sum of client records with their senders")
+        clients = self.clients.union(senders)
+        if self.population is not None and len(clients) > self.population:
+            raise AuxVarError(
+                f"{self.name} population={self.population}, but {len(clients)} distinct "
+                f"clients reported; set population to the number of clients"
+            )
+        delta = aux_var.vector("delta")
         self.state_sum = delta.copy() if self.state_sum is None else self.state_sum + delta
-        self.n_clients += new_clients
+        self.clients = clients
 
     def get_state(self) -> State:
-        return {"state_sum": self.state_sum, "n_clients": self.n_clients}
+        names: list[StateValue] = [*sorted(self.clients)]
+        return {"state_sum": self.state_sum, "clients": names}
 
     def set_state(self, state: State) -> None:
+        clients = state.get("clients", [])
+        if not isinstance(clients, list) or not all(isinstance(c, str) for c in clients):
+            raise ValueError(
+                f"{self.name} state 'clients' must be a list of client names, got {clients!r}"
+            )
         self.state_sum = state_vector(state, "state_sum", self.name)
-        self.n_clients = _state_int(state, "n_clients", self.name)
+        self.clients = {name for name in clients if isinstance(name, str)}
