@@ -72,6 +72,9 @@ class ReplyBuffer(Summable):
     def __len__(self) -> int:
         return len(self.rows)
 
+    def __repr__(self) -> str:
+        return f"ReplyBuffer({len(self.rows)} replies, {self.spilled} spilled)"
+
     def add_(self, other: Summable) -> Self:
         """Keep ``other``'s update (numpy, on the host) and sample count."""
         update = other.vector("update").to_numpy()
