@@ -174,6 +174,9 @@ class ServerConfig(_Strict):
     #: Reply bytes assembled at once across clients (at least one model's worth): bounds the
     #: server's memory when many clients answer together.
     receive_budget_mib: float = Field(default=256.0, gt=0)
+    #: Bytes of replies a buffered aggregator (median, Krum...) keeps in memory in a round;
+    #: later replies are spilled to memory-mapped files in the run directory until it ends.
+    aggregation_memory_bytes: int = Field(default=1 << 30, ge=0)
     #: Modules of the server owner's packages to import (registered classes); never sent to
     #: clients.
     plugins: Plugins = Field(default_factory=list)

@@ -17,7 +17,8 @@ from typing import Any, Literal, TypeVar
 import numpy as np
 
 from fedpipe.common import registry
-from fedpipe.common.aggregators import Aggregator
+from fedpipe.common.aggregators import Aggregator, BufferedAggregator
+from fedpipe.common.aggregators.replies import remove_stale_spills
 from fedpipe.common.config import ConfigError, ServerConfig
 from fedpipe.common.metrics import MetricSet
 from fedpipe.common.optim import BareWeights, Optimizer
@@ -153,6 +154,9 @@ class FederatedRun:
         self.completed = 0  # rounds aggregated and checkpointed
         self._round_task: asyncio.Future[dict[str, Any]] | None = None
         self.output_dir: Path | None = Path(config.output_dir) if config.output_dir else None
+        if isinstance(self.aggregator, BufferedAggregator):  # replies past the budget: files
+            self.aggregator.memory_bytes = config.aggregation_memory_bytes
+            self.aggregator.spill_dir = self.output_dir
         self.history = History(self.output_dir)
         self.early_stop = EarlyStopping(config.early_stop) if config.early_stop else None
         self.client_log = ClientLog(self.output_dir)
@@ -168,6 +172,7 @@ class FederatedRun:
             if self.output_dir is not None:
                 prepare_run_dir(self.output_dir, resume=resume, overwrite=overwrite)
                 remove_interrupted_writes(self.output_dir)
+                remove_stale_spills(self.output_dir)
                 # The run is under way: no summary until it ends, never a last run's.
                 (self.output_dir / "summary.json").unlink(missing_ok=True)
             if resume:
@@ -755,7 +760,7 @@ class _Fold:
 
     def _add(self, result: TrainResult) -> None:
         if self.total is None:
-            self.total = result.partial
+            self.total = self.aggregator.start(result.partial)
             self.aux_total = {k: v.copy() for k, v in result.aux_vars.items()}
         else:
             self.total.add_(result.partial)

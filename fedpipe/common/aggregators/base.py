@@ -1,11 +1,17 @@
-"""The aggregator API: client updates in, one global update out, streaming.
+"""The aggregator API: client updates in, one global update out.
 
-Aggregation is split in two so that the server never holds more than one running sum:
+Aggregation is split in two:
 
 1. each client calls :meth:`Aggregator.prepare` on its own update, giving a
    :class:`~fedpipe.common.summable.Summable` partial;
-2. the server adds partials up as replies arrive (in any order), then calls
-   :meth:`Aggregator.finalize` once on the total.
+2. the server folds partials into the accumulator :meth:`Aggregator.start` makes of the
+   first one (``add_`` for each later one, in any order), then calls
+   :meth:`Aggregator.finalize` once on it.
+
+This base class is the *streaming* kind: the accumulator is a running sum, so the server
+holds one model-sized total whatever the number of clients. The *buffered* kind
+(:class:`~fedpipe.common.aggregators.buffered.BufferedAggregator`: median, Krum...) keeps
+every reply until the round closes. The round loop and the transports cannot tell them apart.
 """
 
 from __future__ import annotations
@@ -43,6 +49,11 @@ class Aggregator(Registrable):
 
         ``updates`` belongs to the aggregator from then on (its buffers may be reused).
         """
+
+    def start(self, first: Summable) -> Summable:
+        """Server side: the round's accumulator, holding its first valid partial; later
+        partials go in with its ``add_``. Streaming: the first partial is the running sum."""
+        return first
 
     @abstractmethod
     def finalize(self, total: Summable) -> Vector:

@@ -1,0 +1,113 @@
+"""Buffered aggregators: the server keeps every reply until the round closes, then reduces.
+
+Robust aggregators (coordinate median, trimmed mean, Krum, Bulyan, geometric median) need all
+the updates of a round at once, so they cannot be a sum of partials. A buffered aggregator's
+client sends its plain update and sample count; the server keeps them in a
+:class:`~fedpipe.common.aggregators.replies.ReplyBuffer` (in memory up to
+``aggregation_memory_bytes``, in memory-mapped files beyond: see that module for the memory
+bound) and calls :meth:`BufferedAggregator.reduce` once the round closes. A new one is a
+subclass with a ``name`` and a ``reduce``; the round loop and the transports are unchanged.
+
+Sample counts are self-reported (a client can lie), so weights are applied on the server
+per the aggregator's ``weighting``: ``"uniform"`` (the default: counts ignored),
+``"samples"`` or ``"capped"`` (counts capped at ``max_samples``).
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from fedpipe.common.aggregators.base import Aggregator
+from fedpipe.common.aggregators.replies import ReplyBuffer
+from fedpipe.common.summable import Summable
+from fedpipe.common.vector import Vector
+
+__all__ = ["DEFAULT_MEMORY_BYTES", "BufferedAggregator", "SampleWeighting", "check_weighting"]
+
+#: Bytes of replies a buffered aggregator keeps in memory unless the server config says.
+DEFAULT_MEMORY_BYTES = 1 << 30
+
+SampleWeighting = Literal["uniform", "samples", "capped"]
+
+
+def check_weighting(owner: str, weighting: str, max_samples: int | None) -> None:
+    """Raise ValueError unless ``weighting`` is known and ``max_samples`` fits it."""
+    if weighting not in ("uniform", "samples", "capped"):
+        raise ValueError(
+            f"{owner}: weighting={weighting!r}; expected 'uniform', 'samples' or 'capped'"
+        )
+    if weighting == "capped" and (
+        isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 1
+    ):
+        raise ValueError(
+            f"{owner}: weighting='capped' needs max_samples, an integer >= 1; got {max_samples!r}"
+        )
+
+
+class BufferedAggregator(Aggregator):
+    """Base of the aggregators that see every update of the round before reducing.
+
+    Subclasses implement :meth:`reduce`. Those that use client weights set ``weighting``
+    (and ``max_samples``) in their constructor, checked by :func:`check_weighting`.
+    """
+
+    vector_fields = ("update",)
+    scalar_fields = ("n_samples",)
+    weighting: SampleWeighting = "uniform"
+    max_samples: int | None = None
+    #: Server side, set by the round loop from its config: the in-memory budget for replies
+    #: and the directory (the run's) where the rest is spilled.
+    memory_bytes: int = DEFAULT_MEMORY_BYTES
+    spill_dir: Path | None = None
+
+    def prepare(self, updates: Vector, n_samples: int, n_steps: int) -> Summable:
+        return Summable({"update": updates, "n_samples": n_samples})
+
+    def start(self, first: Summable) -> Summable:
+        return ReplyBuffer(self.memory_bytes, self.spill_dir).add_(first)
+
+    def finalize(self, total: Summable) -> Vector:
+        """Reduce the kept replies, then remove them (files included), whatever happens."""
+        if not isinstance(total, ReplyBuffer):
+            raise TypeError(f"{self.name} finalizes a ReplyBuffer, got {type(total).__name__}")
+        try:
+            if not len(total):
+                raise ValueError("cannot aggregate zero client updates")
+            return self.reduce(total, self.client_weights(total.n_samples))
+        finally:
+            total.close()
+
+    def aggregate(self, partials: Iterable[Summable]) -> Vector:
+        """Keep ``partials`` and reduce them; the result is on the first update's backend."""
+        buffer: Summable | None = None
+        first: Vector | None = None
+        for partial in partials:
+            if buffer is None:
+                first, buffer = partial.vector("update"), self.start(partial)
+            else:
+                buffer.add_(partial)
+        if buffer is None or first is None:
+            raise ValueError("cannot aggregate zero client updates")
+        return self.finalize(buffer).like(first)
+
+    def client_weights(self, n_samples: Sequence[float]) -> Any:
+        """Each reply's weight per ``weighting``, summing to 1 (float64 array)."""
+        counts = np.asarray(n_samples, dtype=np.float64)
+        if self.weighting == "uniform":
+            counts = np.ones_like(counts)
+        elif self.weighting == "capped":
+            counts = np.minimum(counts, float(self.max_samples or 0))
+        if counts.sum() <= 0:
+            raise ValueError("total client weight is 0: no client reported any sample")
+        return counts / counts.sum()
+
+    @abstractmethod
+    def reduce(self, replies: ReplyBuffer, weights: Any) -> Vector:
+        """The global update from the round's ``replies`` (read them chunk range by chunk
+        range: :meth:`ReplyBuffer.coordinatewise`, ``combine``, ``distances``) and their
+        ``weights`` (float64, summing to 1)."""
