@@ -93,7 +93,7 @@ def feed_aux_var(module: Any, backend: str, dtype: Any) -> None:
         aux = Summable(
             {k: on_torch(v) if isinstance(v, Vector) else v for k, v in aux.fields.items()}
         )
-    module.process_aux_var(aux)
+    module.process_aux_var(aux, senders=["client-a"])
 
 
 @pytest.mark.parametrize("device", DEVICES)
