@@ -151,7 +151,12 @@ def test_invalid_configs_fail_with_the_field_the_value_and_the_expectation(
 FAILING = {
     **SIM,
     "n_clients": 2,
-    "server": {**SIM["server"], "min_clients": 2, "min_results": 2, "clients_per_round": 1},
+    "server": {
+        **SIM["server"],
+        "min_clients": 2,
+        "min_results": 2,
+        "sampler": ["uniform", {"count": 1}],
+    },
 }
 FAILURE = "round 1: too few results (1 of 1 sampled client(s) replied, min_results=2)"
 

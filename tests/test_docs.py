@@ -51,6 +51,7 @@ def block_for(path: Path, language: str, first_line: str) -> str:
 def user_folder(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Path]:
     """The tutorial's package folder, on ``sys.path`` and the working directory; the registry,
     the entry-point state and ``sys.modules`` are as before once the test is over."""
+    registry.names("module")  # built-ins registered before the snapshot, so restored with it
     monkeypatch.setattr(registry, "_REGISTRY", {f: dict(t) for f, t in registry._REGISTRY.items()})
     monkeypatch.setattr(plugins, "_entry_points_loaded", False)
     monkeypatch.syspath_prepend(str(tmp_path))

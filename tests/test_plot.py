@@ -30,7 +30,18 @@ def two_runs(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     """Two real simulations that differ in their learning rate and participation."""
     root = tmp_path_factory.mktemp("runs")
     common = ["simulate", "--rounds", "4", "--clients", "4", "-q"]
-    assert main([*common, "--output-dir", str(root / "fast"), "--set", "server.fraction=0.5"]) == 0
+    assert (
+        main(
+            [
+                *common,
+                "--output-dir",
+                str(root / "fast"),
+                "--set",
+                'server.sampler=["uniform", {fraction = 0.5}]',
+            ]
+        )
+        == 0
+    )
     slow = ["--set", "server.client_optimizer.lrate=0.05"]
     assert main([*common, "--output-dir", str(root / "slow"), *slow]) == 0
     return [root / "fast", root / "slow"]

@@ -68,6 +68,7 @@ class ArrayOps(Protocol):
         ...
 
     def to_numpy(self, array: Any) -> np.ndarray: ...
+    def clip_norm(self, arrays: dict[str, Any], max_norm: float, per_array: bool) -> dict: ...
     def normal_like(self, array: Any, rng: np.random.Generator) -> Any: ...
 
 
@@ -137,6 +138,17 @@ class _NumpyOps:
 
     def to_numpy(self, array: np.ndarray) -> np.ndarray:
         return array
+
+    def clip_norm(
+        self, arrays: dict[str, np.ndarray], max_norm: float, per_array: bool
+    ) -> dict[str, np.ndarray]:
+        norms = {n: self.norm64(a) for n, a in arrays.items()}
+        if per_array:
+            factors = {n: min(1.0, max_norm / v) if v > 0 else 1.0 for n, v in norms.items()}
+        else:
+            total = float(np.sqrt(sum(v * v for v in norms.values())))
+            factors = dict.fromkeys(arrays, max_norm / total if total > max_norm else 1.0)
+        return {n: self.keep_dtype(a * factors[n], a) for n, a in arrays.items()}
 
     def normal_like(self, array: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         if array.dtype in (np.float32, np.float64):

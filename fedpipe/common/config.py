@@ -128,8 +128,11 @@ class ServerConfig(_Strict):
     rounds: int = Field(default=10, ge=1)
     min_clients: int = Field(default=2, ge=1)
     min_results: int | None = Field(default=None, ge=1)
-    fraction: float = Field(default=1.0, gt=0.0, le=1.0)
-    clients_per_round: int | None = Field(default=None, ge=1)
+    #: Which clients train each round: a registered sampler (``fedpipe.server.sampling``),
+    #: ``"uniform"`` (every client), ``["uniform", {fraction = 0.5}]``, ``{count = 4}``,
+    #: ``["weighted", {count = 4}]``, ``["poisson", {q = 0.1}]``,
+    #: ``["power-of-choice", {d = 10, m = 4}]``, or a plugin's name.
+    sampler: Spec = "uniform"
     wait_timeout: float = Field(default=300.0, gt=0)
     round_timeout: float = Field(default=600.0, gt=0)
     #: Rounds that may end below ``min_results`` (model unchanged) before the run fails.
@@ -191,6 +194,24 @@ class ServerConfig(_Strict):
     status_host: str = "127.0.0.1"
     status_token: str = ""
     status_token_file: Path | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_replaced_keys(cls, data: Any) -> Any:
+        if not isinstance(data, Mapping):
+            return data
+        renamed = {"fraction": "fraction", "clients_per_round": "count"}
+        old = {key: data[key] for key in renamed if key in data}
+        if old:
+            given = ", ".join(f"{key} = {value!r}" for key, value in old.items())
+            ways = " or ".join(
+                f'sampler = ["uniform", {{{renamed[key]} = {value!r}}}]'
+                for key, value in old.items()
+            )
+            raise ValueError(
+                f"{given}: sampler replaces fraction and clients_per_round; write {ways}"
+            )
+        return data
 
     @model_validator(mode="after")
     def _results_within_clients(self) -> Self:

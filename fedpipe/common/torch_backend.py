@@ -148,6 +148,18 @@ class TorchOps:
         numpy_dtype(array.dtype)  # TypeError for bfloat16 and other torch-only dtypes
         return array.detach().cpu().numpy()
 
+    def clip_norm(
+        self, arrays: dict[str, torch.Tensor], max_norm: float, per_array: bool
+    ) -> dict[str, torch.Tensor]:
+        # max_norm / 0 is inf, clamped to 1: a zero array is left as it is
+        norms = {n: torch.linalg.vector_norm(a, dtype=torch.float64) for n, a in arrays.items()}
+        if per_array:
+            factors = {n: torch.clamp(max_norm / v, max=1.0) for n, v in norms.items()}
+        else:
+            total = torch.sqrt(sum(v * v for v in norms.values()))  # type: ignore[arg-type]
+            factors = dict.fromkeys(arrays, torch.clamp(max_norm / total, max=1.0))
+        return {n: a * factors[n].to(a.dtype) for n, a in arrays.items()}
+
     def normal_like(self, array: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
         if array.dtype in (torch.float32, torch.float64):
             draw = rng.standard_normal(tuple(array.shape), dtype=numpy_dtype(array.dtype))

@@ -346,6 +346,16 @@ class Vector:
         """Global L2 norm over all arrays."""
         return float(np.sqrt(sum(v * v for v in self.norms().values())))
 
+    def clip_norm(self, max_norm: float, per_array: bool = False) -> Self:
+        """Scaled down to an L2 norm of at most ``max_norm``: ``v * min(1, max_norm / ||v||)``
+        over the whole Vector, or each array on its own with ``per_array``.
+
+        The factor is computed by the backend without a Python comparison, so that a torch
+        Vector clips on its device without waiting for the norm, and under ``torch.func.vmap``
+        each client of a stacked batch is clipped by its own norm.
+        """
+        return self._new(self.ops.clip_norm(self.coefs, max_norm, per_array))
+
     def is_finite(self) -> bool:
         """True if no array holds NaN or infinity (checked in blocks: no model-sized mask)."""
         ops = self.ops

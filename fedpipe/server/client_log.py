@@ -43,6 +43,10 @@ class RoundClients:
         if math.isfinite(result.seconds) and result.seconds >= 0:  # the client's own word
             line["train_seconds"] = round(result.seconds, 6)
 
+    def losses(self) -> dict[str, float]:
+        """The mean training loss of each client whose reply was folded in."""
+        return {name: line["train_loss"] for name, line in self.lines.items() if line["replied"]}
+
     def evaluated(self, name: str, metrics: dict[str, float], n_samples: int) -> None:
         """A client's evaluation, its metrics computed from its own states."""
         own = {key: float(value) for key, value in metrics.items()}

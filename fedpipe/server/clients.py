@@ -13,8 +13,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
 from fedpipe.common.outcome import RunOutcome
 from fedpipe.common.summable import Summable
 from fedpipe.common.training import EvalResult, RunSetup, TrainResult
@@ -118,23 +116,3 @@ class ClientPool:
             except TimeoutError:
                 return False
         return True
-
-    def sample(
-        self,
-        rng: np.random.Generator,
-        fraction: float,
-        count: int | None,
-        candidates: list[ClientProxy] | None = None,
-    ) -> list[ClientProxy]:
-        """Draw this round's clients among ``candidates`` (default: every connected client):
-        ``count`` of them, or ``ceil(fraction * n)``."""
-        clients = self.clients() if candidates is None else candidates
-        n = len(clients)
-        if n == 0:
-            return []
-        k = count if count is not None else int(np.ceil(fraction * n))
-        k = max(1, min(k, n))
-        if k == n:
-            return clients
-        chosen = rng.choice(n, size=k, replace=False)
-        return [clients[i] for i in sorted(chosen)]

@@ -39,6 +39,7 @@ from fedpipe.server.clients import ClientError, ClientPool, ClientProxy, RoundTa
 from fedpipe.server.history import EarlyStopping, History
 from fedpipe.server.run_dir import prepare_run_dir
 from fedpipe.server.run_lock import RunLock
+from fedpipe.server.sampling import ClientSampler
 
 __all__ = ["FederatedRun", "RunError", "RunSummary"]
 
@@ -66,7 +67,8 @@ class RunSummary:
     ``status`` is ``completed`` (every round ran, or early stopping ended it), ``failed``
     (``reason`` says why: no clients, too few results, a disk error...) or ``stopped`` (a
     signal ended it before its last round; ``--resume`` continues it). ``rounds_completed``
-    counts the rounds whose results were aggregated and checkpointed.
+    counts the rounds whose results were aggregated and checkpointed, and the empty rounds
+    (a Poisson sampler drew no client: nothing to aggregate, nothing failed).
     """
 
     status: RunStatus
@@ -135,6 +137,7 @@ class FederatedRun:
         try:
             self.model = BareWeights(build_model(self.setup).get_weights().to_numpy())
             self.aggregator: Aggregator = registry.build_spec("aggregator", config.aggregator)
+            self.sampler: ClientSampler = registry.build_spec("sampler", config.sampler)
             self.optimizer: Optimizer = config.server_optimizer.build()
             # Built once here so that a typo fails now, not on every client after start-up.
             config.client_optimizer.build()
@@ -143,6 +146,8 @@ class FederatedRun:
             raise ConfigError(f"cannot build the run from its config: {exc}") from exc
         self.specs: dict[str, ArraySpec] = self.model.weights.specs()
         self.metric_specs = list(config.metrics)
+        #: The sampler's random source: seeded with the run seed, advanced by each round's
+        #: draw, saved in the checkpoint (with the sampler's state) after each round.
         self.rng = np.random.default_rng(config.seed)
         self.round = 0
         self.completed = 0  # rounds aggregated and checkpointed
@@ -204,6 +209,7 @@ class FederatedRun:
             weights.check_specs(self.specs, "weights")
             self.optimizer.set_state(state["optimizer"])  # type: ignore[arg-type]
             self.rng.bit_generator.state = json.loads(str(state["rng"]))
+            self.sampler.set_state(state.get("sampler", {}))  # type: ignore[arg-type]
         except (ValueError, TypeError, KeyError) as exc:
             # A valid file with the wrong contents: another run's, or damaged in the middle.
             raise CheckpointError(f"{path} does not fit this run: {exc}") from None
@@ -246,6 +252,7 @@ class FederatedRun:
                 "weights": self.model.weights,
                 "optimizer": self.optimizer.get_state(),
                 "rng": json.dumps(self.rng.bit_generator.state),  # 128-bit ints: as text
+                "sampler": self.sampler.get_state(),
                 "base_rounds": dict(self.base_rounds),
                 # Scalars only: per-round client lists stay in metrics.jsonl, else each
                 # checkpoint would grow with rounds x clients.
@@ -398,12 +405,10 @@ class FederatedRun:
         if not wait_for_all:
             await self._wait_for_clients(cfg.required_results, cfg.round_timeout)
         await self._initialize_new_clients(deadline)
-        sampled = self.pool.sample(
-            self.rng,
-            cfg.fraction,
-            cfg.clients_per_round,
-            [c for c in self.pool.clients() if c.initialized],
-        )
+        candidates = [c for c in self.pool.clients() if c.initialized]
+        sampled = self.sampler.sample(candidates, self.rng, round_number)
+        if candidates and not sampled:
+            return self._empty_round(round_number, start)
         task = RoundTask(
             round_number,
             self.model.weights,
@@ -411,6 +416,7 @@ class FederatedRun:
             base_rounds=dict(self.base_rounds),
         )
         folded, clients = await self._train(sampled, task, deadline, start)
+        self.sampler.observe(clients.losses())
         record: dict[str, Any] = {
             "round": round_number,
             "sampled": len(sampled),
@@ -441,6 +447,16 @@ class FederatedRun:
         self.round = round_number
         record["seconds"] = round(time.perf_counter() - start, 6)
         self._persist(record, clients)
+        return record
+
+    def _empty_round(self, round_number: int, start: float) -> dict[str, Any]:
+        """A round whose sampler drew no client (Poisson sampling may): the model stays as it
+        is, the round is recorded and checkpointed, and it is not a failed round."""
+        log.warning("round %d: the sampler drew no client; the round is empty", round_number)
+        record: dict[str, Any] = {"round": round_number, "sampled": 0, "replied": 0, "clients": []}
+        self.round = round_number
+        record["seconds"] = round(time.perf_counter() - start, 6)
+        self._persist(record, RoundClients(round_number, []))
         return record
 
     async def _train(

@@ -37,7 +37,7 @@ def sim_config(out: Path, rounds: int) -> SimulationConfig:
             "server": {
                 "rounds": rounds,
                 "min_clients": 6,
-                "clients_per_round": 4,
+                "sampler": ["uniform", {"count": 4}],
                 "client_optimizer": {"lrate": 0.3},
                 "training": {"epochs": 1, "batch_size": 32},
                 "output_dir": str(out),

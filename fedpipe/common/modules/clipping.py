@@ -36,10 +36,7 @@ class L2Clipping(OptiModule):
         return {"max_norm": self.max_norm}
 
     def run(self, gradients: Vector) -> Vector:
-        factors = {
-            k: min(1.0, self.max_norm / n) if n > 0 else 1.0 for k, n in gradients.norms().items()
-        }
-        return gradients.scale(factors)
+        return gradients.clip_norm(self.max_norm, per_array=True)
 
 
 class L2GlobalClipping(OptiModule):
@@ -62,7 +59,4 @@ class L2GlobalClipping(OptiModule):
         return {"max_norm": self.max_norm}
 
     def run(self, gradients: Vector) -> Vector:
-        norm = gradients.norm()
-        if norm <= self.max_norm:
-            return gradients
-        return gradients * (self.max_norm / norm)
+        return gradients.clip_norm(self.max_norm)
