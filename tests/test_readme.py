@@ -65,3 +65,12 @@ def test_readme_notebook_example_runs_and_its_histories_hold_the_runs(
         assert history.metric("accuracy")[-1][1] > 0.8  # digits, 10 classes: it learned
     assert [m.name for m in fedadam.config.server.server_optimizer.build().modules] == ["adam"]
     assert namespace["kernel"] is fedadam.weights["kernel"]
+
+
+def test_readme_gpu_simulation_config_is_valid_and_names_every_gpu() -> None:
+    from fedpipe.common.config import SimulationConfig
+
+    (toml,) = [b for b in blocks("toml") if 'device = "cuda"' in b]
+    sim = SimulationConfig.model_validate(tomllib.loads(toml))
+    assert (sim.device, sim.mode, sim.transport) == ("cuda", "sequential", "inprocess")
+    assert sim.server.model.name == "mypkg.models:build" and sim.n_clients == 100

@@ -377,14 +377,38 @@ class PartitionConfig(_Strict):
     seed: int = 0
 
 
+_DEVICE = re.compile(r"cpu|cuda(:\d+)?|mps|auto")
+
+
+def _device_name(value: str) -> str:
+    if not _DEVICE.fullmatch(value):
+        raise ValueError(
+            f"{value!r} is not a device; expected 'cpu', 'cuda' (every visible GPU), "
+            "'cuda:N', 'mps' or 'auto'"
+        )
+    return value
+
+
+DeviceName = Annotated[str, AfterValidator(_device_name)]
+
+
 class SimulationConfig(_Strict):
-    """A whole federation on one machine: a server config plus simulated clients."""
+    """A whole federation on one machine: a server config plus simulated clients.
+
+    ``device`` places the in-process clients' torch model: unset, the model stays where its
+    factory put it; ``"cuda"`` spreads clients over every visible GPU (client ``i`` on GPU
+    ``i % n``, one model object per GPU); a list (``["cuda:0", "cuda:1"]``) names the
+    devices, one model object per entry; ``"auto"`` is ``"cuda"`` when torch sees a GPU,
+    else ``"cpu"``. ``mode`` is how clients train there (see :mod:`fedpipe.server.inprocess`).
+    """
 
     n_clients: int = Field(default=10, ge=1)
     dataset: str = "digits"
     eval_fraction: float = Field(default=0.25, ge=0.0, lt=1.0)
     partition: PartitionConfig = Field(default_factory=PartitionConfig)
     transport: Literal["inprocess", "grpc"] = "inprocess"
+    device: DeviceName | Annotated[list[DeviceName], Field(min_length=1)] | None = None
+    mode: Literal["sequential", "vectorized"] = "sequential"
     server: ServerConfig = Field(default_factory=ServerConfig)
     #: Modules to import in this process and in every process the simulation spawns (the
     #: simulation's owner owns its clients); added to ``server.plugins``.
@@ -396,6 +420,11 @@ class SimulationConfig(_Strict):
             raise ValueError(
                 f"n_clients={self.n_clients} exceeds server.max_clients="
                 f"{self.server.max_clients}: the server would refuse the extra client processes"
+            )
+        if self.transport == "grpc" and self.device is not None:
+            raise ValueError(
+                f"device={self.device!r} places in-process clients; with transport='grpc' "
+                "each client process picks its device in its own config"
             )
         return self
 

@@ -103,6 +103,17 @@ class Summable:
             {k: v.copy() if isinstance(v, Vector) else v for k, v in self.fields.items()}
         )
 
+    def like(self, other: Vector) -> Self:
+        """This record with its Vectors on ``other``'s backend and device (itself if none
+        moved)."""
+        moved = {k: v.like(other) if isinstance(v, Vector) else v for k, v in self.fields.items()}
+        return self if all(moved[k] is v for k, v in self.fields.items()) else type(self)(moved)
+
+    def to_numpy(self) -> Self:
+        """This record with its Vectors as numpy arrays on the host (itself if none moved)."""
+        moved = {k: v.to_numpy() if isinstance(v, Vector) else v for k, v in self.fields.items()}
+        return self if all(moved[k] is v for k, v in self.fields.items()) else type(self)(moved)
+
     def is_finite(self) -> bool:
         return all(
             v.is_finite() if isinstance(v, Vector) else math.isfinite(v)

@@ -502,10 +502,13 @@ class FederatedRun:
         """Aggregate the round's sum and let the server optimizer move the global model; the
         round becomes the base round of every client folded in."""
         assert folded.total is not None
-        aggregated = self.aggregator.finalize(folded.total)
+        # The sum stays where the replies were added up (a simulation's GPU) until here:
+        # it comes to the host once per round, for the server optimizer (numpy).
+        aggregated = self.aggregator.finalize(folded.total).to_numpy()
         folded.total = None  # model-sized: free it before the updates are computed
         if folded.aux_total:
-            self.optimizer.process_aux_var(folded.aux_total, senders=folded.names)
+            aux_total = {k: v.to_numpy() for k, v in folded.aux_total.items()}
+            self.optimizer.process_aux_var(aux_total, senders=folded.names)
         updates = self.optimizer.compute_updates(self.model, aggregated, consume=True)
         del aggregated
         if not updates.is_finite():

@@ -34,6 +34,7 @@ from fedpipe.common.data import Dataset, load_builtin, load_dataset, partition, 
 from fedpipe.common.plugins import import_plugins
 from fedpipe.common.vector import Vector
 from fedpipe.server.clients import ClientPool
+from fedpipe.server.devices import resolve_devices
 from fedpipe.server.inprocess import InProcessClient, SharedModels
 from fedpipe.server.monitoring import Monitoring
 from fedpipe.server.rounds import FederatedRun, RunSummary
@@ -138,21 +139,40 @@ async def simulate_inprocess(
     *,
     overwrite: bool = False,
 ) -> RunSummary:
+    """The round loop with :class:`InProcessClient` proxies, on the devices ``sim`` names.
+
+    Raises
+    ------
+    ConfigError
+        A named device is not there, or the model cannot go to it (not a torch model).
+    """
+    devices = resolve_devices(sim.device)
+    if sim.mode == "vectorized":
+        log.warning(
+            "mode='vectorized' is not available in this version: clients train one after "
+            "another (sequential mode)"
+        )
+    if devices:
+        log.info("in-process clients train on %s", ", ".join(devices))
     pool = ClientPool()
-    models = SharedModels()
-    for name, train, test in clients:
-        await pool.add(InProcessClient(name, train, test, models))
+    models = SharedModels(devices)
+    for index, (name, train, test) in enumerate(clients):
+        await pool.add(InProcessClient(name, train, test, models, index))
     server = sim.server.model_copy(
         update={"min_clients": min(sim.server.min_clients, len(clients))}
     )
-    with FederatedRun(server, pool, on_round=on_round) as run:
-        monitoring = await Monitoring.start(server, run, overwrite=overwrite)
-        try:
-            summary = await run.run()
-            monitoring.finished(summary)
-            return summary
-        finally:
-            await monitoring.close()
+    try:
+        with FederatedRun(server, pool, on_round=on_round) as run:
+            models.get(run.setup)  # a model that cannot go to its device fails here, once
+            monitoring = await Monitoring.start(server, run, overwrite=overwrite)
+            try:
+                summary = await run.run()
+                monitoring.finished(summary)
+                return summary
+            finally:
+                await monitoring.close()
+    finally:
+        models.close()
 
 
 def free_port() -> int:

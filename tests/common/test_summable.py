@@ -64,3 +64,16 @@ def test_check_like_refuses_non_finite_numbers() -> None:
         Summable({"delta": Vector({"w": np.ones(2)}), "count": float("nan")}).check_like(
             record(0.0, 0), "m"
         )
+
+
+def test_a_record_moves_to_a_device_and_back_keeping_its_numbers() -> None:
+    torch = pytest.importorskip("torch")
+    rec = record(1.5, 2)
+    assert rec.to_numpy() is rec  # already on the host: nothing copied
+    on_torch = rec.like(Vector({"w": torch.zeros(2, dtype=torch.float64)}))
+    assert on_torch.vector("delta").backend == "torch" and on_torch.number("count") == 2
+    assert rec.vector("delta").backend == "numpy"  # the original is left alone
+    back = on_torch.to_numpy()
+    assert back.vector("delta").backend == "numpy" and back.number("count") == 2
+    assert np.array_equal(back.vector("delta")["w"], [1.5, 1.5])
+    assert rec.like(rec.vector("delta")) is rec

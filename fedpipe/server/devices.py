@@ -1,0 +1,111 @@
+"""Devices of an in-process simulation: which ones a config names, and one worker per device.
+
+``device = "cuda"`` means every GPU torch sees; ``"cuda:1"`` that one; a list names several
+(the same name twice gives two model objects on that device: on a CPU-only machine,
+``["cpu", "cpu"]`` exercises the routing of a two-GPU run). Torch is imported only when a
+device is named.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+from fedpipe.common.config import ConfigError
+
+__all__ = ["DeviceWorkers", "resolve_devices"]
+
+R = TypeVar("R")
+
+
+def resolve_devices(device: str | Sequence[str] | None) -> list[str]:
+    """The devices ``device`` (a simulation's ``device`` key) names, one per model object;
+    ``[]`` when unset (the model stays where its factory put it).
+
+    Raises
+    ------
+    ConfigError
+        A named device is not there (no CUDA device, an index past the last GPU...).
+    """
+    if device is None:
+        return []
+    names = [device] if isinstance(device, str) else list(device)
+    return [resolved for name in names for resolved in _resolve(name)]
+
+
+def _resolve(name: str) -> list[str]:
+    try:
+        import torch
+    except ImportError:
+        raise ConfigError(
+            f"device={name!r} places a torch model: install the torch extra "
+            "(pip install 'fedpipe[torch]')"
+        ) from None
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if name == "auto":
+        return [f"cuda:{i}" for i in range(gpus)] or ["cpu"]
+    if name == "cuda":
+        if not gpus:
+            raise ConfigError(
+                "device='cuda' but torch sees no CUDA device (torch.cuda.is_available() is "
+                "False); use device='cpu' or 'auto'"
+            )
+        return [f"cuda:{i}" for i in range(gpus)]
+    if name.startswith("cuda:") and int(name[5:]) >= gpus:
+        raise ConfigError(f"device={name!r} but torch sees {gpus} CUDA device(s)")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("device='mps' but torch.backends.mps.is_available() is False")
+    return [name]
+
+
+class DeviceWorkers:
+    """One worker thread per device slot, so that clients on different GPUs train at once,
+    and their replies handed back in the order the tasks were given.
+
+    The fold of a round adds replies in arrival order; handing them back in task order keeps
+    a several-device run bit-identical to a one-device run (same sum, same order). At most
+    one task per slot is started ahead of the oldest reply not handed back yet, so at most
+    that many finished replies wait on a device.
+    """
+
+    def __init__(self, devices: Sequence[str]) -> None:
+        self.devices = list(devices)
+        self._pools = [
+            ThreadPoolExecutor(1, f"fedpipe-sim-{i}", initializer=_bind, initargs=(device,))
+            for i, device in enumerate(self.devices)
+        ]
+
+    async def run(self, slot: int, turns: list[asyncio.Future[None]], work: Callable[[], R]) -> R:
+        """Run ``work`` on ``slot``'s thread; return after every earlier task of ``turns``
+        (one list per round task, shared by its clients) has returned or failed."""
+        loop = asyncio.get_running_loop()
+        mine: asyncio.Future[None] = loop.create_future()
+        turns.append(mine)
+        k, n = len(turns) - 1, len(self._pools)
+        try:
+            if k >= n:
+                await asyncio.wait({turns[k - n]})  # never cancels the other client's turn
+            result = await loop.run_in_executor(self._pools[slot], work)
+            if k:
+                await asyncio.wait({turns[k - 1]})
+            return result
+        finally:
+            if not mine.done():
+                mine.set_result(None)
+
+    def close(self) -> None:
+        """Let the threads end once their work is done (idempotent)."""
+        for pool in self._pools:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _bind(device: str) -> None:
+    """Make ``device`` the thread's current CUDA device, where kernels without an explicit
+    device (and torch's caching allocator) go."""
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.set_device(device)
