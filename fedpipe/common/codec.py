@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from google.protobuf.message import DecodeError as _ProtobufDecodeError
 
-from fedpipe.common.half import BFLOAT16, is_float_dtype, missing_bfloat16
+from fedpipe.common.half import BFLOAT16, is_float_dtype, missing_bfloat16, numpy_dtype
 from fedpipe.common.state import State, StateValue
 from fedpipe.common.vector import ArraySpec, SpecMismatchError, Vector, describe_spec_mismatch
 from fedpipe.proto.fedpipe.v1 import tensor_pb2 as pb
@@ -107,7 +107,7 @@ def wire_dtype(dtype: np.dtype[Any], what: str) -> tuple[pb.DType, np.dtype[Any]
 
 def dtype_to_enum(dtype: str | np.dtype[Any]) -> pb.DType:
     """The wire ``DType`` of a numpy dtype or dtype name (``TypeError`` if not sendable)."""
-    dt = np.dtype(dtype)
+    dt = numpy_dtype(dtype) if isinstance(dtype, str) else dtype
     return wire_dtype(dt, f"dtype {dt}")[0]
 
 
