@@ -22,6 +22,8 @@ from typing import Any, Protocol, cast
 
 import numpy as np
 
+from fedpipe.common.half import is_float_dtype, numpy_dtype
+
 __all__ = ["NUMPY", "ArrayOps", "is_array", "ops_of", "torch_ops"]
 
 
@@ -53,6 +55,7 @@ class ArrayOps(Protocol):
     def writable(self, array: Any) -> bool: ...
     def add_(self, array: Any, other: Any) -> None: ...
     def is_float(self, array: Any) -> bool: ...
+    def cast(self, array: Any, dtype: str) -> Any: ...
     def mul_(self, array: Any, factor: float) -> None: ...
     def assign(self, array: Any, value: Any) -> None: ...
     def sum64(self, array: Any) -> float: ...
@@ -104,7 +107,10 @@ class _NumpyOps:
         np.add(array, other, out=array)
 
     def is_float(self, array: np.ndarray) -> bool:
-        return array.dtype.kind in "fc"
+        return is_float_dtype(array.dtype)
+
+    def cast(self, array: np.ndarray, dtype: str) -> np.ndarray:
+        return array.astype(numpy_dtype(dtype))
 
     def mul_(self, array: np.ndarray, factor: float) -> None:
         np.multiply(array, factor, out=array)

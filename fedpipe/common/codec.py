@@ -16,12 +16,14 @@ kept). Tuples are sent as lists. Containers nest at most :data:`MAX_DEPTH` deep.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 from google.protobuf.message import DecodeError as _ProtobufDecodeError
 
+from fedpipe.common.half import BFLOAT16, is_float_dtype, missing_bfloat16, numpy_dtype
 from fedpipe.common.state import State, StateValue
 from fedpipe.common.vector import ArraySpec, SpecMismatchError, Vector, describe_spec_mismatch
 from fedpipe.proto.fedpipe.v1 import tensor_pb2 as pb
@@ -89,6 +91,8 @@ _DTYPES: dict[pb.DType, np.dtype[Any]] = {
     pb.DTYPE_FLOAT32: np.dtype("<f4"),
     pb.DTYPE_FLOAT64: np.dtype("<f8"),
 }
+if BFLOAT16 is not None and sys.byteorder == "little":  # ml_dtypes arrays are native-endian
+    _DTYPES[pb.DTYPE_BFLOAT16] = BFLOAT16
 _DTYPE_CODES: dict[str, pb.DType] = {dtype.name: code for code, dtype in _DTYPES.items()}
 _DTYPE_NAMES = ", ".join(_DTYPE_CODES)
 
@@ -103,7 +107,7 @@ def wire_dtype(dtype: np.dtype[Any], what: str) -> tuple[pb.DType, np.dtype[Any]
 
 def dtype_to_enum(dtype: str | np.dtype[Any]) -> pb.DType:
     """The wire ``DType`` of a numpy dtype or dtype name (``TypeError`` if not sendable)."""
-    dt = np.dtype(dtype)
+    dt = numpy_dtype(dtype) if isinstance(dtype, str) else dtype
     return wire_dtype(dt, f"dtype {dt}")[0]
 
 
@@ -112,8 +116,16 @@ def dtype_from_enum(code: int) -> str:
     the code is not a valid dtype (``DTYPE_UNSPECIFIED`` included)."""
     dtype = _DTYPES.get(code)  # type: ignore[call-overload]
     if dtype is None:
-        raise SpecError(f"dtype code {code} is not valid, expected one of {_DTYPE_NAMES}")
+        raise SpecError(_unknown_dtype(code, f"dtype code {code}"))
     return dtype.name
+
+
+def _unknown_dtype(code: int, what: str) -> str:
+    if code == pb.DTYPE_BFLOAT16:
+        return (
+            f"{what}: bfloat16 cannot be received here: {missing_bfloat16() or 'big-endian host'}"
+        )
+    return f"{what} is not valid, expected one of {_DTYPE_NAMES}"
 
 
 def little_endian(array: np.ndarray, dtype: np.dtype[Any]) -> np.ndarray:
@@ -129,9 +141,7 @@ def spec_from_wire(spec: pb.TensorSpec, what: str, max_bytes: int = _MAX_ARRAY_B
     """
     dtype = _DTYPES.get(spec.dtype)
     if dtype is None:
-        raise SpecError(
-            f"{what}: dtype code {spec.dtype} is not valid, expected one of {_DTYPE_NAMES}"
-        )
+        raise SpecError(_unknown_dtype(spec.dtype, f"{what}: dtype code {spec.dtype}"))
     if len(spec.shape) > _MAX_NDIM:
         raise SpecError(
             f"{what}: shape has {len(spec.shape)} dimensions, expected at most {_MAX_NDIM}"
@@ -162,7 +172,7 @@ def check_array_values(array: np.ndarray, what: str, allow_nonfinite: bool) -> N
     """Reject booleans that are not 0/1 bytes and, unless allowed, NaN and infinity."""
     if array.dtype.kind == "b" and array.size and int(array.view(np.uint8).max()) > 1:
         raise DecodeError(f"{what}: boolean data holds bytes other than 0 and 1")
-    if not allow_nonfinite and array.dtype.kind == "f" and not np.isfinite(array).all():
+    if not allow_nonfinite and is_float_dtype(array.dtype) and not np.isfinite(array).all():
         bad = int(array.size - np.count_nonzero(np.isfinite(array)))
         raise NonFiniteError(
             f"{what}: {bad} of {array.size} values are NaN or infinite, expected finite values"
@@ -184,7 +194,7 @@ def encode_array(name: str, array: np.ndarray) -> pb.Tensor:
     ------
     TypeError
         If ``array`` is not a numpy array or its dtype is not one of bool, (u)int8-64,
-        float16/32/64.
+        float16/32/64, bfloat16 (``ml_dtypes.bfloat16``).
     """
     msg = pb.Tensor()
     _fill_tensor(msg, name, array)

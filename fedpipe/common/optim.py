@@ -35,17 +35,46 @@ class BareWeights:
     """Weights with nothing around them: what the server steps with its optimizer.
 
     Takes ownership of ``weights``: updates are added in place, so a server never holds two
-    copies of the global model.
+    copies of the global model. Half-precision weights (float16, bfloat16) are the exception:
+    the optimizer steps a float32 :attr:`master` copy of them (Micikevicius et al., 2018,
+    "Mixed Precision Training"), so that server steps below half an ulp of a weight add up over
+    rounds instead of rounding away (a bfloat16 weight of 0.1 ignores any step below 2.5e-4,
+    FedAdam's steps are about its learning rate). The server optimizer's state takes the
+    master's dtypes (float32 Adam moments). :attr:`weights`, what clients receive and files
+    hold, is the master rounded to the model's dtypes once per step.
     """
 
     def __init__(self, weights: Vector) -> None:
-        self.weights = weights
+        #: The model's specs: the dtypes of :attr:`weights`.
+        self.specs = weights.specs()
+        self._master = weights.widened()
+        self._weights: Vector | None = weights
+
+    @property
+    def master(self) -> Vector:
+        """The weights the optimizer steps: :attr:`weights` itself, or its float32 copy."""
+        return self._master
+
+    @master.setter
+    def master(self, master: Vector) -> None:
+        master.check_specs(self._master.specs(), "master weights")
+        self._master = master
+        self._weights = master if master.specs() == self.specs else None
+
+    @property
+    def weights(self) -> Vector:
+        """The global weights in the model's dtypes."""
+        if self._weights is None:
+            self._weights = self._master.astype(self.specs)
+        return self._weights
 
     def get_weights(self, copy: bool = False) -> Vector:
-        return self.weights.copy() if copy else self.weights
+        return self._master.copy() if copy else self._master
 
     def apply_updates(self, updates: Vector) -> None:
-        self.weights.add_(updates)
+        self._master.add_(updates)
+        if self._weights is not self._master:
+            self._weights = None
 
 
 class Optimizer:

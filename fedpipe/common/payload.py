@@ -47,6 +47,7 @@ from fedpipe.common.codec import (
     spec_from_wire,
     wire_dtype,
 )
+from fedpipe.common.half import is_float_dtype, numpy_dtype
 from fedpipe.common.state import State
 from fedpipe.common.vector import ArraySpec, Vector, describe_spec_mismatch
 from fedpipe.proto.fedpipe.v1 import tensor_pb2 as pb
@@ -173,7 +174,7 @@ class _PayloadDecoder(StateDecoder):
 
     def _allocate(self, index: int, label: str) -> np.ndarray:
         spec = self.specs[index]
-        array = np.empty(spec.shape, dtype=np.dtype(spec.dtype).newbyteorder("<"))
+        array = np.empty(spec.shape, dtype=numpy_dtype(spec.dtype).newbyteorder("<"))
         self.arrays[index] = array
         self.labels[index] = label
         return array
@@ -280,7 +281,8 @@ class PayloadAssembler:
         self._labels = decoder.labels
         # Float tensors are checked for NaN/inf chunk by chunk, while the bytes are in cache.
         self._floats = [
-            None if allow_nonfinite or a.dtype.kind != "f" else a.reshape(-1) for a in self._arrays
+            None if allow_nonfinite or not is_float_dtype(a.dtype) else a.reshape(-1)
+            for a in self._arrays
         ]
         self._checked = [0] * len(specs)
         self._finished = False

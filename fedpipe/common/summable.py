@@ -2,7 +2,9 @@
 
 A :class:`Summable` is a flat record of Vectors and numbers. Two of them with the same fields
 add field by field, in any order, so the server can fold client replies into one running sum as
-they arrive (memory O(model), not O(model x clients)).
+they arrive (memory O(model), not O(model x clients)). A running sum of half-precision Vectors
+(float16, bfloat16) is kept in float32 (:meth:`Summable.accumulator`): an fp16 sum of a thousand
+small updates would stall once its ulp exceeds them.
 """
 
 from __future__ import annotations
@@ -49,7 +51,8 @@ class Summable:
 
     def check_like(self, reference: Summable, what: str) -> None:
         """Raise unless this record can be added to ``reference``: same fields, a Vector where
-        it has a Vector (with the same specs), a finite number where it has a number.
+        it has a Vector (with the same specs, or half precision where it has float32: see
+        :meth:`accumulator`), a finite number where it has a number.
 
         Raises
         ------
@@ -67,7 +70,7 @@ class Summable:
             if isinstance(expected, Vector):
                 if not isinstance(value, Vector):
                     raise TypeError(f"{what}.{key} must be a Vector, got {type(value).__name__}")
-                value.check_specs(expected.specs(), f"{what}.{key}")
+                expected.check_accumulates(value, f"{what}.{key}")
             elif isinstance(value, Vector) or isinstance(value, bool):
                 raise TypeError(f"{what}.{key} must be a number, got {type(value).__name__}")
             elif not math.isfinite(value):
@@ -97,6 +100,18 @@ class Summable:
                     raise TypeError(f"field {key!r}: cannot add a Vector to a number")
                 self.fields[key] = value + theirs
         return self
+
+    def accumulator(self, copy: bool = True) -> Self:
+        """A record to keep a running sum in: half-precision Vectors (float16, bfloat16) as
+        float32 copies, which :meth:`add_` adds half-precision records into; the other Vectors
+        copied, or shared with ``copy=False`` (when this record is handed over).
+        """
+        return type(self)(
+            {
+                k: v.widened(copy=copy) if isinstance(v, Vector) else v
+                for k, v in self.fields.items()
+            }
+        )
 
     def copy(self) -> Self:
         return type(self)(

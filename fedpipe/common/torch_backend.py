@@ -15,9 +15,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedpipe.common.half import BFLOAT16, missing_bfloat16
+
 __all__ = ["TorchOps", "numpy_dtype", "torch_dtype"]
 
-_NUMPY_OF_TORCH = {
+_NUMPY_OF_TORCH: dict[torch.dtype, Any] = {
     torch.bool: np.bool_,
     torch.uint8: np.uint8,
     torch.int8: np.int8,
@@ -28,6 +30,8 @@ _NUMPY_OF_TORCH = {
     torch.float32: np.float32,
     torch.float64: np.float64,
 }
+if BFLOAT16 is not None:
+    _NUMPY_OF_TORCH[torch.bfloat16] = BFLOAT16
 
 
 def numpy_dtype(dtype: torch.dtype) -> np.dtype:
@@ -35,7 +39,8 @@ def numpy_dtype(dtype: torch.dtype) -> np.dtype:
     try:
         return np.dtype(_NUMPY_OF_TORCH[dtype])
     except KeyError:
-        raise TypeError(f"torch dtype {dtype} has no numpy equivalent") from None
+        why = missing_bfloat16() if dtype == torch.bfloat16 else ""
+        raise TypeError(why or f"torch dtype {dtype} has no numpy equivalent") from None
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -58,7 +63,10 @@ def _scalar(value: float | int, like: torch.Tensor) -> torch.Tensor:
 
 def _from_numpy(array: np.ndarray) -> torch.Tensor:
     # torch refuses to share read-only memory (decoded payloads are read-only views)
-    return torch.from_numpy(array if array.flags.writeable else array.copy())
+    array = array if array.flags.writeable else array.copy()
+    if BFLOAT16 is not None and array.dtype == BFLOAT16:  # torch has no ml_dtypes bfloat16:
+        return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)  # same bits, no copy
+    return torch.from_numpy(array)
 
 
 class TorchOps:
@@ -103,6 +111,9 @@ class TorchOps:
     def is_float(self, array: torch.Tensor) -> bool:
         return array.is_floating_point() or array.is_complex()
 
+    def cast(self, array: torch.Tensor, dtype: str) -> torch.Tensor:
+        return array.to(torch_dtype(dtype))
+
     def mul_(self, array: torch.Tensor, factor: float) -> None:
         array.mul_(factor)
 
@@ -145,8 +156,11 @@ class TorchOps:
         return value.to(like.device, non_blocking=False)
 
     def to_numpy(self, array: torch.Tensor) -> np.ndarray:
-        numpy_dtype(array.dtype)  # TypeError for bfloat16 and other torch-only dtypes
-        return array.detach().cpu().numpy()
+        dtype = numpy_dtype(array.dtype)  # TypeError for torch-only dtypes
+        host = array.detach().cpu()
+        if array.dtype == torch.bfloat16:  # the same 16-bit words, never through float32
+            return host.view(torch.int16).numpy().view(dtype)
+        return host.numpy()
 
     def clip_norm(
         self, arrays: dict[str, torch.Tensor], max_norm: float, per_array: bool

@@ -21,6 +21,7 @@ from typing import Any, Self
 import numpy as np
 
 from fedpipe.common.backends import NUMPY, ArrayOps, is_array, ops_of
+from fedpipe.common.half import HALF_DTYPES, accumulator_dtype, numpy_dtype
 
 __all__ = ["ArraySpec", "SpecMismatchError", "Vector", "VectorSpecs", "dtype_name"]
 
@@ -49,7 +50,7 @@ class ArraySpec:
 
     @property
     def nbytes(self) -> int:
-        return self.size * np.dtype(self.dtype).itemsize
+        return self.size * numpy_dtype(self.dtype).itemsize
 
 
 VectorSpecs = dict[str, ArraySpec]
@@ -122,6 +123,19 @@ class Vector:
         if problem:
             raise SpecMismatchError(f"{what}: {problem}")
 
+    def check_accumulates(self, other: Vector, what: str = "vector") -> None:
+        """Raise :class:`SpecMismatchError` unless :meth:`add_` can add ``other`` into this
+        Vector: the same specs, except half-precision arrays meeting float32 arrays of their
+        shape (a running sum of half-precision updates, see :meth:`widened`)."""
+        own = self.specs()
+        theirs = {
+            n: own[n] if own.get(n) == ArraySpec(s.shape, accumulator_dtype(s.dtype)) else s
+            for n, s in other.specs().items()
+        }
+        problem = describe_spec_mismatch(theirs, own)
+        if problem:
+            raise SpecMismatchError(f"{what}: {problem}")
+
     @property
     def nbytes(self) -> int:
         return sum(map(self.ops.nbytes, self.coefs.values()))
@@ -188,6 +202,33 @@ class Vector:
             return self
         to_numpy = self.ops.to_numpy
         return Vector({n: to_numpy(a) for n, a in self.coefs.items()})
+
+    def astype(self, dtypes: Mapping[str, ArraySpec]) -> Self:
+        """The arrays cast to the dtypes of ``dtypes`` (a spec map); arrays already of their
+        dtype are shared, not copied."""
+        ops = self.ops
+        return self._new(
+            {
+                n: a if ops.dtype_name(a) == dtypes[n].dtype else ops.cast(a, dtypes[n].dtype)
+                for n, a in self.coefs.items()
+            }
+        )
+
+    def widened(self, copy: bool = False) -> Self:
+        """Half-precision arrays (float16, bfloat16) as float32 copies, the others shared (or
+        copied with ``copy``): what a running sum of such Vectors starts from (see :meth:`add_`).
+        """
+        specs = self.specs()
+        if not copy and not any(s.dtype in HALF_DTYPES for s in specs.values()):
+            return self
+        out = self.astype(
+            {n: ArraySpec(s.shape, accumulator_dtype(s.dtype)) for n, s in specs.items()}
+        )
+        if copy:
+            out.coefs = {
+                n: self.ops.copy(a) if a is self.coefs[n] else a for n, a in out.coefs.items()
+            }
+        return out
 
     def like(self, other: Vector) -> Vector:
         """These arrays on ``other``'s backend and device (itself when already there)."""
@@ -294,7 +335,12 @@ class Vector:
     # ---- in-place accumulation (aggregation hot path) ----------------------------------------
 
     def add_(self, other: Vector, alpha: float = 1.0) -> Self:
-        """In place: ``self += alpha * other``. Used to keep one running sum when aggregating."""
+        """In place: ``self += alpha * other``. Used to keep one running sum when aggregating.
+
+        ``other`` has this Vector's specs, except that a float32 array of the accumulator may
+        take a half-precision (float16, bfloat16) array of ``other``: a float32 running sum of
+        half-precision updates (:meth:`widened`), added without a widened copy.
+        """
         ops = self.ops
         if other.ops is not ops or other.device != self.device:
             other = other.like(self)  # the accumulator keeps its backend and device
@@ -302,7 +348,7 @@ class Vector:
             a.shape != other.coefs[n].shape or a.dtype != other.coefs[n].dtype
             for n, a in self.coefs.items()
         ):
-            self.check_specs(other.specs(), "in-place addition")  # raises, saying what differs
+            self.check_accumulates(other, "in-place addition")
         for name, a in self.coefs.items():
             if not ops.writable(a):
                 a = self.coefs[name] = ops.copy(a)

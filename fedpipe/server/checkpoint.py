@@ -68,5 +68,13 @@ def remove_interrupted_writes(output_dir: Path) -> None:
 
 
 def save_model(path: Path, weights: Vector) -> None:
-    """Write the weights as an ``.npz`` archive (one array per weight name), atomically."""
-    atomic_write(path, lambda fh: np.savez(fh, **weights.coefs))  # type: ignore[arg-type]
+    """Write the weights as an ``.npz`` archive (one array per weight name), atomically.
+
+    ``.npz`` has no bfloat16: bfloat16 arrays are written as float32 (exactly, every bfloat16
+    value is a float32); cast them back with ``torch.from_numpy(a).bfloat16()``.
+    """
+    arrays = {
+        n: a.astype(np.float32) if a.dtype.name == "bfloat16" else a
+        for n, a in weights.to_numpy().coefs.items()
+    }
+    atomic_write(path, lambda fh: np.savez(fh, **arrays))  # type: ignore[arg-type]

@@ -211,14 +211,14 @@ class FederatedRun:
         state = load_checkpoint(path)
         try:
             weights, history, base_rounds = _checkpoint_fields(state)
-            weights.check_specs(self.specs, "weights")
+            weights.check_specs(self.model.master.specs(), "weights")
             self.optimizer.set_state(state["optimizer"])  # type: ignore[arg-type]
             self.rng.bit_generator.state = json.loads(str(state["rng"]))
             self.sampler.set_state(state.get("sampler", {}))  # type: ignore[arg-type]
         except (ValueError, TypeError, KeyError) as exc:
             # A valid file with the wrong contents: another run's, or damaged in the middle.
             raise CheckpointError(f"{path} does not fit this run: {exc}") from None
-        self.model.weights = weights
+        self.model.master = weights
         self.round = int(state["round"])  # type: ignore[arg-type]
         self.base_rounds = base_rounds
         self.history = History.resumed(self.output_dir, history)
@@ -254,7 +254,7 @@ class FederatedRun:
             path,
             {
                 "round": self.round,
-                "weights": self.model.weights,
+                "weights": self.model.master,  # float32 for half-precision models
                 "optimizer": self.optimizer.get_state(),
                 "rng": json.dumps(self.rng.bit_generator.state),  # 128-bit ints: as text
                 "sampler": self.sampler.get_state(),
@@ -763,8 +763,9 @@ class _Fold:
 
     def _add(self, result: TrainResult) -> None:
         if self.total is None:
-            self.total = self.aggregator.start(result.partial)
-            self.aux_total = {k: v.copy() for k, v in result.aux_vars.items()}
+            # float32 for half precision; a buffered aggregator keeps replies instead
+            self.total = self.aggregator.start(result.partial.accumulator(copy=False))
+            self.aux_total = {k: v.accumulator() for k, v in result.aux_vars.items()}
         else:
             self.total.add_(result.partial)
             for key, aux in result.aux_vars.items():

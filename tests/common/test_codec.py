@@ -45,6 +45,7 @@ DTYPES = [
     "float16",
     "float32",
     "float64",
+    "bfloat16",  # ml_dtypes.bfloat16
 ]
 SLOW = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -146,7 +146,7 @@ def test_state_resume_is_bit_identical() -> None:
     expected = steps(optimizer, model, 3, seed=1)
 
     resumed, model = Optimizer.from_config(optimizer.get_config()), start()
-    model.weights = saved_weights
+    model.master = saved_weights
     resumed.set_state(snapshot)
     assert resumed.step == 3
     for got, want in zip(steps(resumed, model, 3, seed=1), expected, strict=True):

@@ -31,7 +31,7 @@ from fedpipe.common.vector import ArraySpec, Vector
 from fedpipe.proto.fedpipe.v1 import tensor_pb2 as pb
 
 SLOW = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
-DTYPES = ["bool", "int8", "uint16", "int32", "uint64", "float16", "float32", "float64"]
+DTYPES = ["bool", "int8", "uint16", "int32", "uint64", "float16", "float32", "float64", "bfloat16"]
 MB = 1 << 20
 
 

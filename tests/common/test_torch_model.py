@@ -11,6 +11,7 @@ from fedpipe.common import registry
 from fedpipe.common.config import SimulationConfig
 from fedpipe.common.models import load_model
 from fedpipe.common.vector import Vector
+from fedpipe.server.checkpoint import load_checkpoint
 from fedpipe.server.simulation import simulate
 
 torch = pytest.importorskip("torch")
@@ -121,3 +122,34 @@ def test_frozen_parameters_are_not_weights() -> None:
     assert sorted(grads) == ["2.bias", "2.weight"]
     with pytest.raises(ValueError, match="no trainable parameter"):
         TorchModel(torch.nn.Linear(2, 2).requires_grad_(False), torch.nn.MSELoss())
+
+
+def test_federated_training_of_a_bfloat16_mlp_on_digits(tmp_path: Path) -> None:
+    sim = SimulationConfig.model_validate(
+        {
+            "n_clients": 4,
+            "dataset": "digits",
+            "partition": {"scheme": "dirichlet", "alpha": 0.5},
+            "server": {
+                "rounds": 6,
+                "min_clients": 4,
+                "model": {
+                    "name": "tests.common.torch_models:build",
+                    "config": {"hidden": 32, "dtype": "bfloat16"},
+                },
+                "client_optimizer": {"lrate": 0.1, "modules": ["momentum"]},
+                "training": {"epochs": 1, "batch_size": 16},
+                "output_dir": str(tmp_path),
+            },
+        }
+    )
+    summary = simulate(sim)
+    assert summary.history[-1]["accuracy"] >= 0.85, summary.history[-1]
+    weights = summary.weights["0.weight"]
+    assert weights.dtype.name == "bfloat16"
+    master = load_checkpoint(tmp_path / "checkpoint.fpk")["weights"]
+    assert isinstance(master, Vector) and master["0.weight"].dtype == np.float32
+    assert np.array_equal(master["0.weight"].astype(weights.dtype), weights)  # rounded once
+    with np.load(tmp_path / "model.npz") as saved:  # npz has no bfloat16: exact float32
+        assert saved["0.weight"].dtype == np.float32
+        assert np.array_equal(saved["0.weight"], weights.astype(np.float32))

@@ -64,10 +64,11 @@ class Aggregator(Registrable):
         """
 
     def aggregate(self, partials: Iterable[Summable]) -> Vector:
-        """Sum ``partials`` (streaming, one running sum) and finalize."""
+        """Sum ``partials`` (streaming, one running sum, float32 for half-precision updates)
+        and finalize: the result is in the running sum's dtypes."""
         total: Summable | None = None
         for partial in partials:
-            total = partial.copy() if total is None else total.add_(partial)
+            total = partial.accumulator() if total is None else total.add_(partial)
         if total is None:
             raise ValueError("cannot aggregate zero client updates")
         return self.finalize(total)
