@@ -63,6 +63,17 @@ def _module_name(value: str) -> str:
     return value
 
 
+_DEVICE = re.compile(r"[a-z]+(:\d+)?")
+
+
+def _device_name(value: str) -> str:
+    if not _DEVICE.fullmatch(value):
+        raise ValueError(
+            f"{value!r} is not a device name; expected 'cpu', 'cuda', 'cuda:<index>' or 'mps'"
+        )
+    return value
+
+
 #: Modules to import before the config's names are looked up (see fedpipe.common.plugins).
 Plugins = list[Annotated[str, AfterValidator(_module_name)]]
 
@@ -303,6 +314,9 @@ class ClientConfig(_Strict):
     tls_key: Path | None = None
     insecure: bool = False
     threads: int | None = Field(default=None, ge=1)
+    #: Where this client trains a torch model: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``.
+    #: The client's choice alone (the server never picks it); numpy models need ``"cpu"``.
+    device: Annotated[str, AfterValidator(_device_name)] = "cpu"
     #: Model import paths (``pkg.module:factory``) the server may ask this client to build.
     trusted_models: list[str] = Field(default_factory=list)
     #: Modules of this client owner's packages to import (registered classes). Only the
