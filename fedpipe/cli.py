@@ -169,6 +169,7 @@ def cmd_client(args: argparse.Namespace) -> int:
         "tls_key": str(args.tls_key) if args.tls_key else None,
         "insecure": args.insecure or None,
         "threads": args.threads,
+        "device": args.device,
         "state_dir": str(args.state_dir) if args.state_dir else None,
     }
     config: ClientConfig = load_config(
@@ -446,6 +447,9 @@ def build_parser() -> argparse.ArgumentParser:
     client.add_argument("--eval-fraction", type=float, help="hold out this share for evaluation")
     client.add_argument(
         "--threads", type=int, help="math-library threads (1 when many clients share a machine)"
+    )
+    client.add_argument(
+        "--device", help="where to train a torch model: cpu (default), cuda, cuda:1, mps"
     )
     client.add_argument("--tls-ca", type=Path, help="CA certificate that signed the server's")
     client.add_argument(

@@ -17,6 +17,8 @@ from fedpipe.client.tls_errors import explain_connection_failure
 from fedpipe.common.codec import spec_from_wire
 from fedpipe.common.config import ClientConfig
 from fedpipe.common.data import Dataset
+from fedpipe.common.devices import check_device, client_device, place_model
+from fedpipe.common.host_staging import HostStaging
 from fedpipe.common.outcome import ExitCode, RunOutcome
 from fedpipe.common.payload import encode_payload
 from fedpipe.common.plugins import import_plugins
@@ -84,6 +86,8 @@ class ClientDaemon:
         #: still open on the server is ours.
         self.session_secret = ""
         self.states = ClientStateStore(self.name, config.state_dir)
+        #: Host memory each update leaves the device through (pinned, reused every round).
+        self.staging = HostStaging()
 
     async def run(self) -> int:
         """Take part in the run until the server says it is over; the process exit code
@@ -96,6 +100,7 @@ class ClientDaemon:
         """
         cfg = self.config
         check_client_files(cfg)  # a certificate of its own that cannot work stops it here
+        check_device(client_device(cfg.device))  # so does a device this machine lacks
         delay = cfg.retry_initial
         give_up = time.monotonic() + cfg.retry_timeout
         while True:
@@ -258,7 +263,8 @@ class ClientDaemon:
             log.error("task %d failed: %s", task.task_id, exc)
             reply.error = f"{type(exc).__name__}: {exc}"
             return reply, None
-        payload = encode_payload(state, trainer.setup.chunk_bytes)
+        # The previous reply's frames are all written: its staging memory may be reused.
+        payload = encode_payload(state, trainer.setup.chunk_bytes, staging=self.staging)
         reply.info.CopyFrom(settings_value(info))
         reply.payload.CopyFrom(payload.header)
         return reply, payload
@@ -276,6 +282,7 @@ class ClientDaemon:
                 "trust; add it to 'trusted_models' in the client config to allow it"
             )
         trainer = LocalTrainer(setup)
+        place_model(trainer.model, client_device(self.config.device))
         problem = describe_spec_mismatch(trainer.model.weight_specs(), specs)
         if problem:
             raise ValueError(

@@ -63,6 +63,22 @@ def _module_name(value: str) -> str:
     return value
 
 
+_DEVICE = re.compile(r"cpu|cuda(:\d+)?|mps|auto")
+
+
+def _device_name(value: str) -> str:
+    if not _DEVICE.fullmatch(value):
+        raise ValueError(
+            f"{value!r} is not a device; expected 'cpu', 'cuda', 'cuda:N', 'mps' or 'auto'"
+        )
+    return value
+
+
+#: A device: ``"cuda"`` is every visible GPU for a simulation and the first for a client;
+#: ``"auto"`` the GPU(s) when torch sees one, else the CPU.
+DeviceName = Annotated[str, AfterValidator(_device_name)]
+
+
 #: Modules to import before the config's names are looked up (see fedpipe.common.plugins).
 Plugins = list[Annotated[str, AfterValidator(_module_name)]]
 
@@ -327,6 +343,9 @@ class ClientConfig(_Strict):
     tls_key: Path | None = None
     insecure: bool = False
     threads: int | None = Field(default=None, ge=1)
+    #: Where this client trains a torch model: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``.
+    #: The client's choice alone (the server never picks it); numpy models need ``"cpu"``.
+    device: DeviceName = "cpu"
     #: Model import paths (``pkg.module:factory``) the server may ask this client to build.
     trusted_models: list[str] = Field(default_factory=list)
     #: Modules of this client owner's packages to import (registered classes). Only the
@@ -375,21 +394,6 @@ class PartitionConfig(_Strict):
     scheme: Literal["iid", "dirichlet", "quantity-skew"] = "dirichlet"
     alpha: float = Field(default=0.5, gt=0)
     seed: int = 0
-
-
-_DEVICE = re.compile(r"cpu|cuda(:\d+)?|mps|auto")
-
-
-def _device_name(value: str) -> str:
-    if not _DEVICE.fullmatch(value):
-        raise ValueError(
-            f"{value!r} is not a device; expected 'cpu', 'cuda' (every visible GPU), "
-            "'cuda:N', 'mps' or 'auto'"
-        )
-    return value
-
-
-DeviceName = Annotated[str, AfterValidator(_device_name)]
 
 
 class SimulationConfig(_Strict):

@@ -48,6 +48,7 @@ from fedpipe.common.codec import (
     wire_dtype,
 )
 from fedpipe.common.half import is_float_dtype, numpy_dtype
+from fedpipe.common.host_staging import HostStaging
 from fedpipe.common.state import State
 from fedpipe.common.vector import ArraySpec, Vector, describe_spec_mismatch
 from fedpipe.proto.fedpipe.v1 import tensor_pb2 as pb
@@ -101,9 +102,10 @@ class EncodedPayload:
 
 
 class _PayloadEncoder(StateEncoder):
-    def __init__(self) -> None:
+    def __init__(self, staging: HostStaging | None) -> None:
         self.specs: list[pb.TensorSpec] = []
         self.arrays: list[np.ndarray] = []
+        self.staging = staging
 
     def _add(self, name: str, array: np.ndarray, what: str) -> int:
         if not isinstance(array, np.ndarray):
@@ -119,15 +121,22 @@ class _PayloadEncoder(StateEncoder):
 
     def vector(self, out: pb.Value, vector: Vector, path: str) -> None:
         out.vector_ref.SetInParent()
-        for name, array in vector.to_numpy().coefs.items():
+        host = vector.to_numpy() if self.staging is None else self.staging.to_host(vector)
+        for name, array in host.coefs.items():
             out.vector_ref.indices.append(self._add(name, array, f"{path}[{name!r}]"))
 
 
-def encode_payload(state: State, chunk_size: int = 4 << 20) -> EncodedPayload:
+def encode_payload(
+    state: State, chunk_size: int = 4 << 20, *, staging: HostStaging | None = None
+) -> EncodedPayload:
     """Split a state into a header and the arrays to stream in chunks of ``chunk_size`` bytes.
 
     Every numpy array and every Vector array of ``state`` goes into the tensor table, without a
-    copy when it already is little-endian and C-contiguous (otherwise one converted copy).
+    copy when it already is little-endian and C-contiguous (otherwise one converted copy); so
+    do CPU tensors (whose memory numpy shares). Tensors on a device are copied once to the host:
+    into ``staging``'s reused (pinned) buffer when given, whose memory the chunks then slice,
+    and which this call takes over (:meth:`HostStaging.begin`): send the previous payload
+    encoded with it first.
 
     Raises
     ------
@@ -136,7 +145,9 @@ def encode_payload(state: State, chunk_size: int = 4 << 20) -> EncodedPayload:
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size is {chunk_size}, expected at least 1 byte")
-    encoder = _PayloadEncoder()
+    if staging is not None:
+        staging.begin()
+    encoder = _PayloadEncoder(staging)
     header = pb.PayloadHeader()
     encoder.encode(state, header.structure)
     header.tensors.extend(encoder.specs)

@@ -65,3 +65,15 @@ async def test_a_setup_whose_model_differs_from_the_servers_specs_is_an_error_re
 def test_client_config_needs_exactly_one_data_source() -> None:
     with pytest.raises(ValueError, match="exactly one of 'data'"):
         ClientConfig()
+
+
+async def test_a_numpy_model_on_a_gpu_client_fails_the_setup_with_a_clear_error() -> None:
+    task = setup_task({"name": "softmax-regression", "config": {"n_features": 4, "n_classes": 3}})
+    client = daemon(device="cuda:0")
+    reply, payload = await client._handle(task, {})
+    assert payload is None and client.trainer is None
+    assert reply.error == (
+        "DeviceError: device='cuda:0', but model 'softmax-regression' is a numpy model that "
+        "runs on the CPU only; set device = 'cpu' or use a torch model (TorchModel)"
+    )
+    assert client.setup_error == reply.error

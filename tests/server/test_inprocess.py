@@ -14,6 +14,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from fedpipe.common.config import ConfigError, SimulationConfig  # noqa: E402
+from fedpipe.common.host_staging import HostStaging  # noqa: E402
 from fedpipe.common.torch_backend import TorchOps  # noqa: E402
 from fedpipe.common.training import LocalTrainer  # noqa: E402
 from fedpipe.server.clients import RoundTask  # noqa: E402
@@ -58,7 +59,8 @@ def per_client_transport(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture
 def host_to_device() -> Any:
-    """Counts arrays the torch backend takes from numpy (host-to-device copies)."""
+    """Counts arrays taken from numpy onto torch tensors (host-to-device copies): by the
+    torch backend, and by a torch model's set_weights."""
     counted = {"arrays": 0}
     original = TorchOps.asarray
 
@@ -66,8 +68,15 @@ def host_to_device() -> Any:
         counted["arrays"] += isinstance(value, np.ndarray)
         return original(self, value, like)
 
+    staged = HostStaging.to_device
+
+    def staging(self: HostStaging, arrays: Any, targets: Any) -> None:
+        counted["arrays"] += sum(isinstance(a, np.ndarray) for a in arrays.values())
+        staged(self, arrays, targets)
+
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(TorchOps, "asarray", counting)
+        patch.setattr(HostStaging, "to_device", staging)  # TorchModel.set_weights' path
         yield counted
 
 

@@ -24,6 +24,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from fedpipe.common.host_staging import HostStaging
 from fedpipe.common.models.base import TASKS, Model
 from fedpipe.common.torch_backend import TorchOps
 from fedpipe.common.vector import ArraySpec, Vector, VectorSpecs
@@ -70,6 +71,7 @@ class TorchModel(Model, register_name=False):
         if len(devices) > 1:
             raise ValueError(f"the module's trainable parameters are on several devices {devices}")
         self._params = trainable
+        self._staging = HostStaging()  # incoming weights' way to the device, reused
         self.to(device if device is not None else devices.pop())
 
     def to(self, device: str | torch.device) -> None:
@@ -96,8 +98,12 @@ class TorchModel(Model, register_name=False):
         return Vector(dict(self._weights))
 
     def set_weights(self, weights: Vector) -> None:
-        """Copy ``weights`` (numpy or torch, any device) into the parameters."""
+        """Copy ``weights`` (numpy or torch, any device) into the parameters; numpy weights
+        reach a CUDA device through a reused pinned buffer, in one synchronized transfer."""
         weights.check_specs(self.weight_specs(), f"weights for model {self.name!r}")
+        if weights.backend == "numpy":
+            self._staging.to_device(weights.coefs, self._weights)
+            return
         with torch.no_grad():
             for name, tensor in self._weights.items():
                 tensor.copy_(_OPS.asarray(weights.coefs[name], tensor))
