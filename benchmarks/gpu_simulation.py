@@ -9,10 +9,14 @@ epoch, batch 32, SGD (lr 0.05), FedAvg weighted by samples.
   ``torch.optim.SGD``, weights reset per client, a running weighted sum of updates);
 - floor 2, vmap: plain torch, all clients of a round at once (``functional_call`` + ``vmap``
   + ``grad``), ``--max-clients`` at a time;
-- fedpipe vectorized: :class:`fedpipe.common.vectorized.VectorizedTrainer` with one
-  :class:`LocalTrainer` per client, the updates folded by the ``averaging`` aggregator;
-- fedpipe sequential: HOOK, the same engine one client at a time (``max_clients=1``) until
-  the sequential GPU simulation mode exists (then call it in ``fedpipe_sequential``).
+- fedpipe vectorized / sequential: the in-process simulation's own wiring, as
+  ``fedpipe simulate`` with ``mode = "vectorized"`` / ``"sequential"`` runs it: one
+  :class:`~fedpipe.server.inprocess.SharedModels` on the device, one
+  :class:`~fedpipe.server.inprocess.InProcessClient` per client (its own
+  :class:`LocalTrainer`), each round's task sent to every client at once and the replies
+  folded in client order by the ``averaging`` aggregator. Measured: training rounds only
+  (staging the weights on the device, local training, folding, the global update); the
+  dataset partitioning, evaluation, checkpoints and history of a full run are left out.
 
 Targets on one H100: vectorized >= 450 client updates/s, >= 0.85x the vmap floor and >= 13x
 the per-client loop; sequential >= 0.9x the per-client loop; a 10,000-client round
@@ -27,6 +31,7 @@ Usage: ``python benchmarks/gpu_simulation.py [--device cuda] [--clients 100] [--
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import statistics
 import time
@@ -41,9 +46,10 @@ from torch.func import functional_call, grad, vmap
 from fedpipe.common.data import Dataset
 from fedpipe.common.models.torch_adapter import TorchModel
 from fedpipe.common.summable import Summable
-from fedpipe.common.training import LocalTrainer, RunSetup
+from fedpipe.common.training import RunSetup
 from fedpipe.common.vector import Vector
-from fedpipe.common.vectorized import ClientJob, VectorizedTrainer
+from fedpipe.server.clients import RoundTask
+from fedpipe.server.inprocess import InProcessClient, SharedModels
 
 LR = 0.05
 MODES = ("loop", "vmap", "vectorized", "sequential")
@@ -167,53 +173,57 @@ def vmap_floor(args: argparse.Namespace, x: torch.Tensor, y: torch.Tensor) -> li
     return timed_rounds(args, one_round)
 
 
-def fedpipe_jobs(
-    args: argparse.Namespace, x: torch.Tensor, y: torch.Tensor
-) -> tuple[TorchModel, list[ClientJob]]:
-    torch.manual_seed(0)  # both fedpipe modes start from the same weights
-    model = TorchModel(cnn().to(args.device), torch.nn.CrossEntropyLoss())
+def cnn_model() -> TorchModel:
+    """The CNN as fedpipe's model factory, seeded: both fedpipe modes start equal."""
+    torch.manual_seed(0)
+    return TorchModel(cnn(), torch.nn.CrossEntropyLoss())
+
+
+def fedpipe_rounds(
+    args: argparse.Namespace, x: torch.Tensor, y: torch.Tensor, mode: str
+) -> tuple[list[float], Vector]:
+    """fedpipe's in-process simulation in ``mode`` on ``args.device``: its shared models and
+    client proxies, its replies folded by the averaging aggregator (as the round loop)."""
+    return asyncio.run(_simulated_rounds(args, x.cpu().numpy(), y.cpu().numpy(), mode))
+
+
+async def _simulated_rounds(
+    args: argparse.Namespace, x: np.ndarray, y: np.ndarray, mode: str
+) -> tuple[list[float], Vector]:
     setup = RunSetup(
-        model={"name": "benchmarks.gpu_simulation:cnn", "config": {}},
+        model={"name": "benchmarks.gpu_simulation:cnn_model", "config": {}},
         client_optimizer={"lrate": LR},
         aggregator="averaging",
         metrics=["loss"],
         training={"epochs": 1, "batch_size": args.batch},
     )
-    x_host, y_host = x.cpu().numpy(), y.cpu().numpy()
-    jobs = [
-        ClientJob(f"client-{k}", LocalTrainer(setup, model=model), Dataset(x_host[k], y_host[k]))
+    models = SharedModels([args.device], mode, args.max_clients)  # type: ignore[arg-type]
+    clients = [
+        InProcessClient(f"client-{k}", Dataset(x[k], y[k]), None, models)
         for k in range(args.clients)
     ]
-    return model, jobs
-
-
-def fedpipe_rounds(
-    args: argparse.Namespace, x: torch.Tensor, y: torch.Tensor, max_clients: int
-) -> tuple[list[float], Vector]:
-    """fedpipe's engine, its results folded by the averaging aggregator (as the round loop)."""
-    model, jobs = fedpipe_jobs(args, x, y)
-    engine = VectorizedTrainer(model, max_clients=max_clients)
-    start = Vector({n: p.detach().clone() for n, p in model.module.named_parameters()})
-    state: dict[str, Any] = {"weights": start, "round": 0}
-    aggregator = jobs[0].trainer.aggregator
-
-    def one_round() -> None:
-        state["round"] += 1
-        total: Summable | None = None
-        for result in engine.train(jobs, state["weights"], state["round"]):
-            total = result.partial if total is None else total.add_(result.partial)
-        assert total is not None
-        state["weights"] = state["weights"] - aggregator.finalize(total)
-
-    return timed_rounds(args, one_round), state["weights"]
-
-
-def fedpipe_sequential(
-    args: argparse.Namespace, x: torch.Tensor, y: torch.Tensor
-) -> tuple[list[float], Vector]:
-    # HOOK: the engine one client at a time stands in for fedpipe's sequential GPU mode
-    # (one model on the device, clients one after another); call that mode here once it exists.
-    return fedpipe_rounds(args, x, y, max_clients=1)
+    weights = models.get(setup).get_weights().to_numpy()
+    for client in clients:
+        await client.initialize(setup, weights.specs())
+    aggregator = clients[0].trainer.aggregator
+    seconds = []
+    try:
+        for round_number in range(1, args.rounds + 1):
+            sync(args.device)
+            start = time.perf_counter()
+            task = RoundTask(round_number, weights)
+            total: Summable | None = None
+            replies = [asyncio.ensure_future(c.train(task)) for c in clients]  # as the loop
+            for reply in replies:
+                partial = (await reply).partial
+                total = partial if total is None else total.add_(partial)
+            assert total is not None
+            weights = weights - aggregator.finalize(total).to_numpy()
+            sync(args.device)
+            seconds.append(time.perf_counter() - start)
+    finally:
+        models.close()
+    return seconds, weights
 
 
 def report(args: argparse.Namespace, seconds: dict[str, list[float]]) -> dict[str, Any]:
@@ -224,7 +234,7 @@ def report(args: argparse.Namespace, seconds: dict[str, list[float]]) -> dict[st
         "loop": "floor 1: per-client loop (torch)",
         "vmap": "floor 2: vmap (torch.func)",
         "vectorized": "fedpipe vectorized",
-        "sequential": "fedpipe sequential (hook)",
+        "sequential": "fedpipe sequential",
     }
     print(f"{'mode':<34} {'s/round':>9} {'updates/s':>10}")
     for mode in seconds:
@@ -276,8 +286,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     runs = {
         "loop": lambda: loop_floor(args, x, y),
         "vmap": lambda: vmap_floor(args, x, y),
-        "vectorized": lambda: fedpipe_rounds(args, x, y, args.max_clients),
-        "sequential": lambda: fedpipe_sequential(args, x, y),
+        "vectorized": lambda: fedpipe_rounds(args, x, y, "vectorized"),
+        "sequential": lambda: fedpipe_rounds(args, x, y, "sequential"),
     }
     seconds, finals = {}, {}
     for mode in MODES:

@@ -9,7 +9,7 @@ device is named.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
@@ -81,20 +81,33 @@ class DeviceWorkers:
     async def run(self, slot: int, turns: list[asyncio.Future[None]], work: Callable[[], R]) -> R:
         """Run ``work`` on ``slot``'s thread; return after every earlier task of ``turns``
         (one list per round task, shared by its clients) has returned or failed."""
-        loop = asyncio.get_running_loop()
-        mine: asyncio.Future[None] = loop.create_future()
-        turns.append(mine)
-        k, n = len(turns) - 1, len(self._pools)
-        try:
+        k, n = len(turns), len(self._pools)
+
+        async def started() -> R:
             if k >= n:
                 await asyncio.wait({turns[k - n]})  # never cancels the other client's turn
-            result = await loop.run_in_executor(self._pools[slot], work)
+            return await asyncio.get_running_loop().run_in_executor(self._pools[slot], work)
+
+        return await self.in_turn(turns, started())
+
+    async def in_turn(self, turns: list[asyncio.Future[None]], reply: Awaitable[R]) -> R:
+        """Await ``reply``; return it after every earlier task of ``turns`` has returned or
+        failed (takes its turn before awaiting anything)."""
+        mine: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        turns.append(mine)
+        k = len(turns) - 1
+        try:
+            result = await reply
             if k:
                 await asyncio.wait({turns[k - 1]})
             return result
         finally:
             if not mine.done():
                 mine.set_result(None)
+
+    def start(self, slot: int, work: Callable[[], None]) -> None:
+        """Queue ``work`` on ``slot``'s thread, after the work already queued there."""
+        self._pools[slot].submit(work)
 
     def close(self) -> None:
         """Let the threads end once their work is done (idempotent)."""

@@ -10,13 +10,18 @@ them up on the device and brings the total to the host once (``fedpipe.server.ro
 Sequential mode: clients of a device train one after another. With several devices, client
 ``i`` trains on device ``i % n`` in that device's worker thread, so the devices work at once;
 replies come back in task order, which keeps the run bit-identical to a one-device run.
+
+Vectorized mode: the clients of a round that share a device slot train in one call of that
+slot's :class:`~fedpipe.common.vectorized.VectorizedTrainer` (``max_clients`` stacked at once),
+on the slot's worker thread (:mod:`fedpipe.server.slot_batches`); replies come back in task
+order too. Evaluation stays client by client.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Mapping, Sequence
-from typing import TypeVar
+from typing import TYPE_CHECKING, Literal, TypeVar
 
 from fedpipe.common.config import ConfigError
 from fedpipe.common.data import Dataset
@@ -27,9 +32,15 @@ from fedpipe.common.vector import ArraySpec, Vector
 from fedpipe.server.clients import ClientError, ClientProxy, RoundTask, RunOutcome
 from fedpipe.server.devices import DeviceWorkers
 
+if TYPE_CHECKING:
+    from fedpipe.common.models.torch_adapter import TorchModel
+    from fedpipe.common.vectorized import VectorizedTrainer
+
 __all__ = ["InProcessClient", "SharedModels"]
 
 R = TypeVar("R")
+
+VECTORIZED_NEEDS = "mode='vectorized' trains a torch model with torch.func"
 
 
 class SharedModels:
@@ -43,11 +54,22 @@ class SharedModels:
         the model's factory put it.
     """
 
-    def __init__(self, devices: Sequence[str] = ()) -> None:
-        self.devices = list(devices)
+    def __init__(
+        self,
+        devices: Sequence[str] = (),
+        mode: Literal["sequential", "vectorized"] = "sequential",
+        max_clients: int = 1024,
+    ) -> None:
+        self.devices, self.mode, self.max_clients = list(devices), mode, max_clients
         self._models: dict[tuple[int, int], Model] = {}
-        #: Worker threads when there are several slots (one slot trains inline).
-        self.workers = DeviceWorkers(self.devices) if len(self.devices) > 1 else None
+        self._engines: dict[tuple[int, int], VectorizedTrainer] = {}
+        #: Worker threads when there are several slots or batches to train (a slot of the
+        #: sequential mode trains inline). No device named: one slot, the factory's device.
+        self.workers = (
+            DeviceWorkers(self.devices or [""])
+            if len(self.devices) > 1 or mode == "vectorized"
+            else None
+        )
 
     def slot_of(self, index: int) -> int:
         """The device slot of the simulation's ``index``-th client (round robin)."""
@@ -59,15 +81,27 @@ class SharedModels:
         Raises
         ------
         ConfigError
-            A device is named and the model is not a torch model.
+            A device is named, or the mode is vectorized, and the model is not a torch model.
         """
         key = (id(setup), slot)
         if key not in self._models:
             model = build_model(setup)
             if self.devices:
                 _place(model, self.devices[slot])
+            if self.mode == "vectorized":
+                _torch(model, VECTORIZED_NEEDS)
             self._models[key] = model
         return self._models[key]
+
+    def engine(self, setup: RunSetup, slot: int) -> VectorizedTrainer:
+        """The vectorized engine of ``slot``'s model for ``setup``, built on first use."""
+        from fedpipe.common.vectorized import VectorizedTrainer
+
+        key = (id(setup), slot)
+        if key not in self._engines:
+            model = _torch(self.get(setup, slot), VECTORIZED_NEEDS)
+            self._engines[key] = VectorizedTrainer(model, self.max_clients)
+        return self._engines[key]
 
     def close(self) -> None:
         """End the worker threads once their work is done (idempotent)."""
@@ -76,14 +110,17 @@ class SharedModels:
 
 
 def _place(model: Model, device: str) -> None:
-    from fedpipe.common.models.torch_adapter import TorchModel  # torch: only with a device
+    _torch(model, f"device={device!r} places a torch model").to(device)
+
+
+def _torch(model: Model, what: str) -> TorchModel:
+    """``model``, a torch model, or a ConfigError saying ``what`` needs one."""
+    from fedpipe.common.models.torch_adapter import TorchModel  # torch: only when asked for
 
     if not isinstance(model, TorchModel):
-        raise ConfigError(
-            f"device={device!r} places a torch model, but model {model.name!r} is a numpy "
-            "model; leave device unset"
-        )
-    model.to(device)
+        fix = "mode='sequential'" if what.startswith("mode") else "leave device unset"
+        raise ConfigError(f"{what}, but model {model.name!r} is a numpy model; use {fix}")
+    return model
 
 
 class InProcessClient(ClientProxy):
@@ -119,12 +156,30 @@ class InProcessClient(ClientProxy):
     async def train(self, task: RoundTask) -> TrainResult:
         trainer, data, name = self.trainer, self.train_data, self.name
         weights, aux_vars = self._staged(task)
+        if self._models.mode == "vectorized":
+            return await self._batched(task, weights, aux_vars)
         return await self._run(
             task,
             lambda: trainer.train(
                 data, weights, aux_vars, client=name, round_number=task.round_number
             ),
         )
+
+    async def _batched(
+        self, task: RoundTask, weights: Vector, aux_vars: dict[str, Summable]
+    ) -> TrainResult:
+        """Vectorized mode: this client's job goes in its slot's batch for ``task``; its reply
+        comes back in task order. Nothing is awaited before the job is submitted."""
+        from fedpipe.common.vectorized import ClientJob
+        from fedpipe.server.slot_batches import submit
+
+        workers = self._models.workers
+        assert workers is not None  # the vectorized mode always has worker threads
+        job = ClientJob(self.name, self.trainer, self.train_data, aux_vars)
+        engine = self._models.engine(self.trainer.setup, self.slot)
+        reply = submit(task, self.slot, job, engine, weights, workers)
+        turns: list[asyncio.Future[None]] = task.cache.setdefault("inprocess/turns", [])
+        return await workers.in_turn(turns, reply)
 
     async def evaluate(self, task: RoundTask) -> EvalResult:
         if self.eval_data is None:

@@ -144,18 +144,14 @@ async def simulate_inprocess(
     Raises
     ------
     ConfigError
-        A named device is not there, or the model cannot go to it (not a torch model).
+        A named device is not there, or the model cannot go to it or be vectorized (not a
+        torch model).
     """
     devices = resolve_devices(sim.device)
-    if sim.mode == "vectorized":
-        log.warning(
-            "mode='vectorized' is not available in this version: clients train one after "
-            "another (sequential mode)"
-        )
     if devices:
-        log.info("in-process clients train on %s", ", ".join(devices))
+        log.info("in-process clients train on %s (%s mode)", ", ".join(devices), sim.mode)
     pool = ClientPool()
-    models = SharedModels(devices)
+    models = SharedModels(devices, sim.mode, sim.max_clients)
     for index, (name, train, test) in enumerate(clients):
         await pool.add(InProcessClient(name, train, test, models, index))
     server = sim.server.model_copy(

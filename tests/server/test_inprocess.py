@@ -3,7 +3,6 @@ clients spread over several devices, all bit-identical to the per-client numpy t
 
 from __future__ import annotations
 
-import logging
 import threading
 from pathlib import Path
 from typing import Any
@@ -156,20 +155,6 @@ def test_a_numpy_model_refuses_a_device(tmp_path: Path) -> None:
     sim = sim_config(tmp_path, "cpu", model={"name": "softmax-regression"})
     with pytest.raises(ConfigError, match="model 'softmax-regression' is a numpy model"):
         simulate(sim)
-
-
-def test_vectorized_mode_says_it_trains_sequentially(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    sim = sim_config(tmp_path, "cpu", rounds=1).model_copy(update={"mode": "vectorized"})
-    with caplog.at_level(logging.WARNING, logger="fedpipe.server.simulation"):
-        summary = simulate(sim)
-    assert summary.status == "completed"
-    said = [r.getMessage() for r in caplog.records if "vectorized" in r.getMessage()]
-    assert said == [
-        "mode='vectorized' is not available in this version: clients train one after "
-        "another (sequential mode)"
-    ]
 
 
 @pytest.mark.cuda

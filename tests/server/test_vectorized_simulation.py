@@ -1,0 +1,152 @@
+"""``mode = "vectorized"`` in the in-process simulation: the clients of a round that share a
+device slot train in one engine call, with the results of the sequential mode."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from fedpipe.common.config import ConfigError  # noqa: E402
+from fedpipe.common.data import Dataset  # noqa: E402
+from fedpipe.common.vectorized import ClientJob, VectorizedTrainer  # noqa: E402
+from fedpipe.server import simulation  # noqa: E402
+from fedpipe.server.rounds import RunSummary  # noqa: E402
+from fedpipe.server.simulation import simulate  # noqa: E402
+from tests.server.test_inprocess import CLIENTS, ROUNDS, SCAFFOLD, sim_config  # noqa: E402
+
+README = Path(__file__).parents[2] / "README.md"
+
+
+def run(tmp_path: Path, mode: str, device: Any = "cpu", **server: Any) -> RunSummary:
+    extra = server.pop("sim", {})
+    sim = sim_config(tmp_path / mode, device, **server)
+    return simulate(sim.model_copy(update={"mode": mode, **extra}))
+
+
+def assert_same_run(vectorized: RunSummary, sequential: RunSummary) -> None:
+    assert vectorized.status == sequential.status == "completed"
+    assert vectorized.weights.allclose(sequential.weights, rtol=0, atol=1e-5)
+    for v, s in zip(vectorized.history, sequential.history, strict=True):
+        assert v["replied"] == s["replied"]
+        assert v["train_loss"] == pytest.approx(s["train_loss"], abs=1e-5)
+        assert v["accuracy"] == pytest.approx(s["accuracy"], abs=1e-9)
+
+
+@pytest.fixture
+def engine_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int, list[str]]]:
+    """Each engine call: its thread, its round and its clients."""
+    calls: list[tuple[str, int, list[str]]] = []
+    train = VectorizedTrainer.train
+
+    def spy(self: VectorizedTrainer, jobs: list[ClientJob], *args: Any) -> Iterator[Any]:
+        calls.append((threading.current_thread().name, args[1], [j.name for j in jobs]))
+        return train(self, jobs, *args)
+
+    monkeypatch.setattr(VectorizedTrainer, "train", spy)
+    return calls
+
+
+def test_one_engine_call_per_round_trains_every_client_as_the_sequential_mode(
+    tmp_path: Path, engine_calls: list[tuple[str, int, list[str]]]
+) -> None:
+    vectorized = run(tmp_path, "vectorized")
+    names = [f"client-{i}" for i in range(CLIENTS)]
+    assert engine_calls == [("fedpipe-sim-0_0", r, names) for r in range(1, ROUNDS + 1)]
+    sequential = run(tmp_path, "sequential")
+    assert_same_run(vectorized, sequential)
+    # The digits MLP after 3 rounds of 4 steps (momentum 0.9): both modes, same accuracy.
+    assert vectorized.history[-1]["accuracy"] == pytest.approx(0.49, abs=0.01)
+
+
+def test_two_slots_batch_their_own_clients_and_match_the_sequential_mode(
+    tmp_path: Path, engine_calls: list[tuple[str, int, list[str]]]
+) -> None:
+    vectorized = run(tmp_path, "vectorized", ["cpu", "cpu"])
+    slot0 = ("fedpipe-sim-0_0", ["client-0", "client-2", "client-4"])
+    slot1 = ("fedpipe-sim-1_0", ["client-1", "client-3"])
+    assert sorted((t, r, n) for t, r, n in engine_calls) == sorted(
+        (t, r, n) for r in range(1, ROUNDS + 1) for t, n in (slot0, slot1)
+    )
+    assert_same_run(vectorized, run(tmp_path, "sequential", ["cpu", "cpu"]))
+
+
+def test_max_clients_bounds_the_clients_stacked_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stacked: list[int] = []
+    chunk = VectorizedTrainer._chunk
+
+    def spy(self: VectorizedTrainer, jobs: list[ClientJob], *args: Any) -> Iterator[Any]:
+        stacked.append(len(jobs))
+        return chunk(self, jobs, *args)
+
+    monkeypatch.setattr(VectorizedTrainer, "_chunk", spy)
+    vectorized = run(tmp_path, "vectorized", sim={"max_clients": 2})
+    assert stacked == [2, 2, 1] * ROUNDS
+    assert_same_run(vectorized, run(tmp_path, "sequential"))
+
+
+def test_a_module_that_cannot_be_vectorized_trains_client_by_client_with_one_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO, logger="fedpipe.common.vectorized"):
+        vectorized = run(tmp_path, "vectorized", **SCAFFOLD)
+    said = [r.getMessage() for r in caplog.records if r.name == "fedpipe.common.vectorized"]
+    assert said == [
+        "vectorized training: optimizer runs client by client: module scaffold-client "
+        "exchanges auxiliary variables"
+    ]
+    assert_same_run(vectorized, run(tmp_path, "sequential", **SCAFFOLD))
+
+
+@pytest.fixture
+def bad_labels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """client-2's training labels are out of range: its training raises."""
+    partition = simulation.client_datasets
+
+    def broken(*args: Any) -> list[tuple[str, Dataset, Dataset | None]]:
+        clients = partition(*args)
+        name, train, test = clients[2]
+        clients[2] = (name, Dataset(train.x, np.full_like(train.y, 99)), test)
+        return clients
+
+    monkeypatch.setattr(simulation, "client_datasets", broken)
+
+
+def test_a_failing_client_fails_alone(
+    tmp_path: Path, bad_labels: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="fedpipe.server.slot_batches"):
+        vectorized = run(tmp_path, "vectorized")
+    others = [f"client-{i}" for i in range(CLIENTS) if i != 2]
+    assert [r["clients"] for r in vectorized.history] == [others] * ROUNDS
+    retried = [r.getMessage() for r in caplog.records if r.name == "fedpipe.server.slot_batches"]
+    assert len(retried) == ROUNDS
+    assert retried[0].startswith(
+        "round 1: vectorized training of 5 client(s) failed (RuntimeError: "
+    )
+    assert retried[0].endswith("they train one after another")
+    assert_same_run(vectorized, run(tmp_path, "sequential"))
+
+
+def test_a_numpy_model_refuses_the_vectorized_mode(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as raised:
+        run(tmp_path, "vectorized", None, model={"name": "softmax-regression"})
+    assert str(raised.value) == (
+        "mode='vectorized' trains a torch model with torch.func, but model "
+        "'softmax-regression' is a numpy model; use mode='sequential'"
+    )
+
+
+def test_the_readme_documents_the_vectorized_mode() -> None:
+    text = README.read_text()
+    section = text[text.index("### On GPUs") : text.index("## From Python")]
+    assert 'mode = "vectorized"' in section and "max_clients = " in section
