@@ -73,5 +73,5 @@ def test_readme_gpu_simulation_config_is_valid_and_names_every_gpu() -> None:
     (toml,) = [b for b in blocks("toml") if 'device = "cuda"' in b]
     sim = SimulationConfig.model_validate(tomllib.loads(toml))
     assert (sim.device, sim.mode, sim.transport) == ("cuda", "vectorized", "inprocess")
-    assert sim.max_clients == 1024
+    assert sim.stack_clients == 1024
     assert sim.server.model.name == "mypkg.models:build" and sim.n_clients == 100

@@ -405,9 +405,8 @@ class SimulationConfig(_Strict):
     devices, one model object per entry; ``"auto"`` is ``"cuda"`` when torch sees a GPU,
     else ``"cpu"``. ``mode`` is how clients train there (see :mod:`fedpipe.server.inprocess`):
     ``"sequential"``, one after another on each device; ``"vectorized"``, the clients of a
-    round that share a device at once with ``torch.func``, ``max_clients`` stacked at a time
-    (each costs about three copies of the model in device memory; ``server.max_clients`` is
-    another thing: how many client processes a gRPC server admits).
+    round that share a device at once with ``torch.func``, ``stack_clients`` stacked at a time
+    (each costs about three copies of the model in device memory).
     """
 
     n_clients: int = Field(default=10, ge=1)
@@ -417,7 +416,7 @@ class SimulationConfig(_Strict):
     transport: Literal["inprocess", "grpc"] = "inprocess"
     device: DeviceName | Annotated[list[DeviceName], Field(min_length=1)] | None = None
     mode: Literal["sequential", "vectorized"] = "sequential"
-    max_clients: int = Field(default=1024, ge=1)
+    stack_clients: int = Field(default=1024, ge=1)
     server: ServerConfig = Field(default_factory=ServerConfig)
     #: Modules to import in this process and in every process the simulation spawns (the
     #: simulation's owner owns its clients); added to ``server.plugins``.

@@ -151,7 +151,7 @@ async def simulate_inprocess(
     if devices:
         log.info("in-process clients train on %s (%s mode)", ", ".join(devices), sim.mode)
     pool = ClientPool()
-    models = SharedModels(devices, sim.mode, sim.max_clients)
+    models = SharedModels(devices, sim.mode, sim.stack_clients)
     for index, (name, train, test) in enumerate(clients):
         await pool.add(InProcessClient(name, train, test, models, index))
     server = sim.server.model_copy(

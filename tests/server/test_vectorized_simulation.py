@@ -78,7 +78,7 @@ def test_two_slots_batch_their_own_clients_and_match_the_sequential_mode(
     assert_same_run(vectorized, run(tmp_path, "sequential", ["cpu", "cpu"]))
 
 
-def test_max_clients_bounds_the_clients_stacked_at_once(
+def test_stack_clients_bounds_the_clients_stacked_at_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     stacked: list[int] = []
@@ -89,7 +89,7 @@ def test_max_clients_bounds_the_clients_stacked_at_once(
         return chunk(self, jobs, *args)
 
     monkeypatch.setattr(VectorizedTrainer, "_chunk", spy)
-    vectorized = run(tmp_path, "vectorized", sim={"max_clients": 2})
+    vectorized = run(tmp_path, "vectorized", sim={"stack_clients": 2})
     assert stacked == [2, 2, 1] * ROUNDS
     assert_same_run(vectorized, run(tmp_path, "sequential"))
 
@@ -149,4 +149,4 @@ def test_a_numpy_model_refuses_the_vectorized_mode(tmp_path: Path) -> None:
 def test_the_readme_documents_the_vectorized_mode() -> None:
     text = README.read_text()
     section = text[text.index("### On GPUs") : text.index("## From Python")]
-    assert 'mode = "vectorized"' in section and "max_clients = " in section
+    assert 'mode = "vectorized"' in section and "stack_clients = " in section
