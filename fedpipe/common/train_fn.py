@@ -10,10 +10,11 @@ A client names it in its own config (``train_fn = "mypkg.train:train"``, never t
 A round with a train_fn (:class:`~fedpipe.common.training.LocalTrainer`):
 
 1. the global weights are set into the model's trainable parameters, and copied (``start``);
-2. ``train_fn(module, loader, round_config)`` trains the model's ``torch.nn.Module`` in place
-   on the client's train loader (``loaders`` in its config). ``round_config`` is plain data:
-   ``round``, ``client``, ``seed`` (this client's seed for this round), and the run's
-   ``epochs``, ``max_steps`` and ``batch_size``, for the function to honour or not;
+2. ``train_fn(module, loader, round_config)`` trains the model's ``torch.nn.Module`` (put in
+   training mode) in place on the client's train loader (``loaders`` in its config).
+   ``round_config`` is plain data: ``round``, ``client``, ``seed`` (this client's seed for
+   this round), and the run's ``epochs``, ``max_steps`` and ``batch_size``, for the function
+   to honour or not;
 3. the update is ``start - end`` over the trainable parameters;
 4. the client optimizer's **modules** run once on that update, as if it were one gradient:
    ``update = modules(start - end)``. Clipping bounds its norm, noise is added to it (DP-FedAvg,

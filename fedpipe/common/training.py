@@ -231,7 +231,8 @@ class LocalTrainer:
             "max_steps": cfg.max_steps,
             "batch_size": cfg.batch_size,
         }
-        module = getattr(self.model, "module")  # noqa: B009 (a TorchModel, checked at init)
+        module = self.model.module  # type: ignore[attr-defined]  # a TorchModel (checked)
+        module.train()  # after an evaluation, dropout and batch norm back in training mode
         n_samples, metrics = run_train_fn(train_fn, module, data.loader, round_config)
         default_steps = cfg.epochs * len(data.loader)
         if cfg.max_steps is not None:

@@ -11,7 +11,7 @@ import pytest
 from fedpipe.common.data import load_builtin
 from fedpipe.common.plugins import PluginError
 from fedpipe.common.train_fn import load_train_fn, run_train_fn
-from fedpipe.common.training import LocalTrainer, RunSetup
+from fedpipe.common.training import LocalTrainer, RunSetup, round_seed
 from fedpipe.common.vector import Vector
 
 torch = pytest.importorskip("torch")
@@ -154,3 +154,26 @@ def test_bad_train_fn_import_paths_are_one_line_errors() -> None:
     with pytest.raises(PluginError, match="is a str, not callable"):
         load_train_fn("tests.common.torch_training:__doc__")
     assert load_train_fn("tests.common.torch_training:sgd_train") is torch_training.sgd_train
+
+
+def test_train_fn_gets_the_module_in_training_mode_and_a_plain_round_config() -> None:
+    seen: dict[str, Any] = {}
+
+    def record(module: Any, loader: Any, round_config: dict[str, Any]) -> tuple[int, Any]:
+        seen.update(training=module.training, loader=loader, config=round_config)
+        return 10, {"loss": 1.0, "n_steps": 4, "accuracy": 0.5}
+
+    trainer = LocalTrainer(setup({}), train_fn=record)
+    data, weights = digits_loader(), trainer.model.get_weights()
+    trainer.evaluate(data, weights)  # leaves the module in eval mode
+    result = trainer.train(data, weights, {}, client="c", round_number=2)
+    assert seen["training"] is True and seen["loader"] is data.loader
+    assert seen["config"] == {
+        "round": 2,
+        "client": "c",
+        "seed": round_seed(0, "c", 2),
+        "epochs": 1,
+        "max_steps": None,
+        "batch_size": 16,
+    }
+    assert (result.n_samples, result.n_steps, result.n_samples_seen) == (10, 4, 10)
