@@ -177,3 +177,22 @@ def test_train_fn_gets_the_module_in_training_mode_and_a_plain_round_config() ->
         "batch_size": 16,
     }
     assert (result.n_samples, result.n_steps, result.n_samples_seen) == (10, 4, 10)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_loaders_and_train_fn_on_a_cuda_model() -> None:
+    """CPU batches from the loader reach the model on the GPU; the update stays there."""
+    from tests.common.torch_models import build
+
+    data = digits_loader()
+    for train_fn in (None, torch_training.shift_train):
+        model = build(hidden=8)
+        model.to("cuda")
+        clipping = {"lrate": 0.1, "modules": [["l2-global-clipping", {"max_norm": 1.0}]]}
+        trainer = LocalTrainer(setup(clipping), model=model, train_fn=train_fn)
+        result = trainer.train(data, model.get_weights(), {}, client="c", round_number=1)
+        update = result.partial.vector("sum")
+        assert all(t.device.type == "cuda" for t in update.coefs.values())
+        assert update.norm() <= 1.0 + 1e-5
+        assert trainer.evaluate(data, model.get_weights()).n_samples == 1797
