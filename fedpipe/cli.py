@@ -179,20 +179,34 @@ def cmd_client(args: argparse.Namespace) -> int:
         limit_math_threads(config.threads)  # before the imports below load numpy
     _load_plugins(config, args.plugin)
     from fedpipe.client.daemon import ClientDaemon, ClientRefused
-    from fedpipe.common.data import load_builtin, load_dataset
 
     if not config.name:
         config.name = f"{socket.gethostname()}-{os.getpid()}"
     config = config.model_copy(update={"token": config.load_token(os.environ), "token_file": None})
-    data = load_dataset(config.data) if config.data else load_builtin(str(config.dataset))
-    eval_data = load_dataset(config.eval_data) if config.eval_data else None
-    if eval_data is None and config.eval_fraction > 0:
-        data, eval_data = data.split(1.0 - config.eval_fraction, seed=config.seed)
+    data, eval_data = _client_data(config)
     try:
         return asyncio.run(ClientDaemon(config, data, eval_data).run())
     except ClientRefused as exc:
         print(f"fedpipe client: {exc}", file=sys.stderr)
         return ExitCode.REFUSED
+
+
+def _client_data(config: ClientConfig) -> tuple[Any, Any]:
+    """The client's (train, eval) data: fedpipe Datasets, or the torch loaders its
+    ``loaders`` factory makes (of those Datasets, when it has some)."""
+    from fedpipe.common.data import Dataset, load_builtin, load_dataset
+
+    data: Dataset | None = None
+    if config.data is not None or config.dataset is not None:
+        data = load_dataset(config.data) if config.data else load_builtin(str(config.dataset))
+    eval_data = load_dataset(config.eval_data) if config.eval_data else None
+    if data is not None and eval_data is None and config.eval_fraction > 0:
+        data, eval_data = data.split(1.0 - config.eval_fraction, seed=config.seed)
+    if config.loaders is None:
+        return data, eval_data
+    from fedpipe.common.data.torch_loaders import load_loaders
+
+    return load_loaders(config.loaders, data, eval_data)
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import shlex
 import sys
@@ -189,3 +190,44 @@ def test_every_fedpipe_command_line_in_the_docs_parses(capsys: pytest.CaptureFix
     assert parsed >= 20
     with capsys.disabled():
         print(f"\n{parsed} fedpipe command lines parsed; skipped (placeholders): {skipped}")
+
+
+BYO = ROOT / "docs" / "bring-your-own-training.md"
+
+
+async def test_byo_training_page_runs_a_federation_of_its_own_clients(user_folder: Path) -> None:
+    """The page's package, configs and command lines: two client daemons with the page's
+    DataLoaders and train_fn, against a real server, learn digits."""
+    pytest.importorskip("torch")
+    from fedpipe.cli import _client_data
+    from fedpipe.client.daemon import ClientDaemon
+    from fedpipe.common.config import ClientConfig, ServerConfig, load_config
+    from fedpipe.server.simulation import free_port
+    from tests.integration.conftest import running_server
+
+    (user_folder / "mypkg" / "byo.py").write_text(block_for(BYO, "python", "# mypkg/byo.py"))
+    for name in ("client.toml", "server.toml"):
+        (user_folder / name).write_text(block_for(BYO, "toml", f"# {name}"))
+    page = [shlex.split(line) for name, line in command_lines() if name == BYO.name]
+    lines = [words for words in page if words[1] == "client"]
+    (split,) = [words for words in page if words[1] == "split"]
+    assert main(split[1:]) == 0
+    port = free_port()
+    server = load_config(
+        ServerConfig, Path("server.toml"), {"port": port, "output_dir": str(user_folder / "run")}
+    )
+    daemons = []
+    for words in lines:  # the page's two client command lines, on a free port
+        flags = dict(zip(words[2::2], words[3::2], strict=True))
+        overrides = {"server": f"127.0.0.1:{port}", "name": flags["--name"]}
+        if "--data" in flags:
+            overrides["data"] = flags["--data"]
+        config = load_config(ClientConfig, Path(flags["--config"]), overrides)
+        assert config.train_fn == "mypkg.byo:train"
+        daemons.append(ClientDaemon(config, *_client_data(config)))
+    async with running_server(server) as run:
+        clients = [asyncio.create_task(d.run()) for d in daemons]
+        summary = await asyncio.wait_for(run, 180)
+        codes = await asyncio.wait_for(asyncio.gather(*clients), 60)
+    assert codes == [0, 0] and summary.rounds_completed == 5
+    assert summary.history[-1]["accuracy"] >= 0.85, summary.history[-1]

@@ -16,14 +16,14 @@ from fedpipe.client.state_store import ClientStateStore
 from fedpipe.client.tls_errors import explain_connection_failure
 from fedpipe.common.codec import spec_from_wire
 from fedpipe.common.config import ClientConfig
-from fedpipe.common.data import Dataset
 from fedpipe.common.devices import check_device, client_device, place_model
 from fedpipe.common.host_staging import HostStaging
 from fedpipe.common.outcome import ExitCode, RunOutcome
 from fedpipe.common.payload import encode_payload
 from fedpipe.common.plugins import import_plugins
 from fedpipe.common.tls_files import check_client_files
-from fedpipe.common.training import LocalTrainer, RunSetup
+from fedpipe.common.train_fn import load_train_fn
+from fedpipe.common.training import ClientData, LocalTrainer, RunSetup
 from fedpipe.common.vector import ArraySpec, describe_spec_mismatch
 from fedpipe.common.wire import (
     PROTOCOL_VERSION,
@@ -71,8 +71,11 @@ class ClientDaemon:
     at most ``config.retry_timeout`` seconds; keeps its optimizer state across reconnections.
     """
 
-    def __init__(self, config: ClientConfig, train_data: Dataset, eval_data: Dataset | None):
+    def __init__(
+        self, config: ClientConfig, train_data: ClientData, eval_data: ClientData | None
+    ) -> None:
         import_plugins(config.plugins)  # only the client's own: the server never names any
+        self.train_fn = load_train_fn(config.train_fn) if config.train_fn else None
         self.config = config
         self.name = config.name
         self.train_data = train_data
@@ -281,7 +284,7 @@ class ClientDaemon:
                 f"the server asks for model {model!r}, an import path this client does not "
                 "trust; add it to 'trusted_models' in the client config to allow it"
             )
-        trainer = LocalTrainer(setup)
+        trainer = LocalTrainer(setup, train_fn=self.train_fn)
         place_model(trainer.model, client_device(self.config.device))
         problem = describe_spec_mismatch(trainer.model.weight_specs(), specs)
         if problem:

@@ -82,6 +82,21 @@ DeviceName = Annotated[str, AfterValidator(_device_name)]
 #: Modules to import before the config's names are looked up (see fedpipe.common.plugins).
 Plugins = list[Annotated[str, AfterValidator(_module_name)]]
 
+_IMPORT_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
+
+
+def _import_path(value: str) -> str:
+    if not _IMPORT_PATH.fullmatch(value):
+        raise ValueError(
+            f"{value!r} is not an import path; expected 'package.module:function' such as "
+            "'mypkg.data:loaders'"
+        )
+    return value
+
+
+#: A function of the user's own package, named ``package.module:function``.
+ImportPath = Annotated[str, AfterValidator(_import_path)]
+
 
 class ModelConfig(_Strict):
     """Which model to build: a registered name or ``pkg.module:factory``, and its kwargs."""
@@ -354,6 +369,12 @@ class ClientConfig(_Strict):
     #: Where this client keeps its module state after each round (one directory per client),
     #: so that it continues exactly after a crash; None keeps it in memory only.
     state_dir: Path | None = None
+    #: A factory returning this client's torch DataLoader(s) (fedpipe.common.data.torch_loaders);
+    #: called with the ``data``/``dataset`` Datasets when one is set, else with nothing.
+    loaders: ImportPath | None = None
+    #: The client's own training loop, ``train(module, loader, round_config)``, in place of
+    #: fedpipe's (fedpipe.common.train_fn); it trains on the ``loaders`` train loader.
+    train_fn: ImportPath | None = None
 
     @property
     def use_tls(self) -> bool:
@@ -380,10 +401,23 @@ class ClientConfig(_Strict):
             raise ValueError("token and token_file are two sources of one secret: set one")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("tls_cert and tls_key go together: set both or neither")
-        if (self.data is None) == (self.dataset is None):
+        if self.data is not None and self.dataset is not None:
+            raise ValueError("'data' and 'dataset' are two sources of training data: set one")
+        if self.data is None and self.dataset is None and self.loaders is None:
             raise ValueError(
-                "exactly one of 'data' (a .npz/.npy/.csv file or a folder written by "
-                "`fedpipe split`) or 'dataset' (a built-in dataset name) must be set"
+                "no training data: set 'data' (a .npz/.npy/.csv file or a folder written by "
+                "`fedpipe split`), 'dataset' (a built-in dataset name) or 'loaders' (a "
+                "factory of torch DataLoaders, 'package.module:function')"
+            )
+        own_eval = self.eval_data is not None or self.eval_fraction > 0
+        if own_eval and self.data is None and self.dataset is None:
+            raise ValueError(
+                "eval_data and eval_fraction are fedpipe data: with 'loaders' alone, the "
+                "factory returns the evaluation DataLoader"
+            )
+        if self.train_fn is not None and self.loaders is None:
+            raise ValueError(
+                f"train_fn={self.train_fn!r} trains on a torch DataLoader: set 'loaders' too"
             )
         return self
 

@@ -177,8 +177,8 @@ class Optimizer:
             result = regularizer.run(gradients, weights)
             owned = owned if result is gradients else True  # a penalty adds into a new Vector
             gradients = result
-        for module in self.modules:
-            gradients = module.run(gradients)
+        if self.modules:
+            gradients = self.run_modules(gradients)
             owned = False
         if self.w_decay != 0.0:
             gradients = gradients + self.w_decay * weights
@@ -187,6 +187,14 @@ class Optimizer:
         updates = gradients.mul_(rate) if owned else gradients * rate
         self.step += 1
         return updates
+
+    def run_modules(self, gradients: Vector) -> Vector:
+        """``gradients`` through the module pipeline alone: no regularizer, learning rate or
+        weight decay, and no step counted (a client's own training function uses it on its
+        round's update)."""
+        for module in self.modules:
+            gradients = module.run(gradients)
+        return gradients
 
     def apply(self, model: TrainableModel, gradients: Vector, *, consume: bool = False) -> None:
         """One step: compute the updates and add them to ``model``'s weights."""

@@ -26,10 +26,18 @@ import importlib.metadata
 import logging
 import threading
 from collections.abc import Iterable
+from typing import Any
 
 from fedpipe.common.config import ConfigError
 
-__all__ = ["ENTRY_POINT_GROUP", "HOW_TO_LOAD", "PluginError", "import_plugins", "load_entry_points"]
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "HOW_TO_LOAD",
+    "PluginError",
+    "import_object",
+    "import_plugins",
+    "load_entry_points",
+]
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +82,39 @@ def import_plugins(modules: Iterable[str]) -> None:
         except Exception as exc:  # any error of user code at import: say whose it is
             raise _failed_import(module, exc) from exc
         log.info("plugin %s imported", module)
+
+
+def import_object(path: str, what: str) -> Any:
+    """The object an import path ``"package.module:attribute"`` names (``attribute`` may be
+    dotted: ``"pkg.mod:Class.factory"``), imported in this process.
+
+    ``what`` says what the object is for the messages (``"model factory"``, ``"train_fn"``).
+
+    Raises
+    ------
+    PluginError
+        ``path`` does not look like ``package.module:attribute``, its module cannot be
+        imported, or it has no such attribute; the message is one line naming ``path``.
+    """
+    module_name, _, attr = path.partition(":")
+    if not module_name or not attr:
+        raise PluginError(f"{what} {path!r}: expected an import path 'package.module:attribute'")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # not found, or any error of user code at import
+        raise PluginError(
+            f"{what} {path!r}: cannot import the module {module_name!r} "
+            f"({type(exc).__name__}: {exc})"
+        ) from exc
+    found: Any = module
+    for part in attr.split("."):
+        try:
+            found = getattr(found, part)
+        except AttributeError:
+            raise PluginError(
+                f"{what} {path!r}: module {module_name!r} has no attribute {attr!r}"
+            ) from None
+    return found
 
 
 def load_entry_points() -> None:

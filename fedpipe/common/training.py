@@ -7,10 +7,12 @@ so a simulated client trains exactly like a deployed one.
 from __future__ import annotations
 
 import hashlib
+import itertools
+import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeAlias
 
 import numpy as np
 
@@ -22,9 +24,18 @@ from fedpipe.common.metrics import MetricSet
 from fedpipe.common.models import Model, load_model
 from fedpipe.common.optim import Optimizer
 from fedpipe.common.summable import Summable
+from fedpipe.common.train_fn import TrainFn, check_train_fn_setup, run_train_fn
 from fedpipe.common.vector import Vector
 
-__all__ = ["EvalResult", "LocalTrainer", "RunSetup", "TrainResult", "round_seed"]
+if TYPE_CHECKING:  # the torch extra
+    from fedpipe.common.data.torch_loaders import LoaderData
+
+__all__ = ["ClientData", "EvalResult", "LocalTrainer", "RunSetup", "TrainResult", "round_seed"]
+
+log = logging.getLogger(__name__)
+
+#: What a client trains and evaluates on: fedpipe's arrays, or its own torch DataLoader.
+ClientData: TypeAlias = "Dataset | LoaderData"
 
 
 @dataclass(frozen=True)
@@ -107,67 +118,130 @@ def round_seed(seed: int, client: str, round_number: int) -> int:
     return int.from_bytes(digest, "little")
 
 
+class _Work(NamedTuple):
+    """What a round of local training did, before its update is prepared."""
+
+    n_samples: int
+    n_steps: int
+    loss_sum: float
+    n_samples_seen: int
+
+
 class LocalTrainer:
     """A client's model, optimizer and aggregator, built from the server's :class:`RunSetup`.
 
     The model object may be shared between simulated clients (it is reset to the global
     weights at every task); the optimizer is each client's own, since its modules carry
-    state across rounds.
+    state across rounds. With ``train_fn`` (the client's own training loop, see
+    :mod:`fedpipe.common.train_fn`) that function trains instead of fedpipe's loop.
+
+    Raises
+    ------
+    ValueError
+        ``train_fn`` is given and the setup has what it cannot honour (a numpy model,
+        regularizers, weight decay, modules exchanging aux vars).
     """
 
-    def __init__(self, setup: RunSetup, model: Model | None = None) -> None:
+    def __init__(
+        self, setup: RunSetup, model: Model | None = None, *, train_fn: TrainFn | None = None
+    ) -> None:
         self.setup = setup
         self.model = model if model is not None else build_model(setup)
         self.optimizer: Optimizer = OptimizerConfig.model_validate(setup.client_optimizer).build()
         self.aggregator: Aggregator = registry.build_spec("aggregator", setup.aggregator)
         self.training = TrainingConfig.model_validate(setup.training)
+        self.train_fn = train_fn
+        if train_fn is not None:
+            check_train_fn_setup(self.model, self.optimizer, str(setup.model.get("name")))
 
     def train(
         self,
-        data: Dataset,
+        data: ClientData,
         weights: Vector,
         aux_vars: Mapping[str, Summable],
         *,
         client: str,
         round_number: int,
     ) -> TrainResult:
-        """Train from ``weights`` on ``data``; return the prepared update (start minus end)."""
+        """Train from ``weights`` on ``data``; return the prepared update (start minus end,
+        through the modules once more with a ``train_fn``)."""
         start = time.perf_counter()
-        model, optimizer, cfg = self.model, self.optimizer, self.training
+        model, optimizer = self.model, self.optimizer
         model.set_weights(weights)
         initial = model.get_weights()  # where the model lives (a torch model's GPU...)
         if aux_vars:
             optimizer.process_aux_var(dict(aux_vars))
         optimizer.place_like(initial)
         optimizer.start_round(initial)
-        rng = np.random.default_rng(round_seed(self.setup.seed, client, round_number))
-        steps, seen, loss_sum = 0, 0, 0.0
-        for _ in range(cfg.epochs):
-            for x, y in data.batches(
-                cfg.batch_size, shuffle=True, seed=rng, drop_remainder=cfg.drop_remainder
-            ):
-                gradients, loss = model.compute_batch_gradients(x, y)
-                optimizer.apply(model, gradients, consume=True)
-                steps += 1
-                seen += len(x)
-                loss_sum += float(loss) * len(x)
-                if cfg.max_steps is not None and steps >= cfg.max_steps:
-                    break
-            if cfg.max_steps is not None and steps >= cfg.max_steps:
-                break
-        updates = initial.add_(model.get_weights(copy=False), alpha=-1.0)  # start - end
-        partial = self.aggregator.prepare(updates, n_samples=len(data), n_steps=steps)
+        seed = round_seed(self.setup.seed, client, round_number)
+        if self.train_fn is None:
+            work = self._local_steps(data, seed)
+            updates = initial.add_(model.get_weights(copy=False), alpha=-1.0)  # start - end
+        else:
+            work = self._user_training(self.train_fn, data, client, round_number, seed)
+            updates = optimizer.run_modules(initial.add_(model.get_weights(copy=False), alpha=-1.0))
+        partial = self.aggregator.prepare(updates, n_samples=work.n_samples, n_steps=work.n_steps)
         return TrainResult(
             partial=partial,
             aux_vars=optimizer.collect_aux_var(),
-            n_samples=len(data),
-            n_steps=steps,
-            loss_sum=loss_sum,
-            n_samples_seen=seen,
+            n_samples=work.n_samples,
+            n_steps=work.n_steps,
+            loss_sum=work.loss_sum,
+            n_samples_seen=work.n_samples_seen,
             seconds=time.perf_counter() - start,
         )
 
-    def check_data(self, data: Dataset, n: int = 2) -> None:
+    def _local_steps(self, data: ClientData, seed: int) -> _Work:
+        """fedpipe's loop: ``epochs`` passes (at most ``max_steps`` steps) of the optimizer."""
+        model, optimizer, cfg = self.model, self.optimizer, self.training
+        rng = np.random.default_rng(seed)
+
+        def epoch() -> Iterator[tuple[Any, Any]]:
+            if isinstance(data, Dataset):  # a fresh shuffle per epoch, from the round's seed
+                return data.batches(
+                    cfg.batch_size, shuffle=True, seed=rng, drop_remainder=cfg.drop_remainder
+                )
+            return data.batches()  # a DataLoader batches and shuffles itself
+
+        steps, seen, loss_sum = 0, 0, 0.0
+        batches = itertools.chain.from_iterable(epoch() for _ in range(cfg.epochs))
+        for x, y in itertools.islice(batches, cfg.max_steps):
+            gradients, loss = model.compute_batch_gradients(x, y)
+            optimizer.apply(model, gradients, consume=True)
+            steps += 1
+            seen += len(x)
+            loss_sum += float(loss) * len(x)
+        return _Work(len(data), steps, loss_sum, seen)
+
+    def _user_training(
+        self, train_fn: TrainFn, data: ClientData, client: str, round_number: int, seed: int
+    ) -> _Work:
+        """The client's own ``train_fn`` trains the torch module on the train loader."""
+        if isinstance(data, Dataset):
+            raise ValueError(
+                "this client's train_fn trains on a torch DataLoader, but its data is a "
+                "fedpipe Dataset: name a loaders factory ('loaders' in the client config)"
+            )
+        cfg = self.training
+        round_config = {
+            "round": round_number,
+            "client": client,
+            "seed": seed,
+            "epochs": cfg.epochs,
+            "max_steps": cfg.max_steps,
+            "batch_size": cfg.batch_size,
+        }
+        module = self.model.module  # type: ignore[attr-defined]  # a TorchModel (checked)
+        module.train()  # after an evaluation, dropout and batch norm back in training mode
+        n_samples, metrics = run_train_fn(train_fn, module, data.loader, round_config)
+        default_steps = cfg.epochs * len(data.loader)
+        if cfg.max_steps is not None:
+            default_steps = min(default_steps, cfg.max_steps)
+        n_steps = int(metrics.get("n_steps", default_steps))
+        log.info("client %s, round %d: train_fn metrics %s", client, round_number, metrics)
+        return _Work(n_samples, n_steps, metrics["loss"] * n_samples, n_samples)
+
+    def check_data(self, data: ClientData, n: int = 2) -> None:
         """Run the model on a few samples of ``data``, so that data the model cannot take
         (wrong number of features, labels out of range...) fails the setup, not a round.
 
@@ -178,24 +252,29 @@ class LocalTrainer:
         """
         if len(data) == 0:
             raise ValueError("this client's training data is empty")
-        x, y = data.x[:n], data.y[:n]
+        x, y = (data.x, data.y) if isinstance(data, Dataset) else data.first_batch()
+        x, y = x[:n], y[:n]
         try:
             loss, _ = self.model.evaluate(x, y)
             if not np.all(np.isfinite(loss)):
                 raise ValueError(f"loss {loss} on the first samples is not finite")
         except (ValueError, TypeError, IndexError, RuntimeError) as exc:
             raise ValueError(
-                f"this client's data (x {tuple(data.x.shape)} {data.x.dtype}, y "
-                f"{tuple(data.y.shape)} {data.y.dtype}) does not fit model "
+                f"this client's data (first samples: x {tuple(x.shape)} {x.dtype}, y "
+                f"{tuple(y.shape)} {y.dtype}) does not fit model "
                 f"{self.setup.model.get('name')!r}: {exc}"
             ) from None
 
-    def evaluate(self, data: Dataset, weights: Vector) -> EvalResult:
+    def evaluate(self, data: ClientData, weights: Vector) -> EvalResult:
         """Metric states of ``weights`` on ``data``."""
         start = time.perf_counter()
         self.model.set_weights(weights)
         metrics = MetricSet(self.setup.metrics)
-        for x, y in data.batches(self.training.eval_batch_size, shuffle=False):
+        if isinstance(data, Dataset):
+            batches = data.batches(self.training.eval_batch_size, shuffle=False)
+        else:
+            batches = data.batches(host_targets=True)  # the metrics take numpy targets
+        for x, y in batches:
             loss, predictions = self.model.evaluate(x, y)
             metrics.update(y, predictions, loss)
         return EvalResult(metrics.state(), len(data), time.perf_counter() - start)

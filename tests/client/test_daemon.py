@@ -62,9 +62,16 @@ async def test_a_setup_whose_model_differs_from_the_servers_specs_is_an_error_re
     assert "'kernel' has shape (5, 3), expected (4, 3)" in reply.error
 
 
-def test_client_config_needs_exactly_one_data_source() -> None:
-    with pytest.raises(ValueError, match="exactly one of 'data'"):
+def test_client_config_needs_one_data_source() -> None:
+    with pytest.raises(ValueError, match="no training data: set 'data'"):
         ClientConfig()
+    with pytest.raises(ValueError, match="'data' and 'dataset' are two sources"):
+        ClientConfig(data="x.npz", dataset="digits")
+    with pytest.raises(ValueError, match=r"train_fn='mypkg\.train:train' trains on a torch"):
+        ClientConfig(dataset="digits", train_fn="mypkg.train:train")
+    with pytest.raises(ValueError, match=r"'mypkg/data\.py' is not an import path"):
+        ClientConfig(loaders="mypkg/data.py")
+    assert ClientConfig(loaders="mypkg.data:loaders").loaders == "mypkg.data:loaders"
 
 
 async def test_a_numpy_model_on_a_gpu_client_fails_the_setup_with_a_clear_error() -> None:

@@ -19,6 +19,7 @@ from fedpipe.common.models import (
     SoftmaxRegression,
     load_model,
 )
+from fedpipe.common.plugins import PluginError
 from fedpipe.common.registry import UnknownNameError
 from fedpipe.common.vector import SpecMismatchError, Vector
 
@@ -229,9 +230,9 @@ def test_load_model_from_an_import_path(tmp_path: Path, monkeypatch: pytest.Monk
     assert isinstance(model, LinearRegression) and model.n_outputs == 2
     with pytest.raises(TypeError, match=r"returned builtins\.list .*expected a fedpipe Model"):
         load_model("user_models:broken", {})
-    with pytest.raises(ImportError, match="has no attribute 'missing'"):
+    with pytest.raises(PluginError, match="has no attribute 'missing'"):
         load_model("user_models:missing", {})
-    with pytest.raises(ImportError, match="cannot import the module"):
+    with pytest.raises(PluginError, match="cannot import the module"):
         load_model("no_such_package_xyz:build", {})
 
 

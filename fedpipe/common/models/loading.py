@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Mapping
 from typing import Any
 
 from fedpipe.common import registry
 from fedpipe.common.models.base import Model
+from fedpipe.common.plugins import import_object
 
 __all__ = ["load_model"]
 
@@ -29,8 +29,8 @@ def load_model(name: str, config: Mapping[str, Any] | None = None) -> Model:
     ------
     UnknownNameError
         ``name`` is neither registered nor an import path (the message lists known names).
-    ImportError
-        The module or the factory cannot be found.
+    PluginError
+        The import path is malformed, or its module or factory cannot be found.
     TypeError
         The factory returned something other than a :class:`Model`.
     """
@@ -39,21 +39,7 @@ def load_model(name: str, config: Mapping[str, Any] | None = None) -> Model:
         model = registry.build("model", name, config)
         assert isinstance(model, Model)
         return model
-    module_name, _, attr = name.partition(":")
-    if not module_name or not attr:
-        raise ImportError(f"model import path {name!r} must look like 'package.module:factory'")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ImportError(f"cannot import the module of model {name!r}: {exc}") from exc
-    factory = module
-    for part in attr.split("."):
-        try:
-            factory = getattr(factory, part)
-        except AttributeError:
-            raise ImportError(
-                f"model factory {name!r}: module {module_name!r} has no attribute {attr!r}"
-            ) from None
+    factory = import_object(name, "model factory")
     if not callable(factory):
         raise TypeError(f"model factory {name!r} is a {type(factory).__name__}, not callable")
     model = factory(**config)
