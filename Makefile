@@ -11,6 +11,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	@if [ -n "$(TORCH)" ]; then $(PY) -m pip install -q torch==2.13.0 || \
 		echo "torch==2.13.0 not installable here: torch reference tests will be skipped"; fi
+	@if [ -n "$(TORCH)" ]; then $(PY) -m pip install -q -e '.[lora]' || \
+		echo "peft not installable here: the LoRA example's test will be skipped"; fi
 	touch $@
 
 install: $(STAMP)
