@@ -10,12 +10,13 @@ import hashlib
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, SupportsFloat
 
 import numpy as np
 
 from fedpipe.common import registry
 from fedpipe.common.aggregators import Aggregator
+from fedpipe.common.backends import is_array, ops_of
 from fedpipe.common.config import OptimizerConfig, TrainingConfig
 from fedpipe.common.data import Dataset
 from fedpipe.common.metrics import MetricSet
@@ -141,7 +142,8 @@ class LocalTrainer:
         optimizer.place_like(initial)
         optimizer.start_round(initial)
         rng = np.random.default_rng(round_seed(self.setup.seed, client, round_number))
-        steps, seen, loss_sum = 0, 0, 0.0
+        steps, seen = 0, 0
+        loss_sum: Any = 0.0  # a torch model's losses add up on its device: read once, below
         for _ in range(cfg.epochs):
             for x, y in data.batches(
                 cfg.batch_size, shuffle=True, seed=rng, drop_remainder=cfg.drop_remainder
@@ -150,7 +152,7 @@ class LocalTrainer:
                 optimizer.apply(model, gradients, consume=True)
                 steps += 1
                 seen += len(x)
-                loss_sum += float(loss) * len(x)
+                loss_sum = _add_loss(loss_sum, loss, len(x))
                 if cfg.max_steps is not None and steps >= cfg.max_steps:
                     break
             if cfg.max_steps is not None and steps >= cfg.max_steps:
@@ -162,7 +164,7 @@ class LocalTrainer:
             aux_vars=optimizer.collect_aux_var(),
             n_samples=len(data),
             n_steps=steps,
-            loss_sum=loss_sum,
+            loss_sum=float(loss_sum),
             n_samples_seen=seen,
             seconds=time.perf_counter() - start,
         )
@@ -199,6 +201,14 @@ class LocalTrainer:
             loss, predictions = self.model.evaluate(x, y)
             metrics.update(y, predictions, loss)
         return EvalResult(metrics.state(), len(data), time.perf_counter() - start)
+
+
+def _add_loss(total: Any, loss: SupportsFloat, n: int) -> Any:
+    """``total + loss * n`` in float64; an array's loss (a torch model's, on its device) is
+    added where it is, so that no batch waits for the device to read it."""
+    if is_array(loss):
+        return total + ops_of(loss).cast(loss, "float64") * n
+    return total + float(loss) * n
 
 
 def build_model(setup: RunSetup) -> Model:
