@@ -12,12 +12,13 @@ import logging
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NamedTuple, TypeAlias
+from typing import TYPE_CHECKING, Any, NamedTuple, SupportsFloat, TypeAlias
 
 import numpy as np
 
 from fedpipe.common import registry
 from fedpipe.common.aggregators import Aggregator
+from fedpipe.common.backends import is_array, ops_of
 from fedpipe.common.config import OptimizerConfig, TrainingConfig
 from fedpipe.common.data import Dataset
 from fedpipe.common.metrics import MetricSet
@@ -203,15 +204,16 @@ class LocalTrainer:
                 )
             return data.batches()  # a DataLoader batches and shuffles itself
 
-        steps, seen, loss_sum = 0, 0, 0.0
+        steps, seen = 0, 0
+        loss_sum: Any = 0.0  # a torch model's losses add up on its device: read once, below
         batches = itertools.chain.from_iterable(epoch() for _ in range(cfg.epochs))
         for x, y in itertools.islice(batches, cfg.max_steps):
             gradients, loss = model.compute_batch_gradients(x, y)
             optimizer.apply(model, gradients, consume=True)
             steps += 1
             seen += len(x)
-            loss_sum += float(loss) * len(x)
-        return _Work(len(data), steps, loss_sum, seen)
+            loss_sum = _add_loss(loss_sum, loss, len(x))
+        return _Work(len(data), steps, float(loss_sum), seen)
 
     def _user_training(
         self, train_fn: TrainFn, data: ClientData, client: str, round_number: int, seed: int
@@ -278,6 +280,14 @@ class LocalTrainer:
             loss, predictions = self.model.evaluate(x, y)
             metrics.update(y, predictions, loss)
         return EvalResult(metrics.state(), len(data), time.perf_counter() - start)
+
+
+def _add_loss(total: Any, loss: SupportsFloat, n: int) -> Any:
+    """``total + loss * n`` in float64; an array's loss (a torch model's, on its device) is
+    added where it is, so that no batch waits for the device to read it."""
+    if is_array(loss):
+        return total + ops_of(loss).cast(loss, "float64") * n
+    return total + float(loss) * n
 
 
 def build_model(setup: RunSetup) -> Model:

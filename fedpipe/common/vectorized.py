@@ -178,10 +178,15 @@ class VectorizedTrainer:
         loss_sum = torch.zeros(len(jobs), dtype=torch.float64, device=self.device)
         buffers = self._buffers()
         self.model.module.train()
-        for t in range(max((len(s) for s in schedules), default=0)):
-            for members in _groups_by_batch_size(schedules, t):
-                rows = np.stack([schedules[k][t] for k in members])
-                self._step(t, params, buffers, optimizers, members, (x_all, y_all), rows, loss_sum)
+        try:
+            for t in range(max((len(s) for s in schedules), default=0)):
+                for members in _groups_by_batch_size(schedules, t):
+                    rows = np.stack([schedules[k][t] for k in members])
+                    data = (x_all, y_all)
+                    self._step(t, params, buffers, optimizers, members, data, rows, loss_sum)
+        except BaseException:
+            optimizers.restore()  # the caller trains these clients again, one by one
+            raise
         optimizers.finish([len(s) for s in schedules])
         yield from self._results(jobs, schedules, start_w, params, loss_sum, start)
 

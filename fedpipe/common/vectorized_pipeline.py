@@ -35,7 +35,7 @@ from torch.func import vmap
 from fedpipe.common.modules.base import OptiModule
 from fedpipe.common.optim import BareWeights, Optimizer
 from fedpipe.common.regularizers.base import Regularizer
-from fedpipe.common.state import State
+from fedpipe.common.state import State, copy_state
 from fedpipe.common.vector import Vector
 
 __all__ = ["ClientOptimizers"]
@@ -127,6 +127,8 @@ class ClientOptimizers:
         self.leaves: Tensors = {}
         self.skeletons: dict[int, Any] = {}  # the plain state values after t steps
         self._out: Any = None
+        self._steps = [optimizer.step for optimizer in self.optimizers]  # see restore()
+        self._saved: list[State] | None = None
         if self.reason is not None:
             return
         per_client: list[Tensors] = [{} for _ in self.optimizers]
@@ -193,6 +195,8 @@ class ClientOptimizers:
         return _scaled(updates, rates)
 
     def _client_by_client(self, members: Sequence[int], grads: Tensors, params: Tensors) -> Tensors:
+        if self._saved is None:  # before the first step changes them: see restore()
+            self._saved = [copy_state(optimizer.get_state()) for optimizer in self.optimizers]
         outs: dict[str, list[torch.Tensor]] = {name: [] for name in grads}
         for i, k in enumerate(members):
             optimizer = self.optimizers[k]
@@ -202,6 +206,17 @@ class ClientOptimizers:
             for name, out in outs.items():
                 out.append(torch.as_tensor(result[name]).to(grads[name].device))
         return {name: torch.stack(out) for name, out in outs.items()}
+
+    def restore(self) -> None:
+        """Put every optimizer back as it was before the first step (a failed chunk, whose
+        clients are then trained again one by one): the stacked pipeline only moved the step
+        counts; client by client, the states are restored from their copies."""
+        if self._saved is not None:
+            for optimizer, state in zip(self.optimizers, self._saved, strict=True):
+                optimizer.set_state(state)
+            return
+        for optimizer, step in zip(self.optimizers, self._steps, strict=True):
+            optimizer.step = step
 
     def finish(self, steps: Sequence[int]) -> None:
         """Give each client its slice of the stacked state, as it was after its last step."""

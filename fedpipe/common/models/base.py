@@ -11,7 +11,7 @@ pre-activations ``z``, they compute the mean loss, its gradient w.r.t. ``z`` and
 from __future__ import annotations
 
 from abc import abstractmethod
-from typing import ClassVar, Literal
+from typing import ClassVar, Literal, SupportsFloat
 
 import numpy as np
 
@@ -77,8 +77,10 @@ class Model(Registrable):
     # ---- training and inference ------------------------------------------------------------
 
     @abstractmethod
-    def compute_batch_gradients(self, x: np.ndarray, y: np.ndarray) -> tuple[Vector, float]:
-        """Gradients of the mean loss over the batch w.r.t. the weights, and that mean loss."""
+    def compute_batch_gradients(self, x: np.ndarray, y: np.ndarray) -> tuple[Vector, SupportsFloat]:
+        """Gradients of the mean loss over the batch w.r.t. the weights, and that mean loss
+        (a float, or a 0-d tensor left on the model's device: the trainer adds the losses up
+        there and reads the sum once per round, so that no batch waits for the device)."""
 
     @abstractmethod
     def predict(self, x: np.ndarray) -> np.ndarray:

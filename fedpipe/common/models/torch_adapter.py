@@ -135,8 +135,9 @@ class TorchModel(Model, register_name=False):
         out = self.module(self._tensor(x, self.dtype))
         return out.reshape(-1) if self.task == "binary" else out
 
-    def compute_batch_gradients(self, x: Any, y: Any) -> tuple[Vector, float]:
-        """Gradients of the mean loss (tensors on the model's device) and that loss."""
+    def compute_batch_gradients(self, x: Any, y: Any) -> tuple[Vector, torch.Tensor]:
+        """Gradients of the mean loss (tensors on the model's device) and that loss, a float64
+        0-d tensor there too (reading it would wait for the device at every batch)."""
         self.module.train()
         self.module.zero_grad(set_to_none=True)
         loss = self.loss_fn(self._outputs(x), self._targets(y))
@@ -144,7 +145,7 @@ class TorchModel(Model, register_name=False):
         # backward allocates fresh .grad tensors after zero_grad(set_to_none=True): the
         # optimizer may consume (modify) them in place
         grads = {n: _grad(p) for n, p in self._params.items()}
-        return Vector(grads), float(loss.detach())
+        return Vector(grads), loss.detach().to(torch.float64)
 
     def evaluate(self, x: Any, y: Any) -> tuple[float, np.ndarray]:
         self.module.eval()
