@@ -11,7 +11,7 @@ import ipaddress
 import json
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self, TypeVar
 
@@ -51,27 +51,26 @@ class _Strict(BaseModel):
 
 Spec = str | tuple[str, dict[str, Any]] | list[Any]
 
-_MODULE_NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
+
+def _matching(pattern: str, noun: str, expected: str) -> Callable[[str], str]:
+    """A validator of strings that must match ``pattern`` whole."""
+    compiled = re.compile(pattern)
+
+    def check(value: str) -> str:
+        if not compiled.fullmatch(value):
+            raise ValueError(f"{value!r} is not {noun}; expected {expected}")
+        return value
+
+    return check
 
 
-def _module_name(value: str) -> str:
-    if not _MODULE_NAME.fullmatch(value):
-        raise ValueError(
-            f"{value!r} is not a module name; expected a dotted import name such as "
-            "'mypkg.fedext' (not a file path)"
-        )
-    return value
-
-
-_DEVICE = re.compile(r"cpu|cuda(:\d+)?|mps|auto")
-
-
-def _device_name(value: str) -> str:
-    if not _DEVICE.fullmatch(value):
-        raise ValueError(
-            f"{value!r} is not a device; expected 'cpu', 'cuda', 'cuda:N', 'mps' or 'auto'"
-        )
-    return value
+_DOTTED = r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*"
+_module_name = _matching(
+    _DOTTED, "a module name", "a dotted import name such as 'mypkg.fedext' (not a file path)"
+)
+_device_name = _matching(
+    r"cpu|cuda(:\d+)?|mps|auto", "a device", "'cpu', 'cuda', 'cuda:N', 'mps' or 'auto'"
+)
 
 
 #: A device: ``"cuda"`` is every visible GPU for a simulation and the first for a client;
@@ -82,16 +81,11 @@ DeviceName = Annotated[str, AfterValidator(_device_name)]
 #: Modules to import before the config's names are looked up (see fedpipe.common.plugins).
 Plugins = list[Annotated[str, AfterValidator(_module_name)]]
 
-_IMPORT_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
-
-
-def _import_path(value: str) -> str:
-    if not _IMPORT_PATH.fullmatch(value):
-        raise ValueError(
-            f"{value!r} is not an import path; expected 'package.module:function' such as "
-            "'mypkg.data:loaders'"
-        )
-    return value
+_import_path = _matching(
+    f"{_DOTTED}:{_DOTTED}",
+    "an import path",
+    "'package.module:function' such as 'mypkg.data:loaders'",
+)
 
 
 #: A function of the user's own package, named ``package.module:function``.
