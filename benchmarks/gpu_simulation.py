@@ -191,7 +191,8 @@ async def _simulated_rounds(
     args: argparse.Namespace, x: np.ndarray, y: np.ndarray, mode: str
 ) -> tuple[list[float], Vector]:
     setup = RunSetup(
-        model={"name": "benchmarks.gpu_simulation:cnn_model", "config": {}},
+        # run as a script, this folder is on sys.path: the module is importable by its stem
+        model={"name": f"{Path(__file__).stem}:cnn_model", "config": {}},
         client_optimizer={"lrate": LR},
         aggregator="averaging",
         metrics=["loss"],
