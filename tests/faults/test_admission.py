@@ -65,6 +65,9 @@ async def test_max_clients_refuses_a_new_client_but_not_a_reconnecting_one(
             await session.close()
 
 
+REFUSED = {grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.INTERNAL}
+
+
 async def guess(channel: grpc.aio.Channel, token: str) -> tuple[grpc.StatusCode, str]:
     """One hello as ``alice`` with ``token`` on a new stream: the status it ends with."""
     call = channel.stream_stream(SESSION_METHOD)()
@@ -129,7 +132,10 @@ async def test_concurrent_guesses_at_a_hashed_token_cost_a_bounded_number_of_has
     codes = Counter(code for code, _ in answers)
     # Guesses waiting for a hash check are re-checked against the limit first.
     assert codes[grpc.StatusCode.UNAUTHENTICATED] <= 5 + 2, codes
-    assert codes[grpc.StatusCode.RESOURCE_EXHAUSTED] >= 33, codes
+    # The rest are refused. A refusal racing the hello's write can reach the client as a reset
+    # stream (INTERNAL, which no server handler returns; an exception there reads UNKNOWN).
+    refused = codes[grpc.StatusCode.RESOURCE_EXHAUSTED] + codes[grpc.StatusCode.INTERNAL]
+    assert refused >= 33 and set(codes) <= REFUSED | {grpc.StatusCode.UNAUTHENTICATED}, codes
 
 
 def closed_within(sock: socket.socket, timeout: float) -> float | None:
