@@ -49,6 +49,7 @@ from fedpipe.common.summable import Summable
 from fedpipe.common.training import RunSetup
 from fedpipe.common.vector import Vector
 from fedpipe.server.clients import RoundTask
+from fedpipe.server.devices import resolve_devices
 from fedpipe.server.inprocess import InProcessClient, SharedModels
 
 LR = 0.05
@@ -198,7 +199,8 @@ async def _simulated_rounds(
         metrics=["loss"],
         training={"epochs": 1, "batch_size": args.batch},
     )
-    models = SharedModels([args.device], mode, args.max_clients)  # type: ignore[arg-type]
+    devices = resolve_devices(args.device)  # "cuda": every visible GPU, as simulate does
+    models = SharedModels(devices, mode, args.max_clients)  # type: ignore[arg-type]
     clients = [
         InProcessClient(f"client-{k}", Dataset(x[k], y[k]), None, models)
         for k in range(args.clients)

@@ -298,6 +298,13 @@ class ClientDaemon:
         self.states.start_run(setup)
         model_bytes = sum(s.nbytes for s in specs.values())
         self.max_payload = 2 * model_bytes + (64 << 20)
+        log.info(
+            "run set up: model %r, %d trainable parameters (%d bytes) on %s",
+            model,
+            sum(s.size for s in specs.values()),
+            model_bytes,
+            client_device(self.config.device),
+        )
 
     def _trainer(self) -> LocalTrainer:
         if self.trainer is None:

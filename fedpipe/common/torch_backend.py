@@ -61,6 +61,14 @@ def _scalar(value: float | int, like: torch.Tensor) -> torch.Tensor:
     return torch.tensor(value, dtype=dtype, device=like.device)
 
 
+def _one_device(left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two tensors on one device, as a numpy array meeting a tensor goes to the tensor's
+    device: a host tensor (module state restored on the CPU, say) follows the accelerator's."""
+    if left.device.type == "cpu":
+        return left.to(right.device), right
+    return left, right.to(left.device)
+
+
 def _from_numpy(array: np.ndarray) -> torch.Tensor:
     # torch refuses to share read-only memory (decoded payloads are read-only views)
     array = array if array.flags.writeable else array.copy()
@@ -95,8 +103,11 @@ class TorchOps:
         # a 0-d tensor, which type promotion treats like numpy's "weak" Python scalars.
         if not isinstance(left, torch.Tensor):
             left = _scalar(left, right)
-        elif not isinstance(right, torch.Tensor) and op in (torch.minimum, torch.maximum):
-            right = _scalar(right, left)
+        elif not isinstance(right, torch.Tensor):
+            if op in (torch.minimum, torch.maximum):
+                right = _scalar(right, left)
+        elif left.device != right.device:
+            left, right = _one_device(left, right)
         return op(left, right)
 
     def keep_dtype(self, result: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -106,7 +117,7 @@ class TorchOps:
         return True
 
     def add_(self, array: torch.Tensor, other: torch.Tensor) -> None:
-        array.add_(other)
+        array.add_(other if other.device == array.device else other.to(array.device))
 
     def is_float(self, array: torch.Tensor) -> bool:
         return array.is_floating_point() or array.is_complex()

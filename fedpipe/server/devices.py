@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 
 from fedpipe.common.config import ConfigError
@@ -105,9 +105,24 @@ class DeviceWorkers:
             if not mine.done():
                 mine.set_result(None)
 
-    def start(self, slot: int, work: Callable[[], None]) -> None:
-        """Queue ``work`` on ``slot``'s thread, after the work already queued there."""
-        self._pools[slot].submit(work)
+    def start(
+        self, slot: int, work: Callable[[], None], failed: Callable[[BaseException], None]
+    ) -> None:
+        """Queue ``work`` on ``slot``'s thread, after the work already queued there;
+        ``failed(error)`` if it cannot run or raises (a slot whose thread could not bind its
+        device, say), so that nobody waits on work that never ran."""
+        try:
+            future = self._pools[slot].submit(work)
+        except Exception as exc:  # the pool is broken or shut down
+            failed(exc)
+            return
+
+        def done(future: Future[None]) -> None:
+            error = None if future.cancelled() else future.exception()
+            if error is not None:
+                failed(error)
+
+        future.add_done_callback(done)
 
     def close(self) -> None:
         """Let the threads end once their work is done (idempotent)."""
@@ -121,4 +136,6 @@ def _bind(device: str) -> None:
     if device.startswith("cuda"):
         import torch
 
-        torch.cuda.set_device(device)
+        index = torch.device(device).index  # "cuda" alone: the current device stays
+        if index is not None:
+            torch.cuda.set_device(index)

@@ -75,7 +75,11 @@ def _flush(
 ) -> None:
     batch: _Batch = task.cache.pop(key)  # a later submission opens a new batch
     loop = asyncio.get_running_loop()
-    workers.start(slot, lambda: _train(loop, batch, engine, weights, task.round_number))
+    workers.start(
+        slot,
+        lambda: _train(loop, batch, engine, weights, task.round_number),
+        lambda error: _fail_all(loop, batch, error),
+    )
 
 
 def _train(
@@ -111,20 +115,26 @@ def _train(
                 _hand_over(loop, reply, one)
 
 
+def _fail_all(loop: asyncio.AbstractEventLoop, batch: _Batch, error: BaseException) -> None:
+    """The slot could not run the batch: every client not answered yet gets ``error``."""
+    for reply in batch.replies:
+        _hand_over(loop, reply, error)
+
+
 def _hand_over(
     loop: asyncio.AbstractEventLoop,
     reply: asyncio.Future[TrainResult],
-    outcome: TrainResult | Exception,
+    outcome: TrainResult | BaseException,
 ) -> None:
     # The loop is closed when the run ended while this thread trained: nobody awaits.
     with contextlib.suppress(RuntimeError):
         loop.call_soon_threadsafe(_settle, reply, outcome)
 
 
-def _settle(reply: asyncio.Future[TrainResult], outcome: TrainResult | Exception) -> None:
-    if reply.done():  # cancelled: the round deadline passed
+def _settle(reply: asyncio.Future[TrainResult], outcome: TrainResult | BaseException) -> None:
+    if reply.done():  # cancelled or answered already
         return
-    if isinstance(outcome, Exception):
+    if isinstance(outcome, BaseException):
         reply.set_exception(outcome)
     else:
         reply.set_result(outcome)

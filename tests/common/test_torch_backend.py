@@ -242,6 +242,18 @@ def test_a_vector_of_mixed_backends_is_refused() -> None:
         Vector({"a": np.zeros(2), "b": torch.zeros(2)})
 
 
+def test_a_host_tensor_follows_the_accelerators_device() -> None:
+    """A module state restored on the host meets gradients on a device: the host side moves,
+    as a numpy array would (seen on an H100: scaffold-client's state failed on cuda:0). The
+    "meta" device stands in for an accelerator on a CPU-only machine."""
+    device = Vector({"w": torch.zeros(3, device="meta")})
+    host = Vector({"w": torch.ones(3)})
+    for result in (device + host, host + device, device - host, host * device):
+        assert result.device == "meta"
+    device.add_(host)
+    assert device.device == "meta"
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_operations_stay_on_the_gpu() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from concurrent.futures.thread import BrokenThreadPool
 from typing import Any
 
 import pydantic
@@ -113,3 +114,31 @@ def test_a_failed_task_lets_the_next_ones_return() -> None:
     finally:
         workers.close()
     assert isinstance(first, ValueError) and rest == [1, 2]
+
+
+def test_a_slot_that_cannot_bind_its_device_fails_its_work_instead_of_hanging() -> None:
+    """A worker thread whose device cannot be made current (here a GPU index this machine
+    lacks) must fail what was queued on it: a vectorized batch must not wait forever."""
+    missing = f"cuda:{torch.cuda.device_count() + 3}"
+    workers = DeviceWorkers([missing])
+    errors: list[BaseException] = []
+    got = threading.Event()
+
+    def failed(error: BaseException) -> None:
+        errors.append(error)
+        got.set()
+
+    try:
+        for _ in range(2):  # the pool breaks on the first; the second is refused at once
+            got.clear()
+            workers.start(0, lambda: None, failed)
+            assert got.wait(30), "the queued work neither ran nor failed"
+        assert len(errors) == 2
+
+        async def sequential() -> None:
+            await workers.run(0, [], lambda: None)
+
+        with pytest.raises(BrokenThreadPool):
+            asyncio.run(asyncio.wait_for(sequential(), 30))
+    finally:
+        workers.close()
