@@ -203,11 +203,11 @@ def test_weighting_is_applied_on_the_server_and_capped_weights_bound_a_liar() ->
         "aggregator", ["geometric-median", {"weighting": "capped", "max_samples": 20}]
     )
     samples = registry.build_spec("aggregator", ["krum", {"weighting": "samples"}])
-    np.testing.assert_allclose(uniform.client_weights(counts), [1 / 3] * 3)
-    np.testing.assert_allclose(capped.client_weights(counts), [0.25, 0.25, 0.5])
-    np.testing.assert_allclose(samples.client_weights(counts), np.array(counts) / sum(counts))
+    np.testing.assert_allclose(uniform.weights.normalized(counts), [1 / 3] * 3)
+    np.testing.assert_allclose(capped.weights.normalized(counts), [0.25, 0.25, 0.5])
+    np.testing.assert_allclose(samples.weights.normalized(counts), np.array(counts) / sum(counts))
     with pytest.raises(ValueError, match="total client weight is 0"):
-        samples.client_weights([0, 0])
+        samples.weights.normalized([0, 0])
 
 
 @pytest.mark.parametrize(
@@ -219,7 +219,10 @@ def test_weighting_is_applied_on_the_server_and_capped_weights_bound_a_liar() ->
         (["bulyan", {"f": 1.5}], "bulyan: f=1.5"),
         (["trimmed-mean", {"beta": 0.5}], r"beta=0.5; expected a fraction in \[0, 0.5\)"),
         (["geometric-median", {"nu": 0}], "nu=0; expected a number > 0"),
-        (["geometric-median", {"weighting": "votes"}], "weighting='votes'; expected 'uniform'"),
+        (
+            ["geometric-median", {"weighting": "votes"}],
+            "weighting='votes'; expected 'samples', 'uniform' or 'capped'",
+        ),
     ],
 )
 def test_bad_configs_say_field_value_and_expectation(spec: Any, message: str) -> None:
