@@ -38,6 +38,7 @@ from fedpipe.server.checkpoint import (
 from fedpipe.server.client_log import ClientLog, RoundClients
 from fedpipe.server.clients import ClientError, ClientPool, ClientProxy, RoundTask, RunOutcome
 from fedpipe.server.history import EarlyStopping, History
+from fedpipe.server.root_update import RootUpdate
 from fedpipe.server.run_dir import prepare_run_dir
 from fedpipe.server.run_lock import RunLock
 from fedpipe.server.sampling import ClientSampler
@@ -140,6 +141,7 @@ class FederatedRun:
             self.model = BareWeights(build_model(self.setup).get_weights().to_numpy())
             self.aggregator: Aggregator = registry.build_spec("aggregator", config.aggregator)
             self.sampler: ClientSampler = registry.build_spec("sampler", config.sampler)
+            self.root = RootUpdate.of(self.setup, self.aggregator)  # FLTrust's server update
             self.optimizer: Optimizer = config.server_optimizer.build()
             # Built once here so that a typo fails now, not on every client after start-up.
             config.client_optimizer.build()
@@ -513,6 +515,8 @@ class FederatedRun:
         """Aggregate the round's sum and let the server optimizer move the global model; the
         round becomes the base round of every client folded in."""
         assert folded.total is not None
+        if self.root is not None:
+            self.root.give(self.model.weights, round_number)
         # The sum stays where the replies were added up (a simulation's GPU) until here:
         # it comes to the host once per round, for the server optimizer (numpy).
         aggregated = self.aggregator.finalize(folded.total).to_numpy()
