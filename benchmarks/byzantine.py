@@ -58,6 +58,12 @@ AGGREGATORS: dict[str, Any] = {
     "bulyan f=4": ["bulyan", {"f": N_ATTACKERS}],
     "geometric-median": "geometric-median",
     "fltrust 100 root": ["fltrust", {"samples": 100}],
+    "averaging, validation": "averaging",
+    "averaging, max_norm 1": ["averaging", {"max_norm": 1.0}],
+}
+#: Server settings beyond the aggregator, for the rows that have some.
+SERVER_EXTRAS: dict[str, dict[str, Any]] = {
+    "averaging, validation": {"validation": {"max_norm_ratio": 3.0, "action": "reject"}},
 }
 
 
@@ -127,7 +133,9 @@ class Attacker(InProcessClient):
         return dataclasses.replace(result, partial=partial)
 
 
-def simulation(out: Path, aggregator: Any, rounds: int, seed: int) -> SimulationConfig:
+def simulation(
+    out: Path, aggregator: Any, rounds: int, seed: int, extras: Mapping[str, Any]
+) -> SimulationConfig:
     return SimulationConfig.model_validate(
         {
             "n_clients": N_CLIENTS,
@@ -144,6 +152,7 @@ def simulation(out: Path, aggregator: Any, rounds: int, seed: int) -> Simulation
                 "aggregator": aggregator,
                 "checkpoint": False,
                 "output_dir": str(out),
+                **extras,
             },
         }
     )
@@ -184,7 +193,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for i, name in enumerate(names):
             for attack in columns:
-                sim = simulation(Path(tmp) / f"{i}-{attack}", AGGREGATORS[name], rounds, args.seed)
+                extras = SERVER_EXTRAS.get(name, {})
+                out = Path(tmp) / f"{i}-{attack}"
+                sim = simulation(out, AGGREGATORS[name], rounds, args.seed, extras)
                 table.setdefault(name, []).append(asyncio.run(one_run(sim, attack)))
     print(
         f"digits, {N_CLIENTS} clients (Dirichlet 0.5), {N_ATTACKERS} attackers, "
