@@ -144,6 +144,17 @@ class TrackingConfig(_Strict):
     mlflow_experiment: str = Field(default="fedpipe", min_length=1)
 
 
+class ValidationConfig(_Strict):
+    """Server-side screening of client updates by norm (``fedpipe.server.update_validation``):
+    an update whose L2 norm exceeds ``max_norm_ratio`` times the median norm is rejected, or
+    scaled down to that bound (``action = "downweight"``); ``min_norms`` norms are needed
+    before a streaming aggregator judges."""
+
+    max_norm_ratio: float = Field(default=3.0, gt=1.0)
+    action: Literal["reject", "downweight"] = "reject"
+    min_norms: int = Field(default=3, ge=2)
+
+
 class ServerConfig(_Strict):
     """Everything the server daemon needs to run a federated training."""
 
@@ -168,6 +179,8 @@ class ServerConfig(_Strict):
     client_optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     server_optimizer: OptimizerConfig = Field(default_factory=lambda: OptimizerConfig(lrate=1.0))
     aggregator: Spec = "averaging"
+    #: Screen client updates whose norm is an outlier against the round's median.
+    validation: ValidationConfig | None = None
     metrics: list[Spec] = Field(default_factory=lambda: list[Spec](["loss", "accuracy"]))
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     early_stop: EarlyStopConfig | None = None

@@ -18,7 +18,7 @@ import numpy as np
 
 from fedpipe.common import registry
 from fedpipe.common.aggregators import Aggregator, BufferedAggregator
-from fedpipe.common.aggregators.replies import remove_stale_spills
+from fedpipe.common.aggregators.replies import ReplyBuffer, remove_stale_spills
 from fedpipe.common.config import ConfigError, ServerConfig
 from fedpipe.common.metrics import MetricSet
 from fedpipe.common.optim import BareWeights, Optimizer
@@ -38,9 +38,11 @@ from fedpipe.server.checkpoint import (
 from fedpipe.server.client_log import ClientLog, RoundClients
 from fedpipe.server.clients import ClientError, ClientPool, ClientProxy, RoundTask, RunOutcome
 from fedpipe.server.history import EarlyStopping, History
+from fedpipe.server.root_update import RootUpdate
 from fedpipe.server.run_dir import prepare_run_dir
 from fedpipe.server.run_lock import RunLock
 from fedpipe.server.sampling import ClientSampler
+from fedpipe.server.update_validation import UpdateValidation
 
 __all__ = ["FederatedRun", "RunError", "RunSummary"]
 
@@ -139,6 +141,7 @@ class FederatedRun:
             self.model = BareWeights(build_model(self.setup).get_weights().to_numpy())
             self.aggregator: Aggregator = registry.build_spec("aggregator", config.aggregator)
             self.sampler: ClientSampler = registry.build_spec("sampler", config.sampler)
+            self.root = RootUpdate.of(self.setup, self.aggregator)  # FLTrust's server update
             self.optimizer: Optimizer = config.server_optimizer.build()
             # Built once here so that a typo fails now, not on every client after start-up.
             config.client_optimizer.build()
@@ -157,6 +160,7 @@ class FederatedRun:
         if isinstance(self.aggregator, BufferedAggregator):  # replies past the budget: files
             self.aggregator.memory_bytes = config.aggregation_memory_bytes
             self.aggregator.spill_dir = self.output_dir
+        self.validation = UpdateValidation(config.validation) if config.validation else None
         self.history = History(self.output_dir)
         self.early_stop = EarlyStopping(config.early_stop) if config.early_stop else None
         self.client_log = ClientLog(self.output_dir)
@@ -215,6 +219,8 @@ class FederatedRun:
             self.optimizer.set_state(state["optimizer"])  # type: ignore[arg-type]
             self.rng.bit_generator.state = json.loads(str(state["rng"]))
             self.sampler.set_state(state.get("sampler", {}))  # type: ignore[arg-type]
+            if self.validation is not None:
+                self.validation.set_state(state.get("validation", {}))  # type: ignore[arg-type]
         except (ValueError, TypeError, KeyError) as exc:
             # A valid file with the wrong contents: another run's, or damaged in the middle.
             raise CheckpointError(f"{path} does not fit this run: {exc}") from None
@@ -259,6 +265,7 @@ class FederatedRun:
                 "rng": json.dumps(self.rng.bit_generator.state),  # 128-bit ints: as text
                 "sampler": self.sampler.get_state(),
                 "base_rounds": dict(self.base_rounds),
+                **({"validation": self.validation.get_state()} if self.validation else {}),
                 # Scalars only: per-round client lists stay in metrics.jsonl, else each
                 # checkpoint would grow with rounds x clients.
                 "history": [
@@ -469,7 +476,8 @@ class FederatedRun:
     ) -> tuple[_Fold, RoundClients]:
         """Send ``task`` to the sampled clients and fold their replies as they arrive; what
         each client did (``start``: the round's ``perf_counter``) goes in the records."""
-        folded = _Fold(self.aggregator, self.optimizer, self.specs)
+        on_arrival = None if isinstance(self.aggregator, BufferedAggregator) else self.validation
+        folded = _Fold(self.aggregator, self.optimizer, self.specs, on_arrival)
         clients = RoundClients(task.round_number, [c.name for c in sampled])
 
         async def fold(client: ClientProxy, result: TrainResult) -> None:
@@ -479,6 +487,11 @@ class FederatedRun:
         failures: dict[str, str] = {}
         await self._collect(sampled, lambda c: c.train(task), fold, deadline, failures)
         await folded.settled()
+        if self.validation is not None:
+            if isinstance(folded.total, ReplyBuffer):  # buffered: the round's exact median
+                for name in self.validation.screen(folded.total, folded.names):
+                    folded.drop(name, failures)
+            self.validation.end_round()
         clients.failed(failures)
         return folded, clients
 
@@ -502,6 +515,8 @@ class FederatedRun:
         """Aggregate the round's sum and let the server optimizer move the global model; the
         round becomes the base round of every client folded in."""
         assert folded.total is not None
+        if self.root is not None:
+            self.root.give(self.model.weights, round_number)
         # The sum stays where the replies were added up (a simulation's GPU) until here:
         # it comes to the host once per round, for the server optimizer (numpy).
         aggregated = self.aggregator.finalize(folded.total).to_numpy()
@@ -704,9 +719,14 @@ class _Fold:
     """
 
     def __init__(
-        self, aggregator: Aggregator, optimizer: Optimizer, specs: Mapping[str, ArraySpec]
+        self,
+        aggregator: Aggregator,
+        optimizer: Optimizer,
+        specs: Mapping[str, ArraySpec],
+        validation: UpdateValidation | None = None,
     ) -> None:
         self.aggregator = aggregator
+        self.validation = validation  # judges each reply on arrival (streaming aggregators)
         self.optimizer = optimizer
         self.specs = specs
         self.total: Summable | None = None
@@ -738,8 +758,19 @@ class _Fold:
         if self._adding is not None and not self._adding.cancelled():
             self._adding.exception()  # retrieved: a rejected reply was logged by the loop
 
+    def drop(self, name: str, failures: dict[str, str]) -> None:
+        """Leave out a kept reply that validation rejected at the round's close (its aux vars
+        and loss stay in their sums)."""
+        self.names.remove(name)
+        self.count -= 1
+        failures[name] = "rejected reply: its update norm is an outlier"
+
     def _checked_add(self, result: TrainResult, name: str) -> None:
         self.validate(result)
+        scale = 1.0
+        if self.validation is not None:
+            scale = self.validation.judge(name, self.aggregator.update_norm(result.partial))
+        result.partial = self.aggregator.admit(result.partial, scale)  # the server's weights
         self._add(result)
         self.names.append(name)
 

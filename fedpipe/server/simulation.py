@@ -30,7 +30,7 @@ import numpy as np
 
 from fedpipe.common import registry
 from fedpipe.common.config import ServerConfig, SimulationConfig
-from fedpipe.common.data import Dataset, load_builtin, load_dataset, partition, save_dataset
+from fedpipe.common.data import Dataset, load_source, partition, save_dataset
 from fedpipe.common.plugins import import_plugins
 from fedpipe.common.vector import Vector
 from fedpipe.server.clients import ClientPool
@@ -55,12 +55,6 @@ OnRound = Callable[[dict[str, Any]], None]
 
 #: The simulation run by ``fedpipe simulate`` without ``--config`` (TOML text).
 DEFAULT_CONFIG_TEXT = (Path(__file__).parent / "default_simulation.toml").read_text()
-
-
-def load_source(name: str) -> Dataset:
-    """A built-in dataset name, or a path to a dataset file or folder."""
-    path = Path(name)
-    return load_dataset(path) if path.exists() else load_builtin(name)
 
 
 def client_datasets(

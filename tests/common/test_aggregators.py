@@ -24,19 +24,55 @@ def aggregate(agg: Aggregator, order: tuple[int, ...]) -> Vector:
     return agg.aggregate(agg.prepare(UPDATES[i][0].copy(), *UPDATES[i][1:]) for i in order)
 
 
-def test_averaging_weights_by_samples_steps_or_uniformly() -> None:
+def test_averaging_weights_by_samples_capped_samples_or_uniformly() -> None:
     by_samples = aggregate(registry.build("aggregator", "averaging"), (0, 1, 2))
     assert np.allclose(
         by_samples["w"], [(10 + 90 + 0) / 100, (20 - 60 + 240) / 100, (-10 - 30 + 60) / 100]
     )
-    by_steps = aggregate(
-        registry.build("aggregator", "averaging", {"weighting": "steps"}), (0, 1, 2)
+    capped = aggregate(
+        registry.build("aggregator", "averaging", {"weighting": "capped", "max_samples": 30}),
+        (0, 1, 2),
+    )  # weights 10, 30, 30
+    assert np.allclose(
+        capped["w"], [(10 + 90 + 0) / 70, (20 - 60 + 120) / 70, (-10 - 30 + 30) / 70]
     )
-    assert np.allclose(by_steps["w"], [(2 + 18 + 0) / 9, (4 - 12 + 4) / 9, (-2 - 6 + 1) / 9])
     uniform = aggregate(
         registry.build("aggregator", "averaging", {"weighting": "uniform"}), (0, 1, 2)
     )
     assert np.allclose(uniform["w"], [4 / 3, 4 / 3, -1 / 3])
+
+
+LIAR = (Vector({"w": np.array([100.0, 100.0, 100.0])}), 1_000_000, 1)
+
+
+@pytest.mark.parametrize(
+    "name", ["averaging", "gradient-masked-averaging", "krum", "geometric-median"]
+)
+def test_the_server_reapplies_its_weighting_to_a_client_that_lies_about_its_weight(
+    name: str,
+) -> None:
+    """A client that prepares its partial with a million samples (whatever the configured
+    weighting) counts for ``max_samples`` under ``capped`` and for one under ``uniform``."""
+    samples = registry.build("aggregator", "averaging")  # what the liar prepares with
+    for weighting in ("capped", "uniform"):
+        config = {"weighting": weighting} | ({"max_samples": 30} if weighting == "capped" else {})
+        agg = registry.build("aggregator", name, config)
+        honest = [agg.prepare(u.copy(), n, s) for u, n, s in UPDATES]
+        lying = (samples if agg.vector_fields == samples.vector_fields else agg).prepare(
+            LIAR[0].copy(), *LIAR[1:]
+        )
+        if name == "gradient-masked-averaging":
+            lying.fields |= {"sign_sum": LIAR[0] * 50.0, "n_clients": 1000}  # lies there too
+        got = agg.aggregate([*honest, lying])["w"]
+        weights = {"capped": np.array([10, 30, 30, 30.0]), "uniform": np.ones(4)}[weighting]
+        rows = np.array([u["w"] for u, _, _ in (*UPDATES, LIAR)])
+        mean = weights @ rows / weights.sum()
+        if name in ("averaging", "gradient-masked-averaging"):
+            agreement = np.abs(np.sign(rows).sum(axis=0)) / 4  # [.75, .5, 0] < 0.8: soft mask
+            mask = np.ones(3) if name == "averaging" else agreement
+            np.testing.assert_allclose(got, mean * mask)
+        else:  # robust: the liar's weight is bounded, its update left out
+            assert np.abs(got).max() < 10.0
 
 
 def test_sum() -> None:
@@ -127,7 +163,41 @@ def test_zero_total_weight_is_an_error() -> None:
         agg.aggregate([agg.prepare(UPDATES[0][0].copy(), 0, 0)])
 
 
+def test_a_partial_of_weight_zero_adds_nothing_whatever_its_sum() -> None:
+    agg = registry.build("aggregator", "averaging")
+    sneaky = Summable({"weighted_sum": Vector({"w": np.full(3, 1e6)}), "total_weight": 0.0})
+    honest = agg.prepare(UPDATES[0][0].copy(), *UPDATES[0][1:])
+    assert agg.aggregate([honest, sneaky])["w"].tolist() == UPDATES[0][0]["w"].tolist()
+
+
 @pytest.mark.parametrize("name", ["averaging", "gradient-masked-averaging"])
+def test_max_norm_bounds_each_client_update_before_averaging(name: str) -> None:
+    """Updates of norms sqrt(6), sqrt(14), sqrt(17) bounded at 3: the first is left as it is,
+    the others scaled to norm 3; weights stay the sample counts."""
+    agg = registry.build(
+        "aggregator",
+        name,
+        {"max_norm": 3.0, "threshold": 0.0} if name != "averaging" else {"max_norm": 3.0},
+    )
+    got = aggregate(agg, (2, 0, 1))["w"]
+    rows = np.array([u["w"] for u, _, _ in UPDATES])
+    norms = np.linalg.norm(rows, axis=1)
+    bounded = rows * np.minimum(1.0, 3.0 / norms)[:, None]
+    assert norms[0] < 3.0 < norms[1]
+    np.testing.assert_allclose(got, np.array([10, 30, 60]) @ bounded / 100, rtol=1e-12)
+    clipped = agg.admit(agg.prepare(UPDATES[1][0].copy(), 30, 1))
+    assert agg.update_norm(clipped) == pytest.approx(3.0, rel=1e-12)
+    assert clipped.number("total_weight") == 30.0
+
+
+def test_max_norm_must_be_positive() -> None:
+    with pytest.raises(ValueError, match=r"averaging: max_norm=0\.0; expected a number > 0"):
+        registry.build("aggregator", "averaging", {"max_norm": 0.0})
+
+
+@pytest.mark.parametrize("name", ["averaging", "gradient-masked-averaging", "krum"])
 def test_unknown_weighting_is_refused(name: str) -> None:
-    with pytest.raises(ValueError, match="weighting='sample'; expected 'samples', 'steps'"):
-        registry.build("aggregator", name, {"weighting": "sample"})
+    with pytest.raises(ValueError, match=f"{name}: weighting='steps'; expected 'samples', 'unif"):
+        registry.build("aggregator", name, {"weighting": "steps"})
+    with pytest.raises(ValueError, match="weighting='capped' needs max_samples, an integer >= 1"):
+        registry.build("aggregator", name, {"weighting": "capped"})

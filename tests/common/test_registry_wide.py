@@ -136,3 +136,42 @@ def test_scheduler_is_a_pure_function_of_the_step(family: str, name: str) -> Non
     assert all(isinstance(v, float) and v >= 0 for v in values)
     assert [clone.value(step) for step in range(20)] == values
     assert [scheduler.value(step) for step in range(20)] == values
+
+
+# ---- aggregators ------------------------------------------------------------------------------
+
+
+def aggregate_on_server(aggregator: Any, updates: list[Vector], scales: list[float]) -> Vector:
+    """What the round loop does: prepare on each client, admit (scaled) and fold on the
+    server. An aggregator that compares with a server update (FLTrust) gets the first one."""
+    if getattr(aggregator, "server_update", False) is None:
+        aggregator.server_update = updates[0].copy()
+    partials = [aggregator.prepare(u.copy(), 10 + i, 1) for i, u in enumerate(updates)]
+    return aggregator.aggregate(
+        aggregator.admit(p, s) for p, s in zip(partials, scales, strict=True)
+    )
+
+
+@pytest.mark.parametrize(("family", "name"), registered("aggregator"))
+def test_every_aggregator_returns_a_consensus_update_as_it_is(family: str, name: str) -> None:
+    """Five clients sending the same update: the global update is that update (``sum``: five
+    times it), whatever the aggregator's arithmetic."""
+    update = gradients(np.float64, 4)
+    got = aggregate_on_server(build(family, name), [update] * 5, [1.0] * 5)
+    want = update * (5.0 if name == "sum" else 1.0)
+    assert got.specs() == update.specs()
+    assert got.allclose(want, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize(("family", "name"), registered("aggregator"))
+def test_every_aggregator_admits_a_scaled_update_with_its_norm_scaled(
+    family: str, name: str
+) -> None:
+    """``admit(partial, scale)`` (update validation's down-weighting) scales the update the
+    server counts, as ``update_norm`` reads it, by ``scale``."""
+    aggregator = build(family, name)
+    update = gradients(np.float64, 5)
+    partial = aggregator.prepare(update.copy(), 10, 1)
+    assert aggregator.update_norm(partial) == pytest.approx(update.norm(), rel=1e-12)
+    admitted = aggregator.admit(partial, 0.25)
+    assert aggregator.update_norm(admitted) == pytest.approx(0.25 * update.norm(), rel=1e-12)

@@ -166,6 +166,57 @@ def test_geometric_median_matches_weiszfeld_on_whole_vectors(weighting: str) -> 
     )
 
 
+def fltrust_reference(x: np.ndarray, g0: np.ndarray) -> np.ndarray:
+    """Cao et al. 2021, Algorithm 2: ReLU-cosine trust, updates rescaled to ||g0||."""
+    total, trust_sum = np.zeros_like(g0), 0.0
+    for g in x:
+        cosine = float(g @ g0) / (np.linalg.norm(g) * np.linalg.norm(g0))
+        trust = max(cosine, 0.0)
+        total += trust * np.linalg.norm(g0) / np.linalg.norm(g) * g
+        trust_sum += trust
+    return total / trust_sum
+
+
+def fltrust_run(updates: list[Vector], server: Vector, n_samples: list[int] | None = None) -> Any:
+    aggregator = registry.build_spec("aggregator", "fltrust")
+    aggregator.server_update = server
+    counts = n_samples or [10] * len(updates)
+    return flat(
+        aggregator.aggregate(
+            aggregator.prepare(u.copy(), n, 1) for u, n in zip(updates, counts, strict=True)
+        )
+    )
+
+
+def test_fltrust_matches_the_paper_on_random_updates() -> None:
+    updates = random_updates(9, seed=8)
+    server = random_updates(1, seed=9)[0]
+    g0 = flat(server)
+    updates[2] = server * -3.0  # opposite: trust 0
+    updates[5] = server * 40.0  # aligned but huge: rescaled to ||g0||
+    x = np.stack([flat(u) for u in updates])
+    got = fltrust_run(updates, server)
+    np.testing.assert_allclose(got, fltrust_reference(x, g0), rtol=1e-10)
+    # sample counts do not matter: trust replaces them
+    np.testing.assert_allclose(fltrust_run(updates, server, [1, 10**6] + [1] * 7), got, rtol=1e-12)
+    assert np.linalg.norm(got) <= np.linalg.norm(g0) * (1 + 1e-12)  # a mean of norm-||g0|| vectors
+
+
+def test_fltrust_takes_no_step_when_no_client_agrees_with_the_server() -> None:
+    server = random_updates(1, seed=3)[0]
+    got = fltrust_run([server * -1.0, server * -2.0], server)
+    assert not got.any()
+
+
+def test_fltrust_needs_the_server_update_of_the_round() -> None:
+    aggregator = registry.build_spec("aggregator", "fltrust")
+    aggregator.server_update = random_updates(1, seed=1)[0]
+    updates = random_updates(3, seed=2)
+    aggregator.aggregate(aggregator.prepare(u, 1, 1) for u in updates)
+    with pytest.raises(ValueError, match="fltrust: no server update for this round"):
+        aggregator.aggregate(aggregator.prepare(u, 1, 1) for u in random_updates(3, seed=2))
+
+
 def test_robust_aggregators_ignore_one_huge_update_that_averaging_follows() -> None:
     updates = random_updates(9, seed=5)
     updates[4] = updates[4] * -1000.0
@@ -203,11 +254,11 @@ def test_weighting_is_applied_on_the_server_and_capped_weights_bound_a_liar() ->
         "aggregator", ["geometric-median", {"weighting": "capped", "max_samples": 20}]
     )
     samples = registry.build_spec("aggregator", ["krum", {"weighting": "samples"}])
-    np.testing.assert_allclose(uniform.client_weights(counts), [1 / 3] * 3)
-    np.testing.assert_allclose(capped.client_weights(counts), [0.25, 0.25, 0.5])
-    np.testing.assert_allclose(samples.client_weights(counts), np.array(counts) / sum(counts))
+    np.testing.assert_allclose(uniform.weights.normalized(counts), [1 / 3] * 3)
+    np.testing.assert_allclose(capped.weights.normalized(counts), [0.25, 0.25, 0.5])
+    np.testing.assert_allclose(samples.weights.normalized(counts), np.array(counts) / sum(counts))
     with pytest.raises(ValueError, match="total client weight is 0"):
-        samples.client_weights([0, 0])
+        samples.weights.normalized([0, 0])
 
 
 @pytest.mark.parametrize(
@@ -219,7 +270,12 @@ def test_weighting_is_applied_on_the_server_and_capped_weights_bound_a_liar() ->
         (["bulyan", {"f": 1.5}], "bulyan: f=1.5"),
         (["trimmed-mean", {"beta": 0.5}], r"beta=0.5; expected a fraction in \[0, 0.5\)"),
         (["geometric-median", {"nu": 0}], "nu=0; expected a number > 0"),
-        (["geometric-median", {"weighting": "votes"}], "weighting='votes'; expected 'uniform'"),
+        (
+            ["geometric-median", {"weighting": "votes"}],
+            "weighting='votes'; expected 'samples', 'uniform' or 'capped'",
+        ),
+        (["fltrust", {"samples": 0}], "fltrust: samples=0; expected an integer >= 1"),
+        (["fltrust", {"dataset": ""}], "fltrust: dataset=''; expected a dataset name or path"),
     ],
 )
 def test_bad_configs_say_field_value_and_expectation(spec: Any, message: str) -> None:

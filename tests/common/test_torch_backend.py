@@ -156,9 +156,14 @@ def test_every_regularizer_matches_numpy_on_torch(family: str, name: str, dtype:
 def test_every_aggregator_matches_numpy_on_torch(family: str, name: str, dtype: Any) -> None:
     aggregator = build_seeded(family, name)
     updates = [numpy_gradients(dtype, seed) for seed in range(3)]
+    given = getattr(aggregator, "server_update", False) is None  # FLTrust: one per round
+    if given:
+        aggregator.server_update = numpy_gradients(dtype, 7)
     want = aggregator.aggregate(
         aggregator.prepare(u.copy(), n_samples=10 + i, n_steps=2 + i) for i, u in enumerate(updates)
     )
+    if given:
+        aggregator.server_update = on_torch(numpy_gradients(dtype, 7))
     got = aggregator.aggregate(
         aggregator.prepare(on_torch(u), n_samples=10 + i, n_steps=2 + i)
         for i, u in enumerate(updates)

@@ -4,6 +4,7 @@ from fedpipe.common.aggregators.averaging import AveragingAggregator, SumAggrega
 from fedpipe.common.aggregators.base import Aggregator, InvalidPartialError
 from fedpipe.common.aggregators.buffered import BufferedAggregator
 from fedpipe.common.aggregators.bulyan import Bulyan
+from fedpipe.common.aggregators.fltrust import FLTrust
 from fedpipe.common.aggregators.geometric_median import GeometricMedian
 from fedpipe.common.aggregators.gradient_masked import GradientMaskedAveraging
 from fedpipe.common.aggregators.krum import Krum
@@ -16,6 +17,7 @@ __all__ = [
     "BufferedAggregator",
     "Bulyan",
     "CoordinateMedian",
+    "FLTrust",
     "GeometricMedian",
     "GradientMaskedAveraging",
     "InvalidPartialError",

@@ -1,62 +1,81 @@
-"""Weighted averaging (FedAvg, McMahan et al. 2017) and plain summation."""
+"""Weighted averaging (FedAvg, McMahan et al. 2017), norm-bounded on request, and plain
+summation."""
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+import math
+from typing import Any, ClassVar
 
 from fedpipe.common.aggregators.base import Aggregator
+from fedpipe.common.aggregators.weighting import ClientWeighting, Weighting
 from fedpipe.common.summable import Summable
 from fedpipe.common.vector import Vector
 
 __all__ = ["AveragingAggregator", "SumAggregator"]
 
-Weighting = Literal["samples", "steps", "uniform"]
-
-
-def check_weighting(weighting: str) -> str:
-    """Return ``weighting`` if it is a known weighting scheme, else raise ValueError."""
-    if weighting not in ("samples", "steps", "uniform"):
-        raise ValueError(f"weighting={weighting!r}; expected 'samples', 'steps' or 'uniform'")
-    return weighting
-
-
-def client_weight(weighting: str, n_samples: int, n_steps: int) -> float:
-    """A client's averaging weight: its sample count, its step count, or 1."""
-    if weighting == "samples":
-        return float(n_samples)
-    if weighting == "steps":
-        return float(n_steps)
-    return 1.0
-
 
 class AveragingAggregator(Aggregator):
-    """Weighted average of client updates.
+    """Weighted average of client updates, each first bounded to ``max_norm`` if set.
+
+    The client sends ``{weighted_sum: w * u, total_weight: w}``; the server does not trust
+    ``w`` (:meth:`admit`): it re-applies its ``weighting`` to it and rescales the sum to
+    match, and with ``max_norm`` scales ``u`` down to that L2 norm (norm bounding: Sun et
+    al. 2019, "Can You Really Backdoor Federated Learning?"). A partial with weight 0 adds
+    nothing.
 
     Parameters
     ----------
-    weighting:
-        ``"samples"`` (FedAvg: weight by local sample count), ``"steps"`` (by local
-        optimization steps) or ``"uniform"``.
+    weighting, max_samples:
+        ``"samples"`` (FedAvg: weight by local sample count), ``"uniform"``, or ``"capped"``
+        (sample counts capped at ``max_samples``): see
+        :mod:`~fedpipe.common.aggregators.weighting`.
+    max_norm:
+        L2 bound on each client's update (``None``: unbounded).
     """
 
     name: ClassVar[str] = "averaging"
-    vector_fields = ("weighted_sum",)
-    scalar_fields = ("total_weight",)
+    vector_fields: ClassVar[tuple[str, ...]] = ("weighted_sum",)
+    scalar_fields: ClassVar[tuple[str, ...]] = ("total_weight",)
 
-    def __init__(self, weighting: Weighting = "samples") -> None:
-        self.weighting = check_weighting(weighting)
+    def __init__(
+        self,
+        weighting: Weighting = "samples",
+        max_samples: int | None = None,
+        max_norm: float | None = None,
+    ) -> None:
+        self.weights = ClientWeighting(self.name, weighting, max_samples)
+        if max_norm is not None and not (math.isfinite(max_norm) and max_norm > 0):
+            raise ValueError(f"{self.name}: max_norm={max_norm!r}; expected a number > 0")
+        self.max_norm = None if max_norm is None else float(max_norm)
 
     def get_config(self) -> dict[str, Any]:
-        return {"weighting": self.weighting}
+        norm = {"max_norm": self.max_norm} if self.max_norm is not None else {}
+        return self.weights.get_config() | norm
 
     def prepare(self, updates: Vector, n_samples: int, n_steps: int) -> Summable:
-        weight = client_weight(self.weighting, n_samples, n_steps)
+        weight = self.weights.weight(n_samples)
         return Summable({"weighted_sum": updates.mul_(weight), "total_weight": weight})
+
+    def update_norm(self, partial: Summable) -> float:
+        weight = partial.number("total_weight")
+        return partial.vector("weighted_sum").norm() / weight if weight > 0 else 0.0
+
+    def admit(self, partial: Summable, scale: float = 1.0) -> Summable:
+        reported = partial.number("total_weight")
+        counted = self.weights.weight(reported) if reported > 0 else 0.0
+        factor = scale * counted / reported if reported > 0 else 0.0
+        if self.max_norm is not None:
+            norm = self.update_norm(partial)
+            factor *= min(1.0, self.max_norm / norm) if norm > 0 else 1.0
+        if factor != 1.0:  # 1.0 for an honest client with no bound hit: bits unchanged
+            partial.vector("weighted_sum").mul_(factor)
+        partial.fields["total_weight"] = counted
+        return partial
 
     def finalize(self, total: Summable) -> Vector:
         weight = total.number("total_weight")
         if weight <= 0:
-            raise ValueError("total client weight is 0: no client reported any sample or step")
+            raise ValueError("total client weight is 0: no client reported any sample")
         return total.vector("weighted_sum").mul_(1.0 / weight)
 
 
@@ -64,8 +83,8 @@ class SumAggregator(Aggregator):
     """Sum of client updates (for secure-aggregation masks and custom weighting)."""
 
     name: ClassVar[str] = "sum"
-    vector_fields = ("sum",)
-    scalar_fields = ()
+    vector_fields: ClassVar[tuple[str, ...]] = ("sum",)
+    scalar_fields: ClassVar[tuple[str, ...]] = ()
 
     def prepare(self, updates: Vector, n_samples: int, n_steps: int) -> Summable:
         return Summable({"sum": updates})

@@ -4,9 +4,15 @@ Aggregation is split in two:
 
 1. each client calls :meth:`Aggregator.prepare` on its own update, giving a
    :class:`~fedpipe.common.summable.Summable` partial;
-2. the server folds partials into the accumulator :meth:`Aggregator.start` makes of the
-   first one (``add_`` for each later one, in any order), then calls
-   :meth:`Aggregator.finalize` once on it.
+2. the server passes each partial through :meth:`Aggregator.admit` (what the server counts:
+   its own weighting of the client's reported samples, norm bounding, a validation scale),
+   folds it into the accumulator :meth:`Aggregator.start` makes of the first one (``add_``
+   for each later one, in any order), then calls :meth:`Aggregator.finalize` once on it.
+
+``admit`` acts on a whole reply: a norm bound needs the norm of the reply's update, which no
+chunk of it has. A transport that folds chunk by chunk must stage a reply's chunks and
+commit the admitted reply (the scale is one number, so a commit is ``sum += scale *
+staged``).
 
 This base class is the *streaming* kind: the accumulator is a running sum, so the server
 holds one model-sized total whatever the number of clients. The *buffered* kind
@@ -50,6 +56,19 @@ class Aggregator(Registrable):
         ``updates`` belongs to the aggregator from then on (its buffers may be reused).
         """
 
+    def update_norm(self, partial: Summable) -> float:
+        """Server side: the L2 norm of the client update ``partial`` carries (its first
+        Vector field here; averaging divides out the client's weight)."""
+        return partial.vector(self.vector_fields[0]).norm()
+
+    def admit(self, partial: Summable, scale: float = 1.0) -> Summable:
+        """Server side, before folding: ``partial`` as the server counts it, its update
+        multiplied by ``scale`` (``< 1``: a down-weighted outlier). Works in place: the
+        partial belongs to the aggregator."""
+        if scale != 1.0:
+            partial.vector(self.vector_fields[0]).mul_(scale)
+        return partial
+
     def start(self, first: Summable) -> Summable:
         """Server side: the round's accumulator, holding its first valid partial; later
         partials go in with its ``add_``. Streaming: the first partial is the running sum."""
@@ -64,10 +83,12 @@ class Aggregator(Registrable):
         """
 
     def aggregate(self, partials: Iterable[Summable]) -> Vector:
-        """Sum ``partials`` (streaming, one running sum, float32 for half-precision updates)
-        and finalize: the result is in the running sum's dtypes."""
+        """Admit and sum ``partials`` (streaming, one running sum, float32 for half-precision
+        updates) and finalize: the result is in the running sum's dtypes. The partials belong
+        to the aggregator (:meth:`admit` may scale them)."""
         total: Summable | None = None
         for partial in partials:
+            partial = self.admit(partial)
             total = partial.accumulator() if total is None else total.add_(partial)
         if total is None:
             raise ValueError("cannot aggregate zero client updates")

@@ -9,57 +9,40 @@ bound) and calls :meth:`BufferedAggregator.reduce` once the round closes. A new 
 subclass with a ``name`` and a ``reduce``; the round loop and the transports are unchanged.
 
 Sample counts are self-reported (a client can lie), so weights are applied on the server
-per the aggregator's ``weighting``: ``"uniform"`` (the default: counts ignored),
-``"samples"`` or ``"capped"`` (counts capped at ``max_samples``).
+per the aggregator's :class:`~fedpipe.common.aggregators.weighting.ClientWeighting`:
+``"uniform"`` (the default here: counts ignored), ``"samples"`` or ``"capped"``.
 """
 
 from __future__ import annotations
 
 from abc import abstractmethod
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Literal
-
-import numpy as np
+from typing import Any, ClassVar
 
 from fedpipe.common.aggregators.base import Aggregator
 from fedpipe.common.aggregators.replies import ReplyBuffer
+from fedpipe.common.aggregators.weighting import ClientWeighting
 from fedpipe.common.summable import Summable
 from fedpipe.common.vector import Vector
 
-__all__ = ["DEFAULT_MEMORY_BYTES", "BufferedAggregator", "SampleWeighting", "check_weighting"]
+__all__ = ["DEFAULT_MEMORY_BYTES", "BufferedAggregator"]
 
 #: Bytes of replies a buffered aggregator keeps in memory unless the server config says.
 DEFAULT_MEMORY_BYTES = 1 << 30
-
-SampleWeighting = Literal["uniform", "samples", "capped"]
-
-
-def check_weighting(owner: str, weighting: str, max_samples: int | None) -> None:
-    """Raise ValueError unless ``weighting`` is known and ``max_samples`` fits it."""
-    if weighting not in ("uniform", "samples", "capped"):
-        raise ValueError(
-            f"{owner}: weighting={weighting!r}; expected 'uniform', 'samples' or 'capped'"
-        )
-    if weighting == "capped" and (
-        isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 1
-    ):
-        raise ValueError(
-            f"{owner}: weighting='capped' needs max_samples, an integer >= 1; got {max_samples!r}"
-        )
 
 
 class BufferedAggregator(Aggregator):
     """Base of the aggregators that see every update of the round before reducing.
 
-    Subclasses implement :meth:`reduce`. Those that use client weights set ``weighting``
-    (and ``max_samples``) in their constructor, checked by :func:`check_weighting`.
+    Subclasses implement :meth:`reduce`. Those that use client weights take ``weighting``
+    and ``max_samples`` and set ``weights`` (a
+    :class:`~fedpipe.common.aggregators.weighting.ClientWeighting`) in their constructor.
     """
 
-    vector_fields = ("update",)
-    scalar_fields = ("n_samples",)
-    weighting: SampleWeighting = "uniform"
-    max_samples: int | None = None
+    vector_fields: ClassVar[tuple[str, ...]] = ("update",)
+    scalar_fields: ClassVar[tuple[str, ...]] = ("n_samples",)
+    weights: ClientWeighting = ClientWeighting("buffered", "uniform")
     #: Server side, set by the round loop from its config: the in-memory budget for replies
     #: and the directory (the run's) where the rest is spilled.
     memory_bytes: int = DEFAULT_MEMORY_BYTES
@@ -78,7 +61,7 @@ class BufferedAggregator(Aggregator):
         try:
             if not len(total):
                 raise ValueError("cannot aggregate zero client updates")
-            return self.reduce(total, self.client_weights(total.n_samples))
+            return self.reduce(total, self.weights.normalized(total.n_samples))
         finally:
             total.close()
 
@@ -87,6 +70,7 @@ class BufferedAggregator(Aggregator):
         buffer: Summable | None = None
         first: Vector | None = None
         for partial in partials:
+            partial = self.admit(partial)
             if buffer is None:
                 first, buffer = partial.vector("update"), self.start(partial)
             else:
@@ -94,17 +78,6 @@ class BufferedAggregator(Aggregator):
         if buffer is None or first is None:
             raise ValueError("cannot aggregate zero client updates")
         return self.finalize(buffer).like(first)
-
-    def client_weights(self, n_samples: Sequence[float]) -> Any:
-        """Each reply's weight per ``weighting``, summing to 1 (float64 array)."""
-        counts = np.asarray(n_samples, dtype=np.float64)
-        if self.weighting == "uniform":
-            counts = np.ones_like(counts)
-        elif self.weighting == "capped":
-            counts = np.minimum(counts, float(self.max_samples or 0))
-        if counts.sum() <= 0:
-            raise ValueError("total client weight is 0: no client reported any sample")
-        return counts / counts.sum()
 
     @abstractmethod
     def reduce(self, replies: ReplyBuffer, weights: Any) -> Vector:

@@ -15,8 +15,9 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from fedpipe.common.aggregators.buffered import BufferedAggregator, SampleWeighting, check_weighting
+from fedpipe.common.aggregators.buffered import BufferedAggregator
 from fedpipe.common.aggregators.replies import ReplyBuffer
+from fedpipe.common.aggregators.weighting import ClientWeighting, Weighting
 from fedpipe.common.vector import Vector
 
 __all__ = ["GeometricMedian"]
@@ -44,7 +45,7 @@ class GeometricMedian(BufferedAggregator):
         nu: float = 1e-6,
         max_iterations: int = 100,
         tol: float = 1e-6,
-        weighting: SampleWeighting = "uniform",
+        weighting: Weighting = "uniform",
         max_samples: int | None = None,
     ) -> None:
         if not nu > 0:
@@ -56,14 +57,12 @@ class GeometricMedian(BufferedAggregator):
                 f"geometric-median: max_iterations={max_iterations}, tol={tol}; "
                 "expected max_iterations >= 1 and tol >= 0"
             )
-        check_weighting("geometric-median", weighting, max_samples)
+        self.weights = ClientWeighting("geometric-median", weighting, max_samples)
         self.nu, self.max_iterations, self.tol = float(nu), max_iterations, float(tol)
-        self.weighting, self.max_samples = weighting, max_samples
 
     def get_config(self) -> dict[str, Any]:
         config: dict[str, Any] = {"nu": self.nu, "max_iterations": self.max_iterations}
-        config |= {"tol": self.tol, "weighting": self.weighting}
-        return config | ({"max_samples": self.max_samples} if self.max_samples else {})
+        return config | {"tol": self.tol} | self.weights.get_config()
 
     def reduce(self, replies: ReplyBuffer, weights: Any) -> Vector:
         gram = replies.gram()

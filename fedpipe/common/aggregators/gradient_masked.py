@@ -10,54 +10,61 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from fedpipe.common.aggregators.averaging import Weighting, check_weighting, client_weight
-from fedpipe.common.aggregators.base import Aggregator
+from fedpipe.common.aggregators.averaging import AveragingAggregator
+from fedpipe.common.aggregators.weighting import Weighting
 from fedpipe.common.summable import Summable
 from fedpipe.common.vector import Vector
 
 __all__ = ["GradientMaskedAveraging"]
 
 
-class GradientMaskedAveraging(Aggregator):
+class GradientMaskedAveraging(AveragingAggregator):
     """Weighted averaging masked by sign agreement across clients.
+
+    The server counts each client's signs from its (admitted) weighted update and counts it
+    once, whatever ``sign_sum`` and ``n_clients`` the client sent.
 
     Parameters
     ----------
     threshold:
         Agreement score in [0, 1] above which a coordinate is kept unscaled.
-    weighting:
+    weighting, max_samples, max_norm:
         As for ``averaging``.
     """
 
     name: ClassVar[str] = "gradient-masked-averaging"
-    vector_fields = ("weighted_sum", "sign_sum")
-    scalar_fields = ("total_weight", "n_clients")
+    vector_fields: ClassVar[tuple[str, ...]] = ("weighted_sum", "sign_sum")
+    scalar_fields: ClassVar[tuple[str, ...]] = ("total_weight", "n_clients")
 
-    def __init__(self, threshold: float = 0.8, weighting: Weighting = "samples") -> None:
+    def __init__(
+        self,
+        threshold: float = 0.8,
+        weighting: Weighting = "samples",
+        max_samples: int | None = None,
+        max_norm: float | None = None,
+    ) -> None:
+        super().__init__(weighting, max_samples, max_norm)
         if not 0.0 <= threshold <= 1.0:
             raise ValueError(f"threshold={threshold}; expected a number in [0, 1]")
         self.threshold = float(threshold)
-        self.weighting = check_weighting(weighting)
 
     def get_config(self) -> dict[str, Any]:
-        return {"threshold": self.threshold, "weighting": self.weighting}
+        return {"threshold": self.threshold} | super().get_config()
 
     def prepare(self, updates: Vector, n_samples: int, n_steps: int) -> Summable:
-        weight = client_weight(self.weighting, n_samples, n_steps)
-        signs = updates.sign()
-        return Summable(
-            {
-                "weighted_sum": updates.mul_(weight),
-                "sign_sum": signs,
-                "total_weight": weight,
-                "n_clients": 1,
-            }
-        )
+        partial = super().prepare(updates, n_samples, n_steps)
+        partial.fields |= {"sign_sum": partial.vector("weighted_sum").sign(), "n_clients": 1}
+        return partial
+
+    def admit(self, partial: Summable, scale: float = 1.0) -> Summable:
+        partial = super().admit(partial, scale)
+        partial.fields |= {"sign_sum": partial.vector("weighted_sum").sign(), "n_clients": 1}
+        return partial
 
     def finalize(self, total: Summable) -> Vector:
         weight = total.number("total_weight")
         if weight <= 0:
-            raise ValueError("total client weight is 0: no client reported any sample or step")
+            raise ValueError("total client weight is 0: no client reported any sample")
         average = total.vector("weighted_sum") / weight
         agreement = total.vector("sign_sum").abs() / total.number("n_clients")
         keep = (agreement - self.threshold).sign().maximum(0.0)  # 1 where A > threshold

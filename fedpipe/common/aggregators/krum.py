@@ -14,8 +14,9 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from fedpipe.common.aggregators.buffered import BufferedAggregator, SampleWeighting, check_weighting
+from fedpipe.common.aggregators.buffered import BufferedAggregator
 from fedpipe.common.aggregators.replies import ReplyBuffer
+from fedpipe.common.aggregators.weighting import ClientWeighting, Weighting
 from fedpipe.common.vector import Vector
 
 __all__ = ["Krum", "krum_scores"]
@@ -48,20 +49,18 @@ class Krum(BufferedAggregator):
         self,
         f: int = 0,
         m: int = 1,
-        weighting: SampleWeighting = "uniform",
+        weighting: Weighting = "uniform",
         max_samples: int | None = None,
     ) -> None:
         if isinstance(f, bool) or not isinstance(f, int) or f < 0:
             raise ValueError(f"krum: f={f!r}; expected an integer >= 0")
         if isinstance(m, bool) or not isinstance(m, int) or m < 1:
             raise ValueError(f"krum: m={m!r}; expected an integer >= 1")
-        check_weighting("krum", weighting, max_samples)
+        self.weights = ClientWeighting("krum", weighting, max_samples)
         self.f, self.m = f, m
-        self.weighting, self.max_samples = weighting, max_samples
 
     def get_config(self) -> dict[str, Any]:
-        config = {"f": self.f, "m": self.m, "weighting": self.weighting}
-        return config | ({"max_samples": self.max_samples} if self.max_samples else {})
+        return {"f": self.f, "m": self.m} | self.weights.get_config()
 
     def reduce(self, replies: ReplyBuffer, weights: Any) -> Vector:
         k = len(replies)

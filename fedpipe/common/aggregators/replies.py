@@ -65,6 +65,7 @@ class ReplyBuffer(Summable):
         self.specs: dict[str, ArraySpec] = {}
         self.rows: list[dict[str, np.ndarray]] = []  # flat arrays: in memory or memory-mapped
         self.n_samples: list[float] = []
+        self.norms: list[float] = []  # each reply's L2 norm, for update validation
         self.held_bytes = 0
         self.directory: Path | None = None
         self._remove: weakref.finalize[Any, Any] | None = None
@@ -88,6 +89,7 @@ class ReplyBuffer(Summable):
             row = self._spill(update)
         self.rows.append(row)
         self.n_samples.append(other.number("n_samples"))
+        self.norms.append(update.norm())
         return self
 
     def _spill(self, update: Vector) -> dict[str, np.ndarray]:
@@ -105,6 +107,22 @@ class ReplyBuffer(Summable):
             row[name] = mapped[start : start + array.nbytes].view(array.dtype)
             row[name][...] = array.reshape(-1)
         return row
+
+    def scale_row(self, row: int, factor: float) -> None:
+        """Multiply reply ``row`` by ``factor`` (in its file if spilled)."""
+        for name, array in self.rows[row].items():
+            if array.flags.writeable:
+                array *= factor
+            else:  # a decoded reply's read-only buffer
+                self.rows[row][name] = (array * factor).astype(array.dtype)
+        self.norms[row] *= abs(factor)
+
+    def keep(self, rows: Sequence[int]) -> None:
+        """Keep only replies ``rows`` (renumbered in that order); the others' files stay until
+        :meth:`close`."""
+        self.rows = [self.rows[i] for i in rows]
+        self.n_samples = [self.n_samples[i] for i in rows]
+        self.norms = [self.norms[i] for i in rows]
 
     @property
     def spilled(self) -> int:

@@ -13,6 +13,7 @@ from fedpipe.common.data.loaders import (
     load_dataset,
     load_npy,
     load_npz,
+    load_source,
     save_dataset,
 )
 from fedpipe.common.data.partition import SCHEMES, partition, partition_indices, save_partitions
@@ -28,6 +29,7 @@ __all__ = [
     "load_dataset",
     "load_npy",
     "load_npz",
+    "load_source",
     "make_classification",
     "make_regression",
     "partition",

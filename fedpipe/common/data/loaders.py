@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fedpipe.common.data.builtin import load_builtin
 from fedpipe.common.data.dataset import Dataset
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "load_dataset",
     "load_npy",
     "load_npz",
+    "load_source",
     "save_dataset",
 ]
 
@@ -179,3 +181,9 @@ def load_dataset(path: PathLike) -> Dataset:
         f"{p}: cannot tell the format from suffix {suffix!r}; expected a dataset folder, "
         f".npz or .csv (for a pair of .npy files use load_npy(x_path, y_path))"
     )
+
+
+def load_source(name: str) -> Dataset:
+    """A built-in dataset name, or a path to a dataset file or folder."""
+    path = Path(name)
+    return load_dataset(path) if path.exists() else load_builtin(name)
