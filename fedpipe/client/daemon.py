@@ -284,7 +284,9 @@ class ClientDaemon:
                 f"the server asks for model {model!r}, an import path this client does not "
                 "trust; add it to 'trusted_models' in the client config to allow it"
             )
-        trainer = LocalTrainer(setup, train_fn=self.train_fn)
+        trainer = LocalTrainer(
+            setup, train_fn=self.train_fn, noise_seed=self.config.noise_seed, client=self.name
+        )
         place_model(trainer.model, client_device(self.config.device))
         problem = describe_spec_mismatch(trainer.model.weight_specs(), specs)
         if problem:

@@ -344,6 +344,9 @@ class ClientConfig(_Strict):
     eval_data: Path | None = None
     eval_fraction: float = Field(default=0.0, ge=0.0, lt=1.0)
     seed: int = 0
+    #: Seeds this client's privacy noise, for reproducible tests only: this setting never
+    #: leaves the client. Unset (the default), privacy noise draws from OS entropy.
+    noise_seed: int | None = None
     retry_initial: float = Field(default=0.5, gt=0)
     retry_max: float = Field(default=30.0, gt=0)
     retry_timeout: float = Field(default=600.0, gt=0)
@@ -445,6 +448,10 @@ class SimulationConfig(_Strict):
     device: DeviceName | Annotated[list[DeviceName], Field(min_length=1)] | None = None
     mode: Literal["sequential", "vectorized"] = "sequential"
     stack_clients: int = Field(default=1024, ge=1)
+    #: Seeds the simulated clients' privacy noise (each mixes in its name), for reproducible
+    #: tests: the simulation's owner owns its clients, the server never sees it. Unset, every
+    #: client draws from OS entropy.
+    noise_seed: int | None = None
     server: ServerConfig = Field(default_factory=ServerConfig)
     #: Modules to import in this process and in every process the simulation spawns (the
     #: simulation's owner owns its clients); added to ``server.plugins``.

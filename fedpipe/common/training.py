@@ -24,6 +24,7 @@ from fedpipe.common.data import Dataset
 from fedpipe.common.metrics import MetricSet
 from fedpipe.common.models import Model, load_model
 from fedpipe.common.optim import Optimizer
+from fedpipe.common.privacy.entropy import seed_private_noise
 from fedpipe.common.summable import Summable
 from fedpipe.common.train_fn import TrainFn, check_train_fn_setup, run_train_fn
 from fedpipe.common.vector import Vector
@@ -135,6 +136,8 @@ class LocalTrainer:
     weights at every task); the optimizer is each client's own, since its modules carry
     state across rounds. With ``train_fn`` (the client's own training loop, see
     :mod:`fedpipe.common.train_fn`) that function trains instead of fedpipe's loop.
+    Privacy noise draws from OS entropy, or from ``noise_seed``, the client's own setting
+    (never the server's: see :mod:`fedpipe.common.privacy.entropy`), mixed with ``client``.
 
     Raises
     ------
@@ -144,11 +147,18 @@ class LocalTrainer:
     """
 
     def __init__(
-        self, setup: RunSetup, model: Model | None = None, *, train_fn: TrainFn | None = None
+        self,
+        setup: RunSetup,
+        model: Model | None = None,
+        *,
+        train_fn: TrainFn | None = None,
+        noise_seed: int | None = None,
+        client: str = "",
     ) -> None:
         self.setup = setup
         self.model = model if model is not None else build_model(setup)
         self.optimizer: Optimizer = OptimizerConfig.model_validate(setup.client_optimizer).build()
+        seed_private_noise(self.optimizer.modules, noise_seed, client)
         self.aggregator: Aggregator = registry.build_spec("aggregator", setup.aggregator)
         self.training = TrainingConfig.model_validate(setup.training)
         self.train_fn = train_fn
