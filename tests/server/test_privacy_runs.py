@@ -1,0 +1,137 @@
+"""Client-level DP in the round loop: epsilon in every record, the summary and the CSV; the
+accountant resumes from the checkpoint; the budget stops a run; unmodelled setups refused."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from fedpipe.common.aggregators.averaging import AveragingAggregator
+from fedpipe.common.config import ConfigError, PrivacyConfig
+from fedpipe.common.summable import Summable
+from fedpipe.common.vector import Vector
+from fedpipe.server.privacy.accountant import PrivacyAccountant, RoundEvent
+from fedpipe.server.privacy.client_level import ClientLevelDP
+from fedpipe.server.sampling import PoissonSampler, UniformSampler
+from fedpipe.server.simulation import simulate
+from tests.server.test_sampling_runs import resume, sim_config
+
+DP = {"clip": 1.0, "noise_multiplier": 1.0, "delta": 1e-5}
+UNIFORM = ["averaging", {"weighting": "uniform"}]
+
+
+def dp_sim(out: Path, rounds: int = 6, **privacy: Any) -> Any:
+    return sim_config(
+        out,
+        8,
+        rounds=rounds,
+        sampler=["poisson", {"q": 0.5}],
+        aggregator=UNIFORM,
+        privacy={**DP, **privacy},
+    )
+
+
+def expected_epsilon(rounds: int, q: float = 0.5, sigma: float = 1.0) -> float:
+    accountant = PrivacyAccountant("rdp", 1e-5)
+    for _ in range(rounds):
+        accountant.spend(RoundEvent(sigma, q=q))
+    return accountant.epsilon()
+
+
+def test_central_dp_simulation_reports_epsilon_everywhere(tmp_path: Path) -> None:
+    summary = simulate(dp_sim(tmp_path))
+    assert summary.status == "completed" and summary.rounds_completed == 6
+    epsilons = [r["epsilon"] for r in summary.history]
+    assert epsilons == pytest.approx([expected_epsilon(r) for r in range(1, 7)], rel=1e-9)
+    assert all(a < b for a, b in zip(epsilons, epsilons[1:], strict=False))
+    data = json.loads((tmp_path / "summary.json").read_text())
+    assert data["epsilon"] == pytest.approx(expected_epsilon(6), rel=1e-9)
+    assert (data["delta"], data["noise_multiplier"], data["accountant"]) == (1e-5, 1.0, "rdp")
+    with open(tmp_path / "metrics.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [float(r["epsilon"]) for r in rows] == pytest.approx(epsilons)
+    assert {float(r["delta"]) for r in rows} == {1e-5}
+    assert all(np.isfinite(summary.weights[n]).all() for n in summary.weights.coefs)
+
+
+def test_a_resumed_run_keeps_counting(tmp_path: Path) -> None:
+    simulate(dp_sim(tmp_path, rounds=3))
+    resumed = resume(dp_sim(tmp_path, rounds=6))
+    assert resumed.status == "completed"
+    assert [r["epsilon"] for r in resumed.history] == pytest.approx(
+        [expected_epsilon(r) for r in range(1, 7)], rel=1e-9
+    )
+
+
+def test_target_epsilon_stops_before_the_budget_is_exceeded(tmp_path: Path) -> None:
+    target = (expected_epsilon(3) + expected_epsilon(4)) / 2  # room for 3 rounds, not 4
+    summary = simulate(dp_sim(tmp_path, target_epsilon=target))
+    assert summary.status == "completed" and summary.stopped_early
+    assert summary.rounds_completed == 3
+    data = json.loads((tmp_path / "summary.json").read_text())
+    assert data["reason"].startswith("privacy budget: round 4 would take epsilon to")
+    assert data["epsilon"] == pytest.approx(expected_epsilon(3)) and data["epsilon"] <= target
+
+
+def test_calibrated_run_spends_its_target(tmp_path: Path) -> None:
+    sim = dp_sim(tmp_path, 4, noise_multiplier=None, target_epsilon=8.0, on_budget="calibrate")
+    summary = simulate(sim)
+    assert summary.status == "completed" and summary.rounds_completed == 4
+    assert summary.history[-1]["epsilon"] == pytest.approx(8.0, rel=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("server", "message"),
+    [
+        ({"sampler": ["weighted", {"count": 2}]}, "models only Poisson sampling"),
+        ({"aggregator": "averaging"}, "bounds each client's weight in the sum"),
+        ({"sampler": ["uniform", {"count": 2}], "privacy": {**DP, "accountant": "pld"}}, "PLD"),
+    ],
+)
+def test_setups_the_accountant_cannot_model_are_refused(
+    tmp_path: Path, server: dict[str, Any], message: str
+) -> None:
+    settings = {"sampler": ["poisson", {"q": 0.5}], "aggregator": UNIFORM, "privacy": DP}
+    with pytest.raises(ConfigError, match=message):
+        simulate(sim_config(tmp_path, 4, **{**settings, **server}))
+
+
+def test_clipping_without_noise_is_refused() -> None:
+    with pytest.raises(ValueError, match="clipping without noise gives no privacy"):
+        PrivacyConfig(clip=1.0, noise_multiplier=0.0)
+
+
+def partial(values: list[float]) -> Summable:
+    return Summable({"weighted_sum": Vector({"w": np.array(values)}), "total_weight": 1.0})
+
+
+def test_central_clip_and_noise_have_the_stated_sizes() -> None:
+    config = PrivacyConfig(clip=2.0, noise_multiplier=0.5)
+    dp = ClientLevelDP(config, UniformSampler(count=4), AveragingAggregator("uniform"), 0.5)
+    dp.begin_round(1, candidates=10, sampled=4)
+    big, small = partial([30.0, 40.0]), partial([0.3, 0.4])
+    dp.clip_reply(big)
+    dp.clip_reply(small)
+    np.testing.assert_allclose(big.vector("weighted_sum")["w"], [1.2, 1.6])  # norm 50 -> 2
+    np.testing.assert_allclose(small.vector("weighted_sum")["w"], [0.3, 0.4])  # under the clip
+    zeros = Summable({"weighted_sum": Vector({"w": np.zeros(100_000)}), "total_weight": 4.0})
+    noised = dp.finalize(zeros)["w"]  # N(0, (0.5 x 2)^2) / 4 participants
+    assert noised.std() == pytest.approx(0.5 * 2.0 / 4, rel=0.02)
+
+
+def test_adaptive_clip_follows_the_quantile() -> None:
+    adaptive = {"initial": 1.0, "target_quantile": 0.5, "learning_rate": 0.2, "count_stddev": 0.5}
+    config = PrivacyConfig(adaptive_clip=adaptive, noise_multiplier=0.8)  # type: ignore[arg-type]
+    dp = ClientLevelDP(config, PoissonSampler(1.0), AveragingAggregator("uniform"), 0.8)
+    assert dp.value_multiplier == pytest.approx((0.8**-2 - 1.0**-2) ** -0.5)
+    for round_number in range(1, 60):
+        dp.begin_round(round_number, candidates=20, sampled=20)
+        for norm in np.linspace(0.1, 10.0, 20):  # median norm about 5
+            dp.clip_reply(partial([float(norm), 0.0]))
+        dp.finalize(partial([0.0, 0.0]))
+    assert 3.0 < dp.clip < 7.5
