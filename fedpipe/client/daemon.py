@@ -237,6 +237,7 @@ class ClientDaemon:
                 raise ProtocolError(f"global weights: {problem}")
             if task.kind == pb.TASK_KIND_TRAIN:
                 aux = summables_from(received.get("aux_vars", {}), "aux_vars")
+                settings = settings_data(task.settings)
                 work = functools.partial(
                     trainer.train,
                     self.train_data,
@@ -244,8 +245,9 @@ class ClientDaemon:
                     aux,
                     client=self.name,
                     round_number=task.round,
+                    dp=settings.get("dp"),
                 )
-                base = settings_data(task.settings).get("base_round")
+                base = settings.get("base_round")
                 result = await asyncio.to_thread(self.states.train, trainer, base, task.round, work)
                 info, state = train_reply_parts(result)
                 log.info(

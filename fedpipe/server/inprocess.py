@@ -163,12 +163,17 @@ class InProcessClient(ClientProxy):
     async def train(self, task: RoundTask) -> TrainResult:
         trainer, data, name = self.trainer, self.train_data, self.name
         weights, aux_vars = self._staged(task)
+        dp = task.settings.get("dp")
         if self._models.mode == "vectorized":
+            if dp:
+                raise ClientError(
+                    "distributed DP noise is added client by client: mode='sequential'"
+                )
             return await self._batched(task, weights, aux_vars)
         return await self._run(
             task,
             lambda: trainer.train(
-                data, weights, aux_vars, client=name, round_number=task.round_number
+                data, weights, aux_vars, client=name, round_number=task.round_number, dp=dp
             ),
         )
 

@@ -4,6 +4,7 @@ accountant resumes from the checkpoint; the budget stops a run; unmodelled setup
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ import pytest
 
 from fedpipe.common.aggregators.averaging import AveragingAggregator
 from fedpipe.common.config import ConfigError, PrivacyConfig
+from fedpipe.common.privacy.client_update import privatize_update
 from fedpipe.common.summable import Summable
 from fedpipe.common.vector import Vector
 from fedpipe.server.privacy.accountant import PrivacyAccountant, RoundEvent
@@ -48,7 +50,7 @@ def test_central_dp_simulation_reports_epsilon_everywhere(tmp_path: Path) -> Non
     assert summary.status == "completed" and summary.rounds_completed == 6
     epsilons = [r["epsilon"] for r in summary.history]
     assert epsilons == pytest.approx([expected_epsilon(r) for r in range(1, 7)], rel=1e-9)
-    assert all(a < b for a, b in zip(epsilons, epsilons[1:], strict=False))
+    assert all(a < b for a, b in itertools.pairwise(epsilons))
     data = json.loads((tmp_path / "summary.json").read_text())
     assert data["epsilon"] == pytest.approx(expected_epsilon(6), rel=1e-9)
     assert (data["delta"], data["noise_multiplier"], data["accountant"]) == (1e-5, 1.0, "rdp")
@@ -135,3 +137,28 @@ def test_adaptive_clip_follows_the_quantile() -> None:
             dp.clip_reply(partial([float(norm), 0.0]))
         dp.finalize(partial([0.0, 0.0]))
     assert 3.0 < dp.clip < 7.5
+
+
+def test_distributed_noise_sums_to_the_central_noise(tmp_path: Path) -> None:
+    config = PrivacyConfig(mode="distributed", clip=2.0, noise_multiplier=0.5)
+    dp = ClientLevelDP(config, UniformSampler(count=4), AveragingAggregator("uniform"), 0.5)
+    dp.begin_round(1, candidates=10, sampled=4)
+    settings = dp.client_settings()
+    assert settings == {"clip": 2.0, "noise_std": pytest.approx(0.5 * 2.0 / 2)}  # / sqrt(4)
+    rng = np.random.default_rng(0)
+    replies = [privatize_update(Vector({"w": np.zeros(50_000)}), settings, rng) for _ in range(4)]
+    total = Summable({"weighted_sum": sum(replies[1:], replies[0]), "total_weight": 4.0})
+    averaged = dp.finalize(total)["w"]  # no server noise: the clients' sum carries it
+    assert averaged.std() == pytest.approx(0.5 * 2.0 / 4, rel=0.02)
+    big = privatize_update(
+        Vector({"w": np.array([300.0, 400.0])}), {**settings, "noise_std": 1e-9}, rng
+    )
+    np.testing.assert_allclose(big["w"], [1.2, 1.6], rtol=1e-6)
+    with pytest.raises(ValueError, match="noise_std=0; expected a positive number"):
+        privatize_update(Vector({"w": np.zeros(2)}), {"clip": 1.0, "noise_std": 0}, rng)
+
+
+def test_distributed_dp_simulation_completes(tmp_path: Path) -> None:
+    summary = simulate(dp_sim(tmp_path, rounds=3, mode="distributed"))
+    assert summary.status == "completed" and summary.rounds_completed == 3
+    assert summary.history[-1]["epsilon"] == pytest.approx(expected_epsilon(3), rel=1e-9)
