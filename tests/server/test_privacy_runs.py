@@ -3,9 +3,11 @@ accountant resumes from the checkpoint; the budget stops a run; unmodelled setup
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import itertools
 import json
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -13,15 +15,49 @@ import numpy as np
 import pytest
 
 from fedpipe.common.aggregators.averaging import AveragingAggregator
-from fedpipe.common.config import ConfigError, PrivacyConfig
+from fedpipe.common.config import ConfigError, PrivacyConfig, ServerConfig, SimulationConfig
 from fedpipe.common.privacy.client_update import privatize_update
 from fedpipe.common.summable import Summable
 from fedpipe.common.vector import Vector
+from fedpipe.server.clients import ClientPool
+from fedpipe.server.inprocess import InProcessClient, SharedModels
 from fedpipe.server.privacy.accountant import PrivacyAccountant, RoundEvent
 from fedpipe.server.privacy.client_level import ClientLevelDP
+from fedpipe.server.rounds import FederatedRun, RunSummary
 from fedpipe.server.sampling import PoissonSampler, UniformSampler
-from fedpipe.server.simulation import simulate
-from tests.server.test_sampling_runs import resume, sim_config
+from fedpipe.server.simulation import client_datasets, complete_model_config, simulate
+
+
+def sim_config(out: Path, n_clients: int, **server: Any) -> SimulationConfig:
+    return SimulationConfig.model_validate(
+        {
+            "n_clients": n_clients,
+            "partition": {"scheme": "dirichlet", "alpha": 0.5, "seed": 2},
+            "server": {
+                "rounds": 6,
+                "min_clients": n_clients,
+                "client_optimizer": {"lrate": 0.3},
+                "training": {"epochs": 1, "batch_size": 32},
+                "output_dir": str(out),
+                **server,
+            },
+        }
+    )
+
+
+def resume(sim: SimulationConfig) -> RunSummary:
+    clients = client_datasets(sim)
+    server = complete_model_config(sim.server, clients[0][1])
+
+    async def go() -> RunSummary:
+        pool, models = ClientPool(), SharedModels()
+        for name, train, test in clients:
+            await pool.add(InProcessClient(name, train, test, models))
+        with FederatedRun(server, pool, resume=True) as run:
+            return await run.run()
+
+    return asyncio.run(go())
+
 
 DP = {"clip": 1.0, "noise_multiplier": 1.0, "delta": 1e-5}
 UNIFORM = ["averaging", {"weighting": "uniform"}]
@@ -162,3 +198,18 @@ def test_distributed_dp_simulation_completes(tmp_path: Path) -> None:
     summary = simulate(dp_sim(tmp_path, rounds=3, mode="distributed"))
     assert summary.status == "completed" and summary.rounds_completed == 3
     assert summary.history[-1]["epsilon"] == pytest.approx(expected_epsilon(3), rel=1e-9)
+
+
+def test_the_docs_config_is_valid() -> None:
+    text = (Path(__file__).parents[2] / "docs" / "privacy.md").read_text()
+    block = text.split("```toml\n", 1)[1].split("```", 1)[0]
+    server = ServerConfig.model_validate(tomllib.loads(block)["server"])
+    assert server.privacy is not None and server.privacy.target_epsilon == 8.0
+
+
+def test_the_progress_line_shows_epsilon_and_delta() -> None:
+    from fedpipe.cli import format_round
+
+    record = {"round": 2, "sampled": 4, "replied": 4, "epsilon": 1.25, "delta": 1e-5}
+    line = format_round({**record, "seconds": 0.5}, 6)
+    assert "epsilon 1.2500  delta 1.0e-05" in line
