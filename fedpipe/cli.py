@@ -70,6 +70,11 @@ def parse_sets(pairs: list[str] | None) -> dict[str, Any]:
     return overrides
 
 
+def format_metric(value: float) -> str:
+    """Four decimals; a tiny non-zero value (a DP ``delta``) in scientific notation."""
+    return f"{value:.1e}" if 0 < abs(value) < 1e-3 else f"{value:.4f}"
+
+
 def format_round(record: dict[str, Any], rounds: int) -> str:
     """One progress line per round."""
     parts = [f"round {record['round']:>3}/{rounds}"]
@@ -78,7 +83,7 @@ def format_round(record: dict[str, Any], rounds: int) -> str:
         if key in {"round", "replied", "sampled", "clients", "seconds", "failed"}:
             continue
         if isinstance(value, float):
-            parts.append(f"{key} {value:.4f}")
+            parts.append(f"{key} {format_metric(value)}")
     parts.append(f"{record.get('seconds', 0.0):.2f}s")
     if record.get("failed"):
         parts.append(f"({record['failed']}: model unchanged)")

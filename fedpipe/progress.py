@@ -50,7 +50,9 @@ class RoundBar:
 
     def __call__(self, record: dict[str, Any]) -> None:
         metrics = "  ".join(
-            f"{k} {v:.4f}" for k, v in record.items() if k not in HIDDEN and isinstance(v, float)
+            f"{k} {v:.1e}" if 0 < abs(v) < 1e-3 else f"{k} {v:.4f}"  # a DP delta: 1.0e-05
+            for k, v in record.items()
+            if k not in HIDDEN and isinstance(v, float)
         )
         if record.get("failed"):
             metrics += f"  ({record['failed']}: model unchanged)"

@@ -237,6 +237,7 @@ class ClientDaemon:
                 raise ProtocolError(f"global weights: {problem}")
             if task.kind == pb.TASK_KIND_TRAIN:
                 aux = summables_from(received.get("aux_vars", {}), "aux_vars")
+                settings = settings_data(task.settings)
                 work = functools.partial(
                     trainer.train,
                     self.train_data,
@@ -244,8 +245,9 @@ class ClientDaemon:
                     aux,
                     client=self.name,
                     round_number=task.round,
+                    dp=settings.get("dp"),
                 )
-                base = settings_data(task.settings).get("base_round")
+                base = settings.get("base_round")
                 result = await asyncio.to_thread(self.states.train, trainer, base, task.round, work)
                 info, state = train_reply_parts(result)
                 log.info(
@@ -284,7 +286,9 @@ class ClientDaemon:
                 f"the server asks for model {model!r}, an import path this client does not "
                 "trust; add it to 'trusted_models' in the client config to allow it"
             )
-        trainer = LocalTrainer(setup, train_fn=self.train_fn)
+        trainer = LocalTrainer(
+            setup, train_fn=self.train_fn, noise_seed=self.config.noise_seed, client=self.name
+        )
         place_model(trainer.model, client_device(self.config.device))
         problem = describe_spec_mismatch(trainer.model.weight_specs(), specs)
         if problem:

@@ -27,6 +27,7 @@ __all__ = [
     "ModelConfig",
     "OptimizerConfig",
     "PartitionConfig",
+    "PrivacyConfig",
     "ServerConfig",
     "SimulationConfig",
     "TrackingConfig",
@@ -155,6 +156,63 @@ class ValidationConfig(_Strict):
     min_norms: int = Field(default=3, ge=2)
 
 
+# ---- client-level differential privacy ([server.privacy]; docs/privacy.md) ----------------
+
+
+class AdaptiveClipConfig(_Strict):
+    """Adaptive quantile clipping (Andrew et al. 2021): the clip norm starts at ``initial``
+    and follows the ``target_quantile`` of client update norms, ``clip *= exp(-learning_rate
+    * (noised fraction under the clip - target_quantile))``; the count of clients under the
+    clip gets Gaussian noise of std ``count_stddev`` (Andrew et al. suggest 0.05 x the
+    expected clients per round)."""
+
+    initial: float = Field(default=0.1, gt=0)
+    target_quantile: float = Field(default=0.5, gt=0, lt=1)
+    learning_rate: float = Field(default=0.2, gt=0)
+    count_stddev: float = Field(gt=0)
+
+
+class PrivacyConfig(_Strict):
+    """Client-level DP (DP-FedAvg, McMahan et al. 2018): each client's update clipped to
+    ``clip`` (or adaptively), Gaussian noise of std ``noise_multiplier x clip`` on their sum,
+    added by the server (``central``) or split between the clients (``distributed``, for
+    secure aggregation); ε at ``delta`` counted by ``accountant``. With ``target_epsilon``,
+    ``on_budget = "stop"`` ends the run before a round would exceed it, ``"calibrate"``
+    derives ``noise_multiplier`` for the planned rounds (and still stops if they overspend).
+    """
+
+    mode: Literal["central", "distributed"] = "central"
+    noise_multiplier: float | None = Field(default=None, ge=0)
+    clip: float | None = Field(default=None, gt=0)
+    adaptive_clip: AdaptiveClipConfig | None = None
+    delta: float = Field(default=1e-5, gt=0, lt=1)
+    target_epsilon: float | None = Field(default=None, gt=0)
+    on_budget: Literal["stop", "calibrate"] = "stop"
+    accountant: Literal["rdp", "pld"] = "rdp"
+
+    @model_validator(mode="after")
+    def _complete(self) -> Self:
+        if (self.clip is None) == (self.adaptive_clip is None):
+            raise ValueError("set one of clip (a fixed norm) and adaptive_clip")
+        if self.on_budget == "calibrate":
+            if self.target_epsilon is None or self.noise_multiplier is not None:
+                raise ValueError(
+                    "on_budget='calibrate' derives noise_multiplier from target_epsilon: set "
+                    f"target_epsilon and leave noise_multiplier unset (got {self.noise_multiplier})"
+                )
+        elif not self.noise_multiplier:
+            raise ValueError(
+                f"noise_multiplier={self.noise_multiplier}: clipping without noise gives no "
+                "privacy; set noise_multiplier > 0, or on_budget='calibrate' with target_epsilon"
+            )
+        if self.mode == "distributed" and self.adaptive_clip is not None:
+            raise ValueError(
+                "adaptive_clip needs the server to see each client's norm against the clip: "
+                "mode='distributed' takes a fixed clip"
+            )
+        return self
+
+
 class ServerConfig(_Strict):
     """Everything the server daemon needs to run a federated training."""
 
@@ -225,6 +283,8 @@ class ServerConfig(_Strict):
     min_transfer_rate_kib: float = Field(default=256.0, gt=0)
     transfer_grace: float = Field(default=5.0, gt=0)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    #: Client-level differential privacy (docs/privacy.md); None: none.
+    privacy: PrivacyConfig | None = None
     #: Serve Prometheus metrics on ``host:metrics_port/metrics`` (``fedpipe[prometheus]``;
     #: HTTPS with the server's certificate when ``tls_cert`` is set).
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
@@ -357,6 +417,9 @@ class ClientConfig(_Strict):
     eval_data: Path | None = None
     eval_fraction: float = Field(default=0.0, ge=0.0, lt=1.0)
     seed: int = 0
+    #: Seeds this client's privacy noise, for reproducible tests only: this setting never
+    #: leaves the client. Unset (the default), privacy noise draws from OS entropy.
+    noise_seed: int | None = None
     retry_initial: float = Field(default=0.5, gt=0)
     retry_max: float = Field(default=30.0, gt=0)
     retry_timeout: float = Field(default=600.0, gt=0)
@@ -458,6 +521,10 @@ class SimulationConfig(_Strict):
     device: DeviceName | Annotated[list[DeviceName], Field(min_length=1)] | None = None
     mode: Literal["sequential", "vectorized"] = "sequential"
     stack_clients: int = Field(default=1024, ge=1)
+    #: Seeds the simulated clients' privacy noise (each mixes in its name), for reproducible
+    #: tests: the simulation's owner owns its clients, the server never sees it. Unset, every
+    #: client draws from OS entropy.
+    noise_seed: int | None = None
     server: ServerConfig = Field(default_factory=ServerConfig)
     #: Modules to import in this process and in every process the simulation spawns (the
     #: simulation's owner owns its clients); added to ``server.plugins``.

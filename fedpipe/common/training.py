@@ -24,6 +24,8 @@ from fedpipe.common.data import Dataset
 from fedpipe.common.metrics import MetricSet
 from fedpipe.common.models import Model, load_model
 from fedpipe.common.optim import Optimizer
+from fedpipe.common.privacy.client_update import privatize_update
+from fedpipe.common.privacy.entropy import private_rng, seed_private_noise
 from fedpipe.common.summable import Summable
 from fedpipe.common.train_fn import TrainFn, check_train_fn_setup, run_train_fn
 from fedpipe.common.vector import Vector
@@ -135,6 +137,8 @@ class LocalTrainer:
     weights at every task); the optimizer is each client's own, since its modules carry
     state across rounds. With ``train_fn`` (the client's own training loop, see
     :mod:`fedpipe.common.train_fn`) that function trains instead of fedpipe's loop.
+    Privacy noise draws from OS entropy, or from ``noise_seed``, the client's own setting
+    (never the server's: see :mod:`fedpipe.common.privacy.entropy`), mixed with ``client``.
 
     Raises
     ------
@@ -144,11 +148,19 @@ class LocalTrainer:
     """
 
     def __init__(
-        self, setup: RunSetup, model: Model | None = None, *, train_fn: TrainFn | None = None
+        self,
+        setup: RunSetup,
+        model: Model | None = None,
+        *,
+        train_fn: TrainFn | None = None,
+        noise_seed: int | None = None,
+        client: str = "",
     ) -> None:
         self.setup = setup
         self.model = model if model is not None else build_model(setup)
         self.optimizer: Optimizer = OptimizerConfig.model_validate(setup.client_optimizer).build()
+        seed_private_noise(self.optimizer.modules, noise_seed, client)
+        self._dp_rng = private_rng(noise_seed, client, "dp-update")  # distributed DP noise
         self.aggregator: Aggregator = registry.build_spec("aggregator", setup.aggregator)
         self.training = TrainingConfig.model_validate(setup.training)
         self.train_fn = train_fn
@@ -163,9 +175,11 @@ class LocalTrainer:
         *,
         client: str,
         round_number: int,
+        dp: Mapping[str, Any] | None = None,
     ) -> TrainResult:
         """Train from ``weights`` on ``data``; return the prepared update (start minus end,
-        through the modules once more with a ``train_fn``)."""
+        through the modules once more with a ``train_fn``), clipped and noised as ``dp``
+        (distributed client-level DP: :mod:`fedpipe.common.privacy.client_update`) says."""
         start = time.perf_counter()
         model, optimizer = self.model, self.optimizer
         model.set_weights(weights)
@@ -181,6 +195,8 @@ class LocalTrainer:
         else:
             work = self._user_training(self.train_fn, data, client, round_number, seed)
             updates = optimizer.run_modules(initial.add_(model.get_weights(copy=False), alpha=-1.0))
+        if dp:
+            updates = privatize_update(updates, dp, self._dp_rng)
         partial = self.aggregator.prepare(updates, n_samples=work.n_samples, n_steps=work.n_steps)
         return TrainResult(
             partial=partial,

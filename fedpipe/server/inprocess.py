@@ -134,8 +134,10 @@ class InProcessClient(ClientProxy):
         eval_data: Dataset | None,
         models: SharedModels,
         index: int = 0,
+        noise_seed: int | None = None,
     ) -> None:
         self.name = name
+        self.noise_seed = noise_seed
         self.train_data = train_data
         self.eval_data = eval_data
         self.n_train_samples = len(train_data)
@@ -151,17 +153,27 @@ class InProcessClient(ClientProxy):
         return self._trainer
 
     async def initialize(self, setup: RunSetup, specs: Mapping[str, ArraySpec]) -> None:
-        self._trainer = LocalTrainer(setup, model=self._models.get(setup, self.slot))
+        self._trainer = LocalTrainer(
+            setup,
+            model=self._models.get(setup, self.slot),
+            noise_seed=self.noise_seed,
+            client=self.name,
+        )
 
     async def train(self, task: RoundTask) -> TrainResult:
         trainer, data, name = self.trainer, self.train_data, self.name
         weights, aux_vars = self._staged(task)
+        dp = task.settings.get("dp")
         if self._models.mode == "vectorized":
+            if dp:
+                raise ClientError(
+                    "distributed DP noise is added client by client: mode='sequential'"
+                )
             return await self._batched(task, weights, aux_vars)
         return await self._run(
             task,
             lambda: trainer.train(
-                data, weights, aux_vars, client=name, round_number=task.round_number
+                data, weights, aux_vars, client=name, round_number=task.round_number, dp=dp
             ),
         )
 

@@ -38,6 +38,7 @@ from fedpipe.server.checkpoint import (
 from fedpipe.server.client_log import ClientLog, RoundClients
 from fedpipe.server.clients import ClientError, ClientPool, ClientProxy, RoundTask, RunOutcome
 from fedpipe.server.history import EarlyStopping, History
+from fedpipe.server.privacy.client_level import BudgetSpent, ClientLevelDP, build_client_level_dp
 from fedpipe.server.root_update import RootUpdate
 from fedpipe.server.run_dir import prepare_run_dir
 from fedpipe.server.run_lock import RunLock
@@ -82,6 +83,8 @@ class RunSummary:
     weights: Vector
     #: The best round by the run's best metric (``best_round``, ``best_value``...), if any.
     best: dict[str, Any] = field(default_factory=dict)
+    #: Client-level DP: ``epsilon`` spent, ``delta``, ``noise_multiplier``... (if configured).
+    privacy: dict[str, Any] = field(default_factory=dict)
 
     def raise_for_status(self) -> RunSummary:
         """Raise :class:`RunError` with the reason if the run failed; else return self."""
@@ -98,6 +101,7 @@ class RunSummary:
             "last_round": self.history[-1]["round"] if self.history else 0,
             "stopped_early": self.stopped_early,
             **self.best,
+            **self.privacy,
         }
 
 
@@ -149,6 +153,12 @@ class FederatedRun:
         except (ValueError, TypeError, KeyError, ImportError) as exc:
             raise ConfigError(f"cannot build the run from its config: {exc}") from exc
         self.specs: dict[str, ArraySpec] = self.model.weights.specs()
+        # ---- client-level DP (fedpipe.server.privacy) ----
+        self.privacy: ClientLevelDP | None = None
+        if config.privacy is not None:
+            self.privacy = build_client_level_dp(
+                config.privacy, self.sampler, self.aggregator, config.rounds, config.min_clients
+            )
         self.metric_specs = list(config.metrics)
         #: The sampler's random source: seeded with the run seed, advanced by each round's
         #: draw, saved in the checkpoint (with the sampler's state) after each round.
@@ -221,6 +231,8 @@ class FederatedRun:
             self.sampler.set_state(state.get("sampler", {}))  # type: ignore[arg-type]
             if self.validation is not None:
                 self.validation.set_state(state.get("validation", {}))  # type: ignore[arg-type]
+            if self.privacy is not None:  # the accountant keeps counting
+                self.privacy.set_state(state["privacy"])  # type: ignore[arg-type]
         except (ValueError, TypeError, KeyError) as exc:
             # A valid file with the wrong contents: another run's, or damaged in the middle.
             raise CheckpointError(f"{path} does not fit this run: {exc}") from None
@@ -266,6 +278,7 @@ class FederatedRun:
                 "sampler": self.sampler.get_state(),
                 "base_rounds": dict(self.base_rounds),
                 **({"validation": self.validation.get_state()} if self.validation else {}),
+                "privacy": self.privacy.get_state() if self.privacy is not None else {},
                 # Scalars only: per-round client lists stay in metrics.jsonl, else each
                 # checkpoint would grow with rounds x clients.
                 "history": [
@@ -311,6 +324,11 @@ class FederatedRun:
                         break
             if status == "completed" and self.completed == 0:
                 status, reason = "failed", "no round completed (every round failed)"
+        except BudgetSpent as spent:  # a planned end, like early stopping
+            reason, stopped_early = str(spent), True
+            log.info("%s", reason)
+            if self.completed == 0:
+                status = "failed"
         except _Stopped as stop:
             status = "stopped"
             reason = str(stop) or f"stopped by a signal after round {self.round}"
@@ -331,7 +349,10 @@ class FederatedRun:
     def _summary(self, status: RunStatus, reason: str, stopped_early: bool) -> RunSummary:
         best = self.best.to_data() if self.best is not None else {}
         records, weights = self.history.records, self.model.weights
-        return RunSummary(status, reason, self.completed, stopped_early, records, weights, best)
+        privacy = self.privacy.summary() if self.privacy is not None else {}
+        return RunSummary(
+            status, reason, self.completed, stopped_early, records, weights, best, privacy
+        )
 
     async def _run_round_task(self, round_number: int, *, wait_for_all: bool) -> dict[str, Any]:
         """:meth:`run_round` as a task that :meth:`abandon_round` can cancel."""
@@ -419,14 +440,19 @@ class FederatedRun:
         await self._initialize_new_clients(deadline)
         candidates = [c for c in self.pool.clients() if c.initialized]
         sampled = self.sampler.sample(candidates, self.rng, round_number)
+        dp_fields: dict[str, Any] = {}
+        if self.privacy is not None and candidates:  # the round is counted before it runs
+            dp_fields = self.privacy.begin_round(round_number, len(candidates), len(sampled))
         if candidates and not sampled:
-            return self._empty_round(round_number, start)
+            return self._empty_round(round_number, start, dp_fields)
         task = RoundTask(
             round_number,
             self.model.weights,
             self.optimizer.collect_aux_var(),
             base_rounds=dict(self.base_rounds),
         )
+        if self.privacy is not None and self.privacy.config.mode == "distributed":
+            task.settings["dp"] = self.privacy.client_settings()
         folded, clients = await self._train(sampled, task, deadline, start)
         self.sampler.observe(clients.losses())
         record: dict[str, Any] = {
@@ -434,6 +460,7 @@ class FederatedRun:
             "sampled": len(sampled),
             "replied": folded.count,
             "clients": sorted(folded.names),
+            **dp_fields,
         }
         if folded.count >= cfg.required_results and folded.total is not None:
             record["train_loss"] = folded.loss_sum / max(folded.seen, 1)
@@ -461,11 +488,14 @@ class FederatedRun:
         self._persist(record, clients)
         return record
 
-    def _empty_round(self, round_number: int, start: float) -> dict[str, Any]:
+    def _empty_round(
+        self, round_number: int, start: float, dp_fields: dict[str, Any]
+    ) -> dict[str, Any]:
         """A round whose sampler drew no client (Poisson sampling may): the model stays as it
         is, the round is recorded and checkpointed, and it is not a failed round."""
         log.warning("round %d: the sampler drew no client; the round is empty", round_number)
         record: dict[str, Any] = {"round": round_number, "sampled": 0, "replied": 0, "clients": []}
+        record.update(dp_fields)
         self.round = round_number
         record["seconds"] = round(time.perf_counter() - start, 6)
         self._persist(record, RoundClients(round_number, []))
@@ -477,7 +507,7 @@ class FederatedRun:
         """Send ``task`` to the sampled clients and fold their replies as they arrive; what
         each client did (``start``: the round's ``perf_counter``) goes in the records."""
         on_arrival = None if isinstance(self.aggregator, BufferedAggregator) else self.validation
-        folded = _Fold(self.aggregator, self.optimizer, self.specs, on_arrival)
+        folded = _Fold(self.aggregator, self.optimizer, self.specs, on_arrival, self.privacy)
         clients = RoundClients(task.round_number, [c.name for c in sampled])
 
         async def fold(client: ClientProxy, result: TrainResult) -> None:
@@ -519,7 +549,10 @@ class FederatedRun:
             self.root.give(self.model.weights, round_number)
         # The sum stays where the replies were added up (a simulation's GPU) until here:
         # it comes to the host once per round, for the server optimizer (numpy).
-        aggregated = self.aggregator.finalize(folded.total).to_numpy()
+        if self.privacy is not None:  # clipped sum, noised, over the expected participants
+            aggregated = self.privacy.finalize(folded.total).to_numpy()
+        else:
+            aggregated = self.aggregator.finalize(folded.total).to_numpy()
         folded.total = None  # model-sized: free it before the updates are computed
         if folded.aux_total:
             aux_total = {k: v.to_numpy() for k, v in folded.aux_total.items()}
@@ -724,9 +757,11 @@ class _Fold:
         optimizer: Optimizer,
         specs: Mapping[str, ArraySpec],
         validation: UpdateValidation | None = None,
+        privacy: ClientLevelDP | None = None,
     ) -> None:
         self.aggregator = aggregator
         self.validation = validation  # judges each reply on arrival (streaming aggregators)
+        self.privacy = privacy
         self.optimizer = optimizer
         self.specs = specs
         self.total: Summable | None = None
@@ -771,6 +806,8 @@ class _Fold:
         if self.validation is not None:
             scale = self.validation.judge(name, self.aggregator.update_norm(result.partial))
         result.partial = self.aggregator.admit(result.partial, scale)  # the server's weights
+        if self.privacy is not None:
+            self.privacy.clip_reply(result.partial)
         self._add(result)
         self.names.append(name)
 

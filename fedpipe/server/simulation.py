@@ -147,7 +147,7 @@ async def simulate_inprocess(
     pool = ClientPool()
     models = SharedModels(devices, sim.mode, sim.stack_clients)
     for index, (name, train, test) in enumerate(clients):
-        await pool.add(InProcessClient(name, train, test, models, index))
+        await pool.add(InProcessClient(name, train, test, models, index, sim.noise_seed))
     server = sim.server.model_copy(
         update={"min_clients": min(sim.server.min_clients, len(clients))}
     )
@@ -205,7 +205,8 @@ def simulate_grpc(
     with tempfile.TemporaryDirectory(prefix="fedpipe-sim-") as tmp:
         work = Path(tmp)
         (work / "server.json").write_text(server.model_dump_json())
-        (work / "client.json").write_text(json.dumps(_client_config(server)))
+        client_config = {**_client_config(server), "noise_seed": sim.noise_seed}
+        (work / "client.json").write_text(json.dumps(client_config))
         # --overwrite: what the run's trackers keep elsewhere (TensorBoard) is replaced too.
         args = [*FEDPIPE, "server", "--config", str(work / "server.json"), "--progress", "json"]
         server_proc = _spawn(

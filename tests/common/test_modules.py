@@ -186,34 +186,54 @@ def test_clipping_leaves_zero_gradients_alone() -> None:
 # ---- Gaussian noise ---------------------------------------------------------------------
 
 
-def test_noise_same_seed_same_noise() -> None:
+def seeded_noise(std: float, seed: int) -> GaussianNoise:
+    module = GaussianNoise(std=std)
+    module.seed_locally(np.random.SeedSequence(seed))
+    return module
+
+
+def test_noise_same_local_seed_same_noise_else_os_entropy() -> None:
     grads = two_arrays(np.float32)
-    first = GaussianNoise(std=0.1, seed=7).run(grads)
-    second = GaussianNoise(std=0.1, seed=7).run(grads)
-    other = GaussianNoise(std=0.1, seed=8).run(grads)
-    assert first.array_equal(second)
-    assert not first.array_equal(other)
+    first = seeded_noise(0.1, 7).run(grads)
+    assert first.array_equal(seeded_noise(0.1, 7).run(grads))
+    assert not first.array_equal(seeded_noise(0.1, 8).run(grads))
     assert first.specs() == grads.specs()
+    # unseeded: two modules of the same config draw from OS entropy, never alike
+    assert not GaussianNoise(std=0.1).run(grads).array_equal(GaussianNoise(std=0.1).run(grads))
+
+
+def test_noise_refuses_a_seed_from_its_config() -> None:
+    with pytest.raises(ValueError, match=r"seed=3: privacy noise is never seeded from a config"):
+        GaussianNoise(std=0.1, seed=3)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="noise_seed in the client's own config"):
+        Optimizer.from_config({"modules": [["gaussian-noise", {"std": 0.1, "seed": 3}]]})
 
 
 def test_noise_state_round_trip_continues_the_stream() -> None:
     grads = two_arrays()
-    module = GaussianNoise(std=1.0, seed=3)
+    module = seeded_noise(1.0, 3)
     module.run(grads)
     state = state_from_bytes(state_to_bytes(module.get_state()))
     expected = [module.run(grads) for _ in range(3)]
-    resumed = GaussianNoise(std=1.0, seed=999)  # the state overrides the seed
+    resumed = GaussianNoise(std=1.0)  # the state overrides OS entropy
     resumed.set_state(state)
     for want in expected:
         assert resumed.run(grads).array_equal(want)
 
 
+def test_noise_state_before_a_draw_keeps_the_local_seed() -> None:
+    grads = two_arrays()
+    module = seeded_noise(1.0, 5)
+    module.set_state(module.get_state())  # {"rng": None}: a client restoring round 0
+    assert module.run(grads).array_equal(seeded_noise(1.0, 5).run(grads))
+
+
 def test_noise_has_the_requested_std() -> None:
     zeros = Vector({"x": np.zeros(200_000)})
-    noise = GaussianNoise(std=0.5, seed=0).run(zeros)["x"]
+    noise = GaussianNoise(std=0.5).run(zeros)["x"]
     assert noise.std() == pytest.approx(0.5, rel=0.01)
     assert abs(noise.mean()) < 0.01
-    assert GaussianNoise(std=0.0, seed=0).run(two_arrays()).array_equal(two_arrays())
+    assert GaussianNoise(std=0.0).run(two_arrays()).array_equal(two_arrays())
 
 
 # ---- convergence on a convex quadratic -----------------------------------------------------

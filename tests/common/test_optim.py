@@ -85,7 +85,7 @@ FULL_CONFIG = {
         "scaffold-client",
         ["adam", {"amsgrad": True}],
         ["l2-global-clipping", {"max_norm": 0.5}],
-        ["gaussian-noise", {"std": 0.01, "seed": 3}],
+        ["gaussian-noise", {"std": 0.01}],
     ],
 }
 

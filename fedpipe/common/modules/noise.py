@@ -1,4 +1,4 @@
-"""Additive Gaussian noise, seedable and resumable (the noise step of DP-SGD)."""
+"""Additive Gaussian noise from private entropy, resumable (the noise step of DP-SGD)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from fedpipe.common.modules.base import OptiModule
+from fedpipe.common.privacy.entropy import PrivateNoiseSource
 from fedpipe.common.state import State
 from fedpipe.common.vector import Vector
 
@@ -32,38 +33,56 @@ def _small_int(value: object) -> int:
     return value
 
 
-class GaussianNoise(OptiModule):
+class GaussianNoise(OptiModule, PrivateNoiseSource):
     """Add ``N(0, std^2)`` noise to every coordinate (Abadi et al., 2016, "Deep Learning with
     Differential Privacy"; place it after ``l2-clipping`` with ``std = noise_multiplier *
     max_norm``).
 
+    The noise is drawn from the operating system's entropy. A config cannot seed it: module
+    configs come from the server, which could then draw the same noise and subtract it. A
+    client's own ``noise_seed`` (client config, never sent) seeds it for reproducible tests
+    (:func:`~fedpipe.common.privacy.entropy.seed_private_noise`).
+
     The state holds the state of the PCG64 random generator (its 128-bit integers as pairs of
     uint64 words, as states carry 64-bit ints at most), so a module resumed from it draws the
-    same noise as the original would have.
+    same noise as the original would have. The state stays with the client (its local state
+    store); it is never sent to the server.
 
     Parameters
     ----------
     std:
         Standard deviation of the noise (non-negative).
     seed:
-        Seed of numpy's default generator; ``None`` seeds from OS entropy.
+        Refused (ValueError) unless None: kept as a keyword only to explain why.
     """
 
     name: ClassVar[str] = "gaussian-noise"
 
-    def __init__(self, std: float = 1.0, seed: int | None = None) -> None:
+    def __init__(self, std: float = 1.0, *, seed: None = None) -> None:
         if not std >= 0:
             raise ValueError(f"gaussian-noise std={std}; expected a non-negative number")
+        if seed is not None:
+            raise ValueError(
+                f"gaussian-noise seed={seed!r}: privacy noise is never seeded from a config "
+                "(the server sends module configs, and could subtract noise it can redraw); it "
+                "draws from OS entropy. For reproducible tests, set noise_seed in the client's "
+                "own config"
+            )
         self.std = float(std)
-        self.seed = seed
         self.rng: np.random.Generator | None = None
+        self._local_seed: np.random.SeedSequence | None = None
 
     def get_config(self) -> dict[str, Any]:
-        return {"std": self.std, "seed": self.seed}
+        return {"std": self.std}
+
+    def seed_locally(self, seed: np.random.SeedSequence) -> None:
+        self._local_seed = seed
+        self.rng = None
 
     def run(self, gradients: Vector) -> Vector:
-        if self.rng is None:
-            self.rng = np.random.default_rng(self.seed)
+        if self.rng is None:  # the first draw: from the local seed, else OS entropy
+            seed = self._local_seed if self._local_seed is not None else np.random.SeedSequence()
+            self.rng = np.random.default_rng(seed)
         return gradients + gradients.normal_like(self.rng) * self.std
 
     def get_state(self) -> State:

@@ -1,0 +1,215 @@
+"""Client-level DP in the round loop: epsilon in every record, the summary and the CSV; the
+accountant resumes from the checkpoint; the budget stops a run; unmodelled setups refused."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import itertools
+import json
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from fedpipe.common.aggregators.averaging import AveragingAggregator
+from fedpipe.common.config import ConfigError, PrivacyConfig, ServerConfig, SimulationConfig
+from fedpipe.common.privacy.client_update import privatize_update
+from fedpipe.common.summable import Summable
+from fedpipe.common.vector import Vector
+from fedpipe.server.clients import ClientPool
+from fedpipe.server.inprocess import InProcessClient, SharedModels
+from fedpipe.server.privacy.accountant import PrivacyAccountant, RoundEvent
+from fedpipe.server.privacy.client_level import ClientLevelDP
+from fedpipe.server.rounds import FederatedRun, RunSummary
+from fedpipe.server.sampling import PoissonSampler, UniformSampler
+from fedpipe.server.simulation import client_datasets, complete_model_config, simulate
+
+
+def sim_config(out: Path, n_clients: int, **server: Any) -> SimulationConfig:
+    return SimulationConfig.model_validate(
+        {
+            "n_clients": n_clients,
+            "partition": {"scheme": "dirichlet", "alpha": 0.5, "seed": 2},
+            "server": {
+                "rounds": 6,
+                "min_clients": n_clients,
+                "client_optimizer": {"lrate": 0.3},
+                "training": {"epochs": 1, "batch_size": 32},
+                "output_dir": str(out),
+                **server,
+            },
+        }
+    )
+
+
+def resume(sim: SimulationConfig) -> RunSummary:
+    clients = client_datasets(sim)
+    server = complete_model_config(sim.server, clients[0][1])
+
+    async def go() -> RunSummary:
+        pool, models = ClientPool(), SharedModels()
+        for name, train, test in clients:
+            await pool.add(InProcessClient(name, train, test, models))
+        with FederatedRun(server, pool, resume=True) as run:
+            return await run.run()
+
+    return asyncio.run(go())
+
+
+DP = {"clip": 1.0, "noise_multiplier": 1.0, "delta": 1e-5}
+UNIFORM = ["averaging", {"weighting": "uniform"}]
+
+
+def dp_sim(out: Path, rounds: int = 6, **privacy: Any) -> Any:
+    return sim_config(
+        out,
+        8,
+        rounds=rounds,
+        sampler=["poisson", {"q": 0.5}],
+        aggregator=UNIFORM,
+        privacy={**DP, **privacy},
+    )
+
+
+def expected_epsilon(rounds: int, q: float = 0.5, sigma: float = 1.0) -> float:
+    accountant = PrivacyAccountant("rdp", 1e-5)
+    for _ in range(rounds):
+        accountant.spend(RoundEvent(sigma, q=q))
+    return accountant.epsilon()
+
+
+def test_central_dp_simulation_reports_epsilon_everywhere(tmp_path: Path) -> None:
+    summary = simulate(dp_sim(tmp_path))
+    assert summary.status == "completed" and summary.rounds_completed == 6
+    epsilons = [r["epsilon"] for r in summary.history]
+    assert epsilons == pytest.approx([expected_epsilon(r) for r in range(1, 7)], rel=1e-9)
+    assert all(a < b for a, b in itertools.pairwise(epsilons))
+    data = json.loads((tmp_path / "summary.json").read_text())
+    assert data["epsilon"] == pytest.approx(expected_epsilon(6), rel=1e-9)
+    assert (data["delta"], data["noise_multiplier"], data["accountant"]) == (1e-5, 1.0, "rdp")
+    with open(tmp_path / "metrics.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [float(r["epsilon"]) for r in rows] == pytest.approx(epsilons)
+    assert {float(r["delta"]) for r in rows} == {1e-5}
+    assert all(np.isfinite(summary.weights[n]).all() for n in summary.weights.coefs)
+
+
+def test_a_resumed_run_keeps_counting(tmp_path: Path) -> None:
+    simulate(dp_sim(tmp_path, rounds=3))
+    resumed = resume(dp_sim(tmp_path, rounds=6))
+    assert resumed.status == "completed"
+    assert [r["epsilon"] for r in resumed.history] == pytest.approx(
+        [expected_epsilon(r) for r in range(1, 7)], rel=1e-9
+    )
+
+
+def test_target_epsilon_stops_before_the_budget_is_exceeded(tmp_path: Path) -> None:
+    target = (expected_epsilon(3) + expected_epsilon(4)) / 2  # room for 3 rounds, not 4
+    summary = simulate(dp_sim(tmp_path, target_epsilon=target))
+    assert summary.status == "completed" and summary.stopped_early
+    assert summary.rounds_completed == 3
+    data = json.loads((tmp_path / "summary.json").read_text())
+    assert data["reason"].startswith("privacy budget: round 4 would take epsilon to")
+    assert data["epsilon"] == pytest.approx(expected_epsilon(3)) and data["epsilon"] <= target
+
+
+def test_calibrated_run_spends_its_target(tmp_path: Path) -> None:
+    sim = dp_sim(tmp_path, 4, noise_multiplier=None, target_epsilon=8.0, on_budget="calibrate")
+    summary = simulate(sim)
+    assert summary.status == "completed" and summary.rounds_completed == 4
+    assert summary.history[-1]["epsilon"] == pytest.approx(8.0, rel=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("server", "message"),
+    [
+        ({"sampler": ["weighted", {"count": 2}]}, "models only Poisson sampling"),
+        ({"aggregator": "averaging"}, "bounds each client's weight in the sum"),
+        ({"sampler": ["uniform", {"count": 2}], "privacy": {**DP, "accountant": "pld"}}, "PLD"),
+    ],
+)
+def test_setups_the_accountant_cannot_model_are_refused(
+    tmp_path: Path, server: dict[str, Any], message: str
+) -> None:
+    settings = {"sampler": ["poisson", {"q": 0.5}], "aggregator": UNIFORM, "privacy": DP}
+    with pytest.raises(ConfigError, match=message):
+        simulate(sim_config(tmp_path, 4, **{**settings, **server}))
+
+
+def test_clipping_without_noise_is_refused() -> None:
+    with pytest.raises(ValueError, match="clipping without noise gives no privacy"):
+        PrivacyConfig(clip=1.0, noise_multiplier=0.0)
+
+
+def partial(values: list[float]) -> Summable:
+    return Summable({"weighted_sum": Vector({"w": np.array(values)}), "total_weight": 1.0})
+
+
+def test_central_clip_and_noise_have_the_stated_sizes() -> None:
+    config = PrivacyConfig(clip=2.0, noise_multiplier=0.5)
+    dp = ClientLevelDP(config, UniformSampler(count=4), AveragingAggregator("uniform"), 0.5)
+    dp.begin_round(1, candidates=10, sampled=4)
+    big, small = partial([30.0, 40.0]), partial([0.3, 0.4])
+    dp.clip_reply(big)
+    dp.clip_reply(small)
+    np.testing.assert_allclose(big.vector("weighted_sum")["w"], [1.2, 1.6])  # norm 50 -> 2
+    np.testing.assert_allclose(small.vector("weighted_sum")["w"], [0.3, 0.4])  # under the clip
+    zeros = Summable({"weighted_sum": Vector({"w": np.zeros(100_000)}), "total_weight": 4.0})
+    noised = dp.finalize(zeros)["w"]  # N(0, (0.5 x 2)^2) / 4 participants
+    assert noised.std() == pytest.approx(0.5 * 2.0 / 4, rel=0.02)
+
+
+def test_adaptive_clip_follows_the_quantile() -> None:
+    adaptive = {"initial": 1.0, "target_quantile": 0.5, "learning_rate": 0.2, "count_stddev": 0.5}
+    config = PrivacyConfig(adaptive_clip=adaptive, noise_multiplier=0.8)  # type: ignore[arg-type]
+    dp = ClientLevelDP(config, PoissonSampler(1.0), AveragingAggregator("uniform"), 0.8)
+    assert dp.value_multiplier == pytest.approx((0.8**-2 - 1.0**-2) ** -0.5)
+    for round_number in range(1, 60):
+        dp.begin_round(round_number, candidates=20, sampled=20)
+        for norm in np.linspace(0.1, 10.0, 20):  # median norm about 5
+            dp.clip_reply(partial([float(norm), 0.0]))
+        dp.finalize(partial([0.0, 0.0]))
+    assert 3.0 < dp.clip < 7.5
+
+
+def test_distributed_noise_sums_to_the_central_noise(tmp_path: Path) -> None:
+    config = PrivacyConfig(mode="distributed", clip=2.0, noise_multiplier=0.5)
+    dp = ClientLevelDP(config, UniformSampler(count=4), AveragingAggregator("uniform"), 0.5)
+    dp.begin_round(1, candidates=10, sampled=4)
+    settings = dp.client_settings()
+    assert settings == {"clip": 2.0, "noise_std": pytest.approx(0.5 * 2.0 / 2)}  # / sqrt(4)
+    rng = np.random.default_rng(0)
+    replies = [privatize_update(Vector({"w": np.zeros(50_000)}), settings, rng) for _ in range(4)]
+    total = Summable({"weighted_sum": sum(replies[1:], replies[0]), "total_weight": 4.0})
+    averaged = dp.finalize(total)["w"]  # no server noise: the clients' sum carries it
+    assert averaged.std() == pytest.approx(0.5 * 2.0 / 4, rel=0.02)
+    big = privatize_update(
+        Vector({"w": np.array([300.0, 400.0])}), {**settings, "noise_std": 1e-9}, rng
+    )
+    np.testing.assert_allclose(big["w"], [1.2, 1.6], rtol=1e-6)
+    with pytest.raises(ValueError, match="noise_std=0; expected a positive number"):
+        privatize_update(Vector({"w": np.zeros(2)}), {"clip": 1.0, "noise_std": 0}, rng)
+
+
+def test_distributed_dp_simulation_completes(tmp_path: Path) -> None:
+    summary = simulate(dp_sim(tmp_path, rounds=3, mode="distributed"))
+    assert summary.status == "completed" and summary.rounds_completed == 3
+    assert summary.history[-1]["epsilon"] == pytest.approx(expected_epsilon(3), rel=1e-9)
+
+
+def test_the_docs_config_is_valid() -> None:
+    text = (Path(__file__).parents[2] / "docs" / "privacy.md").read_text()
+    block = text.split("```toml\n", 1)[1].split("```", 1)[0]
+    server = ServerConfig.model_validate(tomllib.loads(block)["server"])
+    assert server.privacy is not None and server.privacy.target_epsilon == 8.0
+
+
+def test_the_progress_line_shows_epsilon_and_delta() -> None:
+    from fedpipe.cli import format_round
+
+    record = {"round": 2, "sampled": 4, "replied": 4, "epsilon": 1.25, "delta": 1e-5}
+    line = format_round({**record, "seconds": 0.5}, 6)
+    assert "epsilon 1.2500  delta 1.0e-05" in line
