@@ -140,7 +140,9 @@ def test_invalid_configs_fail_with_the_field_the_value_and_the_expectation(
     )
     with pytest.raises(ConfigError, match="n_client: Extra inputs are not permitted"):
         fedpipe.simulate({"n_client": 3})
-    with pytest.raises(ConfigError, match="transport: Input should be 'inprocess' or 'grpc'"):
+    with pytest.raises(
+        ConfigError, match="transport: Input should be 'inprocess', 'grpc' or 'dask'"
+    ):
         fedpipe.simulate(SimulationConfig(), overrides={"transport": "carrier-pigeon"})
     with pytest.raises(ConfigError, match=r"config file .*missing.toml does not exist"):
         fedpipe.simulate(tmp_path / "missing.toml")

@@ -51,7 +51,10 @@ def test_simulate_prints_accuracy_per_round(
         ("rounds = 0", "server.rounds: Input should be greater than or equal to 1 (got 0)"),
         ("[partition]\nscheme = 'random'", "partition.scheme: Input should be 'iid'"),
         ("n_clientz = 3", "n_clientz: Extra inputs are not permitted"),
-        ("transport = 'carrier-pigeon'", "transport: Input should be 'inprocess' or 'grpc'"),
+        (
+            "transport = 'carrier-pigeon'",
+            "transport: Input should be 'inprocess', 'grpc' or 'dask'",
+        ),
     ],
 )
 def test_bad_config_fails_before_anything_starts_naming_the_field(

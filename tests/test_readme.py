@@ -75,3 +75,15 @@ def test_readme_gpu_simulation_config_is_valid_and_names_every_gpu() -> None:
     assert (sim.device, sim.mode, sim.transport) == ("cuda", "vectorized", "inprocess")
     assert sim.stack_clients == 1024
     assert sim.server.model.name == "mypkg.models:build" and sim.n_clients == 100
+
+
+def test_readme_dask_configs_are_valid_for_all_cores_and_a_cluster() -> None:
+    from fedpipe.common.config import SimulationConfig
+
+    laptop, slurm = [
+        SimulationConfig.model_validate(tomllib.loads(b))
+        for b in blocks("toml")
+        if 'transport = "dask"' in b
+    ]
+    assert (laptop.transport, laptop.dask.workers, laptop.dask.scheduler) == ("dask", 8, None)
+    assert slurm.dask.scheduler == "tcp://10.1.2.3:8786" and slurm.n_clients == 10000

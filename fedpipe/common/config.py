@@ -23,6 +23,7 @@ __all__ = [
     "TOKEN_ENV",
     "ClientConfig",
     "ConfigError",
+    "DaskConfig",
     "EarlyStopConfig",
     "ModelConfig",
     "OptimizerConfig",
@@ -500,6 +501,34 @@ class PartitionConfig(_Strict):
     seed: int = 0
 
 
+class DaskConfig(_Strict):
+    """Where a ``transport = "dask"`` simulation runs (see :mod:`fedpipe.server.transports.dask`).
+
+    ``scheduler`` names an existing cluster (``"tcp://host:8786"``: SLURM via dask-jobqueue,
+    Kubernetes...); unset, a ``LocalCluster`` bound to 127.0.0.1 is started with ``workers``
+    worker processes (default: one per core) of ``threads_per_worker`` threads, threads of this
+    process instead with ``processes = false``. ``resources`` are Dask worker resources (such as
+    ``{GPU = 1}``): a local cluster's workers get them, and clients go only to workers that
+    have them.
+    """
+
+    scheduler: str | None = None
+    workers: int | None = Field(default=None, ge=1)
+    threads_per_worker: int = Field(default=1, ge=1)
+    processes: bool = True
+    resources: dict[str, float] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _one_cluster(self) -> Self:
+        local = {"workers", "threads_per_worker", "processes"} & self.model_fields_set
+        if self.scheduler is not None and local:
+            raise ValueError(
+                f"{', '.join(sorted(local))} shape a local cluster, but scheduler="
+                f"{self.scheduler!r} names an existing one; set one or the other"
+            )
+        return self
+
+
 class SimulationConfig(_Strict):
     """A whole federation on one machine: a server config plus simulated clients.
 
@@ -510,14 +539,16 @@ class SimulationConfig(_Strict):
     else ``"cpu"``. ``mode`` is how clients train there (see :mod:`fedpipe.server.inprocess`):
     ``"sequential"``, one after another on each device; ``"vectorized"``, the clients of a
     round that share a device at once with ``torch.func``, ``stack_clients`` stacked at a time
-    (each costs about three copies of the model in device memory).
+    (each costs about three copies of the model in device memory). ``transport = "dask"``
+    runs the clients on the Dask cluster ``dask`` describes (:class:`DaskConfig`).
     """
 
     n_clients: int = Field(default=10, ge=1)
     dataset: str = "digits"
     eval_fraction: float = Field(default=0.25, ge=0.0, lt=1.0)
     partition: PartitionConfig = Field(default_factory=PartitionConfig)
-    transport: Literal["inprocess", "grpc"] = "inprocess"
+    transport: Literal["inprocess", "grpc", "dask"] = "inprocess"
+    dask: DaskConfig = Field(default_factory=DaskConfig)
     device: DeviceName | Annotated[list[DeviceName], Field(min_length=1)] | None = None
     mode: Literal["sequential", "vectorized"] = "sequential"
     stack_clients: int = Field(default=1024, ge=1)
@@ -536,6 +567,11 @@ class SimulationConfig(_Strict):
             raise ValueError(
                 f"n_clients={self.n_clients} exceeds server.max_clients="
                 f"{self.server.max_clients}: the server would refuse the extra client processes"
+            )
+        if self.transport == "dask" and self.mode != "sequential":
+            raise ValueError(
+                f"mode={self.mode!r} trains in-process clients; with transport='dask' each "
+                "worker trains its clients one after another (mode='sequential')"
             )
         if self.transport == "grpc" and self.device is not None:
             raise ValueError(

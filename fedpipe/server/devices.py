@@ -90,7 +90,8 @@ class DeviceWorkers:
 
         return await self.in_turn(turns, started())
 
-    async def in_turn(self, turns: list[asyncio.Future[None]], reply: Awaitable[R]) -> R:
+    @staticmethod
+    async def in_turn(turns: list[asyncio.Future[None]], reply: Awaitable[R]) -> R:
         """Await ``reply``; return it after every earlier task of ``turns`` has returned or
         failed (takes its turn before awaiting anything)."""
         mine: asyncio.Future[None] = asyncio.get_running_loop().create_future()

@@ -1,14 +1,15 @@
 """Local simulation: the server's round loop with many clients on one machine.
 
-Two transports, one round loop:
+Three transports, one round loop:
 
 - ``inprocess``: simulated clients are :class:`~fedpipe.server.inprocess.InProcessClient`
   proxies in this process (no network, hundreds of clients on two cores);
 - ``grpc``: a real server process and real client processes over loopback gRPC, started with
-  the same CLI commands as a deployment.
+  the same CLI commands as a deployment;
+- ``dask``: clients on the workers of a Dask cluster (:mod:`fedpipe.server.transports.dask`).
 
-Both import the simulation's plugins (``plugins``, ``server.plugins``): in this process, or in
-every spawned process, since the simulation's owner owns its clients.
+All import the simulation's plugins (``plugins``, ``server.plugins``): in this process, or in
+every spawned process or Dask worker, since the simulation's owner owns its clients.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ from fedpipe.common import registry
 from fedpipe.common.config import ServerConfig, SimulationConfig
 from fedpipe.common.data import Dataset, load_source, partition, save_dataset
 from fedpipe.common.plugins import import_plugins
+from fedpipe.common.training import RunSetup
 from fedpipe.common.vector import Vector
 from fedpipe.server.clients import ClientPool
 from fedpipe.server.devices import resolve_devices
@@ -45,6 +47,7 @@ __all__ = [
     "SimulationError",
     "client_datasets",
     "complete_model_config",
+    "run_pool",
     "simulate",
     "with_run_dir",
 ]
@@ -123,6 +126,10 @@ def simulate(
     prepare_run_dir(Path(server.output_dir), overwrite=overwrite, can_resume=False)
     if sim.transport == "inprocess":
         return asyncio.run(simulate_inprocess(sim, clients, on_round, overwrite=overwrite))
+    if sim.transport == "dask":
+        from fedpipe.server.transports.dask.run import simulate_dask  # the dask extra
+
+        return asyncio.run(simulate_dask(sim, clients, on_round, overwrite=overwrite))
     return simulate_grpc(sim, clients, on_round, overwrite=overwrite)
 
 
@@ -148,21 +155,36 @@ async def simulate_inprocess(
     models = SharedModels(devices, sim.mode, sim.stack_clients)
     for index, (name, train, test) in enumerate(clients):
         await pool.add(InProcessClient(name, train, test, models, index, sim.noise_seed))
-    server = sim.server.model_copy(
-        update={"min_clients": min(sim.server.min_clients, len(clients))}
-    )
+
+    async def place(setup: RunSetup) -> None:
+        models.get(setup)  # a model that cannot go to its device fails here, once
+
     try:
-        with FederatedRun(server, pool, on_round=on_round) as run:
-            models.get(run.setup)  # a model that cannot go to its device fails here, once
-            monitoring = await Monitoring.start(server, run, overwrite=overwrite)
-            try:
-                summary = await run.run()
-                monitoring.finished(summary)
-                return summary
-            finally:
-                await monitoring.close()
+        return await run_pool(sim, pool, on_round, place, overwrite=overwrite)
     finally:
         models.close()
+
+
+async def run_pool(
+    sim: SimulationConfig,
+    pool: ClientPool,
+    on_round: OnRound | None,
+    start: Callable[[RunSetup], Awaitable[None]],
+    *,
+    overwrite: bool = False,
+) -> RunSummary:
+    """The round loop of ``sim.server`` with the simulated clients of ``pool`` (and its
+    monitoring); ``start`` gets the run setup before the first round."""
+    server = sim.server.model_copy(update={"min_clients": min(sim.server.min_clients, len(pool))})
+    with FederatedRun(server, pool, on_round=on_round) as run:
+        await start(run.setup)
+        monitoring = await Monitoring.start(server, run, overwrite=overwrite)
+        try:
+            summary = await run.run()
+            monitoring.finished(summary)
+            return summary
+        finally:
+            await monitoring.close()
 
 
 def free_port() -> int:

@@ -1,0 +1,125 @@
+"""What crosses between the server and Dask workers: numpy arrays in plain containers.
+
+Dask serializes numpy arrays itself (their buffers travel out of band, not through a pickled
+byte string); around them there are only dicts, lists, strings and numbers. No fedpipe object,
+model or user class is pickled: each side rebuilds Vectors, Summables and Datasets from these,
+and the server checks what comes back as it checks any reply.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from fedpipe.common.data import Dataset
+from fedpipe.common.summable import Summable
+from fedpipe.common.training import EvalResult, TrainResult
+from fedpipe.common.vector import Vector
+from fedpipe.server.clients import ClientError
+
+__all__ = [
+    "PlainData",
+    "PlainSummable",
+    "PlainVector",
+    "dataset_from",
+    "eval_from_plain",
+    "plain_dataset",
+    "plain_eval",
+    "plain_summable",
+    "plain_train",
+    "plain_vector",
+    "summable_from",
+    "train_from_plain",
+    "vector_from",
+]
+
+PlainVector = dict[str, np.ndarray]
+PlainSummable = dict[str, PlainVector | float | int]
+#: A dataset's ``(x, y)`` arrays.
+PlainData = tuple[np.ndarray, np.ndarray]
+
+
+def plain_vector(vector: Vector) -> PlainVector:
+    return dict(vector.to_numpy().coefs)
+
+
+def vector_from(data: Any, what: str) -> Vector:
+    """A numpy Vector from ``{name: array}``; arrays Dask handed over read-only are copied
+    (the round loop adds into the first reply it folds)."""
+    if not isinstance(data, dict) or not all(
+        isinstance(k, str) and isinstance(v, np.ndarray) for k, v in data.items()
+    ):
+        raise ClientError(f"{what} is a {type(data).__name__}, expected a map of names to arrays")
+    return Vector({k: v if v.flags.writeable else v.copy() for k, v in data.items()})
+
+
+def plain_summable(summable: Summable) -> PlainSummable:
+    return {k: plain_vector(v) if isinstance(v, Vector) else v for k, v in summable.fields.items()}
+
+
+def summable_from(data: Any, what: str) -> Summable:
+    if not isinstance(data, dict):
+        raise ClientError(f"{what} is a {type(data).__name__}, expected a map of fields")
+    fields: dict[str, Vector | float | int] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            fields[key] = vector_from(value, f"{what}.{key}")
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            fields[key] = value
+        else:
+            raise ClientError(
+                f"{what}.{key} is a {type(value).__name__}, expected arrays or a number"
+            )
+    return Summable(fields)
+
+
+def plain_train(result: TrainResult) -> dict[str, Any]:
+    return {
+        "partial": plain_summable(result.partial),
+        "aux_vars": {k: plain_summable(v) for k, v in result.aux_vars.items()},
+        "n_samples": result.n_samples,
+        "n_steps": result.n_steps,
+        "loss_sum": result.loss_sum,
+        "n_samples_seen": result.n_samples_seen,
+        "seconds": result.seconds,
+    }
+
+
+def train_from_plain(data: dict[str, Any]) -> TrainResult:
+    aux = data["aux_vars"]
+    if not isinstance(aux, dict):
+        raise ClientError(f"aux vars are a {type(aux).__name__}, expected a map")
+    return TrainResult(
+        partial=summable_from(data["partial"], "partial"),
+        aux_vars={k: summable_from(v, f"aux var {k!r}") for k, v in aux.items()},
+        n_samples=int(data["n_samples"]),
+        n_steps=int(data["n_steps"]),
+        loss_sum=float(data["loss_sum"]),
+        n_samples_seen=int(data["n_samples_seen"]),
+        seconds=float(data["seconds"]),
+    )
+
+
+def plain_eval(result: EvalResult) -> dict[str, Any]:
+    metrics = {k: plain_summable(v) for k, v in result.metrics.items()}
+    return {"metrics": metrics, "n_samples": result.n_samples, "seconds": result.seconds}
+
+
+def eval_from_plain(data: dict[str, Any]) -> EvalResult:
+    metrics = data["metrics"]
+    if not isinstance(metrics, dict):
+        raise ClientError(f"metric states are a {type(metrics).__name__}, expected a map")
+    return EvalResult(
+        metrics={k: summable_from(v, f"metric {k!r}") for k, v in metrics.items()},
+        n_samples=int(data["n_samples"]),
+        seconds=float(data["seconds"]),
+    )
+
+
+def plain_dataset(data: Dataset | None) -> PlainData | None:
+    return None if data is None else (data.x, data.y)
+
+
+def dataset_from(data: PlainData | None) -> Dataset | None:
+    return None if data is None else Dataset(*data)

@@ -1,0 +1,297 @@
+"""The server side of the Dask transport: client proxies whose clients live on Dask workers.
+
+:class:`DaskFleet` places each client on a worker (round robin at first: client ``i`` of
+``n`` workers on worker ``i % n``) and keeps it there: its data goes once, with its first task,
+and its state stays in the worker's registry (:mod:`.worker`). The clients a round sends to one
+worker go in one Dask task per worker and phase (init, train, evaluate), batched the way the
+in-process vectorized mode batches a device slot's clients (:mod:`fedpipe.server.slot_batches`):
+the first client of a round task on a worker opens the batch and schedules its flush with
+``loop.call_soon``, after every sampled client has submitted. The round's weights and aux vars
+are scattered once per round task to every worker (``broadcast=True``), not sent per client;
+replies come back as numpy arrays in plain containers (:mod:`.payloads`) and are handed to the
+round loop in task order, so that its running sum adds them in the order the in-process
+transport does: same seed, bit-identical weights.
+
+A worker that dies (the scheduler's ``remove-worker`` event) fails the replies it owed: its
+clients leave the round like clients past the deadline, and the round goes on if
+``min_results`` others replied. Its clients go to the live workers with the fewest clients at
+their next task, with their data, and start from a fresh state there: module states and aux
+vars are re-initialized, as a client process that lost its state directory would be.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import uuid
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from dask.distributed import Client
+
+from fedpipe.common.data import Dataset
+from fedpipe.common.training import EvalResult, RunSetup, TrainResult
+from fedpipe.common.vector import ArraySpec
+from fedpipe.server.clients import ClientError, ClientProxy, RoundTask, RunOutcome
+from fedpipe.server.devices import DeviceWorkers
+from fedpipe.server.transports.dask.payloads import (
+    eval_from_plain,
+    plain_dataset,
+    plain_summable,
+    plain_vector,
+    train_from_plain,
+)
+from fedpipe.server.transports.dask.worker import Job, Op, Outcome, WorkerClients, run_jobs
+
+__all__ = ["DaskClient", "DaskFleet"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class _Batch:
+    """The jobs one worker got for one phase, and where each client awaits its reply."""
+
+    op: Op
+    worker: str
+    jobs: list[Job] = field(default_factory=list)
+    replies: list[asyncio.Future[Any]] = field(default_factory=list)
+    runner: asyncio.Future[None] | None = None
+
+
+class DaskFleet:
+    """Which Dask worker owns each simulated client, and one Dask task per worker and phase.
+
+    Parameters
+    ----------
+    client:
+        An asynchronous ``dask.distributed.Client`` on this event loop.
+    resources:
+        Dask worker resources each task needs; clients go only to workers that have them.
+    """
+
+    def __init__(
+        self,
+        client: Client,
+        resources: Mapping[str, float] | None = None,
+        plugins: list[str] | None = None,
+        device: Any = None,
+    ) -> None:
+        self.client = client
+        self.resources = dict(resources or {})
+        self.plugins, self.device = list(plugins or []), device
+        self.plugin = f"fedpipe-sim-{uuid.uuid4().hex}"
+        self.workers: list[str] = []  # live, with the resources
+        self.owners: dict[str, str] = {}  # client name -> its worker
+        self.load: Counter[str] = Counter()
+        self._pending: dict[str, set[_Batch]] = {}
+        self._init_cache: dict[str, Any] = {}
+        self._started = False
+        self._followed: set[str] = set()  # workers whose events this fleet follows
+
+    async def start(self, setup: RunSetup) -> None:
+        """Install the run's registry on every worker (those that join later too)."""
+        plugin = WorkerClients(setup.to_data(), self.plugins, self.device)
+        await self.client.register_plugin(plugin, name=self.plugin)
+        self._started = True
+        await self._refresh()
+
+    async def close(self) -> None:
+        """Free every worker's clients (the plugin's teardown) and stop following workers."""
+        if not self._started:
+            return
+        for worker in self._followed:
+            self.client.unsubscribe_topic(worker)
+        await self.client.unregister_worker_plugin(self.plugin)
+
+    async def refreshed(self, task: RoundTask) -> None:
+        """The live workers, asked once per round task (workers that joined since take the
+        clients of those that left); every client of the task awaits the same answer."""
+        refresh: asyncio.Future[None] | None = task.cache.get("dask/refresh")
+        if refresh is None:
+            refresh = task.cache["dask/refresh"] = asyncio.ensure_future(self._refresh())
+        await asyncio.shield(refresh)
+
+    async def _refresh(self) -> None:
+        scheduler = self.client.scheduler
+        assert scheduler is not None  # an open client
+        info = await scheduler.identity(n_workers=-1)
+        self.workers = [
+            address
+            for address, worker in info["workers"].items()
+            if all(worker.get("resources", {}).get(k, 0) >= v for k, v in self.resources.items())
+        ]
+        for worker in set(self.workers) - self._followed:
+            # A worker's own topic: the scheduler's topic "all" also carries events Dask
+            # cannot serialize (its "replicate" event after a broadcast scatter).
+            self.client.subscribe_topic(worker, functools.partial(self._on_event, worker))
+            self._followed.add(worker)
+
+    def _on_event(self, worker: str, event: tuple[float, dict[str, Any]]) -> None:
+        if event[1].get("action") == "remove-worker":
+            self._lost(worker)
+
+    def _lost(self, worker: str) -> None:
+        """``worker`` is gone: fail what it owed this round, free its clients for others."""
+        if worker in self.workers:
+            self.workers.remove(worker)
+        if worker in self._followed:
+            self._followed.discard(worker)
+            self.client.unsubscribe_topic(worker)
+        gone = [name for name, owner in self.owners.items() if owner == worker]
+        for name in gone:
+            del self.owners[name]
+        del self.load[worker]
+        log.warning(
+            "Dask worker %s left; its %d client(s) leave this round and start again from a "
+            "fresh state on another worker",
+            worker,
+            len(gone),
+        )
+        error = ClientError(f"its Dask worker {worker} died")
+        for batch in self._pending.pop(worker, set()):
+            if batch.runner is not None:
+                batch.runner.cancel()
+            for reply in batch.replies:
+                if not reply.done():
+                    reply.set_exception(error)
+
+    def _place(self, client: DaskClient) -> tuple[str, dict[str, Any] | None]:
+        """The worker of ``client``, and its data when that worker has yet to build it."""
+        owner = self.owners.get(client.name)
+        if owner is not None:
+            return owner, None
+        if not self.workers:
+            wanted = f" with resources {self.resources}" if self.resources else ""
+            raise ClientError(f"no Dask worker{wanted} is alive to take client {client.name}")
+        owner = min(self.workers, key=lambda w: self.load[w])
+        self.owners[client.name] = owner
+        self.load[owner] += 1
+        return owner, {
+            "train": plain_dataset(client.train_data),
+            "eval": plain_dataset(client.eval_data),
+        }
+
+    def submit(self, client: DaskClient, op: Op, task: RoundTask | None) -> asyncio.Future[Any]:
+        """Add ``client``'s ``op`` to its worker's batch for ``task`` (``None``: the run setup);
+        the future gets the client's plain reply, or a :class:`ClientError`."""
+        loop = asyncio.get_running_loop()
+        cache = self._init_cache if task is None else task.cache
+        worker, init = self._place(client)
+        key = f"dask/{op}/{worker}"
+        batch: _Batch | None = cache.get(key)
+        if batch is None:
+            batch = cache[key] = _Batch(op, worker)
+            loop.call_soon(self._flush, cache, key, task)
+        reply: asyncio.Future[Any] = loop.create_future()
+        batch.jobs.append((client.name, init))
+        batch.replies.append(reply)
+        return reply
+
+    def _flush(self, cache: dict[str, Any], key: str, task: RoundTask | None) -> None:
+        batch: _Batch = cache.pop(key)  # a later submission opens a new batch
+        if batch.worker not in self.workers:  # it left between submission and flush
+            self._pending.setdefault(batch.worker, set()).add(batch)
+            self._lost(batch.worker)
+            return
+        self._pending.setdefault(batch.worker, set()).add(batch)
+        batch.runner = asyncio.ensure_future(self._dispatch(batch, task))
+
+    async def _dispatch(self, batch: _Batch, task: RoundTask | None) -> None:
+        try:
+            shared = None if task is None else await self._shared(task, batch.op)
+            future = self.client.submit(
+                run_jobs,
+                self.plugin,
+                batch.op,
+                batch.jobs,
+                shared,
+                0 if task is None else task.round_number,
+                workers=[batch.worker],
+                allow_other_workers=False,
+                resources=self.resources or None,
+                pure=False,
+            )
+            outcomes: list[Outcome] = await future
+            if not isinstance(outcomes, list) or len(outcomes) != len(batch.jobs):
+                raise ClientError(f"a worker answered {len(batch.jobs)} jobs with {outcomes!r}")
+        except Exception as exc:  # the Dask task's failure is each of its clients' failure
+            log.warning("Dask task on %s failed: %s: %s", batch.worker, type(exc).__name__, exc)
+            outcomes = [("error", f"Dask task failed: {type(exc).__name__}: {exc}")] * len(
+                batch.jobs
+            )
+        finally:
+            self._pending.get(batch.worker, set()).discard(batch)
+        for (name, init), reply, (status, value) in zip(
+            batch.jobs, batch.replies, outcomes, strict=True
+        ):
+            if reply.done():  # the round deadline cancelled it
+                continue
+            if status == "ok":
+                reply.set_result(value)
+            else:
+                if init is not None:  # not built there: placed afresh at its next task
+                    self._unplace(name)
+                reply.set_exception(ClientError(str(value)))
+
+    def _unplace(self, name: str) -> None:
+        owner = self.owners.pop(name, None)
+        if owner is not None:
+            self.load[owner] -= 1
+
+    async def _shared(self, task: RoundTask, op: Op) -> Any:
+        """The task's weights (and aux vars, to train), scattered once to every worker."""
+        key = f"dask/shared/{op}"
+        scattered: asyncio.Future[Any] | None = task.cache.get(key)
+        if scattered is None:
+            payload = {
+                "weights": plain_vector(task.weights),
+                "aux_vars": {k: plain_summable(v) for k, v in task.aux_vars.items()}
+                if op == "train"
+                else {},
+            }
+            scattered = task.cache[key] = asyncio.ensure_future(
+                self.client.scatter([payload], broadcast=True, hash=False)
+            )
+        [future] = await asyncio.shield(scattered)
+        return future
+
+
+class DaskClient(ClientProxy):
+    """A simulated client trained on a Dask worker (see the module docstring); the server keeps
+    its data too, to place it on another worker if its own dies."""
+
+    def __init__(
+        self, name: str, train_data: Dataset, eval_data: Dataset | None, fleet: DaskFleet
+    ) -> None:
+        self.name = name
+        self.train_data, self.eval_data = train_data, eval_data
+        self.n_train_samples = len(train_data)
+        self.n_eval_samples = len(eval_data) if eval_data is not None else 0
+        self.fleet = fleet
+
+    async def initialize(self, setup: RunSetup, specs: Mapping[str, ArraySpec]) -> None:
+        await self.fleet.submit(self, "init", None)
+
+    async def train(self, task: RoundTask) -> TrainResult:
+        await self.fleet.refreshed(task)
+        reply = await self._in_turn(task, self.fleet.submit(self, "train", task))
+        return train_from_plain(reply)
+
+    async def evaluate(self, task: RoundTask) -> EvalResult:
+        if self.eval_data is None:
+            raise ClientError(f"client {self.name} has no evaluation data")
+        await self.fleet.refreshed(task)
+        reply = await self._in_turn(task, self.fleet.submit(self, "evaluate", task))
+        return eval_from_plain(reply)
+
+    async def stop(self, outcome: RunOutcome) -> None:
+        return None  # the fleet frees every client on the workers at once (its close)
+
+    @staticmethod
+    async def _in_turn(task: RoundTask, reply: asyncio.Future[Any]) -> Any:
+        turns: list[asyncio.Future[None]] = task.cache.setdefault("dask/turns", [])
+        return await DeviceWorkers.in_turn(turns, reply)

@@ -1,0 +1,154 @@
+"""The worker side of the Dask transport: the simulated clients a worker owns.
+
+The registry is a Dask worker plugin, :class:`WorkerClients`, registered once per run with
+``Client.register_plugin``: Dask installs it on every worker, those that join later included
+(a nanny's restarted worker), and tears it down when the run unregisters it. Its fields are
+plain data (the run setup, plugin modules, device), so nothing but fedpipe's own class, by
+reference, is pickled to install it. On each worker it keeps one model object, built by name
+from the run setup on first use (model code never travels), and each client placed there: its
+data and its own :class:`~fedpipe.common.training.LocalTrainer` (module states, aux vars),
+kept from round to round. A task (:func:`run_jobs`) finds it through ``get_worker()``.
+
+A worker trains its clients one after another: they share its model object, so a task holds
+the worker's lock (a task of a round the server gave up on finishes before the next starts).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from dask.distributed import Worker, WorkerPlugin, get_worker
+
+from fedpipe.common.data import Dataset
+from fedpipe.common.plugins import import_plugins
+from fedpipe.common.summable import Summable
+from fedpipe.common.training import LocalTrainer, RunSetup
+from fedpipe.common.vector import Vector
+from fedpipe.server.devices import resolve_devices
+from fedpipe.server.inprocess import SharedModels
+from fedpipe.server.transports.dask.payloads import (
+    PlainData,
+    dataset_from,
+    plain_eval,
+    plain_train,
+    summable_from,
+    vector_from,
+)
+
+__all__ = ["Job", "Op", "Outcome", "WorkerClients", "run_jobs"]
+
+log = logging.getLogger(__name__)
+
+Op = Literal["init", "train", "evaluate"]
+#: A client's name and, when the worker must (re)build it, its ``train`` and ``eval`` data.
+Job = tuple[str, dict[str, PlainData | None] | None]
+#: ``("ok", reply)`` or ``("error", message)``, one per job.
+Outcome = tuple[str, Any]
+
+
+@dataclass
+class _Client:
+    trainer: LocalTrainer
+    train_data: Dataset
+    eval_data: Dataset | None
+
+
+@dataclass
+class _WorkerState:
+    setup: RunSetup
+    models: SharedModels
+    clients: dict[str, _Client] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class WorkerClients(WorkerPlugin):
+    """Each worker's model object and clients for one run (see the module docstring).
+
+    Parameters
+    ----------
+    setup:
+        The run setup (:meth:`RunSetup.to_data`).
+    plugins:
+        Modules each worker imports first (the simulation's plugins: its models...).
+    device:
+        Where each worker puts its model: the first device this names on that worker
+        (``"cuda"``: the worker's first visible GPU); ``None``, where the factory puts it.
+    """
+
+    def __init__(self, setup: dict[str, Any], plugins: list[str], device: Any = None) -> None:
+        self.setup_data, self.plugins, self.device = setup, plugins, device
+        self._states: dict[str, _WorkerState] = {}
+
+    def setup(self, worker: Worker) -> None:
+        import_plugins(self.plugins)
+        models = SharedModels(resolve_devices(self.device)[:1])
+        self._states[worker.address] = _WorkerState(RunSetup.from_data(self.setup_data), models)
+
+    def teardown(self, worker: Worker) -> None:
+        state = self._states.pop(worker.address, None)
+        if state is not None:
+            state.clients.clear()
+            state.models.close()
+
+    def state(self, worker: Worker) -> _WorkerState:
+        return self._states[worker.address]
+
+
+def run_jobs(
+    plugin: str, op: Op, jobs: list[Job], shared: dict[str, Any] | None, round_number: int
+) -> list[Outcome]:
+    """A Dask task: ``op`` for each job's client on this worker, in order; ``shared`` holds the
+    round's ``weights`` and ``aux_vars`` (scattered once per round), ``None`` for ``init``."""
+    worker = get_worker()
+    state = worker.plugins[plugin].state(worker)  # type: ignore[attr-defined]
+    with state.lock:
+        weights: Vector | None = None
+        aux_vars: dict[str, Summable] = {}
+        if shared is not None:
+            like = state.models.get(state.setup).get_weights(copy=False)
+            weights = vector_from(shared["weights"], "weights").like(like)
+            aux_vars = {
+                k: summable_from(v, f"aux var {k!r}") for k, v in shared["aux_vars"].items()
+            }
+        return [_run(state, op, job, weights, aux_vars, round_number) for job in jobs]
+
+
+def _run(
+    state: _WorkerState,
+    op: Op,
+    job: Job,
+    weights: Vector | None,
+    aux_vars: dict[str, Summable],
+    round_number: int,
+) -> Outcome:
+    """One client's part of a task; its failure is its own (reported, the others go on)."""
+    name, init = job
+    try:
+        if init is not None:
+            model = state.models.get(state.setup)
+            train = dataset_from(init["train"])
+            assert train is not None  # the server always sends training data
+            state.clients[name] = _Client(
+                LocalTrainer(state.setup, model=model), train, dataset_from(init["eval"])
+            )
+        client = state.clients.get(name)
+        if client is None:
+            return "error", f"client {name} is not on this worker (it was never placed here)"
+        if op == "train":
+            assert weights is not None
+            result = client.trainer.train(
+                client.train_data, weights, aux_vars, client=name, round_number=round_number
+            )
+            return "ok", plain_train(result)
+        if op == "evaluate":
+            if client.eval_data is None:
+                return "error", f"client {name} has no evaluation data"
+            assert weights is not None
+            return "ok", plain_eval(client.trainer.evaluate(client.eval_data, weights))
+        return "ok", None
+    except Exception as exc:  # reported as this client's failure, as in-process clients' are
+        log.warning("client %s failed %s: %s: %s", name, op, type(exc).__name__, exc)
+        return "error", f"{type(exc).__name__}: {exc}"

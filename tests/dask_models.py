@@ -1,0 +1,36 @@
+"""A model that kills its own process mid-round, for the Dask transport's lost-worker test.
+
+Named by import path (``tests.dask_models:DyingSoftmax``): Dask workers build it by name, as
+they build any user model.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from typing import Any
+
+from fedpipe.common.models.linear import SoftmaxRegression
+
+__all__ = ["DyingSoftmax"]
+
+
+class DyingSoftmax(SoftmaxRegression):
+    """Softmax regression whose ``kill_at``-th gradient step in a process SIGKILLs that
+    process, in the first process to get there only (``marker``, created exclusively, says
+    one did): one worker dies, mid-round, and its restarted process lives."""
+
+    def __init__(self, n_features: int, n_classes: int, kill_at: int, marker: str) -> None:
+        super().__init__(n_features, n_classes)
+        self.kill_at, self.marker, self.steps = kill_at, marker, 0
+
+    def compute_batch_gradients(self, x: Any, y: Any) -> Any:
+        self.steps += 1
+        if self.steps == self.kill_at:
+            try:
+                os.close(os.open(self.marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            except FileExistsError:
+                pass  # another worker died already
+            else:
+                os.kill(os.getpid(), signal.SIGKILL)
+        return super().compute_batch_gradients(x, y)

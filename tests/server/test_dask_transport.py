@@ -1,0 +1,127 @@
+"""``transport = "dask"``: the same round loop on a local Dask cluster (2 worker processes).
+
+One cluster for the module, started with the options the transport gives its own local
+cluster; the simulations join it by its address (``dask.scheduler``), the way a user joins an
+existing cluster.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydantic
+import pytest
+
+distributed = pytest.importorskip("dask.distributed")
+psutil = pytest.importorskip("psutil")
+
+from fedpipe.common.config import DaskConfig, SimulationConfig  # noqa: E402
+from fedpipe.server.simulation import simulate  # noqa: E402
+from fedpipe.server.transports.dask.run import local_cluster_options  # noqa: E402
+
+LOOPBACK = ipaddress.ip_network("127.0.0.0/8")
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Any]:
+    options = local_cluster_options(DaskConfig(workers=2))
+    with distributed.LocalCluster(**options) as local:
+        yield local
+
+
+def config(tmp_path: Path, name: str, **changes: Any) -> SimulationConfig:
+    server = {
+        "rounds": 3,
+        "seed": 7,
+        "output_dir": str(tmp_path / name),
+        "client_optimizer": {"lrate": 0.5},
+        "training": {"epochs": 1, "max_steps": 2, "batch_size": 16},
+        **changes.pop("server", {}),
+    }
+    return SimulationConfig.model_validate({"n_clients": 10, "server": server, **changes})
+
+
+def sockets() -> list[tuple[int, str, Any, Any]]:
+    """``(pid, status, local, remote)`` of the inet sockets of this process and its children
+    (the cluster's scheduler and nannies live here, its workers are child processes)."""
+    me = psutil.Process()
+    found = []
+    for proc in [me, *me.children(recursive=True)]:
+        for conn in proc.net_connections(kind="inet"):
+            found.append((proc.pid, conn.status, conn.laddr, conn.raddr))
+    return found
+
+
+def test_dask_trains_like_in_process_on_loopback_only(cluster: Any, tmp_path: Path) -> None:
+    reference = simulate(config(tmp_path, "inprocess"))
+    seen: list[tuple[int, str, Any, Any]] = []
+    sim = config(tmp_path, "dask", transport="dask", dask={"scheduler": cluster.scheduler_address})
+    summary = simulate(sim, on_round=lambda _: seen.extend(sockets()))
+
+    assert summary.status == reference.status == "completed"
+    for name, array in reference.weights.coefs.items():
+        assert np.array_equal(summary.weights.coefs[name], array), name  # bit for bit
+    assert summary.history[-1]["accuracy"] == reference.history[-1]["accuracy"] > 0.5
+    assert [r["replied"] for r in summary.history] == [10, 10, 10]
+    # Every listener and connection of the scheduler, nannies, workers and this client.
+    workers = {pid for pid, *_ in seen if pid != os.getpid()}
+    assert len(workers) == 2
+    assert any(status == psutil.CONN_LISTEN and pid in workers for pid, status, *_ in seen)
+    outside = [
+        (pid, status, local, remote)
+        for pid, status, local, remote in seen
+        if ipaddress.ip_address(local.ip) not in LOOPBACK
+        or (remote and ipaddress.ip_address(remote.ip) not in LOOPBACK)
+    ]
+    assert outside == []
+
+
+def test_a_worker_killed_mid_round_drops_only_its_clients(cluster: Any, tmp_path: Path) -> None:
+    # 10 clients, 5 per worker, 1 step each: a worker's 8th step is its 3rd client of round 2.
+    model = {
+        "name": "tests.dask_models:DyingSoftmax",
+        "config": {
+            "n_features": 64,
+            "n_classes": 10,
+            "kill_at": 8,
+            "marker": str(tmp_path / "killed"),
+        },
+    }
+    training = {"max_steps": 1, "batch_size": 16}
+    # A lost worker the transport missed would hold round 2 until its deadline: a failure.
+    server = {"model": model, "training": training, "eval_every": 0, "round_timeout": 60}
+    sim = config(
+        tmp_path,
+        "kill",
+        transport="dask",
+        dask={"scheduler": cluster.scheduler_address},
+        server=server,
+    )
+    summary = simulate(sim)
+
+    assert (tmp_path / "killed").exists()
+    assert summary.status == "completed", summary.reason
+    replied = [r["clients"] for r in summary.history]
+    assert len(replied[0]) == len(replied[2]) == 10  # round 3: re-placed, all back
+    names = [f"client-{i}" for i in range(10)]
+    # Placement is round robin: the survivor's clients are every other one.
+    assert replied[1] in (names[0::2], names[1::2])
+
+
+@pytest.mark.parametrize(
+    ("dask", "message"),
+    [
+        ({"scheduler": "tcp://10.0.0.5:8786", "workers": 4}, "workers shape a local cluster"),
+        ({"workers": 0}, "greater than or equal to 1"),
+    ],
+)
+def test_dask_config_says_what_is_wrong(dask: dict[str, Any], message: str) -> None:
+    with pytest.raises(pydantic.ValidationError, match=message):
+        SimulationConfig.model_validate({"transport": "dask", "dask": dask})
+    with pytest.raises(pydantic.ValidationError, match="each worker trains its clients one"):
+        SimulationConfig.model_validate({"transport": "dask", "mode": "vectorized"})
