@@ -26,6 +26,7 @@ def run_secagg(
     drop_before_masking: Collection[str] = (),
     drop_before_unmasking: Collection[str] = (),
     liars: Collection[str] = (),
+    weights: Mapping[str, int] | None = None,
     seed: int = 0,
 ) -> tuple[AggregateResult, Roster, dict[str, MaskedInput]]:
     """Run every stage; clients in a ``drop_before_*`` set stop answering at that stage; a
@@ -41,7 +42,9 @@ def run_secagg(
     active = [c for c in active if c.name not in drop_before_masking]
     masked = {}
     for client in active:
-        masked[client.name] = client.masked_input(forwarded[client.name], updates[client.name])
+        weight = 1 if weights is None else weights[client.name]
+        update = updates[client.name]
+        masked[client.name] = client.masked_input(forwarded[client.name], update, weight)
         server.receive_masked(masked[client.name])
     request = server.unmask_request()
     for client in active:

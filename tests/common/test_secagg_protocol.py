@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from scipy.stats import chi2_contingency, chisquare
 
+from fedpipe.common.aggregators.averaging import AveragingAggregator
 from fedpipe.common.secagg import SecAggClient, SecAggServer, SecureAggregationError
 from fedpipe.common.secagg.messages import ForwardedShares, UnmaskRequest
 from fedpipe.common.vector import Vector
@@ -21,6 +22,7 @@ def test_unmasked_sum_equals_the_plain_sum_within_the_quantization_bound() -> No
     result, roster, masked = run_secagg(updates, SecAggServer(threshold=5, entropy=seeded(99)))
     _assert_sum(result.total, plain_sum(updates, updates), roster.encoding.error_bound(8))
     assert result.survivors == tuple(updates) and result.dropped == result.excluded == ()
+    assert result.total_weight == 8
     assert masked["client-0"].masked.coefs["w"].dtype == np.uint32
 
 
@@ -57,6 +59,29 @@ def test_dropouts_at_every_stage_with_the_secagg_plus_graph() -> None:
     assert all(len(n) == 6 for n in roster.neighbours.values())
     kept = [n for n in updates if n not in {"client-3", "client-7", "client-12"}]
     _assert_sum(result.total, plain_sum(updates, kept), roster.encoding.error_bound(17))
+
+
+def test_sample_weighted_average_equals_fedavg_within_the_bound() -> None:
+    """FedAvg through secure aggregation: each client masks its update times its sample
+    count; the weighted sum over the total weight is fedpipe's averaging aggregate."""
+    updates = random_updates(10, clip=0.5)
+    samples = {name: 40 + 17 * i for i, name in enumerate(updates)}
+    gone = {"client-2", "client-6"}
+    server = SecAggServer(threshold=6, clip=0.5, max_weight=500, entropy=seeded(3))
+    result, roster, _ = run_secagg(updates, server, drop_before_masking=gone, weights=samples)
+    kept = [n for n in updates if n not in gone]
+    averaging = AveragingAggregator("samples")
+    expected = averaging.aggregate(
+        averaging.prepare(updates[n].apply(lambda a: a.astype(np.float64)), samples[n], 1)
+        for n in kept
+    )
+    assert result.total_weight == sum(samples[n] for n in kept)
+    average = result.total * (1.0 / result.total_weight)
+    _assert_sum(
+        average,
+        expected.coefs,
+        roster.encoding.error_bound(result.total_weight) / result.total_weight,
+    )
 
 
 def test_a_client_revealing_a_wrong_share_is_detected_and_excluded() -> None:

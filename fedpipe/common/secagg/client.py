@@ -111,9 +111,10 @@ class SecAggClient:
             )
         return ShareKeys(self.name, ciphertexts, commitments)
 
-    def masked_input(self, shares: ForwardedShares, update: Vector) -> MaskedInput:
-        """Stage 2: ``update`` encoded, plus the self mask and the pairwise masks shared with
-        every neighbour that sent shares."""
+    def masked_input(self, shares: ForwardedShares, update: Vector, weight: int = 1) -> MaskedInput:
+        """Stage 2: ``update`` encoded with its integer ``weight`` (see
+        :class:`~fedpipe.common.secagg.quantization.FixedPoint`), plus the self mask and the
+        pairwise masks shared with every neighbour that sent shares."""
         self._advance(_Stage.MASK, _Stage.UNMASK)
         roster = self._require_roster()
         holders = set(roster.holders(self.name))
@@ -129,7 +130,7 @@ class SecAggClient:
                 f"expected at least the threshold {roster.threshold}, self included"
             )
         self._received = dict(shares.ciphertexts)
-        masked = roster.encoding.encode(update)
+        masked = roster.encoding.encode(update, weight)
         add_mask(masked, self._self_seed)
         own = self._mask_key
         for other in self._received:

@@ -118,9 +118,11 @@ class UnmaskShares:
 
 @dataclass(frozen=True)
 class AggregateResult:
-    """The sum of the survivors' inputs (float64 arrays), and who took part how."""
+    """The weighted sum of the survivors' inputs (float64 arrays), the sum of their weights
+    (their count when unweighted), and who took part how."""
 
     total: Vector
+    total_weight: int
     survivors: tuple[str, ...]
     dropped: tuple[str, ...]
     excluded: tuple[str, ...]  # survivors whose unmasking shares were wrong

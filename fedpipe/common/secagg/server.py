@@ -76,9 +76,11 @@ class SecAggServer:
         bits: int = 32,
         clip: float = 1.0,
         neighbours: int | None = None,
+        max_weight: int = 1,
         entropy: Callable[[int], bytes] = os.urandom,
     ) -> None:
         self.threshold, self.bits, self.clip, self.neighbours = threshold, bits, clip, neighbours
+        self.max_weight = max_weight
         self._entropy = entropy
         self._stage = _Stage.ADVERTISE
         self._keys: dict[str, AdvertiseKeys] = {}
@@ -122,7 +124,7 @@ class SecAggServer:
             mask_keys={c: k.mask_key for c, k in self._keys.items()},
             neighbours=graph,
             threshold=self.threshold,
-            encoding=FixedPoint(self.bits, self.clip, len(clients)),
+            encoding=FixedPoint(self.bits, self.clip, len(clients), self.max_weight),
         )
         self._stage = _Stage.SHARE
         return self._roster
@@ -233,8 +235,10 @@ class SecAggServer:
         modulus_mask = (1 << roster.encoding.bits) - 1
         total = total.apply(lambda a: a & a.dtype.type(modulus_mask))
         self._stage = _Stage.DONE
+        weighted_sum, total_weight = roster.encoding.decode(total)
         return AggregateResult(
-            total=roster.encoding.decode(total, len(request.survivors)),
+            total=weighted_sum,
+            total_weight=total_weight,
             survivors=request.survivors,
             dropped=request.dropped,
             excluded=tuple(self._excluded),
