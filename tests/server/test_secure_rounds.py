@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import re
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +15,12 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from fedpipe.common.config import ConfigError, ServerConfig, SimulationConfig
+from fedpipe.common.config import (
+    ConfigError,
+    SecureAggregationConfig,
+    ServerConfig,
+    SimulationConfig,
+)
 from fedpipe.common.secagg import FixedPoint
 from fedpipe.common.secagg.messages import UnmaskRequest, UnmaskShares
 from fedpipe.common.training import TrainResult
@@ -226,3 +233,13 @@ def test_grpc_refuses_secure_aggregation_rather_than_send_plain_updates(tmp_path
     remote.name = "remote"
     with pytest.raises(ClientError, match="remote: GrpcClient does not carry secure aggregat"):
         asyncio.run(remote.secagg_advertise(1))
+
+
+def test_the_documented_config_is_valid_and_its_error_bound_right(tmp_path: Path) -> None:
+    page = Path(__file__).resolve().parents[2] / "docs" / "secure-aggregation.md"
+    (block,) = [b for b in re.findall(r"^```toml\n(.*?)^```", page.read_text(), re.S | re.M)]
+    sim = SimulationConfig.model_validate(tomllib.loads(block))
+    assert sim.server.secure_aggregation == SecureAggregationConfig(**SECURE)
+    encoding = FixedPoint(32, SECURE["clip"], sim.n_clients, SECURE["max_weight"])
+    (stated,) = re.findall(r"config above, ([\d.e-]+) per", page.read_text().replace("\n", " "))
+    assert float(stated) == pytest.approx(encoding.clip / encoding.levels, rel=0.01)
