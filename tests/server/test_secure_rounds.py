@@ -243,3 +243,17 @@ def test_the_documented_config_is_valid_and_its_error_bound_right(tmp_path: Path
     encoding = FixedPoint(32, SECURE["clip"], sim.n_clients, SECURE["max_weight"])
     (stated,) = re.findall(r"config above, ([\d.e-]+) per", page.read_text().replace("\n", " "))
     assert float(stated) == pytest.approx(encoding.clip / encoding.levels, rel=0.01)
+
+
+def test_vectorized_clients_mask_their_updates_too(tmp_path: Path) -> None:
+    """Torch clients trained in one engine call (their updates torch tensors) mask like the
+    sequential ones: plain vectorized accuracy, weights within the encoding's error."""
+    pytest.importorskip("torch")
+    from tests.server.test_vectorized_simulation import run
+
+    plain = run(tmp_path / "plain", "vectorized")
+    settings = {"threshold": 2, "clip": 4.0, "max_weight": 1000}
+    masked = run(tmp_path, "vectorized", secure_aggregation=settings)
+    assert masked.status == "completed"
+    assert [r["accuracy"] for r in masked.history] == [r["accuracy"] for r in plain.history]
+    assert 0 < max_difference(plain, masked) < 1e-4  # 1.4e-5 when written (3 rounds)
