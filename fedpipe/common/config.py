@@ -29,6 +29,7 @@ __all__ = [
     "OptimizerConfig",
     "PartitionConfig",
     "PrivacyConfig",
+    "SecureAggregationConfig",
     "ServerConfig",
     "SimulationConfig",
     "TrackingConfig",
@@ -214,6 +215,40 @@ class PrivacyConfig(_Strict):
         return self
 
 
+class SecureAggregationConfig(_Strict):
+    """Secure aggregation (SecAgg, Bonawitz et al. 2017; SecAgg+, Bell et al. 2020, with
+    ``neighbours``): the server learns only the sum of each round's updates. See
+    ``docs/secure-aggregation.md`` and :mod:`fedpipe.common.secagg`."""
+
+    #: Shares that rebuild a client's secrets: up to ``n - threshold`` of a round's ``n``
+    #: clients may drop, and ``threshold - 1`` colluding clients learn nothing.
+    threshold: int = Field(ge=2)
+    #: Fixed-point bits of the ring the masked updates live in (8 to 48).
+    bits: int = Field(default=32, ge=8, le=48)
+    #: Update values are clipped to ``[-clip, clip]`` before encoding.
+    clip: float = Field(default=1.0, gt=0, allow_inf_nan=False)
+    #: Degree of the SecAgg+ neighbour graph (even); None: every client masks with every other.
+    neighbours: int | None = Field(default=None, ge=2)
+    #: The largest client weight (its sample count or step count for ``averaging``; 1 for
+    #: ``sum`` or ``weighting = "uniform"``): bounds the encoding so that sums never wrap.
+    max_weight: int = Field(ge=1)
+
+    @model_validator(mode="after")
+    def _graph_fits(self) -> Self:
+        if self.neighbours is not None and self.neighbours % 2:
+            raise ValueError(
+                f"secure_aggregation.neighbours={self.neighbours}: expected an even number "
+                "(each client joins neighbours / 2 on either side of a ring)"
+            )
+        if self.neighbours is not None and self.threshold > self.neighbours + 1:
+            raise ValueError(
+                f"secure_aggregation.threshold={self.threshold} exceeds neighbours + 1 = "
+                f"{self.neighbours + 1}, the holders of each client's shares: no secret could "
+                "be rebuilt"
+            )
+        return self
+
+
 class ServerConfig(_Strict):
     """Everything the server daemon needs to run a federated training."""
 
@@ -296,6 +331,9 @@ class ServerConfig(_Strict):
     status_host: str = "127.0.0.1"
     status_token: str = ""
     status_token_file: Path | None = None
+    #: Mask updates so that the server learns only their sum (in-process simulation only
+    #: for now); None: plain updates.
+    secure_aggregation: SecureAggregationConfig | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -321,6 +359,17 @@ class ServerConfig(_Strict):
             raise ValueError(
                 f"min_results={self.min_results} exceeds min_clients={self.min_clients}: "
                 "a round could never collect enough results"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _threshold_within_clients(self) -> Self:
+        secure = self.secure_aggregation
+        if secure is not None and secure.threshold > self.min_clients:
+            raise ValueError(
+                f"secure_aggregation.threshold={secure.threshold} exceeds "
+                f"min_clients={self.min_clients}: a round needs at least threshold clients "
+                "to recover the sum; lower the threshold or raise min_clients"
             )
         return self
 
@@ -577,6 +626,11 @@ class SimulationConfig(_Strict):
             raise ValueError(
                 f"device={self.device!r} places in-process clients; with transport='grpc' "
                 "each client process picks its device in its own config"
+            )
+        if self.transport != "inprocess" and self.server.secure_aggregation is not None:
+            raise ValueError(
+                "server.secure_aggregation runs with transport='inprocess' only for now: "
+                f"the {self.transport} transport does not carry its stages yet"
             )
         return self
 

@@ -30,8 +30,9 @@ from fedpipe.common.summable import Summable
 from fedpipe.common.train_fn import TrainFn, check_train_fn_setup, run_train_fn
 from fedpipe.common.vector import Vector
 
-if TYPE_CHECKING:  # the torch extra
+if TYPE_CHECKING:  # the torch extra; the secagg extra
     from fedpipe.common.data.torch_loaders import LoaderData
+    from fedpipe.common.secagg.messages import MaskedInput
 
 __all__ = ["ClientData", "EvalResult", "LocalTrainer", "RunSetup", "TrainResult", "round_seed"]
 
@@ -99,6 +100,9 @@ class TrainResult:
     loss_sum: float  # sum of per-sample training losses over the round
     n_samples_seen: int = 0  # samples processed (epochs x dataset, or fewer with max_steps)
     seconds: float = 0.0
+    #: Under secure aggregation: the update masked (``partial`` is then empty); losses and
+    #: sample counts stay in the clear.
+    masked: MaskedInput | None = None
 
     @property
     def mean_loss(self) -> float:

@@ -11,12 +11,22 @@ import logging
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedpipe.common.outcome import RunOutcome
 from fedpipe.common.summable import Summable
 from fedpipe.common.training import EvalResult, RunSetup, TrainResult
 from fedpipe.common.vector import ArraySpec, Vector
+
+if TYPE_CHECKING:  # the secagg extra
+    from fedpipe.common.secagg.messages import (
+        AdvertiseKeys,
+        ForwardedShares,
+        Roster,
+        ShareKeys,
+        UnmaskRequest,
+        UnmaskShares,
+    )
 
 __all__ = ["ClientError", "ClientPool", "ClientProxy", "RoundTask", "RunOutcome"]
 
@@ -66,6 +76,31 @@ class ClientProxy(ABC):
     @abstractmethod
     async def stop(self, outcome: RunOutcome) -> None:
         """Tell the client the run is over for it, and how it ended."""
+
+    # ---- secure aggregation (fedpipe.server.secure_rounds): one session per round --------------
+
+    async def secagg_advertise(self, round_number: int) -> AdvertiseKeys:
+        """Stage 0: start the round's session with fresh client-side randomness; its keys."""
+        raise self._no_secagg()
+
+    async def secagg_share(self, roster: Roster) -> ShareKeys:
+        """Stage 1: the session's secrets, secret-shared among the roster's holders."""
+        raise self._no_secagg()
+
+    async def train_masked(self, task: RoundTask, shares: ForwardedShares) -> TrainResult:
+        """Stage 2: train, and reply with the update masked (``TrainResult.masked``) in place
+        of the plain partial."""
+        raise self._no_secagg()
+
+    async def secagg_unmask(self, request: UnmaskRequest) -> UnmaskShares:
+        """Stage 3: the shares that remove the masks of the sum (and end the session)."""
+        raise self._no_secagg()
+
+    def _no_secagg(self) -> ClientError:
+        return ClientError(
+            f"client {self.name}: {type(self).__name__} does not carry secure aggregation "
+            "(in-process simulation only for now); refusing to send a plain update instead"
+        )
 
     async def release(self) -> None:
         """The round loop is done with this client's last result: free what the transport

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING, Literal, TypeVar
 
 from fedpipe.common.config import ConfigError
@@ -34,6 +35,15 @@ from fedpipe.server.devices import DeviceWorkers
 
 if TYPE_CHECKING:
     from fedpipe.common.models.torch_adapter import TorchModel
+    from fedpipe.common.secagg import SecAggClient
+    from fedpipe.common.secagg.messages import (
+        AdvertiseKeys,
+        ForwardedShares,
+        Roster,
+        ShareKeys,
+        UnmaskRequest,
+        UnmaskShares,
+    )
     from fedpipe.common.vectorized import VectorizedTrainer
 
 __all__ = ["InProcessClient", "SharedModels"]
@@ -145,6 +155,8 @@ class InProcessClient(ClientProxy):
         self._models = models
         self.slot = models.slot_of(index)
         self._trainer: LocalTrainer | None = None
+        #: This round's secure aggregation session: (round, client state machine).
+        self._secagg: tuple[int, SecAggClient] | None = None
 
     @property
     def trainer(self) -> LocalTrainer:
@@ -202,6 +214,45 @@ class InProcessClient(ClientProxy):
 
     async def stop(self, outcome: RunOutcome) -> None:
         self._trainer = None
+        self._secagg = None
+
+    async def secagg_advertise(self, round_number: int) -> AdvertiseKeys:
+        from fedpipe.common.secagg import SecAggClient
+
+        client = SecAggClient(self.name)  # os.urandom, drawn here: never from the server
+        self._secagg = (round_number, client)
+        return client.advertise()
+
+    async def secagg_share(self, roster: Roster) -> ShareKeys:
+        return self._session().share_keys(roster)
+
+    async def train_masked(self, task: RoundTask, shares: ForwardedShares) -> TrainResult:
+        from fedpipe.common.secagg.partials import secure_input
+
+        session = self._session(task.round_number)
+        result = await self.train(task)
+        update, weight = secure_input(self.trainer.aggregator, result.partial)
+        try:
+            masked = session.masked_input(shares, update, weight)
+        except ValueError as exc:  # the encoding's bounds: say which setting to change
+            raise ClientError(
+                f"client {self.name}: cannot encode its update: {exc} "
+                "(see secure_aggregation.max_weight and bits)"
+            ) from None
+        return replace(result, partial=Summable({}), masked=masked)
+
+    async def secagg_unmask(self, request: UnmaskRequest) -> UnmaskShares:
+        session = self._session()
+        self._secagg = None  # one reveal per session
+        return session.unmask(request)
+
+    def _session(self, round_number: int | None = None) -> SecAggClient:
+        if self._secagg is None or round_number not in (None, self._secagg[0]):
+            raise ClientError(
+                f"client {self.name}: no secure aggregation session"
+                + (f" for round {round_number}" if round_number is not None else "")
+            )
+        return self._secagg[1]
 
     def _staged(self, task: RoundTask) -> tuple[Vector, dict[str, Summable]]:
         """The task's weights and aux vars where this client's model lives: moved there once

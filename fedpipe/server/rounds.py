@@ -150,6 +150,10 @@ class FederatedRun:
             # Built once here so that a typo fails now, not on every client after start-up.
             config.client_optimizer.build()
             metric_names = MetricSet(config.metrics).result().keys()
+            if config.secure_aggregation is not None:  # the aggregator and modules it allows
+                from fedpipe.server.secure_rounds import check_secure_run
+
+                check_secure_run(config, self.aggregator, self.optimizer)
         except (ValueError, TypeError, KeyError, ImportError) as exc:
             raise ConfigError(f"cannot build the run from its config: {exc}") from exc
         self.specs: dict[str, ArraySpec] = self.model.weights.specs()
@@ -453,7 +457,12 @@ class FederatedRun:
         )
         if self.privacy is not None and self.privacy.config.mode == "distributed":
             task.settings["dp"] = self.privacy.client_settings()
-        folded, clients = await self._train(sampled, task, deadline, start)
+        if cfg.secure_aggregation is None:
+            folded, clients = await self._train(sampled, task, deadline, start)
+        else:  # masked updates: the server learns only their sum
+            from fedpipe.server.secure_rounds import secure_train
+
+            folded, clients = await secure_train(self, sampled, task, deadline, start)
         self.sampler.observe(clients.losses())
         record: dict[str, Any] = {
             "round": round_number,
@@ -462,7 +471,9 @@ class FederatedRun:
             "clients": sorted(folded.names),
             **dp_fields,
         }
-        if folded.count >= cfg.required_results and folded.total is not None:
+        if folded.failure:  # secure aggregation could not recover the sum (logged)
+            record["failed"] = folded.failure
+        elif folded.count >= cfg.required_results and folded.total is not None:
             record["train_loss"] = folded.loss_sum / max(folded.seen, 1)
             try:
                 self._step(folded, round_number)
@@ -770,6 +781,8 @@ class _Fold:
         self.seen = 0
         self.loss_sum = 0.0
         self.names: list[str] = []
+        #: Why the round has no sum though replies came (secure aggregation failed).
+        self.failure = ""
         self._adding: asyncio.Future[None] | None = None
 
     async def add(self, client: ClientProxy, result: TrainResult) -> None:

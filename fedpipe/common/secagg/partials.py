@@ -1,0 +1,64 @@
+"""Between an aggregator's partials and secure aggregation's inputs.
+
+A client masks its update and its integer weight (:class:`~fedpipe.common.secagg.quantization.
+FixedPoint` multiplies them in the ring); the server turns the unmasked weighted sum back into
+the partial the aggregator's ``finalize`` expects, as if it were the plain running sum.
+Only the streaming aggregators whose partial is a (weighted) sum take part: ``averaging``
+(FedAvg, McMahan et al., 2017) and ``sum``. A buffered or robust aggregator (median, Krum...)
+needs each client's plain update, which secure aggregation exists to hide.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+from fedpipe.common.aggregators import Aggregator, AveragingAggregator, SumAggregator
+from fedpipe.common.summable import Summable
+from fedpipe.common.vector import ArraySpec, Vector
+
+__all__ = ["check_aggregator", "secure_input", "secure_partial"]
+
+
+def check_aggregator(aggregator: Aggregator) -> None:
+    """Raise ValueError unless ``aggregator``'s partials are sums secure aggregation can add."""
+    if type(aggregator) not in (AveragingAggregator, SumAggregator):
+        raise ValueError(
+            f"secure_aggregation with aggregator={aggregator.name!r}: expected 'averaging' or "
+            "'sum' (a streaming sum); buffered and robust aggregators need each client's "
+            "plain update, which secure aggregation hides from the server"
+        )
+
+
+def secure_input(aggregator: Aggregator, partial: Summable) -> tuple[Vector, int]:
+    """The update (float64, numpy) and the integer weight a client masks for ``partial``."""
+    check_aggregator(aggregator)
+    if not isinstance(aggregator, AveragingAggregator):
+        return partial.vector("sum").to_numpy().apply(lambda a: np.asarray(a, np.float64)), 1
+    weight = partial.number("total_weight")
+    if weight < 1 or weight != int(weight):
+        raise ValueError(
+            f"client weight {weight} (weighting={aggregator.weights.weighting!r}): "
+            "secure aggregation needs an integer weight >= 1"
+        )
+    summed = partial.vector("weighted_sum").to_numpy()
+    return summed.apply(lambda a: np.asarray(a, np.float64) / weight), int(weight)
+
+
+def secure_partial(
+    aggregator: Aggregator, total: Vector, total_weight: int, specs: Mapping[str, ArraySpec]
+) -> Summable:
+    """The partial whose ``finalize`` gives the global update, from the unmasked weighted
+    sum (in the model's dtypes, float32 at least: like the plain running sum)."""
+    check_aggregator(aggregator)
+    total.check_specs({k: ArraySpec(s.shape, "float64") for k, s in specs.items()}, "unmasked sum")
+    summed = Vector(
+        {
+            k: np.asarray(a).astype(np.promote_types(specs[k].dtype, np.float32))
+            for k, a in total.coefs.items()
+        }
+    )
+    if isinstance(aggregator, SumAggregator):
+        return Summable({"sum": summed})
+    return Summable({"weighted_sum": summed, "total_weight": float(total_weight)})

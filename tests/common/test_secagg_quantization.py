@@ -1,0 +1,100 @@
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+
+from fedpipe.common.secagg.quantization import FixedPoint
+from fedpipe.common.vector import Vector
+
+
+def _encoded_sum(
+    encoding: FixedPoint, vectors: list[Vector], weights: list[int] | None = None
+) -> Vector:
+    weights = weights or [1] * len(vectors)
+    total = encoding.encode(vectors[0], weights[0])
+    for vector, weight in zip(vectors[1:], weights[1:], strict=True):
+        total.add_(encoding.encode(vector, weight))
+    mask = (1 << encoding.bits) - 1
+    return total.apply(lambda a: a & a.dtype.type(mask))
+
+
+@pytest.mark.parametrize(("bits", "clip"), [(16, 1.0), (32, 0.05), (48, 10.0)])
+def test_decoded_sum_is_within_the_documented_bound(bits: int, clip: float) -> None:
+    rng = np.random.default_rng(bits)
+    clients = 20
+    encoding = FixedPoint(bits, clip, clients)
+    vectors = [Vector({"w": rng.uniform(-clip, clip, 2000)}) for _ in range(clients)]
+    decoded, count = encoding.decode(_encoded_sum(encoding, vectors))
+    decoded = decoded.coefs["w"]
+    assert count == clients
+    exact = np.sum([v.coefs["w"] for v in vectors], axis=0)
+    error = np.abs(decoded - exact).max()
+    bound = encoding.error_bound(clients)
+    assert error <= bound
+    assert bound <= clients * clip / encoding.levels * 1.05  # half a step per client
+    assert error >= bound / 10  # the bound is not loose by orders of magnitude
+
+
+def test_the_largest_sum_of_every_client_does_not_wrap() -> None:
+    encoding = FixedPoint(16, 1.0, 300)
+    vectors = [Vector({"w": np.full(4, 1.0)}) for _ in range(300)]
+    decoded = encoding.decode(_encoded_sum(encoding, vectors))[0].coefs["w"]
+    np.testing.assert_allclose(decoded, 300.0, atol=encoding.error_bound(300))
+    lowest = [Vector({"w": np.full(4, -1.0)}) for _ in range(300)]
+    decoded = encoding.decode(_encoded_sum(encoding, lowest))[0].coefs["w"]
+    np.testing.assert_allclose(decoded, -300.0, atol=encoding.error_bound(300))
+
+
+def test_weighted_sum_with_the_largest_weights_does_not_wrap() -> None:
+    """FedAvg's partial: each update times its sample count, and the total count."""
+    rng = np.random.default_rng(3)
+    encoding = FixedPoint(32, 0.5, 10, max_weight=600)
+    vectors = [Vector({"w": rng.uniform(-0.5, 0.5, 500)}) for _ in range(10)]
+    vectors[0] = Vector({"w": np.full(500, 0.5)})
+    weights = [600, *rng.integers(1, 601, 9).tolist()]
+    decoded, total_weight = encoding.decode(_encoded_sum(encoding, vectors, weights))
+    exact = np.sum([w * v.coefs["w"] for w, v in zip(weights, vectors, strict=True)], axis=0)
+    assert total_weight == sum(weights)
+    assert np.abs(decoded.coefs["w"] - exact).max() <= encoding.error_bound(total_weight)
+    with pytest.raises(ValueError, match="weight: 601, expected an integer in \\[1, 600\\]"):
+        encoding.encode(vectors[0], 601)
+
+
+def test_words_are_uint32_up_to_32_bits_then_uint64() -> None:
+    assert FixedPoint(32, 1.0, 2).dtype == np.uint32
+    assert FixedPoint(33, 1.0, 2).dtype == np.uint64
+    encoded = FixedPoint(32, 1.0, 2).encode(Vector({"w": np.zeros((2, 3), np.float32)}))
+    assert encoded.coefs["w"].dtype == np.uint32 and encoded.coefs["w"].shape == (2, 3)
+
+
+def test_values_beyond_clip_are_clipped_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    encoding = FixedPoint(24, 0.5, 1)
+    with caplog.at_level(logging.WARNING):
+        encoded = encoding.encode(Vector({"w": np.array([3.0, -3.0, 0.25])}))
+    np.testing.assert_allclose(
+        encoding.decode(encoded)[0].coefs["w"], [0.5, -0.5, 0.25], atol=encoding.error_bound(1)
+    )
+    assert "clipped 2 of 3 values to [-0.5, 0.5]" in caplog.text
+
+
+def test_non_finite_values_are_refused() -> None:
+    with pytest.raises(ValueError, match="array 'w': not finite"):
+        FixedPoint(16, 1.0, 2).encode(Vector({"w": np.array([np.nan])}))
+
+
+@pytest.mark.parametrize(
+    ("bits", "clip", "clients", "message"),
+    [
+        (7, 1.0, 2, "bits: 7, expected an integer in \\[8, 48\\]"),
+        (49, 1.0, 2, "bits: 49"),
+        (16, 0.0, 2, "clip: 0.0, expected a finite number > 0"),
+        (8, 1.0, 200, "clients: 200, expected 1 <= clients <= 127 for 8 bits and max_weight 1"),
+    ],
+)
+def test_invalid_encodings_are_explained(
+    bits: int, clip: float, clients: int, message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        FixedPoint(bits, clip, clients)
