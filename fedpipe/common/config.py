@@ -98,6 +98,10 @@ class ModelConfig(_Strict):
 
     name: str = "softmax-regression"
     config: dict[str, Any] = Field(default_factory=dict)
+    #: A torch model's floating-point buffers (batch-norm statistics): ``"local"``, each
+    #: client keeps its own; ``"average"``, they travel and the server keeps their
+    #: sample-weighted mean, untouched by any optimizer module (fedpipe.common.buffers).
+    buffers: Literal["local", "average"] = "local"
 
 
 class OptimizerConfig(_Strict):

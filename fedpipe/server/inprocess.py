@@ -200,8 +200,8 @@ class InProcessClient(ClientProxy):
         if self.eval_data is None:
             raise ClientError(f"client {self.name} has no evaluation data")
         trainer, data = self.trainer, self.eval_data
-        weights, _ = self._staged(task)
-        return await self._run(task, lambda: trainer.evaluate(data, weights))
+        weights, aux_vars = self._staged(task)  # the global buffers, when they travel
+        return await self._run(task, lambda: trainer.evaluate(data, weights, aux_vars))
 
     async def stop(self, outcome: RunOutcome) -> None:
         self._trainer = None

@@ -162,12 +162,12 @@ async def simulate_inprocess(
     )
     try:
         with FederatedRun(server, pool, on_round=on_round) as run:
-            # a model that cannot go to its device, or that the train_fn cannot take, fails
-            # here, once
-            try:
-                LocalTrainer(run.setup, model=models.get(run.setup), train_fn=train_fn)
-            except ValueError as exc:
-                raise ConfigError(f"train_fn={sim.train_fn!r}: {exc}") from None
+            model = models.get(run.setup)  # a model that cannot go to its device fails here
+            if train_fn is not None:  # so does a run setup the train_fn cannot honour
+                try:
+                    LocalTrainer(run.setup, model=model, train_fn=train_fn)
+                except ValueError as exc:
+                    raise ConfigError(f"train_fn={sim.train_fn!r}: {exc}") from None
             monitoring = await Monitoring.start(server, run, overwrite=overwrite)
             try:
                 summary = await run.run()

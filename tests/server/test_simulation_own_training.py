@@ -101,3 +101,14 @@ def test_grpc_simulated_clients_get_the_loaders_and_train_fn(tmp_path: Path) -> 
     client = ClientConfig.model_validate({**shared, "name": "c", "data": "x.npz"})
     assert (client.loaders, client.train_fn) == (OWN["loaders"], OWN["train_fn"])
     assert "train_fn" not in _client_config(sim.server, sim_config(tmp_path))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_train_fn_trains_gpu_clients_in_simulation(
+    tmp_path: Path, calls: list[tuple[int, str, int]]
+) -> None:
+    cpu = run(tmp_path, "cpu", PLAIN, **OWN)
+    gpu = run(tmp_path, "gpu", PLAIN, device="cuda", **OWN)
+    assert len(calls) == 2 * CLIENTS * ROUNDS
+    assert gpu.weights.allclose(cpu.weights, rtol=0, atol=1e-5)
