@@ -235,8 +235,8 @@ class ClientDaemon:
             problem = describe_spec_mismatch(weights.specs(), self.specs)
             if problem:
                 raise ProtocolError(f"global weights: {problem}")
+            aux = summables_from(received.get("aux_vars", {}), "aux_vars")
             if task.kind == pb.TASK_KIND_TRAIN:
-                aux = summables_from(received.get("aux_vars", {}), "aux_vars")
                 settings = settings_data(task.settings)
                 work = functools.partial(
                     trainer.train,
@@ -260,7 +260,7 @@ class ClientDaemon:
             elif task.kind == pb.TASK_KIND_EVALUATE:
                 if self.eval_data is None:
                     raise ValueError("this client has no evaluation data")
-                evaluation = await asyncio.to_thread(trainer.evaluate, self.eval_data, weights)
+                evaluation = await asyncio.to_thread(trainer.evaluate, self.eval_data, weights, aux)
                 info, state = eval_reply_parts(evaluation)
             else:
                 raise ProtocolError(f"unknown task kind {task.kind}")

@@ -27,6 +27,7 @@ __all__ = [
     "EarlyStopConfig",
     "ModelConfig",
     "OptimizerConfig",
+    "OwnTraining",
     "PartitionConfig",
     "PrivacyConfig",
     "SecureAggregationConfig",
@@ -100,6 +101,10 @@ class ModelConfig(_Strict):
 
     name: str = "softmax-regression"
     config: dict[str, Any] = Field(default_factory=dict)
+    #: A torch model's floating-point buffers (batch-norm statistics): ``"local"``, each
+    #: client keeps its own; ``"average"``, they travel and the server keeps their
+    #: sample-weighted mean, untouched by any optimizer module (fedpipe.common.buffers).
+    buffers: Literal["local", "average"] = "local"
 
 
 class OptimizerConfig(_Strict):
@@ -454,7 +459,28 @@ class ServerConfig(_Strict):
         return self.min_results if self.min_results is not None else 1
 
 
-class ClientConfig(_Strict):
+class OwnTraining(_Strict):
+    """A client's own data pipeline and training loop (``torch`` extra), named by whoever owns
+    the clients: a client's config, or a simulation's for its simulated clients; never the
+    server's."""
+
+    #: A factory returning the client's torch DataLoader(s) (fedpipe.common.data.torch_loaders);
+    #: called with the client's fedpipe Datasets when it has some, else with nothing.
+    loaders: ImportPath | None = None
+    #: The client's own training loop, ``train(module, loader, round_config)``, in place of
+    #: fedpipe's (fedpipe.common.train_fn); it trains on the ``loaders`` train loader.
+    train_fn: ImportPath | None = None
+
+    @model_validator(mode="after")
+    def _train_fn_has_loaders(self) -> Self:
+        if self.train_fn is not None and self.loaders is None:
+            raise ValueError(
+                f"train_fn={self.train_fn!r} trains on a torch DataLoader: set 'loaders' too"
+            )
+        return self
+
+
+class ClientConfig(OwnTraining):
     """A client process: where the server is, who it is, where its private data lives."""
 
     server: str = "127.0.0.1:50051"
@@ -489,12 +515,6 @@ class ClientConfig(_Strict):
     #: Where this client keeps its module state after each round (one directory per client),
     #: so that it continues exactly after a crash; None keeps it in memory only.
     state_dir: Path | None = None
-    #: A factory returning this client's torch DataLoader(s) (fedpipe.common.data.torch_loaders);
-    #: called with the ``data``/``dataset`` Datasets when one is set, else with nothing.
-    loaders: ImportPath | None = None
-    #: The client's own training loop, ``train(module, loader, round_config)``, in place of
-    #: fedpipe's (fedpipe.common.train_fn); it trains on the ``loaders`` train loader.
-    train_fn: ImportPath | None = None
 
     @property
     def use_tls(self) -> bool:
@@ -535,10 +555,6 @@ class ClientConfig(_Strict):
                 "eval_data and eval_fraction are fedpipe data: with 'loaders' alone, the "
                 "factory returns the evaluation DataLoader"
             )
-        if self.train_fn is not None and self.loaders is None:
-            raise ValueError(
-                f"train_fn={self.train_fn!r} trains on a torch DataLoader: set 'loaders' too"
-            )
         return self
 
 
@@ -578,7 +594,7 @@ class DaskConfig(_Strict):
         return self
 
 
-class SimulationConfig(_Strict):
+class SimulationConfig(OwnTraining):
     """A whole federation on one machine: a server config plus simulated clients.
 
     ``device`` places the in-process clients' torch model: unset, the model stays where its
@@ -590,6 +606,11 @@ class SimulationConfig(_Strict):
     round that share a device at once with ``torch.func``, ``stack_clients`` stacked at a time
     (each costs about three copies of the model in device memory). ``transport = "dask"``
     runs the clients on the Dask cluster ``dask`` describes (:class:`DaskConfig`).
+
+    ``loaders`` and ``train_fn`` are a client config's (:class:`OwnTraining`), for every
+    simulated client: the factory gets each client's partition, ``factory(train, eval)``, and
+    the train_fn trains on its train loader. The vectorized mode stacks fedpipe's own arrays:
+    with either, clients train one after another (``mode`` falls back to sequential).
     """
 
     n_clients: int = Field(default=10, ge=1)

@@ -19,6 +19,7 @@ import numpy as np
 from fedpipe.common import registry
 from fedpipe.common.aggregators import Aggregator
 from fedpipe.common.backends import is_array, ops_of
+from fedpipe.common.buffers import BUFFERS_AUX, buffer_mode, buffers_share, split_buffers
 from fedpipe.common.config import OptimizerConfig, TrainingConfig
 from fedpipe.common.data import Dataset
 from fedpipe.common.metrics import MetricSet
@@ -170,6 +171,9 @@ class LocalTrainer:
         self.train_fn = train_fn
         if train_fn is not None:
             check_train_fn_setup(self.model, self.optimizer, str(setup.model.get("name")))
+        self.buffer_mode = buffer_mode(setup.model)
+        #: This client's buffers (a shared model object holds another client's in between).
+        self.buffers = self.model.get_buffers()
 
     def train(
         self,
@@ -186,6 +190,7 @@ class LocalTrainer:
         (distributed client-level DP: :mod:`fedpipe.common.privacy.client_update`) says."""
         start = time.perf_counter()
         model, optimizer = self.model, self.optimizer
+        aux_vars = self._load_buffers(aux_vars)
         model.set_weights(weights)
         initial = model.get_weights()  # where the model lives (a torch model's GPU...)
         if aux_vars:
@@ -202,15 +207,36 @@ class LocalTrainer:
         if dp:
             updates = privatize_update(updates, dp, self._dp_rng)
         partial = self.aggregator.prepare(updates, n_samples=work.n_samples, n_steps=work.n_steps)
+        self.buffers = model.get_buffers()
+        replied = optimizer.collect_aux_var()
+        if self.buffer_mode == "average" and len(self.buffers):
+            replied[BUFFERS_AUX] = buffers_share(self.buffers, work.n_samples)
         return TrainResult(
             partial=partial,
-            aux_vars=optimizer.collect_aux_var(),
+            aux_vars=replied,
             n_samples=work.n_samples,
             n_steps=work.n_steps,
             loss_sum=work.loss_sum,
             n_samples_seen=work.n_samples_seen,
             seconds=time.perf_counter() - start,
         )
+
+    def _load_buffers(self, aux_vars: Mapping[str, Summable]) -> dict[str, Summable]:
+        """Put the task's global buffers (``model.buffers = "average"``), else this client's
+        own, into the model; the modules' aux vars.
+
+        Raises
+        ------
+        ValueError
+            The task carries buffers and they stay local in this run.
+        """
+        carried, own = split_buffers(aux_vars)
+        if carried is not None:
+            if self.buffer_mode != "average":
+                raise ValueError("the task carries buffers, but model.buffers='local'")
+            self.buffers = carried.vector("buffers")  # read-only: set_buffers copies it
+        self.model.set_buffers(self.buffers)
+        return own
 
     def _local_steps(self, data: ClientData, seed: int) -> _Work:
         """fedpipe's loop: ``epochs`` passes (at most ``max_steps`` steps) of the optimizer."""
@@ -287,9 +313,13 @@ class LocalTrainer:
                 f"{self.setup.model.get('name')!r}: {exc}"
             ) from None
 
-    def evaluate(self, data: ClientData, weights: Vector) -> EvalResult:
-        """Metric states of ``weights`` on ``data``."""
+    def evaluate(
+        self, data: ClientData, weights: Vector, aux_vars: Mapping[str, Summable] | None = None
+    ) -> EvalResult:
+        """Metric states of ``weights`` on ``data``, with the global buffers ``aux_vars``
+        carries (``model.buffers = "average"``), else this client's own."""
         start = time.perf_counter()
+        self._load_buffers(aux_vars or {})
         self.model.set_weights(weights)
         metrics = MetricSet(self.setup.metrics)
         if isinstance(data, Dataset):

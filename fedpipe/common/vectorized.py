@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch.func import functional_call, grad_and_value, vmap
 
+from fedpipe.common.buffers import BUFFERS_AUX
 from fedpipe.common.data import Dataset
 from fedpipe.common.models.torch_adapter import TorchModel
 from fedpipe.common.summable import Summable
@@ -126,6 +127,12 @@ class VectorizedTrainer:
         inside vmap? Touches no client state."""
         self._checked = True
         job = jobs[0]
+        if BUFFERS_AUX in job.aux_vars:
+            self.fallback = "its buffers travel (model.buffers='average'): updated per client"
+            logger.warning(
+                "vectorized training off, clients train one after another: %s", self.fallback
+            )
+            return
         rows = batch_schedule(job, round_number)[:1]
         if not rows:
             return

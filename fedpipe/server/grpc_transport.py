@@ -379,8 +379,8 @@ def _round_payload(task: RoundTask, kind: str, chunk_bytes: int) -> EncodedPaylo
     """Encode a round's payload once and share it between every client of the round."""
     key = f"payload/{kind}"
     if key not in task.cache:
-        aux = task.aux_vars if kind == "train" else {}
-        task.cache[key] = encode_payload(task_state(task.weights, aux), chunk_bytes)
+        # an evaluate task's aux vars: the global buffers, when they travel
+        task.cache[key] = encode_payload(task_state(task.weights, task.aux_vars), chunk_bytes)
     payload: EncodedPayload = task.cache[key]
     return payload
 

@@ -28,7 +28,15 @@ from fedpipe.common.config import ConfigError
 from fedpipe.common.data import Dataset
 from fedpipe.common.models import Model
 from fedpipe.common.summable import Summable
-from fedpipe.common.training import EvalResult, LocalTrainer, RunSetup, TrainResult, build_model
+from fedpipe.common.train_fn import TrainFn
+from fedpipe.common.training import (
+    ClientData,
+    EvalResult,
+    LocalTrainer,
+    RunSetup,
+    TrainResult,
+    build_model,
+)
 from fedpipe.common.vector import ArraySpec, Vector
 from fedpipe.server.clients import ClientError, ClientProxy, RoundTask, RunOutcome
 from fedpipe.server.devices import DeviceWorkers
@@ -134,17 +142,20 @@ def _torch(model: Model, what: str) -> TorchModel:
 
 
 class InProcessClient(ClientProxy):
-    """A simulated client: its private data and its own :class:`LocalTrainer`, on the device
-    slot of its ``index`` among the simulation's clients."""
+    """A simulated client: its private data (fedpipe's arrays, or its own DataLoaders) and its
+    own :class:`LocalTrainer`, on the device slot of its ``index`` among the simulation's
+    clients; with ``train_fn``, that function trains in place of fedpipe's loop."""
 
     def __init__(
         self,
         name: str,
-        train_data: Dataset,
-        eval_data: Dataset | None,
+        train_data: ClientData,
+        eval_data: ClientData | None,
         models: SharedModels,
         index: int = 0,
         noise_seed: int | None = None,
+        *,
+        train_fn: TrainFn | None = None,
     ) -> None:
         self.name = name
         self.noise_seed = noise_seed
@@ -154,6 +165,7 @@ class InProcessClient(ClientProxy):
         self.n_eval_samples = len(eval_data) if eval_data is not None else 0
         self._models = models
         self.slot = models.slot_of(index)
+        self.train_fn = train_fn
         self._trainer: LocalTrainer | None = None
         #: This round's secure aggregation session: (round, client state machine).
         self._secagg: tuple[int, SecAggClient] | None = None
@@ -168,6 +180,7 @@ class InProcessClient(ClientProxy):
         self._trainer = LocalTrainer(
             setup,
             model=self._models.get(setup, self.slot),
+            train_fn=self.train_fn,
             noise_seed=self.noise_seed,
             client=self.name,
         )
@@ -199,6 +212,8 @@ class InProcessClient(ClientProxy):
 
         workers = self._models.workers
         assert workers is not None  # the vectorized mode always has worker threads
+        # own loaders never come here: the simulation trains them sequentially
+        assert isinstance(self.train_data, Dataset)
         job = ClientJob(self.name, self.trainer, self.train_data, aux_vars)
         engine = self._models.engine(self.trainer.setup, self.slot)
         reply = submit(task, self.slot, job, engine, weights, workers)
@@ -209,8 +224,8 @@ class InProcessClient(ClientProxy):
         if self.eval_data is None:
             raise ClientError(f"client {self.name} has no evaluation data")
         trainer, data = self.trainer, self.eval_data
-        weights, _ = self._staged(task)
-        return await self._run(task, lambda: trainer.evaluate(data, weights))
+        weights, aux_vars = self._staged(task)  # the global buffers, when they travel
+        return await self._run(task, lambda: trainer.evaluate(data, weights, aux_vars))
 
     async def stop(self, outcome: RunOutcome) -> None:
         self._trainer = None

@@ -19,6 +19,7 @@ import numpy as np
 from fedpipe.common import registry
 from fedpipe.common.aggregators import Aggregator, BufferedAggregator
 from fedpipe.common.aggregators.replies import ReplyBuffer, remove_stale_spills
+from fedpipe.common.buffers import check_share, global_buffers, mean_buffers, split_buffers
 from fedpipe.common.config import ConfigError, ServerConfig
 from fedpipe.common.metrics import MetricSet
 from fedpipe.common.optim import BareWeights, Optimizer
@@ -142,7 +143,10 @@ class FederatedRun:
             run_id=config.run_id,
         )
         try:
-            self.model = BareWeights(build_model(self.setup).get_weights().to_numpy())
+            model = build_model(self.setup)
+            self.model = BareWeights(model.get_weights().to_numpy())
+            #: The global buffers when they travel (``model.buffers = "average"``).
+            self.buffers = _travelling(model.get_buffers().to_numpy(), config.model.buffers)
             self.aggregator: Aggregator = registry.build_spec("aggregator", config.aggregator)
             self.sampler: ClientSampler = registry.build_spec("sampler", config.sampler)
             self.root = RootUpdate.of(self.setup, self.aggregator)  # FLTrust's server update
@@ -210,6 +214,13 @@ class FederatedRun:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
+    @property
+    def global_model(self) -> Vector:
+        """What ``model.npz`` holds: the weights, and the global buffers when they travel."""
+        if self.buffers is None:
+            return self.model.weights
+        return Vector({**self.model.weights.to_numpy().coefs, **self.buffers.coefs})
+
     # ---- checkpoints ------------------------------------------------------------------------
 
     @property
@@ -230,6 +241,7 @@ class FederatedRun:
         try:
             weights, history, base_rounds = _checkpoint_fields(state)
             weights.check_specs(self.model.master.specs(), "weights")
+            buffers = _checkpoint_buffers(state, self.buffers)
             self.optimizer.set_state(state["optimizer"])  # type: ignore[arg-type]
             self.rng.bit_generator.state = json.loads(str(state["rng"]))
             self.sampler.set_state(state.get("sampler", {}))  # type: ignore[arg-type]
@@ -240,7 +252,7 @@ class FederatedRun:
         except (ValueError, TypeError, KeyError) as exc:
             # A valid file with the wrong contents: another run's, or damaged in the middle.
             raise CheckpointError(f"{path} does not fit this run: {exc}") from None
-        self.model.master = weights
+        self.model.master, self.buffers = weights, buffers
         self.round = int(state["round"])  # type: ignore[arg-type]
         self.base_rounds = base_rounds
         self.history = History.resumed(self.output_dir, history)
@@ -260,7 +272,7 @@ class FederatedRun:
         self.best.replay(self.history.records)
         path = self.output_dir / BEST_MODEL_NAME
         if self.best.round and self.best.round == self.round:
-            save_model(path, self.model.weights)
+            save_model(path, self.global_model)
         elif self.best.round and not path.exists():
             log.warning(
                 "%s of round %d is missing: it comes back when a round beats it",
@@ -277,6 +289,7 @@ class FederatedRun:
             {
                 "round": self.round,
                 "weights": self.model.master,  # float32 for half-precision models
+                **({"buffers": self.buffers} if self.buffers is not None else {}),
                 "optimizer": self.optimizer.get_state(),
                 "rng": json.dumps(self.rng.bit_generator.state),  # 128-bit ints: as text
                 "sampler": self.sampler.get_state(),
@@ -391,7 +404,7 @@ class FederatedRun:
         if self.output_dir is None:
             return status, reason
         try:
-            save_model(self.output_dir / "model.npz", self.model.weights)
+            save_model(self.output_dir / "model.npz", self.global_model)
         except OSError as exc:
             if status != "failed":
                 status, reason = "failed", f"cannot write {self.output_dir / 'model.npz'}: {exc}"
@@ -452,7 +465,7 @@ class FederatedRun:
         task = RoundTask(
             round_number,
             self.model.weights,
-            self.optimizer.collect_aux_var(),
+            {**self.optimizer.collect_aux_var(), **self._buffers_aux()},
             base_rounds=dict(self.base_rounds),
         )
         if self.privacy is not None and self.privacy.config.mode == "distributed":
@@ -499,6 +512,10 @@ class FederatedRun:
         self._persist(record, clients)
         return record
 
+    def _buffers_aux(self) -> dict[str, Summable]:
+        """The global buffers as a task carries them, when they travel."""
+        return global_buffers(self.buffers) if self.buffers is not None else {}
+
     def _empty_round(
         self, round_number: int, start: float, dp_fields: dict[str, Any]
     ) -> dict[str, Any]:
@@ -518,7 +535,10 @@ class FederatedRun:
         """Send ``task`` to the sampled clients and fold their replies as they arrive; what
         each client did (``start``: the round's ``perf_counter``) goes in the records."""
         on_arrival = None if isinstance(self.aggregator, BufferedAggregator) else self.validation
-        folded = _Fold(self.aggregator, self.optimizer, self.specs, on_arrival, self.privacy)
+        buffer_specs = self.buffers.specs() if self.buffers is not None else None
+        folded = _Fold(
+            self.aggregator, self.optimizer, self.specs, on_arrival, self.privacy, buffer_specs
+        )
         clients = RoundClients(task.round_number, [c.name for c in sampled])
 
         async def fold(client: ClientProxy, result: TrainResult) -> None:
@@ -544,7 +564,7 @@ class FederatedRun:
             self.client_log.append(clients)
             self._checkpoint()
             if self.best is not None and self.output_dir and self.best.update(record):
-                save_model(self.output_dir / BEST_MODEL_NAME, self.model.weights)
+                save_model(self.output_dir / BEST_MODEL_NAME, self.global_model)
         except OSError as exc:
             raise RunError(
                 f"round {record['round']}: cannot write its results to {self.output_dir}: {exc}"
@@ -565,14 +585,21 @@ class FederatedRun:
         else:
             aggregated = self.aggregator.finalize(folded.total).to_numpy()
         folded.total = None  # model-sized: free it before the updates are computed
-        if folded.aux_total:
-            aux_total = {k: v.to_numpy() for k, v in folded.aux_total.items()}
+        shares, aux_total = split_buffers(folded.aux_total)
+        if aux_total:
+            aux_total = {k: v.to_numpy() for k, v in aux_total.items()}
             self.optimizer.process_aux_var(aux_total, senders=folded.names)
         updates = self.optimizer.compute_updates(self.model, aggregated, consume=True)
         del aggregated
         if not updates.is_finite():
             raise ArithmeticError("the server update is not finite")
+        buffers = None
+        if shares is not None and self.buffers is not None:  # past every optimizer module
+            buffers = mean_buffers(shares.to_numpy(), self.buffers.specs())
+            if not buffers.is_finite():
+                raise ArithmeticError("the mean of the clients' buffers is not finite")
         self.model.apply_updates(updates)
+        self.buffers = buffers if buffers is not None else self.buffers
         self.base_rounds.update(dict.fromkeys(folded.names, round_number))
 
     async def evaluate(
@@ -595,7 +622,7 @@ class FederatedRun:
                 "round %d: the round deadline passed during training; no evaluation", round_number
             )
             return {}
-        task = RoundTask(round_number, self.model.weights)
+        task = RoundTask(round_number, self.model.weights, self._buffers_aux())
         merged: dict[str, Summable] = {}
         metric_set = MetricSet(self.metric_specs)
 
@@ -769,12 +796,14 @@ class _Fold:
         specs: Mapping[str, ArraySpec],
         validation: UpdateValidation | None = None,
         privacy: ClientLevelDP | None = None,
+        buffer_specs: Mapping[str, ArraySpec] | None = None,
     ) -> None:
         self.aggregator = aggregator
         self.validation = validation  # judges each reply on arrival (streaming aggregators)
         self.privacy = privacy
         self.optimizer = optimizer
         self.specs = specs
+        self.buffer_specs = buffer_specs  # None: buffers stay local in this run
         self.total: Summable | None = None
         self.aux_total: dict[str, Summable] = {}
         self.count = 0
@@ -832,15 +861,27 @@ class _Fold:
             raise ClientError(
                 f"aux vars {sorted(result.aux_vars)}, expected {sorted(self.aux_total)}"
             )
-        self.optimizer.check_aux_var(result.aux_vars)  # names the server takes, contents
+        share, own = split_buffers(result.aux_vars)
+        self._check_buffers(share)
+        self.optimizer.check_aux_var(own)  # names the server takes, contents
         for key, aux in result.aux_vars.items():
             if not aux.is_finite():
                 raise ClientError(f"aux var {key!r} is not finite")
+            if key in self.aux_total:
+                aux.check_like(self.aux_total[key], f"aux var {key!r}")
+        for key, aux in own.items():
             for name, value in aux.fields.items():
                 if isinstance(value, Vector):
                     value.check_specs(self.specs, f"aux var {key}.{name}")
-            if key in self.aux_total:
-                aux.check_like(self.aux_total[key], f"aux var {key!r}")
+
+    def _check_buffers(self, share: Summable | None) -> None:
+        """A client's buffers come if and only if they travel in this run, well formed."""
+        if (share is None) != (self.buffer_specs is None):
+            travel = "travel" if self.buffer_specs is not None else "stay local"
+            has = "has no" if share is None else "has"
+            raise ClientError(f"the reply {has} buffers; in this run they {travel}")
+        if share is not None and self.buffer_specs is not None:
+            check_share(share, self.buffer_specs)
 
     def _add(self, result: TrainResult) -> None:
         if self.total is None:
@@ -854,6 +895,27 @@ class _Fold:
         self.count += 1
         self.seen += result.n_samples_seen
         self.loss_sum += result.loss_sum
+
+
+def _travelling(buffers: Vector, mode: str) -> Vector | None:
+    """The model's buffers when they travel; None when they stay local (or it has none)."""
+    if mode != "average":
+        return None
+    if not len(buffers):
+        log.info("model.buffers='average': the model has no floating-point buffer to average")
+        return None
+    return buffers
+
+
+def _checkpoint_buffers(state: State, expected: Vector | None) -> Vector | None:
+    """The checkpoint's global buffers, checked against the run's (ValueError if not)."""
+    if expected is None:
+        return None
+    buffers = state.get("buffers")
+    if not isinstance(buffers, Vector):
+        raise ValueError("'buffers' is missing: the run's model.buffers is 'average'")
+    buffers.check_specs(expected.specs(), "buffers")
+    return buffers
 
 
 def _checkpoint_fields(state: State) -> tuple[Vector, list[dict[str, Any]], dict[str, int]]:

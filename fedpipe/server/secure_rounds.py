@@ -61,6 +61,9 @@ def check_secure_run(config: ServerConfig, aggregator: Aggregator, optimizer: Op
         is not None,
         "privacy.mode='central' (the server clips each reply)": config.privacy is not None
         and config.privacy.mode == "central",
+        "model.buffers='average' (statistics would travel in the clear)": (
+            config.model.buffers == "average"
+        ),
     }
     for what, present in refused.items():
         if present:

@@ -25,15 +25,16 @@ import tempfile
 import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
 from fedpipe.common import registry
-from fedpipe.common.config import ServerConfig, SimulationConfig
+from fedpipe.common.config import ConfigError, ServerConfig, SimulationConfig
 from fedpipe.common.data import Dataset, load_source, partition, save_dataset
 from fedpipe.common.plugins import import_plugins
-from fedpipe.common.training import RunSetup
+from fedpipe.common.train_fn import load_train_fn
+from fedpipe.common.training import ClientData, LocalTrainer, RunSetup
 from fedpipe.common.vector import Vector
 from fedpipe.server.clients import ClientPool
 from fedpipe.server.devices import resolve_devices
@@ -148,16 +149,25 @@ async def simulate_inprocess(
         A named device is not there, or the model cannot go to it or be vectorized (not a
         torch model).
     """
-    devices = resolve_devices(sim.device)
+    devices, mode = resolve_devices(sim.device), training_mode(sim)
     if devices:
-        log.info("in-process clients train on %s (%s mode)", ", ".join(devices), sim.mode)
+        log.info("in-process clients train on %s (%s mode)", ", ".join(devices), mode)
+    train_fn = load_train_fn(sim.train_fn) if sim.train_fn else None
     pool = ClientPool()
-    models = SharedModels(devices, sim.mode, sim.stack_clients)
-    for index, (name, train, test) in enumerate(clients):
-        await pool.add(InProcessClient(name, train, test, models, index, sim.noise_seed))
+    models = SharedModels(devices, mode, sim.stack_clients)
+    for index, (name, train, test) in enumerate(own_data(sim, clients)):
+        client = InProcessClient(
+            name, train, test, models, index, sim.noise_seed, train_fn=train_fn
+        )
+        await pool.add(client)
 
     async def place(setup: RunSetup) -> None:
-        models.get(setup)  # a model that cannot go to its device fails here, once
+        model = models.get(setup)  # a model that cannot go to its device fails here, once
+        if train_fn is not None:  # so does a run setup the train_fn cannot honour
+            try:
+                LocalTrainer(setup, model=model, train_fn=train_fn)
+            except ValueError as exc:
+                raise ConfigError(f"train_fn={sim.train_fn!r}: {exc}") from None
 
     try:
         return await run_pool(sim, pool, on_round, place, overwrite=overwrite)
@@ -185,6 +195,39 @@ async def run_pool(
             return summary
         finally:
             await monitoring.close()
+
+
+def training_mode(sim: SimulationConfig) -> Literal["sequential", "vectorized"]:
+    """``sim.mode``, or sequential when the clients bring their own loaders or train_fn
+    (the vectorized engine stacks fedpipe's arrays and runs fedpipe's loop); logged."""
+    own = "train_fn" if sim.train_fn else "loaders" if sim.loaders else None
+    if sim.mode == "vectorized" and own is not None:
+        log.info(
+            "mode='vectorized' falls back to sequential: the clients train with their own "
+            "%s %r, which torch.func cannot stack across clients",
+            own,
+            getattr(sim, own),
+        )
+        return "sequential"
+    return sim.mode
+
+
+def own_data(
+    sim: SimulationConfig, clients: list[tuple[str, Dataset, Dataset | None]]
+) -> list[tuple[str, ClientData, ClientData | None]]:
+    """Each client's partition through the simulation's ``loaders`` factory, as a client
+    process with that config gets it; the partitions themselves when it names none.
+
+    Raises
+    ------
+    PluginError
+        The factory cannot be imported or returns no DataLoader.
+    """
+    if sim.loaders is None:
+        return list(clients)
+    from fedpipe.common.data.torch_loaders import load_loaders  # the torch extra
+
+    return [(name, *load_loaders(sim.loaders, train, test)) for name, train, test in clients]
 
 
 def free_port() -> int:
@@ -227,8 +270,7 @@ def simulate_grpc(
     with tempfile.TemporaryDirectory(prefix="fedpipe-sim-") as tmp:
         work = Path(tmp)
         (work / "server.json").write_text(server.model_dump_json())
-        client_config = {**_client_config(server), "noise_seed": sim.noise_seed}
-        (work / "client.json").write_text(json.dumps(client_config))
+        (work / "client.json").write_text(json.dumps(_client_config(server, sim)))
         # --overwrite: what the run's trackers keep elsewhere (TensorBoard) is replaced too.
         args = [*FEDPIPE, "server", "--config", str(work / "server.json"), "--progress", "json"]
         server_proc = _spawn(
@@ -262,7 +304,7 @@ def simulation_plugins(sim: SimulationConfig) -> list[str]:
     return list(dict.fromkeys([*sim.plugins, *sim.server.plugins]))
 
 
-def _client_config(server: ServerConfig) -> dict[str, Any]:
+def _client_config(server: ServerConfig, sim: SimulationConfig) -> dict[str, Any]:
     """The config every spawned client shares (each adds its name and data as flags)."""
     model = server.model.name
     return {
@@ -271,6 +313,7 @@ def _client_config(server: ServerConfig) -> dict[str, Any]:
         "plugins": server.plugins,
         # The simulation's owner chose this model: its clients may import it.
         "trusted_models": [model] if ":" in model else [],
+        **sim.model_dump(include={"loaders", "train_fn", "noise_seed"}, exclude_none=True),
     }
 
 

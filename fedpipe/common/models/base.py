@@ -74,6 +74,16 @@ class Model(Registrable):
         for name, a in self._weights.items():
             a += updates.coefs[name]
 
+    def get_buffers(self) -> Vector:
+        """Copies of the model's floating-point buffers: state that is not trained, such as
+        batch-norm statistics (see :mod:`fedpipe.common.buffers`); the built-in models have
+        none."""
+        return Vector({})
+
+    def set_buffers(self, buffers: Vector) -> None:
+        """Copy ``buffers`` into the model; raises ``SpecMismatchError`` on other specs."""
+        buffers.check_specs(self.get_buffers().specs(), f"buffers for model {self.name!r}")
+
     # ---- training and inference ------------------------------------------------------------
 
     @abstractmethod

@@ -11,8 +11,9 @@ path in the run config (``name = "mypkg.models:build"``) that returns a :class:`
 The federated weights are the module's **trainable** parameters (``requires_grad=True``),
 as torch tensors that share the parameters' memory on the module's device: fedpipe's optimizer
 pipeline runs on them there (the torch backend of :class:`~fedpipe.common.vector.Vector`) and
-updates them in place. Frozen parameters (a frozen backbone under LoRA adapters) and buffers
-(batch-norm statistics) stay local to each client: they never cross the wire. A client picks
+updates them in place. Frozen parameters (a frozen backbone under LoRA adapters) stay local to
+each client: they never cross the wire. So do buffers (batch-norm statistics), unless the run
+config says ``model.buffers = "average"`` (:mod:`fedpipe.common.buffers`). A client picks
 the device (``device = "cuda:0"`` in its own config, or :meth:`TorchModel.to`).
 """
 
@@ -115,6 +116,21 @@ class TorchModel(Model, register_name=False):
         with torch.no_grad():
             for name, tensor in self._weights.items():
                 tensor.add_(updates.coefs[name])
+
+    def _float_buffers(self) -> dict[str, torch.Tensor]:
+        """The floating-point buffers: integer ones (``num_batches_tracked``) never travel."""
+        return {n: b for n, b in self.module.named_buffers() if b.is_floating_point()}
+
+    def get_buffers(self) -> Vector:
+        return Vector({n: b.detach().clone() for n, b in self._float_buffers().items()})
+
+    def set_buffers(self, buffers: Vector) -> None:
+        own = self._float_buffers()
+        specs = {n: ArraySpec(tuple(b.shape), _OPS.dtype_name(b)) for n, b in own.items()}
+        buffers.check_specs(specs, f"buffers for model {self.name!r}")
+        with torch.no_grad():
+            for name, tensor in own.items():
+                tensor.copy_(_OPS.asarray(buffers.coefs[name], tensor))
 
     # ---- training and inference ---------------------------------------------------------------
 
