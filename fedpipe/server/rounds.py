@@ -537,7 +537,12 @@ class FederatedRun:
         on_arrival = None if isinstance(self.aggregator, BufferedAggregator) else self.validation
         buffer_specs = self.buffers.specs() if self.buffers is not None else None
         folded = _Fold(
-            self.aggregator, self.optimizer, self.specs, on_arrival, self.privacy, buffer_specs
+            self.aggregator,
+            self.optimizer,
+            self.specs,
+            validation=on_arrival,
+            privacy=self.privacy,
+            buffer_specs=buffer_specs,
         )
         clients = RoundClients(task.round_number, [c.name for c in sampled])
 
@@ -794,6 +799,7 @@ class _Fold:
         aggregator: Aggregator,
         optimizer: Optimizer,
         specs: Mapping[str, ArraySpec],
+        *,
         validation: UpdateValidation | None = None,
         privacy: ClientLevelDP | None = None,
         buffer_specs: Mapping[str, ArraySpec] | None = None,

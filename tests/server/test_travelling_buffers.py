@@ -131,7 +131,7 @@ def test_a_reply_that_breaks_the_runs_buffer_mode_is_rejected(
     result = TrainResult(
         aggregator.prepare(weights, n_samples=4, n_steps=1), aux if sent else {}, 4, 1, 1.0
     )
-    fold = _Fold(aggregator, Optimizer(lrate=1.0), weights.specs(), buffer_specs)
+    fold = _Fold(aggregator, Optimizer(lrate=1.0), weights.specs(), buffer_specs=buffer_specs)
     with pytest.raises(ClientError, match=message):
         fold.validate(result)
 
