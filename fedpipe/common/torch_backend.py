@@ -116,8 +116,14 @@ class TorchOps:
     def writable(self, array: torch.Tensor) -> bool:
         return True
 
-    def add_(self, array: torch.Tensor, other: torch.Tensor) -> None:
-        array.add_(other if other.device == array.device else other.to(array.device))
+    def add_all_(self, arrays: list[torch.Tensor], others: list[torch.Tensor]) -> None:
+        # one multi-tensor kernel for every array on a GPU, not one launch per array; under
+        # torch.func.vmap (which has no rule for _foreach ops) one by one
+        try:
+            torch._foreach_add_(arrays, others)
+        except RuntimeError:
+            for array, other in zip(arrays, others, strict=True):
+                array.add_(other)
 
     def is_float(self, array: torch.Tensor) -> bool:
         return array.is_floating_point() or array.is_complex()
@@ -125,8 +131,12 @@ class TorchOps:
     def cast(self, array: torch.Tensor, dtype: str) -> torch.Tensor:
         return array.to(torch_dtype(dtype))
 
-    def mul_(self, array: torch.Tensor, factor: float) -> None:
-        array.mul_(factor)
+    def mul_all_(self, arrays: list[torch.Tensor], factor: float) -> None:
+        try:
+            torch._foreach_mul_(arrays, factor)
+        except RuntimeError:  # under vmap, as above
+            for array in arrays:
+                array.mul_(factor)
 
     def assign(self, array: torch.Tensor, value: torch.Tensor) -> None:
         array.copy_(value)

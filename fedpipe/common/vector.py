@@ -349,25 +349,30 @@ class Vector:
             for n, a in self.coefs.items()
         ):
             self.check_accumulates(other, "in-place addition")
+        targets, sources = [], []
         for name, a in self.coefs.items():
             if not ops.writable(a):
                 a = self.coefs[name] = ops.copy(a)
-            if alpha == 1.0:
-                ops.add_(a, other.coefs[name])
-            else:
-                ops.add_(a, ops.keep_dtype(other.coefs[name] * alpha, a))
+            b = other.coefs[name]
+            targets.append(a)
+            sources.append(b if alpha == 1.0 else ops.keep_dtype(b * alpha, a))
+        if targets:
+            ops.add_all_(targets, sources)
         return self
 
     def mul_(self, factor: float) -> Self:
         """In place: ``self *= factor`` (dtypes kept). Finalizes an aggregate without a copy."""
         ops = self.ops
+        floats = []
         for name, a in self.coefs.items():
             if not ops.writable(a):
                 a = self.coefs[name] = ops.copy(a)
             if ops.is_float(a):
-                ops.mul_(a, factor)
+                floats.append(a)
             else:
                 ops.assign(a, ops.keep_dtype(a * factor, a))
+        if floats:
+            ops.mul_all_(floats, factor)
         return self
 
     # ---- reductions ----------------------------------------------------------------------------

@@ -186,11 +186,9 @@ class VectorizedTrainer:
         buffers = self._buffers()
         self.model.module.train()
         try:
-            for t in range(max((len(s) for s in schedules), default=0)):
-                for members in _groups_by_batch_size(schedules, t):
-                    rows = np.stack([schedules[k][t] for k in members])
-                    data = (x_all, y_all)
-                    self._step(t, params, buffers, optimizers, members, data, rows, loss_sum)
+            for t, members, sel, index in _step_plan(schedules, self.device):
+                step = (t, members, sel, index)
+                self._step(step, params, buffers, optimizers, (x_all, y_all), loss_sum)
         except BaseException:
             optimizers.restore()  # the caller trains these clients again, one by one
             raise
@@ -199,30 +197,28 @@ class VectorizedTrainer:
 
     def _step(
         self,
-        t: int,
+        step: _Step,
         params: Tensors,
         buffers: Tensors,
         optimizers: ClientOptimizers,
-        members: list[int],
         data: tuple[torch.Tensor, torch.Tensor],
-        rows: np.ndarray,
         loss_sum: torch.Tensor,
     ) -> None:
-        """One local step of the clients at positions ``members`` (all with a batch of
-        ``rows.shape[1]`` samples, ``rows[i]`` indexing client ``members[i]``'s data)."""
+        """Local step ``t`` of the clients at positions ``members`` (``sel`` on the device),
+        all with a batch of ``index.shape[1]`` samples, ``index[i]`` indexing client
+        ``members[i]``'s data."""
+        t, members, sel, index = step
         everyone = len(members) == len(loss_sum)
-        sel = torch.as_tensor(members, device=self.device)
-        index = torch.as_tensor(rows, device=self.device)
         xb, yb = data[0][sel[:, None], index], data[1][sel[:, None], index]
         mine = params if everyone else {n: p.index_select(0, sel) for n, p in params.items()}
         grads, loss = self._grad(mine, buffers, xb, yb)
-        updates = optimizers.updates(t, members, grads, mine)
+        updates = optimizers.updates(t, members, sel, grads, mine)
         for name, p in params.items():
             if everyone:
                 p.add_(updates[name])
             else:
                 p.index_add_(0, sel, updates[name])
-        loss_sum.index_add_(0, sel, loss.detach().to(torch.float64) * rows.shape[1])
+        loss_sum.index_add_(0, sel, loss.detach().to(torch.float64) * index.shape[1])
 
     def _results(
         self,
@@ -286,6 +282,30 @@ class VectorizedTrainer:
 
     def _buffers(self) -> Tensors:
         return dict(self.model.module.named_buffers())
+
+
+_Step = tuple[int, list[int], torch.Tensor, torch.Tensor]
+
+
+def _step_plan(schedules: list[list[np.ndarray]], device: torch.device) -> list[_Step]:
+    """Every local step of the round: ``(t, members, members on the device, their sample
+    indices [len(members), batch] on the device)``. The indices go to the device in one copy
+    per round: one copy per step would make the host wait for the GPU at every step."""
+    steps: list[tuple[int, list[int], np.ndarray]] = []
+    for t in range(max((len(s) for s in schedules), default=0)):
+        for members in _groups_by_batch_size(schedules, t):
+            steps.append((t, members, np.stack([schedules[k][t] for k in members])))
+    if not steps:
+        return []
+    flat = np.concatenate([np.concatenate([m, r.ravel()]) for _, m, r in steps])
+    on_device = torch.from_numpy(flat.astype(np.int64)).to(device)
+    plan, at = [], 0
+    for t, members, rows in steps:
+        sel = on_device[at : at + len(members)]
+        at += len(members)
+        plan.append((t, members, sel, on_device[at : at + rows.size].view(rows.shape)))
+        at += rows.size
+    return plan
 
 
 def _groups_by_batch_size(schedules: list[list[np.ndarray]], t: int) -> list[list[int]]:

@@ -169,16 +169,18 @@ class ClientOptimizers:
 
         return run
 
-    def updates(self, t: int, members: Sequence[int], grads: Tensors, params: Tensors) -> Tensors:
-        """Step ``t`` of the clients at positions ``members``: their updates (to add to
-        ``params``), from ``grads[name][i]`` and ``params[name][i]`` of ``members[i]``."""
+    def updates(
+        self, t: int, members: Sequence[int], sel: torch.Tensor, grads: Tensors, params: Tensors
+    ) -> Tensors:
+        """Step ``t`` of the clients at positions ``members`` (``sel``: the same positions on
+        the device): their updates (to add to ``params``), from ``grads[name][i]`` and
+        ``params[name][i]`` of ``members[i]``."""
         if self.reason is not None:
             return self._client_by_client(members, grads, params)
         rates = [self.optimizers[k].learning_rate() for k in members]
         for k in members:
             self.optimizers[k].step += 1
         everyone = len(members) == len(self.optimizers)
-        sel = torch.as_tensor(members, device=next(iter(grads.values())).device)
         mine = (
             self.leaves if everyone else {k: v.index_select(0, sel) for k, v in self.leaves.items()}
         )

@@ -295,3 +295,18 @@ def test_clipping_under_vmap_clips_each_client_by_its_own_norm(name: str) -> Non
         np.testing.assert_allclose(got_kernels[k].numpy(), want["kernel"], rtol=1e-12)
         np.testing.assert_allclose(got_biases[k].numpy(), want["bias"], rtol=1e-12)
     assert Vector({"kernel": got_kernels[0].numpy()}).norm() < 1.0  # the small one untouched
+
+
+def test_in_place_vector_ops_run_under_vmap() -> None:
+    """mul_ and add_ take one multi-tensor kernel for all arrays, which torch.func.vmap
+    cannot batch: under vmap (the vectorized simulation) they go array by array."""
+
+    def step(kernel: Any, bias: Any) -> tuple[Any, Any]:
+        vector = Vector({"kernel": kernel * 1.0, "bias": bias * 1.0})
+        vector.mul_(2.0).add_(Vector({"kernel": kernel, "bias": bias}))
+        return vector.coefs["kernel"], vector.coefs["bias"]
+
+    kernels, biases = torch.ones(3, 5, 4), torch.arange(12.0).reshape(3, 4)
+    kernel, bias = torch.func.vmap(step)(kernels, biases)
+    torch.testing.assert_close(kernel, kernels * 3)
+    torch.testing.assert_close(bias, biases * 3)

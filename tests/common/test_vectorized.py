@@ -16,7 +16,7 @@ from fedpipe.common.modules.base import OptiModule
 from fedpipe.common.optim import Optimizer
 from fedpipe.common.training import LocalTrainer, RunSetup, TrainResult
 from fedpipe.common.vector import Vector
-from fedpipe.common.vectorized import ClientJob, VectorizedTrainer, batch_schedule
+from fedpipe.common.vectorized import ClientJob, VectorizedTrainer, _step_plan, batch_schedule
 
 SIZES = (37, 64, 100, 150, 9, 64)  # ragged last batches, different step counts
 SGD = {"lrate": 0.1}
@@ -208,3 +208,25 @@ def test_module_that_cannot_vmap_runs_client_by_client_with_one_log_line(
 def test_max_clients_must_be_positive() -> None:
     with pytest.raises(ValueError, match="max_clients=0; expected at least 1"):
         VectorizedTrainer(mlp(), max_clients=0)
+
+
+def test_the_step_plan_holds_every_clients_batches_in_one_device_array() -> None:
+    """Clients of different sizes: step t groups the clients by batch size; every index of
+    the round lies in one array (one host-to-device copy per round, not one per step)."""
+    rng = np.random.default_rng(0)
+    sizes = [[4, 4, 2], [4, 4, 4, 1], [4, 4]]
+    schedules = [[rng.integers(0, 9, size=b) for b in steps] for steps in sizes]
+    plan = _step_plan(schedules, torch.device("cpu"))
+    got = [(t, members, sel.tolist(), index.tolist()) for t, members, sel, index in plan]
+    want = []
+    for t in range(4):
+        by_size: dict[int, list[int]] = {}
+        for k, steps in enumerate(schedules):
+            if t < len(steps):
+                by_size.setdefault(len(steps[t]), []).append(k)
+        for members in by_size.values():
+            want.append((t, members, members, [schedules[k][t].tolist() for k in members]))
+    assert got == want
+    storage = {sel.untyped_storage().data_ptr() for _, _, sel, _ in plan}
+    storage |= {index.untyped_storage().data_ptr() for _, _, _, index in plan}
+    assert len(storage) == 1

@@ -82,6 +82,9 @@ class TorchModel(Model, register_name=False):
         # tensors sharing the parameters' storage: updates land in the module directly
         self._weights = {n: p.detach() for n, p in self._params.items()}
         self.device = next(iter(self._params.values())).device
+        self._specs = {
+            n: ArraySpec(tuple(t.shape), _OPS.dtype_name(t)) for n, t in self._weights.items()
+        }
 
     def get_config(self) -> dict[str, Any]:
         return {"module": type(self.module).__name__, "task": self.task}
@@ -89,7 +92,7 @@ class TorchModel(Model, register_name=False):
     # ---- weights (torch tensors on the model's device) ----------------------------------------
 
     def weight_specs(self) -> VectorSpecs:
-        return {n: ArraySpec(tuple(t.shape), _OPS.dtype_name(t)) for n, t in self._weights.items()}
+        return dict(self._specs)
 
     def get_weights(self, copy: bool = True) -> Vector:
         """The trainable parameters: copies, or with ``copy=False`` the live tensors (which
@@ -111,11 +114,10 @@ class TorchModel(Model, register_name=False):
 
     def apply_updates(self, updates: Vector) -> None:
         """In place: ``weights += updates`` (specs checked)."""
-        updates.check_specs(self.weight_specs(), f"updates for model {self.name!r}")
+        updates.check_specs(self._specs, f"updates for model {self.name!r}")
         updates = updates.like(Vector(self._weights))
-        with torch.no_grad():
-            for name, tensor in self._weights.items():
-                tensor.add_(updates.coefs[name])
+        with torch.no_grad():  # one multi-tensor kernel on a GPU
+            _OPS.add_all_(list(self._weights.values()), [updates.coefs[n] for n in self._weights])
 
     def _float_buffers(self) -> dict[str, torch.Tensor]:
         """The floating-point buffers: integer ones (``num_batches_tracked``) never travel."""
@@ -154,12 +156,14 @@ class TorchModel(Model, register_name=False):
     def compute_batch_gradients(self, x: Any, y: Any) -> tuple[Vector, torch.Tensor]:
         """Gradients of the mean loss (tensors on the model's device) and that loss, a float64
         0-d tensor there too (reading it would wait for the device at every batch)."""
-        self.module.train()
-        self.module.zero_grad(set_to_none=True)
+        if not self.module.training:  # after an evaluation (train() walks every submodule)
+            self.module.train()
+        for param in self._params.values():  # frozen parameters never get a gradient
+            param.grad = None
         loss = self.loss_fn(self._outputs(x), self._targets(y))
         loss.backward()
-        # backward allocates fresh .grad tensors after zero_grad(set_to_none=True): the
-        # optimizer may consume (modify) them in place
+        # backward allocates fresh .grad tensors after they were set to None: the optimizer
+        # may consume (modify) them in place
         grads = {n: _grad(p) for n, p in self._params.items()}
         return Vector(grads), loss.detach().to(torch.float64)
 
