@@ -93,12 +93,16 @@ class DpSgd:
         steps = training.epochs * math.ceil(1.0 / q)
         return q, min(steps, training.max_steps or steps)
 
+    def step_event(self, q: float) -> RoundEvent:
+        """One step's mechanism for the accountant: Poisson rate ``q``, this noise."""
+        return RoundEvent(self.config.noise_multiplier, q)
+
     def train(
         self, model: Model, optimizer: Optimizer, data: Dataset, training: TrainingConfig
     ) -> DpSgdWork:
         """Run a round's steps of DP-SGD on ``data``; count them."""
         q, steps = self.plan(len(data), training)
-        event = RoundEvent(self.config.noise_multiplier, q)
+        event = self.step_event(q)
         if self.config.max_epsilon is not None:
             after = self.accountant.epsilon(event, steps)
             if after > self.config.max_epsilon:
