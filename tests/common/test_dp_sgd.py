@@ -226,3 +226,15 @@ def test_the_documented_dp_sgd_section_is_valid() -> None:
     block = text.split("# client.toml (or the top level of a simulation config)\n")[1]
     section = tomllib.loads(block.split("```")[0])["dp_sgd"]
     assert DpSgdConfig.model_validate(section).max_epsilon == 8.0
+
+
+def test_the_reply_carries_sample_epsilon_over_the_wire() -> None:
+    from fedpipe.common.summable import Summable
+    from fedpipe.common.training import TrainResult
+    from fedpipe.common.wire import train_reply_parts, train_result_from
+
+    result = TrainResult(Summable({"n": 1}), {}, 9, 3, 1.5, 9, 0.1, sample_epsilon=2.25)
+    assert train_result_from(*train_reply_parts(result)).sample_epsilon == 2.25
+    result.sample_epsilon = None
+    info, payload = train_reply_parts(result)
+    assert "sample_epsilon" not in info and train_result_from(info, payload).sample_epsilon is None
