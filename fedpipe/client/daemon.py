@@ -287,7 +287,11 @@ class ClientDaemon:
                 "trust; add it to 'trusted_models' in the client config to allow it"
             )
         trainer = LocalTrainer(
-            setup, train_fn=self.train_fn, noise_seed=self.config.noise_seed, client=self.name
+            setup,
+            train_fn=self.train_fn,
+            noise_seed=self.config.noise_seed,
+            client=self.name,
+            dp_sgd=self.config.dp_sgd,
         )
         place_model(trainer.model, client_device(self.config.device))
         problem = describe_spec_mismatch(trainer.model.weight_specs(), specs)

@@ -24,6 +24,7 @@ __all__ = [
     "ClientConfig",
     "ConfigError",
     "DaskConfig",
+    "DpSgdConfig",
     "EarlyStopConfig",
     "ModelConfig",
     "OptimizerConfig",
@@ -218,6 +219,21 @@ class PrivacyConfig(_Strict):
                 "mode='distributed' takes a fixed clip"
             )
         return self
+
+
+class DpSgdConfig(_Strict):
+    """Sample-level DP-SGD on a client (Abadi et al. 2016): each step's batch drawn by Poisson
+    sampling, every per-sample gradient clipped to ``clip``, Gaussian noise of std
+    ``noise_multiplier x clip`` on their sum; ε at ``delta`` counted by ``accountant``. It is
+    the client's own setting (its config, or a simulation's for its clients), never the
+    server's: a server cannot weaken it. With ``max_epsilon`` the client refuses a round that
+    would spend more (see docs/privacy.md)."""
+
+    clip: float = Field(gt=0, allow_inf_nan=False)
+    noise_multiplier: float = Field(gt=0, allow_inf_nan=False)
+    delta: float = Field(default=1e-5, gt=0, lt=1)
+    accountant: Literal["rdp", "pld"] = "rdp"
+    max_epsilon: float | None = Field(default=None, gt=0)
 
 
 class SecureAggregationConfig(_Strict):
@@ -460,9 +476,9 @@ class ServerConfig(_Strict):
 
 
 class OwnTraining(_Strict):
-    """A client's own data pipeline and training loop (``torch`` extra), named by whoever owns
-    the clients: a client's config, or a simulation's for its simulated clients; never the
-    server's."""
+    """A client's own data pipeline and training loop (``torch`` extra), and its sample-level
+    DP-SGD, named by whoever owns the clients: a client's config, or a simulation's for its
+    simulated clients; never the server's."""
 
     #: A factory returning the client's torch DataLoader(s) (fedpipe.common.data.torch_loaders);
     #: called with the client's fedpipe Datasets when it has some, else with nothing.
@@ -470,9 +486,17 @@ class OwnTraining(_Strict):
     #: The client's own training loop, ``train(module, loader, round_config)``, in place of
     #: fedpipe's (fedpipe.common.train_fn); it trains on the ``loaders`` train loader.
     train_fn: ImportPath | None = None
+    #: Sample-level DP-SGD on the client's data: the owner's choice, the server cannot change it.
+    dp_sgd: DpSgdConfig | None = None
 
     @model_validator(mode="after")
     def _train_fn_has_loaders(self) -> Self:
+        if self.dp_sgd is not None and self.loaders is not None:
+            raise ValueError(
+                f"dp_sgd draws Poisson batches from fedpipe's arrays and clips per sample; "
+                f"loaders={self.loaders!r} (the client's own DataLoader or train_fn) cannot "
+                "honour it: drop one"
+            )
         if self.train_fn is not None and self.loaders is None:
             raise ValueError(
                 f"train_fn={self.train_fn!r} trains on a torch DataLoader: set 'loaders' too"
@@ -647,6 +671,11 @@ class SimulationConfig(OwnTraining):
             raise ValueError(
                 f"device={self.device!r} places in-process clients; with transport='grpc' "
                 "each client process picks its device in its own config"
+            )
+        if self.transport == "dask" and self.dp_sgd is not None:
+            raise ValueError(
+                "dp_sgd runs with transport='inprocess' or 'grpc': the dask workers do not "
+                "carry the clients' own settings yet"
             )
         if self.transport != "inprocess" and self.server.secure_aggregation is not None:
             raise ValueError(

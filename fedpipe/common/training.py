@@ -20,12 +20,13 @@ from fedpipe.common import registry
 from fedpipe.common.aggregators import Aggregator
 from fedpipe.common.backends import is_array, ops_of
 from fedpipe.common.buffers import BUFFERS_AUX, buffer_mode, buffers_share, split_buffers
-from fedpipe.common.config import OptimizerConfig, TrainingConfig
+from fedpipe.common.config import DpSgdConfig, OptimizerConfig, TrainingConfig
 from fedpipe.common.data import Dataset
 from fedpipe.common.metrics import MetricSet
 from fedpipe.common.models import Model, load_model
 from fedpipe.common.optim import Optimizer
 from fedpipe.common.privacy.client_update import privatize_update
+from fedpipe.common.privacy.dp_sgd import DpSgd
 from fedpipe.common.privacy.entropy import private_rng, seed_private_noise
 from fedpipe.common.summable import Summable
 from fedpipe.common.train_fn import TrainFn, check_train_fn_setup, run_train_fn
@@ -104,6 +105,8 @@ class TrainResult:
     #: Under secure aggregation: the update masked (``partial`` is then empty); losses and
     #: sample counts stay in the clear.
     masked: MaskedInput | None = None
+    #: Under sample-level DP-SGD: ε (at the client's δ) of every step it ran in this run.
+    sample_epsilon: float | None = None
 
     @property
     def mean_loss(self) -> float:
@@ -144,12 +147,14 @@ class LocalTrainer:
     :mod:`fedpipe.common.train_fn`) that function trains instead of fedpipe's loop.
     Privacy noise draws from OS entropy, or from ``noise_seed``, the client's own setting
     (never the server's: see :mod:`fedpipe.common.privacy.entropy`), mixed with ``client``.
+    ``dp_sgd`` (the client's own setting too) trains by sample-level DP-SGD
+    (:mod:`fedpipe.common.privacy.dp_sgd`).
 
     Raises
     ------
     ValueError
         ``train_fn`` is given and the setup has what it cannot honour (a numpy model,
-        regularizers, weight decay, modules exchanging aux vars).
+        regularizers, weight decay, modules exchanging aux vars), or with ``dp_sgd``.
     """
 
     def __init__(
@@ -160,15 +165,21 @@ class LocalTrainer:
         train_fn: TrainFn | None = None,
         noise_seed: int | None = None,
         client: str = "",
+        dp_sgd: DpSgdConfig | None = None,
     ) -> None:
         self.setup = setup
         self.model = model if model is not None else build_model(setup)
         self.optimizer: Optimizer = OptimizerConfig.model_validate(setup.client_optimizer).build()
         seed_private_noise(self.optimizer.modules, noise_seed, client)
         self._dp_rng = private_rng(noise_seed, client, "dp-update")  # distributed DP noise
+        self.dp_sgd: DpSgd | None = None
+        if dp_sgd is not None:  # batches and noise from the client's private generator
+            self.dp_sgd = DpSgd(dp_sgd, private_rng(noise_seed, client, "dp-sgd"))
         self.aggregator: Aggregator = registry.build_spec("aggregator", setup.aggregator)
         self.training = TrainingConfig.model_validate(setup.training)
         self.train_fn = train_fn
+        if train_fn is not None and dp_sgd is not None:
+            raise ValueError("dp_sgd clips fedpipe's per-sample gradients: a train_fn cannot")
         if train_fn is not None:
             check_train_fn_setup(self.model, self.optimizer, str(setup.model.get("name")))
         self.buffer_mode = buffer_mode(setup.model)
@@ -219,6 +230,7 @@ class LocalTrainer:
             loss_sum=work.loss_sum,
             n_samples_seen=work.n_samples_seen,
             seconds=time.perf_counter() - start,
+            sample_epsilon=self.dp_sgd.epsilon() if self.dp_sgd is not None else None,
         )
 
     def _load_buffers(self, aux_vars: Mapping[str, Summable]) -> dict[str, Summable]:
@@ -241,6 +253,10 @@ class LocalTrainer:
     def _local_steps(self, data: ClientData, seed: int) -> _Work:
         """fedpipe's loop: ``epochs`` passes (at most ``max_steps`` steps) of the optimizer."""
         model, optimizer, cfg = self.model, self.optimizer, self.training
+        if self.dp_sgd is not None:
+            if not isinstance(data, Dataset):
+                raise ValueError("dp_sgd draws Poisson batches from fedpipe's arrays, not a loader")
+            return _Work(len(data), *self.dp_sgd.train(model, optimizer, data, cfg))
         rng = np.random.default_rng(seed)
 
         def epoch() -> Iterator[tuple[Any, Any]]:

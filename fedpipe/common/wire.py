@@ -340,6 +340,8 @@ def train_reply_parts(result: TrainResult) -> tuple[dict[str, Any], State]:
         "n_samples_seen": result.n_samples_seen,
         "seconds": result.seconds,
     }
+    if result.sample_epsilon is not None:
+        info["sample_epsilon"] = result.sample_epsilon
     payload: State = {
         "partial": summable_state(result.partial),
         "aux_vars": {k: summable_state(v) for k, v in result.aux_vars.items()},
@@ -356,6 +358,9 @@ def train_result_from(info: Mapping[str, Any], payload: State) -> TrainResult:
         loss_sum=float(number(info, "loss_sum")),
         n_samples_seen=number(info, "n_samples_seen", integer=True),
         seconds=float(number(info, "seconds")),
+        sample_epsilon=(
+            float(number(info, "sample_epsilon")) if "sample_epsilon" in info else None
+        ),
     )
 
 

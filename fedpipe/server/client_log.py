@@ -40,6 +40,8 @@ class RoundClients:
         line["n_samples_seen"] = int(result.n_samples_seen)
         line["n_steps"] = int(result.n_steps)
         line["seconds"] = round(seconds, 6)
+        if result.sample_epsilon is not None:  # its DP-SGD's ε so far, as it reports it
+            line["sample_epsilon"] = result.sample_epsilon
         if math.isfinite(result.seconds) and result.seconds >= 0:  # the client's own word
             line["train_seconds"] = round(result.seconds, 6)
 

@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Literal, TypeVar
 
-from fedpipe.common.config import ConfigError
+from fedpipe.common.config import ConfigError, DpSgdConfig
 from fedpipe.common.data import Dataset
 from fedpipe.common.models import Model
 from fedpipe.common.summable import Summable
@@ -144,7 +144,8 @@ def _torch(model: Model, what: str) -> TorchModel:
 class InProcessClient(ClientProxy):
     """A simulated client: its private data (fedpipe's arrays, or its own DataLoaders) and its
     own :class:`LocalTrainer`, on the device slot of its ``index`` among the simulation's
-    clients; with ``train_fn``, that function trains in place of fedpipe's loop."""
+    clients; with ``train_fn``, that function trains in place of fedpipe's loop; with
+    ``dp_sgd``, sample-level DP-SGD does."""
 
     def __init__(
         self,
@@ -156,9 +157,11 @@ class InProcessClient(ClientProxy):
         noise_seed: int | None = None,
         *,
         train_fn: TrainFn | None = None,
+        dp_sgd: DpSgdConfig | None = None,
     ) -> None:
         self.name = name
         self.noise_seed = noise_seed
+        self.dp_sgd = dp_sgd
         self.train_data = train_data
         self.eval_data = eval_data
         self.n_train_samples = len(train_data)
@@ -183,6 +186,7 @@ class InProcessClient(ClientProxy):
             train_fn=self.train_fn,
             noise_seed=self.noise_seed,
             client=self.name,
+            dp_sgd=self.dp_sgd,
         )
 
     async def train(self, task: RoundTask) -> TrainResult:

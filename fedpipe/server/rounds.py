@@ -367,6 +367,9 @@ class FederatedRun:
         best = self.best.to_data() if self.best is not None else {}
         records, weights = self.history.records, self.model.weights
         privacy = self.privacy.summary() if self.privacy is not None else {}
+        sample = [r["sample_epsilon_max"] for r in records if "sample_epsilon_max" in r]
+        if sample:  # ε only grows with a client's steps: the run's largest report
+            privacy = {**privacy, "sample_epsilon_max": max(sample)}
         return RunSummary(
             status, reason, self.completed, stopped_early, records, weights, best, privacy
         )
@@ -484,6 +487,8 @@ class FederatedRun:
             "clients": sorted(folded.names),
             **dp_fields,
         }
+        if folded.sample_epsilon is not None:  # the clients' own DP-SGD, as they report it
+            record["sample_epsilon_max"] = folded.sample_epsilon
         if folded.failure:  # secure aggregation could not recover the sum (logged)
             record["failed"] = folded.failure
         elif folded.count >= cfg.required_results and folded.total is not None:
@@ -815,6 +820,8 @@ class _Fold:
         self.count = 0
         self.seen = 0
         self.loss_sum = 0.0
+        #: The largest sample-level ε (DP-SGD) a client of the round reported.
+        self.sample_epsilon: float | None = None
         self.names: list[str] = []
         #: Why the round has no sum though replies came (secure aggregation failed).
         self.failure = ""
@@ -901,6 +908,11 @@ class _Fold:
         self.count += 1
         self.seen += result.n_samples_seen
         self.loss_sum += result.loss_sum
+        self.note_epsilon(result)
+
+    def note_epsilon(self, result: TrainResult) -> None:
+        if result.sample_epsilon is not None:
+            self.sample_epsilon = max(self.sample_epsilon or 0.0, result.sample_epsilon)
 
 
 def _travelling(buffers: Vector, mode: str) -> Vector | None:

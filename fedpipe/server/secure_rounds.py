@@ -175,6 +175,7 @@ class _Session:
             folded.count += 1
             folded.seen += result.n_samples_seen
             folded.loss_sum += result.loss_sum
+            folded.note_epsilon(result)
             clients.trained(client.name, result, time.perf_counter() - start)
 
         await collect(

@@ -157,7 +157,7 @@ async def simulate_inprocess(
     models = SharedModels(devices, mode, sim.stack_clients)
     for index, (name, train, test) in enumerate(own_data(sim, clients)):
         client = InProcessClient(
-            name, train, test, models, index, sim.noise_seed, train_fn=train_fn
+            name, train, test, models, index, sim.noise_seed, train_fn=train_fn, dp_sgd=sim.dp_sgd
         )
         await pool.add(client)
 
@@ -201,6 +201,9 @@ def training_mode(sim: SimulationConfig) -> Literal["sequential", "vectorized"]:
     """``sim.mode``, or sequential when the clients bring their own loaders or train_fn
     (the vectorized engine stacks fedpipe's arrays and runs fedpipe's loop); logged."""
     own = "train_fn" if sim.train_fn else "loaders" if sim.loaders else None
+    if sim.mode == "vectorized" and sim.dp_sgd is not None:
+        log.info("mode='vectorized' falls back to sequential: dp_sgd clips client by client")
+        return "sequential"
     if sim.mode == "vectorized" and own is not None:
         log.info(
             "mode='vectorized' falls back to sequential: the clients train with their own "
@@ -313,7 +316,9 @@ def _client_config(server: ServerConfig, sim: SimulationConfig) -> dict[str, Any
         "plugins": server.plugins,
         # The simulation's owner chose this model: its clients may import it.
         "trusted_models": [model] if ":" in model else [],
-        **sim.model_dump(include={"loaders", "train_fn", "noise_seed"}, exclude_none=True),
+        **sim.model_dump(
+            include={"loaders", "train_fn", "noise_seed", "dp_sgd"}, exclude_none=True
+        ),
     }
 
 

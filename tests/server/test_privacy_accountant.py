@@ -9,7 +9,7 @@ from dp_accounting import pld, rdp
 
 from fedpipe.common.codec import state_from_bytes, state_to_bytes
 from fedpipe.common.config import PrivacyConfig
-from fedpipe.server.privacy.accountant import PrivacyAccountant, RoundEvent
+from fedpipe.common.privacy.accountant import PrivacyAccountant, RoundEvent
 from fedpipe.server.privacy.calibrate import calibrate_noise
 
 # DP-SGD on MNIST (Abadi et al. 2016): batches of 256 of 60,000, sigma 1.1, 60 epochs.

@@ -16,12 +16,12 @@ import pytest
 
 from fedpipe.common.aggregators.averaging import AveragingAggregator
 from fedpipe.common.config import ConfigError, PrivacyConfig, ServerConfig, SimulationConfig
+from fedpipe.common.privacy.accountant import PrivacyAccountant, RoundEvent
 from fedpipe.common.privacy.client_update import privatize_update
 from fedpipe.common.summable import Summable
 from fedpipe.common.vector import Vector
 from fedpipe.server.clients import ClientPool
 from fedpipe.server.inprocess import InProcessClient, SharedModels
-from fedpipe.server.privacy.accountant import PrivacyAccountant, RoundEvent
 from fedpipe.server.privacy.client_level import ClientLevelDP
 from fedpipe.server.rounds import FederatedRun, RunSummary
 from fedpipe.server.sampling import PoissonSampler, UniformSampler

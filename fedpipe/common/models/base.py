@@ -92,6 +92,20 @@ class Model(Registrable):
         (a float, or a 0-d tensor left on the model's device: the trainer adds the losses up
         there and reads the sum once per round, so that no batch waits for the device)."""
 
+    def compute_sample_gradients(
+        self, x: np.ndarray, y: np.ndarray
+    ) -> tuple[Vector, SupportsFloat]:
+        """Per-sample gradients, each array with a leading sample axis (row ``i``: the
+        gradient of sample ``i``'s own loss), and the mean loss: what DP-SGD clips sample by
+        sample (Abadi et al. 2016). This default loops over the samples, one batch of one at
+        a time; the built-in models compute them in closed form."""
+        rows = [self.compute_batch_gradients(x[i : i + 1], y[i : i + 1]) for i in range(len(x))]
+        if not rows:
+            stacked = {n: np.zeros((0, *s.shape), s.dtype) for n, s in self.weight_specs().items()}
+            return Vector(stacked), 0.0
+        stacked = {n: np.stack([g.coefs[n] for g, _ in rows]) for n in self.weight_specs()}
+        return Vector(stacked), float(np.mean([float(loss) for _, loss in rows]))
+
     @abstractmethod
     def predict(self, x: np.ndarray) -> np.ndarray:
         """Predictions for ``x`` (see the class docstring for shapes per ``task``)."""

@@ -67,6 +67,18 @@ class _AffineModel(Model):
         grads = {"kernel": x.T @ dz, "bias": dz.sum(axis=0).reshape(bias.shape)}
         return Vector({k: g.astype(self.dtype, copy=False) for k, g in grads.items()}), loss
 
+    def compute_sample_gradients(self, x: np.ndarray, y: np.ndarray) -> tuple[Vector, float]:
+        """Per-sample gradients in closed form: sample ``i``'s kernel gradient is ``x_i``
+        times its own ``dz_i`` (``n`` times its share of the mean loss's gradient)."""
+        x = self._inputs(x, self.n_features)
+        loss, dz = head_loss_and_gradient(self.task, self._logits(x), y)
+        own = dz * len(x)
+        if own.ndim == 1:  # one output (logistic regression): kernel (d,), bias (1,)
+            grads = {"kernel": x * own[:, None], "bias": own[:, None]}
+        else:
+            grads = {"kernel": np.einsum("ni,nk->nik", x, own), "bias": own}
+        return Vector({k: g.astype(self.dtype, copy=False) for k, g in grads.items()}), loss
+
     def predict(self, x: np.ndarray) -> np.ndarray:
         return head_predict(self.task, self._logits(self._inputs(x, self.n_features)))
 

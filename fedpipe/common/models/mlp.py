@@ -127,20 +127,42 @@ class MLP(Model):
             inputs.append(h)
         raise AssertionError("unreachable: an MLP has at least one layer")
 
-    def compute_batch_gradients(self, x: np.ndarray, y: np.ndarray) -> tuple[Vector, float]:
+    def _backward(
+        self, x: np.ndarray, y: np.ndarray
+    ) -> tuple[float, dict[int, tuple[np.ndarray, np.ndarray]]]:
+        """The mean loss and, per layer ``i``, its input ``h`` and the gradient ``dz`` of the
+        mean loss w.r.t. its pre-activation (rows: samples)."""
         x = self._inputs(x, self.n_features)
         inputs, z = self._forward(x)
         loss, dz = head_loss_and_gradient(self.task, z, y)
         if self.task == "binary":
             dz = dz[:, None]
-        grads: dict[str, np.ndarray] = {}
+        layers: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         for i in reversed(range(self._n_layers)):
             h = inputs[i]
-            grads[f"kernel_{i}"] = (h.T @ dz).astype(self.dtype, copy=False)
-            grads[f"bias_{i}"] = dz.sum(axis=0).astype(self.dtype, copy=False)
+            layers[i] = (h, dz)
             if i:
                 # ReLU'(pre-activation) is 1 exactly where the activation h is positive
                 dz = (dz @ self._weights[f"kernel_{i}"].T) * (h > 0)
+        return loss, layers
+
+    def compute_batch_gradients(self, x: np.ndarray, y: np.ndarray) -> tuple[Vector, float]:
+        loss, layers = self._backward(x, y)
+        grads: dict[str, np.ndarray] = {}
+        for i, (h, dz) in layers.items():
+            grads[f"kernel_{i}"] = (h.T @ dz).astype(self.dtype, copy=False)
+            grads[f"bias_{i}"] = dz.sum(axis=0).astype(self.dtype, copy=False)
+        return Vector({name: grads[name] for name in self._weights}), loss
+
+    def compute_sample_gradients(self, x: np.ndarray, y: np.ndarray) -> tuple[Vector, float]:
+        """Per-sample gradients in closed form: sample ``i``'s kernel gradient is the outer
+        product of its layer input and its own ``dz`` (``n`` times its share of the mean)."""
+        loss, layers = self._backward(x, y)
+        grads: dict[str, np.ndarray] = {}
+        for i, (h, dz) in layers.items():
+            own = dz * len(dz)
+            grads[f"kernel_{i}"] = np.einsum("ni,nj->nij", h, own).astype(self.dtype, copy=False)
+            grads[f"bias_{i}"] = own.astype(self.dtype, copy=False)
         return Vector({name: grads[name] for name in self._weights}), loss
 
     def predict(self, x: np.ndarray) -> np.ndarray:

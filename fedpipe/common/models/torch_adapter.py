@@ -33,6 +33,7 @@ from fedpipe.common.vector import ArraySpec, Vector, VectorSpecs
 __all__ = ["TorchModel"]
 
 _OPS = TorchOps()
+_BATCH_NORMS = (torch.nn.modules.batchnorm._BatchNorm,)
 
 
 class TorchModel(Model, register_name=False):
@@ -166,6 +167,38 @@ class TorchModel(Model, register_name=False):
         # may consume (modify) them in place
         grads = {n: _grad(p) for n, p in self._params.items()}
         return Vector(grads), loss.detach().to(torch.float64)
+
+    def compute_sample_gradients(self, x: Any, y: Any) -> tuple[Vector, torch.Tensor]:
+        """Per-sample gradients of the trainable parameters (a leading sample axis, on the
+        model's device) and the mean loss: ``torch.func.vmap`` of ``grad`` of each sample's
+        loss through ``functional_call``, as Opacus' functorch path computes them.
+
+        Raises
+        ------
+        ValueError
+            The module has batch normalization, which mixes the samples of a batch: no
+            sample has a gradient of its own (use GroupNorm or LayerNorm).
+        """
+        from torch.func import functional_call, grad_and_value, vmap
+
+        mixing = [n for n, m in self.module.named_modules() if isinstance(m, _BATCH_NORMS)]
+        if mixing:
+            raise ValueError(
+                f"per-sample gradients (DP-SGD): module {mixing[0]!r} is a batch norm, which "
+                "mixes the samples of a batch; use GroupNorm or LayerNorm"
+            )
+        if not self.module.training:
+            self.module.train()
+        params = {n: p.detach() for n, p in self._params.items()}
+        binary = self.task == "binary"
+
+        def sample_loss(weights: dict[str, torch.Tensor], xs: Any, ys: Any) -> torch.Tensor:
+            out = functional_call(self.module, weights, (xs.unsqueeze(0),))
+            return self.loss_fn(out.reshape(-1) if binary else out, ys.unsqueeze(0))
+
+        per_sample = vmap(grad_and_value(sample_loss), in_dims=(None, 0, 0), randomness="different")
+        grads, losses = per_sample(params, self._tensor(x, self.dtype), self._targets(y))
+        return Vector(dict(grads)), losses.detach().to(torch.float64).mean()
 
     def evaluate(self, x: Any, y: Any) -> tuple[float, np.ndarray]:
         self.module.eval()

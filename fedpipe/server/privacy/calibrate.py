@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from fedpipe.common.config import PrivacyConfig
-from fedpipe.server.privacy.accountant import RoundEvent, new_accountant
+from fedpipe.common.privacy.accountant import RoundEvent, new_accountant
 from fedpipe.server.privacy.sampling import with_multiplier
 
 __all__ = ["calibrate_noise"]

@@ -28,10 +28,10 @@ import numpy as np
 from fedpipe.common.aggregators import Aggregator
 from fedpipe.common.aggregators.averaging import AveragingAggregator, SumAggregator
 from fedpipe.common.config import ConfigError, PrivacyConfig
+from fedpipe.common.privacy.accountant import PrivacyAccountant
 from fedpipe.common.state import State
 from fedpipe.common.summable import Summable
 from fedpipe.common.vector import Vector
-from fedpipe.server.privacy.accountant import PrivacyAccountant
 from fedpipe.server.privacy.sampling import check_sampler, round_event
 from fedpipe.server.sampling import ClientSampler, PoissonSampler
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from fedpipe.common.config import ConfigError
-from fedpipe.server.privacy.accountant import RoundEvent
+from fedpipe.common.privacy.accountant import RoundEvent
 from fedpipe.server.sampling import ClientSampler, PoissonSampler, UniformSampler
 from fedpipe.server.sampling.base import draw_count
 

@@ -1,14 +1,16 @@
-"""The privacy accountant of client-level DP: ε spent so far, from ``dp-accounting``.
+"""The privacy accountant: ε spent so far, from ``dp-accounting``.
 
-fedpipe does no privacy arithmetic of its own: each round is one sampled Gaussian mechanism
-handed to Google's ``dp-accounting`` library (the ``privacy`` extra), whose RDP accountant
-(Mironov 2017; Mironov, Talwar and Zhang 2019 for Poisson subsampling; Wang, Balle and
-Kasiviswanathan 2019 for sampling without replacement) or PLD accountant (Koskela et al. 2020;
-Doroshenko et al. 2022: tighter, slower) turns the rounds into ε at the run's δ.
+fedpipe does no privacy arithmetic of its own: each round of client-level DP (on the server),
+each step of sample-level DP-SGD (on a client), is one sampled Gaussian mechanism handed to
+Google's ``dp-accounting`` library (the ``privacy`` extra), whose RDP accountant (Mironov 2017;
+Mironov, Talwar and Zhang 2019 for Poisson subsampling; Wang, Balle and Kasiviswanathan 2019
+for sampling without replacement) or PLD accountant (Koskela et al. 2020; Doroshenko et al.
+2022: tighter, slower) turns them into ε at the run's δ.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -52,13 +54,33 @@ def new_accountant(kind: AccountantKind, poisson: bool) -> Any:
         from dp_accounting import pld, rdp
     except ImportError as exc:
         raise ImportError(
-            "client-level DP needs the privacy accountant: pip install 'fedpipe[privacy]'"
+            "differential privacy needs its accountant: pip install 'fedpipe[privacy]'"
         ) from exc
     relation = dp_accounting.NeighboringRelation
     neighbours = relation.ADD_OR_REMOVE_ONE if poisson else relation.REPLACE_ONE
     if kind == "rdp":
         return rdp.RdpAccountant(neighboring_relation=neighbours)
     return pld.PLDAccountant(neighboring_relation=neighbours)
+
+
+@functools.lru_cache(maxsize=64)
+def _event_rdp(event: RoundEvent) -> tuple[Any, Any]:
+    """The RDP orders and curve of one ``event``, from ``dp-accounting`` (cached: a client
+    accounts thousands of identical DP-SGD steps every round)."""
+    accountant = new_accountant("rdp", event.population == 0)
+    accountant.compose(event.dp_event())
+    return accountant.orders, accountant.rdp
+
+
+def _rdp_epsilon(rounds: list[tuple[RoundEvent, int]], delta: float) -> float:
+    """ε of ``rounds`` at ``delta``: the RDP accountant's own composition (RDP curves add,
+    ``count`` times each) and its own conversion (``compute_epsilon``)."""
+    from dp_accounting.rdp import rdp_privacy_accountant
+
+    orders, total = _event_rdp(rounds[0][0])[0], 0.0
+    for event, count in rounds:
+        total = total + count * _event_rdp(event)[1]
+    return float(rdp_privacy_accountant.compute_epsilon(orders, total, delta)[0])
 
 
 class PrivacyAccountant:
@@ -73,18 +95,20 @@ class PrivacyAccountant:
     def supports(self, event: RoundEvent) -> bool:
         return bool(new_accountant(self.kind, event.population == 0).supports(event.dp_event()))
 
-    def spend(self, event: RoundEvent) -> None:
-        """Count one more round of ``event``."""
+    def spend(self, event: RoundEvent, count: int = 1) -> None:
+        """Count ``count`` more rounds of ``event``."""
         if self.rounds and self.rounds[-1][0] == event:
-            self.rounds[-1] = (event, self.rounds[-1][1] + 1)
-        else:
-            self.rounds.append((event, 1))
+            self.rounds[-1] = (event, self.rounds[-1][1] + count)
+        elif count:
+            self.rounds.append((event, count))
 
-    def epsilon(self, extra: RoundEvent | None = None) -> float:
-        """ε at ``delta`` of the rounds counted (and of one more round of ``extra``)."""
-        rounds = self.rounds + ([(extra, 1)] if extra is not None else [])
+    def epsilon(self, extra: RoundEvent | None = None, count: int = 1) -> float:
+        """ε at ``delta`` of the rounds counted (and of ``count`` more rounds of ``extra``)."""
+        rounds = self.rounds + ([(extra, count)] if extra is not None and count else [])
         if not rounds:
             return 0.0
+        if self.kind == "rdp":
+            return _rdp_epsilon(rounds, self.delta)
         accountant = new_accountant(self.kind, rounds[0][0].population == 0)
         for event, count in rounds:
             accountant.compose(event.dp_event(), count)
