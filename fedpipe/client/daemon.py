@@ -8,7 +8,7 @@ import functools
 import logging
 import random
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
@@ -41,6 +41,9 @@ from fedpipe.common.wire import (
 )
 from fedpipe.proto.fedpipe.v1 import federation_pb2 as pb
 
+if TYPE_CHECKING:  # the secagg extra
+    from fedpipe.client.secure_session import SecureSession
+
 __all__ = ["ClientDaemon", "ClientRefused"]
 
 log = logging.getLogger(__name__)
@@ -58,6 +61,12 @@ STREAM_ENDED = (asyncio.InvalidStateError, grpc.aio.UsageError, ConnectionError)
 CHUNK_BYTES = 4 << 20
 #: Payload limit before the server has told the model's size.
 DEFAULT_MAX_PAYLOAD = 1 << 30
+#: Secure aggregation's stages that are tasks of their own (fedpipe.client.secure_session).
+SECURE_STAGE_KINDS = (
+    pb.TASK_KIND_SECAGG_ADVERTISE,
+    pb.TASK_KIND_SECAGG_SHARE,
+    pb.TASK_KIND_SECAGG_UNMASK,
+)
 
 
 class ClientRefused(RuntimeError):
@@ -91,6 +100,8 @@ class ClientDaemon:
         self.states = ClientStateStore(self.name, config.state_dir)
         #: Host memory each update leaves the device through (pinned, reused every round).
         self.staging = HostStaging()
+        #: Secure aggregation's round under way (the secagg extra: created at its first task).
+        self.secure: SecureSession | None = None
 
     async def run(self) -> int:
         """Take part in the run until the server says it is over; the process exit code
@@ -230,13 +241,16 @@ class ClientDaemon:
                     self.setup_error = f"{type(exc).__name__}: {exc}"
                     raise
                 return reply, None
+            if task.kind in SECURE_STAGE_KINDS:
+                await asyncio.to_thread(self._secure().stage, task, reply)
+                return reply, None
             trainer = self._trainer()
             weights = weights_from(received)
             problem = describe_spec_mismatch(weights.specs(), self.specs)
             if problem:
                 raise ProtocolError(f"global weights: {problem}")
             aux = summables_from(received.get("aux_vars", {}), "aux_vars")
-            if task.kind == pb.TASK_KIND_TRAIN:
+            if task.kind in (pb.TASK_KIND_TRAIN, pb.TASK_KIND_TRAIN_MASKED):
                 settings = settings_data(task.settings)
                 work = functools.partial(
                     trainer.train,
@@ -249,6 +263,9 @@ class ClientDaemon:
                 )
                 base = settings.get("base_round")
                 result = await asyncio.to_thread(self.states.train, trainer, base, task.round, work)
+                if task.kind == pb.TASK_KIND_TRAIN_MASKED:
+                    mask = self._secure().mask
+                    result = await asyncio.to_thread(mask, task, trainer.aggregator, result)
                 info, state = train_reply_parts(result)
                 log.info(
                     "round %d: %d steps, train loss %.4f, %.2fs",
@@ -313,6 +330,13 @@ class ClientDaemon:
             model_bytes,
             client_device(self.config.device),
         )
+
+    def _secure(self) -> SecureSession:
+        if self.secure is None:
+            from fedpipe.client.secure_session import SecureSession  # needs cryptography
+
+            self.secure = SecureSession(self.name)
+        return self.secure
 
     def _trainer(self) -> LocalTrainer:
         if self.trainer is None:

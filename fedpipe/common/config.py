@@ -352,8 +352,8 @@ class ServerConfig(_Strict):
     status_host: str = "127.0.0.1"
     status_token: str = ""
     status_token_file: Path | None = None
-    #: Mask updates so that the server learns only their sum (in-process simulation only
-    #: for now); None: plain updates.
+    #: Mask updates so that the server learns only their sum (in-process and gRPC
+    #: transports); None: plain updates.
     secure_aggregation: SecureAggregationConfig | None = None
 
     @model_validator(mode="before")
@@ -677,10 +677,10 @@ class SimulationConfig(OwnTraining):
                 "dp_sgd runs with transport='inprocess' or 'grpc': the dask workers do not "
                 "carry the clients' own settings yet"
             )
-        if self.transport != "inprocess" and self.server.secure_aggregation is not None:
+        if self.transport == "dask" and self.server.secure_aggregation is not None:
             raise ValueError(
-                "server.secure_aggregation runs with transport='inprocess' only for now: "
-                f"the {self.transport} transport does not carry its stages yet"
+                "server.secure_aggregation runs with transport='inprocess' or 'grpc': "
+                "the dask transport does not carry its stages yet"
             )
         return self
 

@@ -346,6 +346,8 @@ def train_reply_parts(result: TrainResult) -> tuple[dict[str, Any], State]:
         "partial": summable_state(result.partial),
         "aux_vars": {k: summable_state(v) for k, v in result.aux_vars.items()},
     }
+    if result.masked is not None:  # secure aggregation: the update masked, partial empty
+        payload["masked"] = result.masked.masked
     return info, payload
 
 

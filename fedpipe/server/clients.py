@@ -99,7 +99,7 @@ class ClientProxy(ABC):
     def _no_secagg(self) -> ClientError:
         return ClientError(
             f"client {self.name}: {type(self).__name__} does not carry secure aggregation "
-            "(in-process simulation only for now); refusing to send a plain update instead"
+            "(the in-process and gRPC transports do); refusing to send a plain update instead"
         )
 
     async def release(self) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from fedpipe.common.config import ConfigError, ServerConfig
+from fedpipe.common.config import ServerConfig
 from fedpipe.common.outcome import RunError
 from fedpipe.common.plugins import import_plugins
 from fedpipe.common.tls_files import check_server_files
@@ -47,11 +47,6 @@ async def serve(
     written. An output directory that holds a run is refused unless ``resume`` (continue it)
     or ``overwrite`` (replace it) is set.
     """
-    if config.secure_aggregation is not None:  # never plain updates in its place
-        raise ConfigError(
-            "secure_aggregation runs in the in-process simulation only for now: the gRPC "
-            "transport does not carry its stages yet; remove [server.secure_aggregation]"
-        )
     import_plugins(config.plugins)  # the server owner's modules, before any name is built
     pool = ClientPool()
     stop_event = asyncio.Event()

@@ -9,8 +9,9 @@ import logging
 import secrets
 import time
 import uuid
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 from google.protobuf.message import DecodeError as ProtobufDecodeError
@@ -27,7 +28,7 @@ from fedpipe.common.reply_limits import (
     train_reply_limits,
 )
 from fedpipe.common.training import EvalResult, RunSetup, TrainResult
-from fedpipe.common.vector import ArraySpec
+from fedpipe.common.vector import ArraySpec, Vector
 from fedpipe.common.wire import (
     CHUNK_FIELD,
     PROTOCOL_VERSION,
@@ -50,7 +51,19 @@ from fedpipe.server.clients import ClientError, ClientPool, ClientProxy, RoundTa
 from fedpipe.server.monitor import ServerMonitor
 from fedpipe.server.receive_budget import ReceiveBudget, TransferFloor
 
+if TYPE_CHECKING:  # the secagg extra
+    from fedpipe.common.secagg.messages import (
+        AdvertiseKeys,
+        ForwardedShares,
+        Roster,
+        ShareKeys,
+        UnmaskRequest,
+        UnmaskShares,
+    )
+
 __all__ = ["FederationServicer", "GrpcClient"]
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -65,12 +78,15 @@ MAX_NAME_LENGTH = 128
 SETUP_PAYLOAD_BYTES = 1 << 20
 SETUP_TENSORS = 64
 SETUP_REPLY = ReplyLimits(SETUP_PAYLOAD_BYTES, SETUP_TENSORS)
+#: A secure aggregation stage's reply carries its message, no payload.
+STAGE_REPLY = ReplyLimits(0, 0)
 #: Refusals that mean a credential was checked and did not prove the name.
 AUTH_FAILURES = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
 #: Task kinds as the monitor names them.
 TASK_KINDS: dict[int, str] = {
     pb.TASK_KIND_INITIALIZE: "initialize",
     pb.TASK_KIND_TRAIN: "train",
+    pb.TASK_KIND_TRAIN_MASKED: "train",
     pb.TASK_KIND_EVALUATE: "evaluate",
 }
 
@@ -114,6 +130,9 @@ class GrpcClient(ClientProxy):
         # What each awaited reply may carry, and when its round ends at the latest.
         self._expected: dict[int, tuple[ReplyLimits, float]] = {}
         self._train_limits = self._eval_limits = SETUP_REPLY
+        self.specs: dict[str, ArraySpec] = {}
+        #: This round's secure aggregation session: its round and, from stage 1, its roster.
+        self._secagg: tuple[int, Roster | None] | None = None
 
     # ---- the round loop's side ---------------------------------------------------------------
 
@@ -127,6 +146,7 @@ class GrpcClient(ClientProxy):
         configured = int(self.config.max_payload_mib * (1 << 20))
         self.max_payload_bytes = min(configured, REPLY_MODEL_COPIES * model_bytes + (64 << 20))
         self.max_tensors = REPLY_MODEL_COPIES * len(specs) + 256
+        self.specs = dict(specs)
         self._train_limits = train_reply_limits(specs)
         self._eval_limits = eval_reply_limits(setup.metrics)
         await self._request(
@@ -139,20 +159,27 @@ class GrpcClient(ClientProxy):
         )
 
     async def train(self, task: RoundTask) -> TrainResult:
+        got = await self._train_request(task, pb.TASK_KIND_TRAIN, self._train_limits)
+        return self._undecodable_drops(
+            lambda: train_result_from(settings_data(got.message.reply.info), got.payload)
+        )
+
+    async def _train_request(
+        self, task: RoundTask, kind: int, limits: ReplyLimits, stage: tuple[str, Any] | None = None
+    ) -> Received[Any]:
         payload = _round_payload(task, "train", self.chunk_bytes)
         settings = {**task.settings, "base_round": task.base_rounds.get(self.name, 0)}
-        got = await self._request(
-            pb.TASK_KIND_TRAIN,
-            task.round_number,
-            settings,
-            payload,
-            cache=task.cache,
-            limits=self._train_limits,
+        return await self._request(
+            kind, task.round_number, settings, payload, cache=task.cache, limits=limits, stage=stage
         )
+
+    def _undecodable_drops(self, decode: Callable[[], T]) -> T:
+        """``decode()`` a delivered reply; if it fails, the reply's budget goes back at once
+        (the round loop never sees it, so it never releases it)."""
         try:
-            return train_result_from(settings_data(got.message.reply.info), got.payload)
+            return decode()
         except Exception:
-            self._drop_reply()  # the round loop never sees it, so it never releases it
+            self._drop_reply()
             self._rejected("undecodable")
             raise
 
@@ -194,6 +221,84 @@ class GrpcClient(ClientProxy):
         self.told = outcome.status != "stopped"
         self.close("run finished", flush=True)
 
+    # ---- secure aggregation's stages (fedpipe.server.secure_rounds) ----------------------------
+
+    async def secagg_advertise(self, round_number: int) -> AdvertiseKeys:
+        from fedpipe.common.secagg.wire import keys_record
+
+        self._secagg = (round_number, None)
+        reply = await self._stage(pb.TASK_KIND_SECAGG_ADVERTISE, round_number, None, "keys")
+        return self._stage_record(lambda: keys_record(reply.keys, self.name))
+
+    async def secagg_share(self, roster: Roster) -> ShareKeys:
+        from fedpipe.common.secagg.wire import roster_message, share_keys_record
+
+        round_number = self._secagg_round()
+        self._secagg = (round_number, roster)
+        stage = ("roster", roster_message(roster, self.name))
+        reply = await self._stage(pb.TASK_KIND_SECAGG_SHARE, round_number, stage, "share_keys")
+        return self._stage_record(lambda: share_keys_record(reply.share_keys, self.name, roster))
+
+    async def train_masked(self, task: RoundTask, shares: ForwardedShares) -> TrainResult:
+        from fedpipe.common.secagg.messages import MaskedInput
+        from fedpipe.common.secagg.partials import masked_specs
+        from fedpipe.common.secagg.wire import forwarded_message
+
+        roster = self._secagg_roster()
+        specs = masked_specs(self.specs, roster.encoding.dtype.name)
+        # The masked input is the reply's one Vector, of exactly these dtypes and shapes.
+        limits = ReplyLimits(sum(s.nbytes for s in specs.values()), 1, specs)
+        stage = ("forwarded_shares", forwarded_message(shares))
+        got = await self._train_request(task, pb.TASK_KIND_TRAIN_MASKED, limits, stage)
+
+        def decode() -> TrainResult:
+            result = train_result_from(settings_data(got.message.reply.info), got.payload)
+            masked = got.payload.get("masked")
+            if not isinstance(masked, Vector):
+                raise ClientError(f"client {self.name}: a masked train reply without 'masked'")
+            return replace(result, masked=MaskedInput(self.name, masked))
+
+        return self._undecodable_drops(decode)
+
+    async def secagg_unmask(self, request: UnmaskRequest) -> UnmaskShares:
+        from fedpipe.common.secagg.wire import unmask_request_message, unmask_shares_record
+
+        round_number, roster = self._secagg_round(), self._secagg_roster()
+        self._secagg = None  # one reveal per session
+        stage = ("unmask_request", unmask_request_message(request))
+        reply = await self._stage(pb.TASK_KIND_SECAGG_UNMASK, round_number, stage, "unmask_shares")
+        return self._stage_record(
+            lambda: unmask_shares_record(reply.unmask_shares, self.name, roster)
+        )
+
+    async def _stage(
+        self, kind: int, round_number: int, stage: tuple[str, Any] | None, answer: str
+    ) -> Any:
+        """Send a stage's task; its reply, holding ``answer`` (untrusted, not decoded yet)."""
+        got = await self._request(kind, round_number, {}, None, limits=STAGE_REPLY, stage=stage)
+        reply = got.message.reply
+        if reply.WhichOneof("secagg") != answer:
+            self._rejected("undecodable")
+            raise ClientError(f"client {self.name}: a secure aggregation reply without {answer}")
+        return reply
+
+    def _stage_record(self, decode: Callable[[], T]) -> T:
+        try:
+            return decode()
+        except ProtocolError as exc:
+            self._rejected("undecodable")
+            raise ClientError(f"client {self.name}: {exc}") from None
+
+    def _secagg_round(self) -> int:
+        if self._secagg is None:
+            raise ClientError(f"client {self.name}: no secure aggregation session")
+        return self._secagg[0]
+
+    def _secagg_roster(self) -> Roster:
+        if self._secagg is None or self._secagg[1] is None:
+            raise ClientError(f"client {self.name}: no secure aggregation roster")
+        return self._secagg[1]
+
     async def _request(
         self,
         kind: int,
@@ -204,6 +309,7 @@ class GrpcClient(ClientProxy):
         weight_specs: list[Any] | None = None,
         cache: dict[str, Any] | None = None,
         limits: ReplyLimits,
+        stage: tuple[str, Any] | None = None,
     ) -> Received[Any]:
         if self._sending and self._closed is None:
             # The last task's frames are still going out: a client that reads nothing more
@@ -221,6 +327,8 @@ class GrpcClient(ClientProxy):
         )
         if payload is not None:
             task.payload.CopyFrom(payload.header)
+        if stage is not None:  # a secure aggregation stage's message: (its field, itself)
+            getattr(task, stage[0]).CopyFrom(stage[1])
         envelope = pb.ServerMessage(task=task).SerializeToString()
         frames = itertools.chain(
             [envelope], _chunk_frames(payload, cache) if payload is not None else []

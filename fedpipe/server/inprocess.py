@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import replace
 from typing import TYPE_CHECKING, Literal, TypeVar
 
 from fedpipe.common.config import ConfigError, DpSgdConfig
@@ -246,19 +245,14 @@ class InProcessClient(ClientProxy):
         return self._session().share_keys(roster)
 
     async def train_masked(self, task: RoundTask, shares: ForwardedShares) -> TrainResult:
-        from fedpipe.common.secagg.partials import secure_input
+        from fedpipe.common.secagg.partials import masked_result
 
         session = self._session(task.round_number)
         result = await self.train(task)
-        update, weight = secure_input(self.trainer.aggregator, result.partial)
         try:
-            masked = session.masked_input(shares, update, weight)
-        except ValueError as exc:  # the encoding's bounds: say which setting to change
-            raise ClientError(
-                f"client {self.name}: cannot encode its update: {exc} "
-                "(see secure_aggregation.max_weight and bits)"
-            ) from None
-        return replace(result, partial=Summable({}), masked=masked)
+            return masked_result(session, self.trainer.aggregator, result, shares)
+        except ValueError as exc:
+            raise ClientError(f"client {self.name}: {exc}") from None
 
     async def secagg_unmask(self, request: UnmaskRequest) -> UnmaskShares:
         session = self._session()

@@ -18,14 +18,13 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 from fedpipe.common.aggregators import Aggregator
 from fedpipe.common.config import ConfigError, SecureAggregationConfig, ServerConfig
 from fedpipe.common.optim import Optimizer
 from fedpipe.common.training import TrainResult
-from fedpipe.common.vector import ArraySpec
 from fedpipe.server.client_log import RoundClients
 from fedpipe.server.clients import ClientError, ClientProxy, RoundTask
 
@@ -149,6 +148,8 @@ class _Session:
     async def run(
         self, task: RoundTask, folded: _Fold, clients: RoundClients, start: float
     ) -> AggregateResult:
+        from fedpipe.common.secagg.partials import masked_specs
+
         server, collect = self.server, self.fl_run._collect
         await collect(
             list(self.by_name.values()),
@@ -166,7 +167,7 @@ class _Session:
             self.failures,
         )
         forwarded = server.forward_shares()
-        specs = _masked_specs(self.fl_run.specs, roster.encoding.dtype.name)
+        specs = masked_specs(self.fl_run.specs, roster.encoding.dtype.name)
 
         def masked(client: ClientProxy, result: TrainResult) -> None:
             masked_input = _check_reply(result)
@@ -210,14 +211,6 @@ def _checked(client: ClientProxy, sender: str, receive: Callable[[], None]) -> N
         receive()
     except SecureAggregationError as exc:
         raise ClientError(str(exc)) from None
-
-
-def _masked_specs(specs: Mapping[str, ArraySpec], dtype: str) -> dict[str, ArraySpec]:
-    """What a masked input holds: the model's arrays and the weight, as ring elements."""
-    from fedpipe.common.secagg.quantization import WEIGHT
-
-    ring = {k: ArraySpec(s.shape, dtype) for k, s in specs.items()}
-    return {WEIGHT: ArraySpec((1,), dtype), **ring}
 
 
 def _check_reply(result: TrainResult) -> MaskedInput:

@@ -49,13 +49,18 @@ def server_config(tmp_path: Path, **overrides: Any) -> ServerConfig:
 
 
 def spawn_client(
-    port: int, name: str, data: Path, *extra: str, eval_fraction: float = 0.2
+    port: int,
+    name: str,
+    data: Path,
+    *extra: str,
+    eval_fraction: float = 0.2,
+    module: str = "fedpipe",
 ) -> subprocess.Popen[str]:
-    """A real ``fedpipe client`` process."""
+    """A real ``fedpipe client`` process (``python -m module``: fedpipe's command line)."""
     args = [
         sys.executable,
         "-m",
-        "fedpipe",
+        module,
         "-v",
         "client",
         "--server",

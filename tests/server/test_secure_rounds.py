@@ -25,8 +25,6 @@ from fedpipe.common.secagg import FixedPoint
 from fedpipe.common.secagg.messages import UnmaskRequest, UnmaskShares
 from fedpipe.common.training import TrainResult
 from fedpipe.server.clients import ClientError, RoundTask
-from fedpipe.server.daemon import serve
-from fedpipe.server.grpc_transport import GrpcClient
 from fedpipe.server.inprocess import InProcessClient
 from fedpipe.server.rounds import RunSummary
 from fedpipe.server.simulation import simulate
@@ -235,16 +233,16 @@ def test_bad_secure_aggregation_settings_are_refused(
         ServerConfig(min_clients=8, secure_aggregation=settings)
 
 
-def test_grpc_refuses_secure_aggregation_rather_than_send_plain_updates(tmp_path: Path) -> None:
+def test_dask_refuses_secure_aggregation_rather_than_send_plain_updates(tmp_path: Path) -> None:
     config = ServerConfig(secure_aggregation=SECURE, min_clients=5, output_dir=tmp_path)
-    with pytest.raises(ConfigError, match="in-process simulation only for now"):
-        asyncio.run(serve(config))
-    with pytest.raises(ValidationError, match="transport='inprocess' only for now"):
-        SimulationConfig(transport="grpc", server=config)
+    with pytest.raises(ValidationError, match="the dask transport does not carry its stages"):
+        SimulationConfig(transport="dask", server=config)
+    SimulationConfig(transport="grpc", server=config)  # the gRPC transport carries them
 
-    remote = GrpcClient.__new__(GrpcClient)  # its stages, whatever its connection
+    dask = pytest.importorskip("fedpipe.server.transports.dask.proxy")
+    remote = dask.DaskClient.__new__(dask.DaskClient)  # its stages, whatever its connection
     remote.name = "remote"
-    with pytest.raises(ClientError, match="remote: GrpcClient does not carry secure aggregat"):
+    with pytest.raises(ClientError, match="remote: DaskClient does not carry secure aggregat"):
         asyncio.run(remote.secagg_advertise(1))
 
 

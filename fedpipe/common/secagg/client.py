@@ -167,6 +167,11 @@ class SecAggClient:
                 key_shares[owner] = plain[shamir.SHARE_BYTES :]
         return UnmaskShares(self.name, seed_shares, key_shares)
 
+    @property
+    def roster(self) -> Roster | None:
+        """The roster of stage 1, once received."""
+        return self._roster
+
     def advertise_record(self) -> AdvertiseKeys:
         """The keys this client advertises (what a roster must list for it)."""
         return AdvertiseKeys(

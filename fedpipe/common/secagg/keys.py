@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 __all__ = [
     "KEY_BYTES",
+    "SEALED_OVERHEAD",
     "ShareDecryptionError",
     "decrypt_shares",
     "derive_seed",
@@ -33,6 +34,8 @@ __all__ = [
 KEY_BYTES = 32
 
 _NONCE_BYTES = 12
+#: Bytes :func:`encrypt_shares` adds to its plaintext: the nonce and the Poly1305 tag.
+SEALED_OVERHEAD = _NONCE_BYTES + 16
 
 
 class ShareDecryptionError(ValueError):

@@ -11,14 +11,22 @@ needs each client's plain update, which secure aggregation exists to hide.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from fedpipe.common.aggregators import Aggregator, AveragingAggregator, SumAggregator
+from fedpipe.common.secagg.quantization import WEIGHT
 from fedpipe.common.summable import Summable
+from fedpipe.common.training import TrainResult
 from fedpipe.common.vector import ArraySpec, Vector
 
-__all__ = ["check_aggregator", "secure_input", "secure_partial"]
+if TYPE_CHECKING:
+    from fedpipe.common.secagg.client import SecAggClient
+    from fedpipe.common.secagg.messages import ForwardedShares
+
+__all__ = ["check_aggregator", "masked_result", "masked_specs", "secure_input", "secure_partial"]
 
 
 def check_aggregator(aggregator: Aggregator) -> None:
@@ -44,6 +52,33 @@ def secure_input(aggregator: Aggregator, partial: Summable) -> tuple[Vector, int
         )
     summed = partial.vector("weighted_sum").to_numpy()
     return summed.apply(lambda a: np.asarray(a, np.float64) / weight), int(weight)
+
+
+def masked_result(
+    client: SecAggClient, aggregator: Aggregator, result: TrainResult, shares: ForwardedShares
+) -> TrainResult:
+    """``result`` with its update masked by ``client`` (stage 2) in place of its partial.
+
+    Raises
+    ------
+    ValueError
+        The update cannot be encoded (a weight above ``max_weight``, a value not finite).
+    """
+    update, weight = secure_input(aggregator, result.partial)
+    try:
+        masked = client.masked_input(shares, update, weight)
+    except ValueError as exc:  # the encoding's bounds: say which setting to change
+        raise ValueError(
+            f"cannot encode its update: {exc} (see secure_aggregation.max_weight and bits)"
+        ) from None
+    return replace(result, partial=Summable({}), masked=masked)
+
+
+def masked_specs(specs: Mapping[str, ArraySpec], dtype: str) -> dict[str, ArraySpec]:
+    """What a masked input holds: the model's arrays and the weight, as ring elements of
+    ``dtype`` (the encoding's)."""
+    ring = {k: ArraySpec(s.shape, dtype) for k, s in specs.items()}
+    return {WEIGHT: ArraySpec((1,), dtype), **ring}
 
 
 def secure_partial(

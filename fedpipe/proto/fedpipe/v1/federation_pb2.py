@@ -22,32 +22,33 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from fedpipe.proto.fedpipe.v1 import secagg_pb2 as fedpipe_dot_v1_dot_secagg__pb2
 from fedpipe.proto.fedpipe.v1 import tensor_pb2 as fedpipe_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x66\x65\x64pipe/v1/federation.proto\x12\nfedpipe.v1\x1a\x17\x66\x65\x64pipe/v1/tensor.proto\"\x81\x01\n\rClientMessage\x12\"\n\x05hello\x18\x01 \x01(\x0b\x32\x11.fedpipe.v1.HelloH\x00\x12\"\n\x05reply\x18\x02 \x01(\x0b\x32\x11.fedpipe.v1.ReplyH\x00\x12 \n\x05\x63hunk\x18\x0f \x01(\x0b\x32\x11.fedpipe.v1.ChunkB\x06\n\x04kind\"\x83\x01\n\rServerMessage\x12&\n\x07welcome\x18\x01 \x01(\x0b\x32\x13.fedpipe.v1.WelcomeH\x00\x12 \n\x04task\x18\x02 \x01(\x0b\x32\x10.fedpipe.v1.TaskH\x00\x12 \n\x05\x63hunk\x18\x0f \x01(\x0b\x32\x11.fedpipe.v1.ChunkB\x06\n\x04kind\">\n\x0b\x44\x61taSummary\x12\x17\n\x0fn_train_samples\x18\x01 \x01(\x04\x12\x16\n\x0en_eval_samples\x18\x02 \x01(\x04\"\x84\x01\n\x05Hello\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x13\n\x0b\x63lient_name\x18\x02 \x01(\t\x12\r\n\x05token\x18\x03 \x01(\t\x12%\n\x04\x64\x61ta\x18\x04 \x01(\x0b\x32\x17.fedpipe.v1.DataSummary\x12\x16\n\x0esession_secret\x18\x05 \x01(\t\"_\n\x07Welcome\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x12\n\nsession_id\x18\x03 \x01(\t\x12\x16\n\x0esession_secret\x18\x04 \x01(\t\"\xc9\x01\n\x04Task\x12\x0f\n\x07task_id\x18\x01 \x01(\x04\x12\"\n\x04kind\x18\x02 \x01(\x0e\x32\x14.fedpipe.v1.TaskKind\x12\r\n\x05round\x18\x03 \x01(\r\x12#\n\x08settings\x18\x04 \x01(\x0b\x32\x11.fedpipe.v1.Value\x12*\n\x07payload\x18\x05 \x01(\x0b\x32\x19.fedpipe.v1.PayloadHeader\x12,\n\x0cweight_specs\x18\x06 \x03(\x0b\x32\x16.fedpipe.v1.TensorSpec\"t\n\x05Reply\x12\x0f\n\x07task_id\x18\x01 \x01(\x04\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12\x1f\n\x04info\x18\x03 \x01(\x0b\x32\x11.fedpipe.v1.Value\x12*\n\x07payload\x18\x04 \x01(\x0b\x32\x19.fedpipe.v1.PayloadHeader*\x80\x01\n\x08TaskKind\x12\x19\n\x15TASK_KIND_UNSPECIFIED\x10\x00\x12\x18\n\x14TASK_KIND_INITIALIZE\x10\x01\x12\x13\n\x0fTASK_KIND_TRAIN\x10\x02\x12\x16\n\x12TASK_KIND_EVALUATE\x10\x03\x12\x12\n\x0eTASK_KIND_STOP\x10\x04\x32Q\n\nFederation\x12\x43\n\x07Session\x12\x19.fedpipe.v1.ClientMessage\x1a\x19.fedpipe.v1.ServerMessage(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x66\x65\x64pipe/v1/federation.proto\x12\nfedpipe.v1\x1a\x17\x66\x65\x64pipe/v1/secagg.proto\x1a\x17\x66\x65\x64pipe/v1/tensor.proto\"\x81\x01\n\rClientMessage\x12\"\n\x05hello\x18\x01 \x01(\x0b\x32\x11.fedpipe.v1.HelloH\x00\x12\"\n\x05reply\x18\x02 \x01(\x0b\x32\x11.fedpipe.v1.ReplyH\x00\x12 \n\x05\x63hunk\x18\x0f \x01(\x0b\x32\x11.fedpipe.v1.ChunkB\x06\n\x04kind\"\x83\x01\n\rServerMessage\x12&\n\x07welcome\x18\x01 \x01(\x0b\x32\x13.fedpipe.v1.WelcomeH\x00\x12 \n\x04task\x18\x02 \x01(\x0b\x32\x10.fedpipe.v1.TaskH\x00\x12 \n\x05\x63hunk\x18\x0f \x01(\x0b\x32\x11.fedpipe.v1.ChunkB\x06\n\x04kind\">\n\x0b\x44\x61taSummary\x12\x17\n\x0fn_train_samples\x18\x01 \x01(\x04\x12\x16\n\x0en_eval_samples\x18\x02 \x01(\x04\"\x84\x01\n\x05Hello\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x13\n\x0b\x63lient_name\x18\x02 \x01(\t\x12\r\n\x05token\x18\x03 \x01(\t\x12%\n\x04\x64\x61ta\x18\x04 \x01(\x0b\x32\x17.fedpipe.v1.DataSummary\x12\x16\n\x0esession_secret\x18\x05 \x01(\t\"_\n\x07Welcome\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x12\n\nsession_id\x18\x03 \x01(\t\x12\x16\n\x0esession_secret\x18\x04 \x01(\t\"\xf9\x02\n\x04Task\x12\x0f\n\x07task_id\x18\x01 \x01(\x04\x12\"\n\x04kind\x18\x02 \x01(\x0e\x32\x14.fedpipe.v1.TaskKind\x12\r\n\x05round\x18\x03 \x01(\r\x12#\n\x08settings\x18\x04 \x01(\x0b\x32\x11.fedpipe.v1.Value\x12*\n\x07payload\x18\x05 \x01(\x0b\x32\x19.fedpipe.v1.PayloadHeader\x12,\n\x0cweight_specs\x18\x06 \x03(\x0b\x32\x16.fedpipe.v1.TensorSpec\x12*\n\x06roster\x18\x07 \x01(\x0b\x32\x18.fedpipe.v1.SecAggRosterH\x00\x12=\n\x10\x66orwarded_shares\x18\x08 \x01(\x0b\x32!.fedpipe.v1.SecAggForwardedSharesH\x00\x12\x39\n\x0eunmask_request\x18\t \x01(\x0b\x32\x1f.fedpipe.v1.SecAggUnmaskRequestH\x00\x42\x08\n\x06secagg\"\x92\x02\n\x05Reply\x12\x0f\n\x07task_id\x18\x01 \x01(\x04\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12\x1f\n\x04info\x18\x03 \x01(\x0b\x32\x11.fedpipe.v1.Value\x12*\n\x07payload\x18\x04 \x01(\x0b\x32\x19.fedpipe.v1.PayloadHeader\x12&\n\x04keys\x18\x05 \x01(\x0b\x32\x16.fedpipe.v1.SecAggKeysH\x00\x12\x31\n\nshare_keys\x18\x06 \x01(\x0b\x32\x1b.fedpipe.v1.SecAggShareKeysH\x00\x12\x37\n\runmask_shares\x18\x07 \x01(\x0b\x32\x1e.fedpipe.v1.SecAggUnmaskSharesH\x00\x42\x08\n\x06secagg*\xf5\x01\n\x08TaskKind\x12\x19\n\x15TASK_KIND_UNSPECIFIED\x10\x00\x12\x18\n\x14TASK_KIND_INITIALIZE\x10\x01\x12\x13\n\x0fTASK_KIND_TRAIN\x10\x02\x12\x16\n\x12TASK_KIND_EVALUATE\x10\x03\x12\x12\n\x0eTASK_KIND_STOP\x10\x04\x12\x1e\n\x1aTASK_KIND_SECAGG_ADVERTISE\x10\x05\x12\x1a\n\x16TASK_KIND_SECAGG_SHARE\x10\x06\x12\x1a\n\x16TASK_KIND_TRAIN_MASKED\x10\x07\x12\x1b\n\x17TASK_KIND_SECAGG_UNMASK\x10\x08\x32Q\n\nFederation\x12\x43\n\x07Session\x12\x19.fedpipe.v1.ClientMessage\x1a\x19.fedpipe.v1.ServerMessage(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fedpipe.proto.fedpipe.v1.federation_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TASKKIND']._serialized_start=953
-  _globals['_TASKKIND']._serialized_end=1081
-  _globals['_CLIENTMESSAGE']._serialized_start=69
-  _globals['_CLIENTMESSAGE']._serialized_end=198
-  _globals['_SERVERMESSAGE']._serialized_start=201
-  _globals['_SERVERMESSAGE']._serialized_end=332
-  _globals['_DATASUMMARY']._serialized_start=334
-  _globals['_DATASUMMARY']._serialized_end=396
-  _globals['_HELLO']._serialized_start=399
-  _globals['_HELLO']._serialized_end=531
-  _globals['_WELCOME']._serialized_start=533
-  _globals['_WELCOME']._serialized_end=628
-  _globals['_TASK']._serialized_start=631
-  _globals['_TASK']._serialized_end=832
-  _globals['_REPLY']._serialized_start=834
-  _globals['_REPLY']._serialized_end=950
-  _globals['_FEDERATION']._serialized_start=1083
-  _globals['_FEDERATION']._serialized_end=1164
+  _globals['_TASKKIND']._serialized_start=1313
+  _globals['_TASKKIND']._serialized_end=1558
+  _globals['_CLIENTMESSAGE']._serialized_start=94
+  _globals['_CLIENTMESSAGE']._serialized_end=223
+  _globals['_SERVERMESSAGE']._serialized_start=226
+  _globals['_SERVERMESSAGE']._serialized_end=357
+  _globals['_DATASUMMARY']._serialized_start=359
+  _globals['_DATASUMMARY']._serialized_end=421
+  _globals['_HELLO']._serialized_start=424
+  _globals['_HELLO']._serialized_end=556
+  _globals['_WELCOME']._serialized_start=558
+  _globals['_WELCOME']._serialized_end=653
+  _globals['_TASK']._serialized_start=656
+  _globals['_TASK']._serialized_end=1033
+  _globals['_REPLY']._serialized_start=1036
+  _globals['_REPLY']._serialized_end=1310
+  _globals['_FEDERATION']._serialized_start=1560
+  _globals['_FEDERATION']._serialized_end=1641
 # @@protoc_insertion_point(module_scope)

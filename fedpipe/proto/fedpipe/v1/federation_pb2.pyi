@@ -1,3 +1,4 @@
+from fedpipe.proto.fedpipe.v1 import secagg_pb2 as _secagg_pb2
 from fedpipe.proto.fedpipe.v1 import tensor_pb2 as _tensor_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
@@ -15,11 +16,19 @@ class TaskKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TASK_KIND_TRAIN: _ClassVar[TaskKind]
     TASK_KIND_EVALUATE: _ClassVar[TaskKind]
     TASK_KIND_STOP: _ClassVar[TaskKind]
+    TASK_KIND_SECAGG_ADVERTISE: _ClassVar[TaskKind]
+    TASK_KIND_SECAGG_SHARE: _ClassVar[TaskKind]
+    TASK_KIND_TRAIN_MASKED: _ClassVar[TaskKind]
+    TASK_KIND_SECAGG_UNMASK: _ClassVar[TaskKind]
 TASK_KIND_UNSPECIFIED: TaskKind
 TASK_KIND_INITIALIZE: TaskKind
 TASK_KIND_TRAIN: TaskKind
 TASK_KIND_EVALUATE: TaskKind
 TASK_KIND_STOP: TaskKind
+TASK_KIND_SECAGG_ADVERTISE: TaskKind
+TASK_KIND_SECAGG_SHARE: TaskKind
+TASK_KIND_TRAIN_MASKED: TaskKind
+TASK_KIND_SECAGG_UNMASK: TaskKind
 
 class ClientMessage(_message.Message):
     __slots__ = ("hello", "reply", "chunk")
@@ -76,29 +85,41 @@ class Welcome(_message.Message):
     def __init__(self, protocol_version: _Optional[int] = ..., run_id: _Optional[str] = ..., session_id: _Optional[str] = ..., session_secret: _Optional[str] = ...) -> None: ...
 
 class Task(_message.Message):
-    __slots__ = ("task_id", "kind", "round", "settings", "payload", "weight_specs")
+    __slots__ = ("task_id", "kind", "round", "settings", "payload", "weight_specs", "roster", "forwarded_shares", "unmask_request")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     SETTINGS_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_SPECS_FIELD_NUMBER: _ClassVar[int]
+    ROSTER_FIELD_NUMBER: _ClassVar[int]
+    FORWARDED_SHARES_FIELD_NUMBER: _ClassVar[int]
+    UNMASK_REQUEST_FIELD_NUMBER: _ClassVar[int]
     task_id: int
     kind: TaskKind
     round: int
     settings: _tensor_pb2.Value
     payload: _tensor_pb2.PayloadHeader
     weight_specs: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.TensorSpec]
-    def __init__(self, task_id: _Optional[int] = ..., kind: _Optional[_Union[TaskKind, str]] = ..., round: _Optional[int] = ..., settings: _Optional[_Union[_tensor_pb2.Value, _Mapping]] = ..., payload: _Optional[_Union[_tensor_pb2.PayloadHeader, _Mapping]] = ..., weight_specs: _Optional[_Iterable[_Union[_tensor_pb2.TensorSpec, _Mapping]]] = ...) -> None: ...
+    roster: _secagg_pb2.SecAggRoster
+    forwarded_shares: _secagg_pb2.SecAggForwardedShares
+    unmask_request: _secagg_pb2.SecAggUnmaskRequest
+    def __init__(self, task_id: _Optional[int] = ..., kind: _Optional[_Union[TaskKind, str]] = ..., round: _Optional[int] = ..., settings: _Optional[_Union[_tensor_pb2.Value, _Mapping]] = ..., payload: _Optional[_Union[_tensor_pb2.PayloadHeader, _Mapping]] = ..., weight_specs: _Optional[_Iterable[_Union[_tensor_pb2.TensorSpec, _Mapping]]] = ..., roster: _Optional[_Union[_secagg_pb2.SecAggRoster, _Mapping]] = ..., forwarded_shares: _Optional[_Union[_secagg_pb2.SecAggForwardedShares, _Mapping]] = ..., unmask_request: _Optional[_Union[_secagg_pb2.SecAggUnmaskRequest, _Mapping]] = ...) -> None: ...
 
 class Reply(_message.Message):
-    __slots__ = ("task_id", "error", "info", "payload")
+    __slots__ = ("task_id", "error", "info", "payload", "keys", "share_keys", "unmask_shares")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     INFO_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    SHARE_KEYS_FIELD_NUMBER: _ClassVar[int]
+    UNMASK_SHARES_FIELD_NUMBER: _ClassVar[int]
     task_id: int
     error: str
     info: _tensor_pb2.Value
     payload: _tensor_pb2.PayloadHeader
-    def __init__(self, task_id: _Optional[int] = ..., error: _Optional[str] = ..., info: _Optional[_Union[_tensor_pb2.Value, _Mapping]] = ..., payload: _Optional[_Union[_tensor_pb2.PayloadHeader, _Mapping]] = ...) -> None: ...
+    keys: _secagg_pb2.SecAggKeys
+    share_keys: _secagg_pb2.SecAggShareKeys
+    unmask_shares: _secagg_pb2.SecAggUnmaskShares
+    def __init__(self, task_id: _Optional[int] = ..., error: _Optional[str] = ..., info: _Optional[_Union[_tensor_pb2.Value, _Mapping]] = ..., payload: _Optional[_Union[_tensor_pb2.PayloadHeader, _Mapping]] = ..., keys: _Optional[_Union[_secagg_pb2.SecAggKeys, _Mapping]] = ..., share_keys: _Optional[_Union[_secagg_pb2.SecAggShareKeys, _Mapping]] = ..., unmask_shares: _Optional[_Union[_secagg_pb2.SecAggUnmaskShares, _Mapping]] = ...) -> None: ...
