@@ -125,3 +125,30 @@ def test_dask_config_says_what_is_wrong(dask: dict[str, Any], message: str) -> N
         SimulationConfig.model_validate({"transport": "dask", "dask": dask})
     with pytest.raises(pydantic.ValidationError, match="each worker trains its clients one"):
         SimulationConfig.model_validate({"transport": "dask", "mode": "vectorized"})
+
+
+def test_dask_clients_add_distributed_dp_noise_like_in_process(
+    cluster: Any, tmp_path: Path
+) -> None:
+    # Each client clips and noises its own update: on a Dask worker as in-process (the same
+    # client-local noise_seed gives the same noise, so the same weights bit for bit).
+    privacy = {"mode": "distributed", "clip": 0.5, "noise_multiplier": 50.0}
+    server = {
+        "sampler": ["uniform", {"count": 10}],
+        "aggregator": ["averaging", {"weighting": "uniform"}],
+        "privacy": privacy,
+        "rounds": 2,
+    }
+    reference = simulate(config(tmp_path, "inprocess", noise_seed=3, server=server))
+    sim = config(
+        tmp_path,
+        "dask",
+        noise_seed=3,
+        transport="dask",
+        dask={"scheduler": cluster.scheduler_address},
+        server=server,
+    )
+    summary = simulate(sim)
+    assert summary.status == reference.status == "completed"
+    for name, array in reference.weights.coefs.items():
+        assert np.array_equal(summary.weights.coefs[name], array), name

@@ -79,10 +79,12 @@ class DaskFleet:
         resources: Mapping[str, float] | None = None,
         plugins: list[str] | None = None,
         device: Any = None,
+        noise_seed: int | None = None,
     ) -> None:
         self.client = client
         self.resources = dict(resources or {})
         self.plugins, self.device = list(plugins or []), device
+        self.noise_seed = noise_seed
         self.plugin = f"fedpipe-sim-{uuid.uuid4().hex}"
         self.workers: list[str] = []  # live, with the resources
         self.owners: dict[str, str] = {}  # client name -> its worker
@@ -94,7 +96,7 @@ class DaskFleet:
 
     async def start(self, setup: RunSetup) -> None:
         """Install the run's registry on every worker (those that join later too)."""
-        plugin = WorkerClients(setup.to_data(), self.plugins, self.device)
+        plugin = WorkerClients(setup.to_data(), self.plugins, self.device, self.noise_seed)
         await self.client.register_plugin(plugin, name=self.plugin)
         self._started = True
         await self._refresh()
@@ -253,6 +255,8 @@ class DaskFleet:
                 if op == "train"
                 else {},
             }
+            if op == "train" and task.settings.get("dp"):  # distributed DP: clients noise
+                payload["dp"] = dict(task.settings["dp"])
             scattered = task.cache[key] = asyncio.ensure_future(
                 self.client.scatter([payload], broadcast=True, hash=False)
             )
