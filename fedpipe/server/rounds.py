@@ -39,7 +39,12 @@ from fedpipe.server.checkpoint import (
 from fedpipe.server.client_log import ClientLog, RoundClients
 from fedpipe.server.clients import ClientError, ClientPool, ClientProxy, RoundTask, RunOutcome
 from fedpipe.server.history import EarlyStopping, History
-from fedpipe.server.privacy.client_level import BudgetSpent, ClientLevelDP, build_client_level_dp
+from fedpipe.server.privacy.client_level import (
+    BudgetSpent,
+    ClientLevelDP,
+    build_client_level_dp,
+    check_private_run,
+)
 from fedpipe.server.root_update import RootUpdate
 from fedpipe.server.run_dir import prepare_run_dir
 from fedpipe.server.run_lock import RunLock
@@ -164,6 +169,7 @@ class FederatedRun:
         # ---- client-level DP (fedpipe.server.privacy) ----
         self.privacy: ClientLevelDP | None = None
         if config.privacy is not None:
+            check_private_run(config)
             self.privacy = build_client_level_dp(
                 config.privacy, self.sampler, self.aggregator, config.rounds, config.min_clients
             )

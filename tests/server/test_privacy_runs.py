@@ -213,3 +213,11 @@ def test_the_progress_line_shows_epsilon_and_delta() -> None:
     record = {"round": 2, "sampled": 4, "replied": 4, "epsilon": 1.25, "delta": 1e-5}
     line = format_round({**record, "seconds": 0.5}, 6)
     assert "epsilon 1.2500  delta 1.0e-05" in line
+
+
+def test_validation_is_refused_with_dp(tmp_path: Path) -> None:
+    # Rejecting by the round's median norm lets one client decide whether others count: the
+    # sum then moves by more than one clip, which the accountant assumes.
+    settings = {"sampler": ["poisson", {"q": 0.5}], "aggregator": UNIFORM, "privacy": DP}
+    with pytest.raises(ConfigError, match="privacy with validation"):
+        simulate(sim_config(tmp_path, 4, **settings, validation={"max_norm_ratio": 3.0}))

@@ -27,7 +27,7 @@ import numpy as np
 
 from fedpipe.common.aggregators import Aggregator
 from fedpipe.common.aggregators.averaging import AveragingAggregator, SumAggregator
-from fedpipe.common.config import ConfigError, PrivacyConfig
+from fedpipe.common.config import ConfigError, PrivacyConfig, ServerConfig
 from fedpipe.common.state import State
 from fedpipe.common.summable import Summable
 from fedpipe.common.vector import Vector
@@ -35,7 +35,7 @@ from fedpipe.server.privacy.accountant import PrivacyAccountant
 from fedpipe.server.privacy.sampling import check_sampler, round_event
 from fedpipe.server.sampling import ClientSampler, PoissonSampler
 
-__all__ = ["BudgetSpent", "ClientLevelDP"]
+__all__ = ["BudgetSpent", "ClientLevelDP", "check_private_run"]
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,22 @@ def check_aggregator(aggregator: Aggregator) -> str:
         "each client's weight in the sum; use aggregator = ['averaging', {weighting = "
         "'uniform'}] or 'sum' (a client weighted by its sample count could outweigh the clip)"
     )
+
+
+def check_private_run(config: ServerConfig) -> None:
+    """Raise ConfigError if the run has a setting that lets client data reach the model past
+    the clip and the noise."""
+    refused = {
+        # Who counts depends on the others' norms: one client moves the sum by more than C.
+        "validation (rejecting by the round's median norm makes one client's presence "
+        "decide whether others count)": config.validation is not None,
+    }
+    for what, present in refused.items():
+        if present:
+            raise ConfigError(
+                f"privacy with {what}: the accountant assumes each client moves the noised sum "
+                "by at most one clip; remove one of them"
+            )
 
 
 class ClientLevelDP:
