@@ -169,7 +169,7 @@ class FederatedRun:
         # ---- client-level DP (fedpipe.server.privacy) ----
         self.privacy: ClientLevelDP | None = None
         if config.privacy is not None:
-            check_private_run(config)
+            check_private_run(config, self.optimizer)
             self.privacy = build_client_level_dp(
                 config.privacy, self.sampler, self.aggregator, config.rounds, config.min_clients
             )

@@ -221,3 +221,14 @@ def test_validation_is_refused_with_dp(tmp_path: Path) -> None:
     settings = {"sampler": ["poisson", {"q": 0.5}], "aggregator": UNIFORM, "privacy": DP}
     with pytest.raises(ConfigError, match="privacy with validation"):
         simulate(sim_config(tmp_path, 4, **settings, validation={"max_norm_ratio": 3.0}))
+
+
+def test_aux_var_modules_are_refused_with_dp(tmp_path: Path) -> None:
+    # SCAFFOLD's control variates reach the server optimizer unclipped and un-noised.
+    settings = {"sampler": ["poisson", {"q": 0.5}], "aggregator": UNIFORM, "privacy": DP}
+    modules = {
+        "client_optimizer": {"lrate": 0.3, "modules": ["scaffold-client"]},
+        "server_optimizer": {"modules": ["scaffold-server"]},
+    }
+    with pytest.raises(ConfigError, match="privacy with server_optimizer module 'scaffold-server'"):
+        simulate(sim_config(tmp_path, 4, **settings, **modules))

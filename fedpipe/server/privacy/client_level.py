@@ -28,6 +28,7 @@ import numpy as np
 from fedpipe.common.aggregators import Aggregator
 from fedpipe.common.aggregators.averaging import AveragingAggregator, SumAggregator
 from fedpipe.common.config import ConfigError, PrivacyConfig, ServerConfig
+from fedpipe.common.optim import Optimizer
 from fedpipe.common.state import State
 from fedpipe.common.summable import Summable
 from fedpipe.common.vector import Vector
@@ -57,7 +58,7 @@ def check_aggregator(aggregator: Aggregator) -> str:
     )
 
 
-def check_private_run(config: ServerConfig) -> None:
+def check_private_run(config: ServerConfig, optimizer: Optimizer) -> None:
     """Raise ConfigError if the run has a setting that lets client data reach the model past
     the clip and the noise."""
     refused = {
@@ -71,6 +72,15 @@ def check_private_run(config: ServerConfig) -> None:
                 f"privacy with {what}: the accountant assumes each client moves the noised sum "
                 "by at most one clip; remove one of them"
             )
+    client_optimizer = config.client_optimizer.build()
+    for side, built in (("server_optimizer", optimizer), ("client_optimizer", client_optimizer)):
+        for module in built.modules:
+            if module.aux_name is not None:  # SCAFFOLD's control variates...
+                raise ConfigError(
+                    f"privacy with {side} module {module.name!r}: its aux vars "
+                    f"({module.aux_name!r}) reach the server unclipped and un-noised; remove "
+                    "the module or privacy"
+                )
 
 
 class ClientLevelDP:
