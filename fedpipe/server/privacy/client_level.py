@@ -65,6 +65,9 @@ def check_private_run(config: ServerConfig, optimizer: Optimizer) -> None:
         # Who counts depends on the others' norms: one client moves the sum by more than C.
         "validation (rejecting by the round's median norm makes one client's presence "
         "decide whether others count)": config.validation is not None,
+        # The clients' statistics would go into the released model, neither clipped nor noised.
+        "model.buffers='average' (the clients' statistics would join the model unclipped and "
+        "un-noised)": config.model.buffers == "average",
     }
     for what, present in refused.items():
         if present:
