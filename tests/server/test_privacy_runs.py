@@ -128,6 +128,10 @@ def test_calibrated_run_spends_its_target(tmp_path: Path) -> None:
     [
         ({"sampler": ["weighted", {"count": 2}]}, "models only Poisson sampling"),
         ({"aggregator": "averaging"}, "bounds each client's weight in the sum"),
+        (  # DP's finalize is a plain mean: it would silently drop the gradient mask
+            {"aggregator": ["gradient-masked-averaging", {"weighting": "uniform"}]},
+            "gradient-masked-averaging",
+        ),
         ({"sampler": ["uniform", {"count": 2}], "privacy": {**DP, "accountant": "pld"}}, "PLD"),
     ],
 )

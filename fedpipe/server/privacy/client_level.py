@@ -46,10 +46,11 @@ class BudgetSpent(Exception):
 
 
 def check_aggregator(aggregator: Aggregator) -> str:
-    """The partial's sum field, if each client's update goes in with weight 1; else raise."""
-    if isinstance(aggregator, SumAggregator):
+    """The partial's sum field, if each client's update goes in with weight 1 and the
+    aggregator's result is that sum over a count (its ``finalize`` is bypassed); else raise."""
+    if type(aggregator) is SumAggregator:
         return "sum"
-    if isinstance(aggregator, AveragingAggregator) and aggregator.weights.weighting == "uniform":
+    if type(aggregator) is AveragingAggregator and aggregator.weights.weighting == "uniform":
         return "weighted_sum"
     raise ConfigError(
         f"aggregator {aggregator.name!r} ({aggregator.get_config()}): client-level DP bounds "
