@@ -175,8 +175,11 @@ class FederatedRun:
             )
         self.metric_specs = list(config.metrics)
         #: The sampler's random source: seeded with the run seed, advanced by each round's
-        #: draw, saved in the checkpoint (with the sampler's state) after each round.
-        self.rng = np.random.default_rng(config.seed)
+        #: draw, saved in the checkpoint (with the sampler's state) after each round. Under
+        #: client-level DP, from OS entropy: amplification by subsampling holds only if who
+        #: is drawn is secret, and every client knows the run seed.
+        seed = config.seed if self.privacy is None else np.random.SeedSequence()
+        self.rng = np.random.default_rng(seed)
         self.round = 0
         self.completed = 0  # rounds aggregated and checkpointed
         self._round_task: asyncio.Future[dict[str, Any]] | None = None

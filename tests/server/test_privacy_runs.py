@@ -236,3 +236,12 @@ def test_aux_var_modules_are_refused_with_dp(tmp_path: Path) -> None:
     }
     with pytest.raises(ConfigError, match="privacy with server_optimizer module 'scaffold-server'"):
         simulate(sim_config(tmp_path, 4, **settings, **modules))
+
+
+def test_who_is_sampled_is_secret_from_the_config_seed(tmp_path: Path) -> None:
+    # Amplification by subsampling assumes nobody knows who was drawn: the run seed, which
+    # every client receives, must not decide it (8 clients, q = 0.5, 6 rounds: two draws
+    # from private entropy agree with probability 2^-48).
+    first = simulate(dp_sim(tmp_path / "a"))
+    second = simulate(dp_sim(tmp_path / "b"))
+    assert [r["clients"] for r in first.history] != [r["clients"] for r in second.history]
