@@ -152,3 +152,29 @@ def test_dask_clients_add_distributed_dp_noise_like_in_process(
     assert summary.status == reference.status == "completed"
     for name, array in reference.weights.coefs.items():
         assert np.array_equal(summary.weights.coefs[name], array), name
+
+
+def test_dask_clients_evaluate_with_the_travelling_global_buffers(
+    cluster: Any, tmp_path: Path
+) -> None:
+    # model.buffers = "average": evaluation uses the server's averaged statistics, on a Dask
+    # worker as in-process (not the statistics the client was left with after training).
+    pytest.importorskip("torch")
+    model = {
+        "name": "tests.common.torch_models:build_batchnorm",
+        "buffers": "average",
+        "config": {"n_features": 64, "n_classes": 10},
+    }
+    server = {"model": model, "rounds": 2}
+    reference = simulate(config(tmp_path, "inprocess", server=server))
+    sim = config(
+        tmp_path,
+        "dask",
+        transport="dask",
+        dask={"scheduler": cluster.scheduler_address},
+        server=server,
+    )
+    summary = simulate(sim)
+    assert summary.status == reference.status == "completed"
+    for key in ("loss", "accuracy"):
+        assert [r[key] for r in summary.history] == [r[key] for r in reference.history], key

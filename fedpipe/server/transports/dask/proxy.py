@@ -245,15 +245,14 @@ class DaskFleet:
             self.load[owner] -= 1
 
     async def _shared(self, task: RoundTask, op: Op) -> Any:
-        """The task's weights (and aux vars, to train), scattered once to every worker."""
+        """The task's weights and aux vars (an evaluation's: the global buffers, when they
+        travel), scattered once to every worker."""
         key = f"dask/shared/{op}"
         scattered: asyncio.Future[Any] | None = task.cache.get(key)
         if scattered is None:
             payload = {
                 "weights": plain_vector(task.weights),
-                "aux_vars": {k: plain_summable(v) for k, v in task.aux_vars.items()}
-                if op == "train"
-                else {},
+                "aux_vars": {k: plain_summable(v) for k, v in task.aux_vars.items()},
             }
             if op == "train" and task.settings.get("dp"):  # distributed DP: clients noise
                 payload["dp"] = dict(task.settings["dp"])

@@ -169,7 +169,8 @@ def _run(
             if client.eval_data is None:
                 return "error", f"client {name} has no evaluation data"
             assert weights is not None
-            return "ok", plain_eval(client.trainer.evaluate(client.eval_data, weights))
+            evaluated = client.trainer.evaluate(client.eval_data, weights, aux_vars)
+            return "ok", plain_eval(evaluated)
         return "ok", None
     except Exception as exc:  # reported as this client's failure, as in-process clients' are
         log.warning("client %s failed %s: %s: %s", name, op, type(exc).__name__, exc)
