@@ -39,7 +39,12 @@ from fedpipe.server.checkpoint import (
 from fedpipe.server.client_log import ClientLog, RoundClients
 from fedpipe.server.clients import ClientError, ClientPool, ClientProxy, RoundTask, RunOutcome
 from fedpipe.server.history import EarlyStopping, History
-from fedpipe.server.privacy.client_level import BudgetSpent, ClientLevelDP, build_client_level_dp
+from fedpipe.server.privacy.client_level import (
+    BudgetSpent,
+    ClientLevelDP,
+    build_client_level_dp,
+    check_private_run,
+)
 from fedpipe.server.root_update import RootUpdate
 from fedpipe.server.run_dir import prepare_run_dir
 from fedpipe.server.run_lock import RunLock
@@ -164,13 +169,17 @@ class FederatedRun:
         # ---- client-level DP (fedpipe.server.privacy) ----
         self.privacy: ClientLevelDP | None = None
         if config.privacy is not None:
+            check_private_run(config, self.optimizer)
             self.privacy = build_client_level_dp(
                 config.privacy, self.sampler, self.aggregator, config.rounds, config.min_clients
             )
         self.metric_specs = list(config.metrics)
         #: The sampler's random source: seeded with the run seed, advanced by each round's
-        #: draw, saved in the checkpoint (with the sampler's state) after each round.
-        self.rng = np.random.default_rng(config.seed)
+        #: draw, saved in the checkpoint (with the sampler's state) after each round. Under
+        #: client-level DP, from OS entropy: amplification by subsampling holds only if who
+        #: is drawn is secret, and every client knows the run seed.
+        seed = config.seed if self.privacy is None else np.random.SeedSequence()
+        self.rng = np.random.default_rng(seed)
         self.round = 0
         self.completed = 0  # rounds aggregated and checkpointed
         self._round_task: asyncio.Future[dict[str, Any]] | None = None

@@ -201,3 +201,15 @@ def test_unknown_weighting_is_refused(name: str) -> None:
         registry.build("aggregator", name, {"weighting": "steps"})
     with pytest.raises(ValueError, match="weighting='capped' needs max_samples, an integer >= 1"):
         registry.build("aggregator", name, {"weighting": "capped"})
+
+
+def test_a_tiny_reported_weight_cannot_blow_the_update_up_to_infinity() -> None:
+    # Uniform weighting counts any client as 1, rescaling its sum by 1 / reported weight: a
+    # liar reporting 1e-320 must be refused, not turned into inf (which fails the round).
+    agg = registry.build("aggregator", "averaging", {"weighting": "uniform"})
+    liar = Summable({"weighted_sum": Vector({"w": np.ones(3)}), "total_weight": 1e-320})
+    agg.validate(liar, {"w": UPDATES[0][0].specs()["w"]})  # finite, non-negative: well formed
+    with pytest.raises(InvalidPartialError, match="not finite once weighted"):
+        agg.admit(liar)
+    honest = agg.prepare(UPDATES[0][0].copy(), *UPDATES[0][1:])
+    assert agg.admit(honest).vector("weighted_sum")["w"].tolist() == [1.0, 2.0, -1.0]

@@ -125,3 +125,58 @@ def test_dask_config_says_what_is_wrong(dask: dict[str, Any], message: str) -> N
         SimulationConfig.model_validate({"transport": "dask", "dask": dask})
     with pytest.raises(pydantic.ValidationError, match="each worker trains its clients one"):
         SimulationConfig.model_validate({"transport": "dask", "mode": "vectorized"})
+
+
+def test_dask_clients_add_distributed_dp_noise_like_in_process(
+    cluster: Any, tmp_path: Path
+) -> None:
+    # Each client clips and noises its own update: on a Dask worker as in-process (the same
+    # client-local noise_seed gives the same noise, so the same weights bit for bit).
+    privacy = {"mode": "distributed", "clip": 0.5, "noise_multiplier": 50.0}
+    server = {
+        "sampler": ["uniform", {"count": 10}],
+        "aggregator": ["averaging", {"weighting": "uniform"}],
+        "privacy": privacy,
+        "rounds": 2,
+    }
+    reference = simulate(config(tmp_path, "inprocess", noise_seed=3, server=server))
+    sim = config(
+        tmp_path,
+        "dask",
+        noise_seed=3,
+        transport="dask",
+        dask={"scheduler": cluster.scheduler_address},
+        server=server,
+    )
+    summary = simulate(sim)
+    assert summary.status == reference.status == "completed"
+    for name, array in reference.weights.coefs.items():
+        assert np.array_equal(summary.weights.coefs[name], array), name
+
+
+def test_dask_clients_evaluate_with_the_travelling_global_buffers(
+    cluster: Any, tmp_path: Path
+) -> None:
+    # model.buffers = "average": evaluation uses the server's averaged statistics, on a Dask
+    # worker as in-process (not the statistics the client was left with after training).
+    pytest.importorskip("torch")
+    model = {
+        "name": "tests.common.torch_models:build_batchnorm",
+        "buffers": "average",
+        "config": {"n_features": 64, "n_classes": 10},
+    }
+    server = {"model": model, "rounds": 2}
+    reference = simulate(config(tmp_path, "inprocess", server=server))
+    sim = config(
+        tmp_path,
+        "dask",
+        transport="dask",
+        dask={"scheduler": cluster.scheduler_address},
+        server=server,
+    )
+    summary = simulate(sim)
+    assert summary.status == reference.status == "completed"
+    # torch in another process may sum in another order (its own thread count): 1e-6, not bits
+    for key in ("loss", "accuracy"):
+        want = [r[key] for r in reference.history]
+        assert [r[key] for r in summary.history] == pytest.approx(want, rel=1e-6), key

@@ -49,7 +49,7 @@ def test_fixed_size_sampling_counts_replace_one_neighbours() -> None:
     for _ in range(20):
         accountant.spend(RoundEvent(1.0, population=100, sample_size=10))
     library = rdp.RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
-    inner = dp_accounting.GaussianDpEvent(1.0)
+    inner = dp_accounting.GaussianDpEvent(0.5)  # the sum moves by 2 x clip: z / 2
     library.compose(dp_accounting.SampledWithoutReplacementDpEvent(100, 10, inner), 20)
     assert accountant.epsilon() == pytest.approx(library.get_epsilon(DELTA), rel=1e-9)
     assert not PrivacyAccountant("pld", DELTA).supports(RoundEvent(1.0, 0.0, 100, 10))
@@ -77,3 +77,15 @@ def test_calibrated_noise_spends_the_target_in_the_planned_rounds() -> None:
         spent.spend(RoundEvent(sigma, q=0.1))
     assert spent.epsilon() == pytest.approx(4.0, rel=1e-3)
     assert spent.epsilon() <= 4.0 + 1e-6
+
+
+def test_fixed_size_sampling_accounts_the_sum_moving_by_twice_the_clip() -> None:
+    # Replacing one of n clients moves the clipped sum by up to 2 x clip: with every client
+    # drawn, the round is a Gaussian of std z x clip at distance 2 x clip, which the library's
+    # PLD models exactly (its REPLACE_ONE shifts both ways). RDP may be looser, never tighter.
+    accountant = PrivacyAccountant("rdp", DELTA)
+    for _ in range(5):
+        accountant.spend(RoundEvent(1.0, population=10, sample_size=10))
+    exact = pld.PLDAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
+    exact.compose(dp_accounting.GaussianDpEvent(1.0), 5)
+    assert accountant.epsilon() >= exact.get_epsilon(DELTA)

@@ -128,6 +128,10 @@ def test_calibrated_run_spends_its_target(tmp_path: Path) -> None:
     [
         ({"sampler": ["weighted", {"count": 2}]}, "models only Poisson sampling"),
         ({"aggregator": "averaging"}, "bounds each client's weight in the sum"),
+        (  # DP's finalize is a plain mean: it would silently drop the gradient mask
+            {"aggregator": ["gradient-masked-averaging", {"weighting": "uniform"}]},
+            "gradient-masked-averaging",
+        ),
         ({"sampler": ["uniform", {"count": 2}], "privacy": {**DP, "accountant": "pld"}}, "PLD"),
     ],
 )
@@ -213,3 +217,31 @@ def test_the_progress_line_shows_epsilon_and_delta() -> None:
     record = {"round": 2, "sampled": 4, "replied": 4, "epsilon": 1.25, "delta": 1e-5}
     line = format_round({**record, "seconds": 0.5}, 6)
     assert "epsilon 1.2500  delta 1.0e-05" in line
+
+
+def test_validation_is_refused_with_dp(tmp_path: Path) -> None:
+    # Rejecting by the round's median norm lets one client decide whether others count: the
+    # sum then moves by more than one clip, which the accountant assumes.
+    settings = {"sampler": ["poisson", {"q": 0.5}], "aggregator": UNIFORM, "privacy": DP}
+    with pytest.raises(ConfigError, match="privacy with validation"):
+        simulate(sim_config(tmp_path, 4, **settings, validation={"max_norm_ratio": 3.0}))
+
+
+def test_aux_var_modules_are_refused_with_dp(tmp_path: Path) -> None:
+    # SCAFFOLD's control variates reach the server optimizer unclipped and un-noised.
+    settings = {"sampler": ["poisson", {"q": 0.5}], "aggregator": UNIFORM, "privacy": DP}
+    modules = {
+        "client_optimizer": {"lrate": 0.3, "modules": ["scaffold-client"]},
+        "server_optimizer": {"modules": ["scaffold-server"]},
+    }
+    with pytest.raises(ConfigError, match="privacy with server_optimizer module 'scaffold-server'"):
+        simulate(sim_config(tmp_path, 4, **settings, **modules))
+
+
+def test_who_is_sampled_is_secret_from_the_config_seed(tmp_path: Path) -> None:
+    # Amplification by subsampling assumes nobody knows who was drawn: the run seed, which
+    # every client receives, must not decide it (8 clients, q = 0.5, 6 rounds: two draws
+    # from private entropy agree with probability 2^-48).
+    first = simulate(dp_sim(tmp_path / "a"))
+    second = simulate(dp_sim(tmp_path / "b"))
+    assert [r["clients"] for r in first.history] != [r["clients"] for r in second.history]

@@ -13,7 +13,7 @@ torch = pytest.importorskip("torch")
 
 from fedpipe.common.aggregators import AveragingAggregator  # noqa: E402
 from fedpipe.common.buffers import BUFFERS_AUX, buffers_share  # noqa: E402
-from fedpipe.common.config import SimulationConfig  # noqa: E402
+from fedpipe.common.config import ConfigError, PrivacyConfig, SimulationConfig  # noqa: E402
 from fedpipe.common.optim import Optimizer  # noqa: E402
 from fedpipe.common.training import LocalTrainer, TrainResult  # noqa: E402
 from fedpipe.common.vector import ArraySpec, Vector  # noqa: E402
@@ -141,3 +141,14 @@ def test_a_reply_that_breaks_the_runs_buffer_mode_is_rejected(
 def test_buffers_travel_from_and_to_gpu_clients(tmp_path: Path, replies: list[Reply]) -> None:
     config = sim(tmp_path, "average", rounds=2).model_copy(update={"device": "cuda"})
     check_round(tmp_path, replies, simulate(config))
+
+
+def test_travelling_buffers_are_refused_with_dp(tmp_path: Path) -> None:
+    # The clients' batch-norm statistics would go into the released model unclipped and
+    # un-noised, past client-level DP.
+    config = sim(tmp_path, "average")
+    config.server.sampler = ["poisson", {"q": 1.0}]
+    config.server.aggregator = ["averaging", {"weighting": "uniform"}]
+    config.server.privacy = PrivacyConfig(clip=1.0, noise_multiplier=1.0)
+    with pytest.raises(ConfigError, match=r"privacy with model\.buffers='average'"):
+        simulate(config)

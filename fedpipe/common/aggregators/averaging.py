@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from typing import Any, ClassVar
 
-from fedpipe.common.aggregators.base import Aggregator
+from fedpipe.common.aggregators.base import Aggregator, InvalidPartialError
 from fedpipe.common.aggregators.weighting import ClientWeighting, Weighting
 from fedpipe.common.summable import Summable
 from fedpipe.common.vector import Vector
@@ -69,6 +69,12 @@ class AveragingAggregator(Aggregator):
             factor *= min(1.0, self.max_norm / norm) if norm > 0 else 1.0
         if factor != 1.0:  # 1.0 for an honest client with no bound hit: bits unchanged
             partial.vector("weighted_sum").mul_(factor)
+        if factor > 1.0 and not partial.vector("weighted_sum").is_finite():
+            # only a weight reported below the counted one (uniform) scales a sum up
+            raise InvalidPartialError(
+                f"{self.name}: the update is not finite once weighted (reported weight "
+                f"{reported!r}, counted {counted!r})"
+            )
         partial.fields["total_weight"] = counted
         return partial
 

@@ -35,9 +35,13 @@ class RoundEvent:
     def dp_event(self) -> Any:
         import dp_accounting
 
-        gaussian = dp_accounting.GaussianDpEvent(self.noise_multiplier)
         if self.population == 0:
+            gaussian = dp_accounting.GaussianDpEvent(self.noise_multiplier)
             return dp_accounting.PoissonSampledDpEvent(self.q, gaussian)
+        # Replace-one neighbours: swapping one client's clipped update for another's moves the
+        # sum by up to 2 x clip, and the library's without-replacement bound takes the noise
+        # over that whole distance (Wang, Balle and Kasiviswanathan 2019): z / 2.
+        gaussian = dp_accounting.GaussianDpEvent(self.noise_multiplier / 2)
         return dp_accounting.SampledWithoutReplacementDpEvent(
             self.population, self.sample_size, gaussian
         )

@@ -27,7 +27,8 @@ import numpy as np
 
 from fedpipe.common.aggregators import Aggregator
 from fedpipe.common.aggregators.averaging import AveragingAggregator, SumAggregator
-from fedpipe.common.config import ConfigError, PrivacyConfig
+from fedpipe.common.config import ConfigError, PrivacyConfig, ServerConfig
+from fedpipe.common.optim import Optimizer
 from fedpipe.common.privacy.accountant import PrivacyAccountant
 from fedpipe.common.state import State
 from fedpipe.common.summable import Summable
@@ -35,7 +36,7 @@ from fedpipe.common.vector import Vector
 from fedpipe.server.privacy.sampling import check_sampler, round_event
 from fedpipe.server.sampling import ClientSampler, PoissonSampler
 
-__all__ = ["BudgetSpent", "ClientLevelDP"]
+__all__ = ["BudgetSpent", "ClientLevelDP", "check_private_run"]
 
 log = logging.getLogger(__name__)
 
@@ -45,16 +46,45 @@ class BudgetSpent(Exception):
 
 
 def check_aggregator(aggregator: Aggregator) -> str:
-    """The partial's sum field, if each client's update goes in with weight 1; else raise."""
-    if isinstance(aggregator, SumAggregator):
+    """The partial's sum field, if each client's update goes in with weight 1 and the
+    aggregator's result is that sum over a count (its ``finalize`` is bypassed); else raise."""
+    if type(aggregator) is SumAggregator:
         return "sum"
-    if isinstance(aggregator, AveragingAggregator) and aggregator.weights.weighting == "uniform":
+    if type(aggregator) is AveragingAggregator and aggregator.weights.weighting == "uniform":
         return "weighted_sum"
     raise ConfigError(
         f"aggregator {aggregator.name!r} ({aggregator.get_config()}): client-level DP bounds "
         "each client's weight in the sum; use aggregator = ['averaging', {weighting = "
         "'uniform'}] or 'sum' (a client weighted by its sample count could outweigh the clip)"
     )
+
+
+def check_private_run(config: ServerConfig, optimizer: Optimizer) -> None:
+    """Raise ConfigError if the run has a setting that lets client data reach the model past
+    the clip and the noise."""
+    refused = {
+        # Who counts depends on the others' norms: one client moves the sum by more than C.
+        "validation (rejecting by the round's median norm makes one client's presence "
+        "decide whether others count)": config.validation is not None,
+        # The clients' statistics would go into the released model, neither clipped nor noised.
+        "model.buffers='average' (the clients' statistics would join the model unclipped and "
+        "un-noised)": config.model.buffers == "average",
+    }
+    for what, present in refused.items():
+        if present:
+            raise ConfigError(
+                f"privacy with {what}: the accountant assumes each client moves the noised sum "
+                "by at most one clip; remove one of them"
+            )
+    client_optimizer = config.client_optimizer.build()
+    for side, built in (("server_optimizer", optimizer), ("client_optimizer", client_optimizer)):
+        for module in built.modules:
+            if module.aux_name is not None:  # SCAFFOLD's control variates...
+                raise ConfigError(
+                    f"privacy with {side} module {module.name!r}: its aux vars "
+                    f"({module.aux_name!r}) reach the server unclipped and un-noised; remove "
+                    "the module or privacy"
+                )
 
 
 class ClientLevelDP:

@@ -79,10 +79,12 @@ class DaskFleet:
         resources: Mapping[str, float] | None = None,
         plugins: list[str] | None = None,
         device: Any = None,
+        noise_seed: int | None = None,
     ) -> None:
         self.client = client
         self.resources = dict(resources or {})
         self.plugins, self.device = list(plugins or []), device
+        self.noise_seed = noise_seed
         self.plugin = f"fedpipe-sim-{uuid.uuid4().hex}"
         self.workers: list[str] = []  # live, with the resources
         self.owners: dict[str, str] = {}  # client name -> its worker
@@ -94,7 +96,7 @@ class DaskFleet:
 
     async def start(self, setup: RunSetup) -> None:
         """Install the run's registry on every worker (those that join later too)."""
-        plugin = WorkerClients(setup.to_data(), self.plugins, self.device)
+        plugin = WorkerClients(setup.to_data(), self.plugins, self.device, self.noise_seed)
         await self.client.register_plugin(plugin, name=self.plugin)
         self._started = True
         await self._refresh()
@@ -243,16 +245,17 @@ class DaskFleet:
             self.load[owner] -= 1
 
     async def _shared(self, task: RoundTask, op: Op) -> Any:
-        """The task's weights (and aux vars, to train), scattered once to every worker."""
+        """The task's weights and aux vars (an evaluation's: the global buffers, when they
+        travel), scattered once to every worker."""
         key = f"dask/shared/{op}"
         scattered: asyncio.Future[Any] | None = task.cache.get(key)
         if scattered is None:
             payload = {
                 "weights": plain_vector(task.weights),
-                "aux_vars": {k: plain_summable(v) for k, v in task.aux_vars.items()}
-                if op == "train"
-                else {},
+                "aux_vars": {k: plain_summable(v) for k, v in task.aux_vars.items()},
             }
+            if op == "train" and task.settings.get("dp"):  # distributed DP: clients noise
+                payload["dp"] = dict(task.settings["dp"])
             scattered = task.cache[key] = asyncio.ensure_future(
                 self.client.scatter([payload], broadcast=True, hash=False)
             )

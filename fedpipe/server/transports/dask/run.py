@@ -77,7 +77,9 @@ async def simulate_dask(
     from fedpipe.server.transports.dask.proxy import DaskClient, DaskFleet
 
     async with dask_client(sim.dask) as client:
-        fleet = DaskFleet(client, sim.dask.resources, simulation_plugins(sim), sim.device)
+        fleet = DaskFleet(
+            client, sim.dask.resources, simulation_plugins(sim), sim.device, sim.noise_seed
+        )
         pool = ClientPool()
         for name, train, test in clients:
             await pool.add(DaskClient(name, train, test, fleet))

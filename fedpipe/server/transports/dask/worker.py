@@ -60,6 +60,7 @@ class _Client:
 class _WorkerState:
     setup: RunSetup
     models: SharedModels
+    noise_seed: int | None = None
     clients: dict[str, _Client] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -76,16 +77,27 @@ class WorkerClients(WorkerPlugin):
     device:
         Where each worker puts its model: the first device this names on that worker
         (``"cuda"``: the worker's first visible GPU); ``None``, where the factory puts it.
+    noise_seed:
+        The simulation's client-local seed of privacy noise (each client mixes its name in);
+        ``None``: OS entropy.
     """
 
-    def __init__(self, setup: dict[str, Any], plugins: list[str], device: Any = None) -> None:
+    def __init__(
+        self,
+        setup: dict[str, Any],
+        plugins: list[str],
+        device: Any = None,
+        noise_seed: int | None = None,
+    ) -> None:
         self.setup_data, self.plugins, self.device = setup, plugins, device
+        self.noise_seed = noise_seed
         self._states: dict[str, _WorkerState] = {}
 
     def setup(self, worker: Worker) -> None:
         import_plugins(self.plugins)
         models = SharedModels(resolve_devices(self.device)[:1])
-        self._states[worker.address] = _WorkerState(RunSetup.from_data(self.setup_data), models)
+        setup = RunSetup.from_data(self.setup_data)
+        self._states[worker.address] = _WorkerState(setup, models, self.noise_seed)
 
     def teardown(self, worker: Worker) -> None:
         state = self._states.pop(worker.address, None)
@@ -101,19 +113,22 @@ def run_jobs(
     plugin: str, op: Op, jobs: list[Job], shared: dict[str, Any] | None, round_number: int
 ) -> list[Outcome]:
     """A Dask task: ``op`` for each job's client on this worker, in order; ``shared`` holds the
-    round's ``weights`` and ``aux_vars`` (scattered once per round), ``None`` for ``init``."""
+    round's ``weights``, ``aux_vars`` and ``dp`` settings (distributed client-level DP: each
+    client clips and noises its update), scattered once per round; ``None`` for ``init``."""
     worker = get_worker()
     state = worker.plugins[plugin].state(worker)  # type: ignore[attr-defined]
     with state.lock:
         weights: Vector | None = None
         aux_vars: dict[str, Summable] = {}
+        dp: dict[str, Any] | None = None
         if shared is not None:
+            dp = shared.get("dp")
             like = state.models.get(state.setup).get_weights(copy=False)
             weights = vector_from(shared["weights"], "weights").like(like)
             aux_vars = {
                 k: summable_from(v, f"aux var {k!r}") for k, v in shared["aux_vars"].items()
             }
-        return [_run(state, op, job, weights, aux_vars, round_number) for job in jobs]
+        return [_run(state, op, job, weights, aux_vars, round_number, dp) for job in jobs]
 
 
 def _run(
@@ -123,6 +138,7 @@ def _run(
     weights: Vector | None,
     aux_vars: dict[str, Summable],
     round_number: int,
+    dp: dict[str, Any] | None = None,
 ) -> Outcome:
     """One client's part of a task; its failure is its own (reported, the others go on)."""
     name, init = job
@@ -131,23 +147,30 @@ def _run(
             model = state.models.get(state.setup)
             train = dataset_from(init["train"])
             assert train is not None  # the server always sends training data
-            state.clients[name] = _Client(
-                LocalTrainer(state.setup, model=model), train, dataset_from(init["eval"])
+            trainer = LocalTrainer(
+                state.setup, model=model, noise_seed=state.noise_seed, client=name
             )
+            state.clients[name] = _Client(trainer, train, dataset_from(init["eval"]))
         client = state.clients.get(name)
         if client is None:
             return "error", f"client {name} is not on this worker (it was never placed here)"
         if op == "train":
             assert weights is not None
             result = client.trainer.train(
-                client.train_data, weights, aux_vars, client=name, round_number=round_number
+                client.train_data,
+                weights,
+                aux_vars,
+                client=name,
+                round_number=round_number,
+                dp=dp,
             )
             return "ok", plain_train(result)
         if op == "evaluate":
             if client.eval_data is None:
                 return "error", f"client {name} has no evaluation data"
             assert weights is not None
-            return "ok", plain_eval(client.trainer.evaluate(client.eval_data, weights))
+            evaluated = client.trainer.evaluate(client.eval_data, weights, aux_vars)
+            return "ok", plain_eval(evaluated)
         return "ok", None
     except Exception as exc:  # reported as this client's failure, as in-process clients' are
         log.warning("client %s failed %s: %s: %s", name, op, type(exc).__name__, exc)
