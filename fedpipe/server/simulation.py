@@ -204,6 +204,13 @@ def training_mode(sim: SimulationConfig) -> Literal["sequential", "vectorized"]:
     if sim.mode == "vectorized" and sim.dp_sgd is not None:
         log.info("mode='vectorized' falls back to sequential: dp_sgd clips client by client")
         return "sequential"
+    privacy = sim.server.privacy
+    if sim.mode == "vectorized" and privacy is not None and privacy.mode == "distributed":
+        log.info(
+            "mode='vectorized' falls back to sequential: distributed DP noise is added client "
+            "by client"
+        )
+        return "sequential"
     if sim.mode == "vectorized" and own is not None:
         log.info(
             "mode='vectorized' falls back to sequential: the clients train with their own "
