@@ -7,7 +7,9 @@ buffers (``running_mean``, ``running_var``):
   rounds and evaluates with them (as in FedBN, Li et al., 2021). The server never sees them.
 - ``"average"``: they are part of the global model. The server sends the global buffers with
   every task; each client trains from them and returns its own; the server's new buffers are
-  the sample-weighted mean of the clients', ``sum(n_k * b_k) / sum(n_k)``, summed in float32.
+  the weighted mean of the clients', ``sum(w_k * b_k) / sum(w_k)``, summed in float64, where
+  ``w_k`` is the client's sample count under the aggregator's ``weighting`` (``"uniform"``,
+  ``"capped"``...; 1 for every client under an aggregator without one, such as median).
 
 Travelling buffers take a pass-through channel, not the update: the reserved auxiliary
 variable :data:`BUFFERS_AUX`, which no optimizer module ever receives. Client and server
@@ -21,12 +23,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Literal
 
+from fedpipe.common.aggregators.weighting import ClientWeighting
 from fedpipe.common.summable import Summable
 from fedpipe.common.vector import ArraySpec, Vector
 
 __all__ = [
     "BUFFERS_AUX",
     "BufferMode",
+    "admit_share",
     "buffer_mode",
     "buffers_share",
     "check_share",
@@ -86,8 +90,22 @@ def check_share(share: Summable, specs: Mapping[str, ArraySpec]) -> None:
     expected = {n: ArraySpec(s.shape, "float32") for n, s in specs.items()}
     share.vector("weighted_sum").check_specs(expected, "buffers.weighted_sum")
     weight = share.number("weight")
-    if not weight > 0 or not share.is_finite():
-        raise ValueError(f"buffers: weight {weight} and sums must be finite, the weight > 0")
+    if not weight >= 1 or not share.is_finite():
+        raise ValueError(
+            f"buffers: weight {weight} (a sample count) must be at least 1, the sums finite"
+        )
+
+
+def admit_share(share: Summable, weighting: ClientWeighting | None) -> Summable:
+    """The server's part of a client's (checked) share: its self-reported sample count
+    re-weighted by the aggregator's ``weighting`` (uniform without one: under a robust
+    aggregator no client gets more say over the statistics than another), summed in float64
+    so that finite float32 shares cannot overflow the sum."""
+    reported = share.number("weight")
+    counted = weighting.weight(reported) if weighting is not None else 1.0
+    summed = share.vector("weighted_sum")
+    wide = summed.astype({n: ArraySpec(s.shape, "float64") for n, s in summed.specs().items()})
+    return Summable({"weighted_sum": wide.mul_(counted / reported), "weight": counted})
 
 
 def mean_buffers(total: Summable, specs: Mapping[str, ArraySpec]) -> Vector:

@@ -19,7 +19,15 @@ import numpy as np
 from fedpipe.common import registry
 from fedpipe.common.aggregators import Aggregator, BufferedAggregator
 from fedpipe.common.aggregators.replies import ReplyBuffer, remove_stale_spills
-from fedpipe.common.buffers import check_share, global_buffers, mean_buffers, split_buffers
+from fedpipe.common.aggregators.weighting import ClientWeighting
+from fedpipe.common.buffers import (
+    BUFFERS_AUX,
+    admit_share,
+    check_share,
+    global_buffers,
+    mean_buffers,
+    split_buffers,
+)
 from fedpipe.common.config import ConfigError, ServerConfig
 from fedpipe.common.metrics import MetricSet
 from fedpipe.common.optim import BareWeights, Optimizer
@@ -870,6 +878,11 @@ class _Fold:
         if self.validation is not None:
             scale = self.validation.judge(name, self.aggregator.update_norm(result.partial))
         result.partial = self.aggregator.admit(result.partial, scale)  # the server's weights
+        share, _ = split_buffers(result.aux_vars)
+        if share is not None:
+            weighting = getattr(self.aggregator, "weights", None)
+            weighting = weighting if isinstance(weighting, ClientWeighting) else None
+            result.aux_vars = {**result.aux_vars, BUFFERS_AUX: admit_share(share, weighting)}
         if self.privacy is not None:
             self.privacy.clip_reply(result.partial)
         self._add(result)
@@ -889,7 +902,7 @@ class _Fold:
         for key, aux in result.aux_vars.items():
             if not aux.is_finite():
                 raise ClientError(f"aux var {key!r} is not finite")
-            if key in self.aux_total:
+            if key in self.aux_total and key != BUFFERS_AUX:  # buffers: check_share, above
                 aux.check_like(self.aux_total[key], f"aux var {key!r}")
         for key, aux in own.items():
             for name, value in aux.fields.items():

@@ -12,7 +12,13 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from fedpipe.common.aggregators import AveragingAggregator  # noqa: E402
-from fedpipe.common.buffers import BUFFERS_AUX, buffers_share  # noqa: E402
+from fedpipe.common.aggregators.median import CoordinateMedian  # noqa: E402
+from fedpipe.common.buffers import (  # noqa: E402
+    BUFFERS_AUX,
+    buffers_share,
+    mean_buffers,
+    split_buffers,
+)
 from fedpipe.common.config import ConfigError, PrivacyConfig, SimulationConfig  # noqa: E402
 from fedpipe.common.optim import Optimizer  # noqa: E402
 from fedpipe.common.training import LocalTrainer, TrainResult  # noqa: E402
@@ -152,3 +158,43 @@ def test_travelling_buffers_are_refused_with_dp(tmp_path: Path) -> None:
     config.server.privacy = PrivacyConfig(clip=1.0, noise_multiplier=1.0)
     with pytest.raises(ConfigError, match=r"privacy with model\.buffers='average'"):
         simulate(config)
+
+
+@pytest.mark.parametrize(
+    ("aggregator", "want"),
+    [
+        (AveragingAggregator(weighting="uniform"), 2.0),  # the liar's 1e6 samples ignored
+        (AveragingAggregator(), (1e6 * 3.0 + 4 * 1.0) / (1e6 + 4)),  # samples: as reported
+        (CoordinateMedian(), 2.0),  # no weighting: one client, one say
+    ],
+)
+def test_the_servers_weighting_decides_each_clients_say_over_the_buffers(
+    aggregator: Any, want: float
+) -> None:
+    weights = Vector({"w": np.zeros(2, np.float32)})
+    specs = {"1.running_mean": ArraySpec((8,), "float32")}
+    fold = _Fold(aggregator, Optimizer(lrate=1.0), weights.specs(), buffer_specs=specs)
+    for n, value in ((4, 1.0), (1_000_000, 3.0)):  # the second client claims a million samples
+        share = buffers_share(Vector({"1.running_mean": np.full(8, value, np.float32)}), n)
+        partial = aggregator.prepare(weights.copy(), n_samples=n, n_steps=1)
+        fold._checked_add(TrainResult(partial, {BUFFERS_AUX: share}, n, 1, 1.0), f"c{n}")
+    shares, _ = split_buffers(fold.aux_total)
+    assert shares is not None
+    mean = mean_buffers(shares, specs).coefs["1.running_mean"]
+    np.testing.assert_allclose(mean, np.full(8, want, np.float32), rtol=1e-6)
+
+
+def test_huge_finite_buffers_cannot_overflow_the_mean() -> None:
+    weights = Vector({"w": np.zeros(2, np.float32)})
+    specs = {"1.running_mean": ArraySpec((8,), "float32")}
+    aggregator = AveragingAggregator()
+    fold = _Fold(aggregator, Optimizer(lrate=1.0), weights.specs(), buffer_specs=specs)
+    for k in range(3):  # each share is finite in float32; their float32 sum is not
+        share = buffers_share(Vector({"1.running_mean": np.full(8, 3e38, np.float32)}), 1)
+        partial = aggregator.prepare(weights.copy(), n_samples=1, n_steps=1)
+        fold._checked_add(TrainResult(partial, {BUFFERS_AUX: share}, 1, 1, 1.0), f"c{k}")
+    shares, _ = split_buffers(fold.aux_total)
+    assert shares is not None
+    mean = mean_buffers(shares, specs)
+    assert mean.is_finite()
+    np.testing.assert_allclose(mean.coefs["1.running_mean"], 3e38, rtol=1e-6)
