@@ -196,6 +196,8 @@ class FederatedRun:
             self.aggregator.memory_bytes = config.aggregation_memory_bytes
             self.aggregator.spill_dir = self.output_dir
         self.validation = UpdateValidation(config.validation) if config.validation else None
+        if self.validation is not None and isinstance(self.aggregator, BufferedAggregator):
+            _check_screened_at_close(config, self.optimizer)
         self.history = History(self.output_dir)
         self.early_stop = EarlyStopping(config.early_stop) if config.early_stop else None
         self.client_log = ClientLog(self.output_dir)
@@ -935,6 +937,21 @@ class _Fold:
     def note_epsilon(self, result: TrainResult) -> None:
         if result.sample_epsilon is not None:
             self.sample_epsilon = max(self.sample_epsilon or 0.0, result.sample_epsilon)
+
+
+def _check_screened_at_close(config: ServerConfig, optimizer: Optimizer) -> None:
+    """A buffered aggregator's replies are screened when the round closes, after their aux
+    vars and buffers went into the round's sums: refuse the runs where a rejected client
+    would still steer those."""
+    client_modules = config.client_optimizer.build().modules
+    aux = [m.name for m in (*optimizer.modules, *client_modules) if m.aux_name is not None]
+    if aux or config.model.buffers == "average":
+        what = f"modules {aux}" if aux else "model.buffers='average'"
+        raise ConfigError(
+            f"validation with aggregator {config.aggregator!r} and {what}: a reply rejected "
+            "at the round's close would still count in the aux vars and buffers; drop "
+            "validation (a robust aggregator already bounds outliers) or use 'averaging'"
+        )
 
 
 def _travelling(buffers: Vector, mode: str) -> Vector | None:

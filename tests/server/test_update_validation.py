@@ -138,3 +138,46 @@ def test_validation_config_says_what_it_expects() -> None:
         ServerConfig.model_validate({"validation": {"max_norm_ratio": 1.0}})
     with pytest.raises(ValueError, match="action\n  Input should be 'reject' or 'downweight'"):
         ServerConfig.model_validate({"validation": {"action": "drop"}})
+
+
+MODEL_CONFIG = {"n_features": 64, "n_classes": 10}
+
+
+@pytest.mark.parametrize(
+    ("change", "what"),
+    [
+        (
+            {
+                "client_optimizer": {"modules": ["scaffold-client"]},
+                "server_optimizer": {"modules": ["scaffold-server"]},
+            },
+            "modules ['scaffold-server', 'scaffold-client']",
+        ),
+        (
+            {"model": {"name": "mlp", "buffers": "average", "config": MODEL_CONFIG}},
+            "model.buffers='average'",
+        ),
+    ],
+)
+def test_validation_at_a_buffered_rounds_close_refuses_what_it_could_not_take_back(
+    tmp_path: Path, change: dict[str, Any], what: str
+) -> None:
+    """A reply rejected when the round closes has already gone into the aux-var and buffer
+    sums: such runs are refused, not silently half-screened."""
+    from fedpipe.common.config import ConfigError
+    from fedpipe.server.clients import ClientPool
+    from fedpipe.server.rounds import FederatedRun
+
+    config = ServerConfig.model_validate(
+        {
+            "aggregator": "median",
+            "model": {"name": "softmax-regression", "config": MODEL_CONFIG},
+            "validation": {"max_norm_ratio": 3.0},
+            "output_dir": str(tmp_path / "run"),
+            **change,
+        }
+    )
+    with pytest.raises(
+        ConfigError, match=re.escape(f"validation with aggregator 'median' and {what}")
+    ):
+        FederatedRun(config, ClientPool())
