@@ -179,7 +179,12 @@ class FederatedRun:
         if config.privacy is not None:
             check_private_run(config, self.optimizer)
             self.privacy = build_client_level_dp(
-                config.privacy, self.sampler, self.aggregator, config.rounds, config.min_clients
+                config.privacy,
+                self.sampler,
+                self.aggregator,
+                config.rounds,
+                config.min_clients,
+                min_replies=config.required_results,
             )
         self.metric_specs = list(config.metrics)
         #: The sampler's random source: seeded with the run seed, advanced by each round's

@@ -199,10 +199,19 @@ def test_distributed_noise_sums_to_the_central_noise(tmp_path: Path) -> None:
         privatize_update(Vector({"w": np.zeros(2)}), {"clip": 1.0, "noise_std": 0}, rng)
 
 
-def test_distributed_dp_simulation_completes(tmp_path: Path) -> None:
-    summary = simulate(dp_sim(tmp_path, rounds=3, mode="distributed"))
+@pytest.mark.parametrize(("min_results", "sigma"), [(8, 1.0), (None, 8**-0.5), (4, 0.5**0.5)])
+def test_distributed_dp_is_accounted_at_the_fewest_replies_a_round_takes(
+    tmp_path: Path, min_results: int | None, sigma: float
+) -> None:
+    """Each of the expected 8 clients (q = 1) adds an eighth of the noise variance: a round
+    aggregated with m < 8 replies holds sigma * sqrt(m / 8), and is accounted so."""
+    sim = dp_sim(tmp_path, rounds=3, mode="distributed")
+    update = {"min_results": min_results, "sampler": ["poisson", {"q": 1.0}]}
+    server = sim.server.model_copy(update=update)
+    summary = simulate(sim.model_copy(update={"server": server}))
     assert summary.status == "completed" and summary.rounds_completed == 3
-    assert summary.history[-1]["epsilon"] == pytest.approx(expected_epsilon(3), rel=1e-9)
+    want = expected_epsilon(3, q=1.0, sigma=sigma)
+    assert summary.history[-1]["epsilon"] == pytest.approx(want, rel=1e-9)
 
 
 def test_the_docs_config_is_valid() -> None:

@@ -98,8 +98,11 @@ class ClientLevelDP:
         aggregator: Aggregator,
         noise_multiplier: float,
         rng: np.random.Generator | None = None,
+        min_replies: int = 1,
     ) -> None:
         check_sampler(sampler)
+        #: The fewest replies a round is aggregated with (``min_results``).
+        self.min_replies = max(min_replies, 1)
         self.field = check_aggregator(aggregator)
         self.config = config
         self.sampler = sampler
@@ -120,7 +123,11 @@ class ClientLevelDP:
         BudgetSpent
             With ``target_epsilon``, when this round would take ε past it.
         """
-        event = round_event(self.sampler, self.noise_multiplier, candidates, sampled)
+        if isinstance(self.sampler, PoissonSampler):
+            self.denominator = max(self.sampler.q * candidates, 1e-12)
+        else:
+            self.denominator = float(max(sampled, 1))
+        event = round_event(self.sampler, self._round_multiplier(), candidates, sampled)
         target = self.config.target_epsilon
         if target is not None:
             after = self.accountant.epsilon(event)
@@ -131,12 +138,19 @@ class ClientLevelDP:
                     f"stopped after round {round_number - 1}"
                 )
         self.accountant.spend(event)
-        if isinstance(self.sampler, PoissonSampler):
-            self.denominator = max(self.sampler.q * candidates, 1e-12)
-        else:
-            self.denominator = float(max(sampled, 1))
         self._under_clip = 0.0
         return {"epsilon": self.accountant.epsilon(), "delta": self.config.delta, "clip": self.clip}
+
+    def _round_multiplier(self) -> float:
+        """The noise multiplier the round is accounted at. Central: the server's noise.
+        Distributed: each client adds a share of the noise calibrated to the expected
+        participants, so the sum holds only the shares of the clients that reply; the round
+        is accounted at the fewest replies it can be aggregated with (``min_results``), which
+        never understates ε when clients drop."""
+        if self.config.mode != "distributed":
+            return self.noise_multiplier
+        present = min(float(self.min_replies), self.denominator) / self.denominator
+        return self.noise_multiplier * math.sqrt(present)
 
     def clip_reply(self, partial: Summable) -> None:
         """Central mode: clip one reply's update in place to the round's clip norm."""
@@ -213,6 +227,7 @@ def build_client_level_dp(
     aggregator: Aggregator,
     rounds: int,
     min_clients: int,
+    min_replies: int = 1,
 ) -> ClientLevelDP:
     """The run's DP, its noise multiplier calibrated when ``on_budget = "calibrate"``."""
     check_sampler(sampler)
@@ -236,4 +251,4 @@ def build_client_level_dp(
             rounds,
             config.accountant,
         )
-    return ClientLevelDP(config, sampler, aggregator, multiplier)
+    return ClientLevelDP(config, sampler, aggregator, multiplier, min_replies=min_replies)
