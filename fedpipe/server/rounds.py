@@ -54,6 +54,7 @@ from fedpipe.server.privacy.client_level import (
     check_private_run,
 )
 from fedpipe.server.root_update import RootUpdate
+from fedpipe.server.run_checks import aux_var_modules, refuse_any
 from fedpipe.server.run_dir import prepare_run_dir
 from fedpipe.server.run_lock import RunLock
 from fedpipe.server.sampling import ClientSampler
@@ -948,15 +949,15 @@ def _check_screened_at_close(config: ServerConfig, optimizer: Optimizer) -> None
     """A buffered aggregator's replies are screened when the round closes, after their aux
     vars and buffers went into the round's sums: refuse the runs where a rejected client
     would still steer those."""
-    client_modules = config.client_optimizer.build().modules
-    aux = [m.name for m in (*optimizer.modules, *client_modules) if m.aux_name is not None]
-    if aux or config.model.buffers == "average":
-        what = f"modules {aux}" if aux else "model.buffers='average'"
-        raise ConfigError(
-            f"validation with aggregator {config.aggregator!r} and {what}: a reply rejected "
-            "at the round's close would still count in the aux vars and buffers; drop "
-            "validation (a robust aggregator already bounds outliers) or use 'averaging'"
-        )
+    refused = dict.fromkeys(aux_var_modules(config, optimizer), True)
+    refused["model.buffers='average'"] = config.model.buffers == "average"
+    refuse_any(
+        f"validation (aggregator {config.aggregator!r})",
+        refused,
+        "a reply rejected at the round's close would still count in the aux vars and "
+        "buffers; drop validation (a robust aggregator already bounds outliers) or use "
+        "'averaging'",
+    )
 
 
 def _travelling(buffers: Vector, mode: str) -> Vector | None:

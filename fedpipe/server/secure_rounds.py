@@ -27,6 +27,7 @@ from fedpipe.common.optim import Optimizer
 from fedpipe.common.training import TrainResult
 from fedpipe.server.client_log import RoundClients
 from fedpipe.server.clients import ClientError, ClientProxy, RoundTask
+from fedpipe.server.run_checks import aux_var_modules, refuse_any
 
 if TYPE_CHECKING:
     from fedpipe.common.secagg import AggregateResult, SecAggServer
@@ -64,21 +65,13 @@ def check_secure_run(config: ServerConfig, aggregator: Aggregator, optimizer: Op
             config.model.buffers == "average"
         ),
     }
-    for what, present in refused.items():
-        if present:
-            raise ConfigError(
-                f"secure_aggregation with {what}: the server sees only the masked sum, never "
-                "one client's update; remove one of them (client-level DP: mode='distributed')"
-            )
-    client_optimizer = config.client_optimizer.build()
-    for side, built in (("server_optimizer", optimizer), ("client_optimizer", client_optimizer)):
-        for module in built.modules:
-            if module.aux_name is not None:
-                raise ConfigError(
-                    f"secure_aggregation with {side} module {module.name!r}: its aux vars "
-                    f"({module.aux_name!r}) are not masked yet; remove the module or "
-                    "secure_aggregation"
-                )
+    refused |= dict.fromkeys(aux_var_modules(config, optimizer), True)  # not masked yet
+    refuse_any(
+        "secure_aggregation",
+        refused,
+        "the server sees only the masked sum, never one client's update, and aux vars are "
+        "not masked yet; remove one of them (client-level DP: mode='distributed')",
+    )
 
 
 async def secure_train(

@@ -192,7 +192,8 @@ def test_masked_replies_hide_the_update_from_the_server(tmp_path: Path) -> None:
                 "client_optimizer": {"modules": ["scaffold-client"]},
                 "server_optimizer": {"modules": ["scaffold-server"]},
             },
-            "server_optimizer module 'scaffold-server': its aux vars ('scaffold')",
+            "secure_aggregation with server_optimizer module 'scaffold-server' (aux var "
+            "'scaffold'): the server sees only the masked sum",
         ),
         ({"validation": {"max_norm_ratio": 3.0}}, "secure_aggregation with validation: the"),
         (

@@ -151,7 +151,7 @@ MODEL_CONFIG = {"n_features": 64, "n_classes": 10}
                 "client_optimizer": {"modules": ["scaffold-client"]},
                 "server_optimizer": {"modules": ["scaffold-server"]},
             },
-            "modules ['scaffold-server', 'scaffold-client']",
+            "server_optimizer module 'scaffold-server' (aux var 'scaffold')",
         ),
         (
             {"model": {"name": "mlp", "buffers": "average", "config": MODEL_CONFIG}},
@@ -178,6 +178,6 @@ def test_validation_at_a_buffered_rounds_close_refuses_what_it_could_not_take_ba
         }
     )
     with pytest.raises(
-        ConfigError, match=re.escape(f"validation with aggregator 'median' and {what}")
+        ConfigError, match=re.escape(f"validation (aggregator 'median') with {what}")
     ):
         FederatedRun(config, ClientPool())

@@ -34,6 +34,7 @@ from fedpipe.common.state import State
 from fedpipe.common.summable import Summable
 from fedpipe.common.vector import Vector
 from fedpipe.server.privacy.sampling import check_sampler, round_event
+from fedpipe.server.run_checks import aux_var_modules, refuse_any
 from fedpipe.server.sampling import ClientSampler, PoissonSampler
 
 __all__ = ["BudgetSpent", "ClientLevelDP", "check_private_run"]
@@ -70,21 +71,14 @@ def check_private_run(config: ServerConfig, optimizer: Optimizer) -> None:
         "model.buffers='average' (the clients' statistics would join the model unclipped and "
         "un-noised)": config.model.buffers == "average",
     }
-    for what, present in refused.items():
-        if present:
-            raise ConfigError(
-                f"privacy with {what}: the accountant assumes each client moves the noised sum "
-                "by at most one clip; remove one of them"
-            )
-    client_optimizer = config.client_optimizer.build()
-    for side, built in (("server_optimizer", optimizer), ("client_optimizer", client_optimizer)):
-        for module in built.modules:
-            if module.aux_name is not None:  # SCAFFOLD's control variates...
-                raise ConfigError(
-                    f"privacy with {side} module {module.name!r}: its aux vars "
-                    f"({module.aux_name!r}) reach the server unclipped and un-noised; remove "
-                    "the module or privacy"
-                )
+    # SCAFFOLD's control variates...: they reach the server unclipped and un-noised
+    refused |= dict.fromkeys(aux_var_modules(config, optimizer), True)
+    refuse_any(
+        "privacy",
+        refused,
+        "the accountant assumes each client moves the noised sum by at most one clip; "
+        "remove one of them",
+    )
 
 
 class ClientLevelDP:
