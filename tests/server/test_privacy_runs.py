@@ -3,7 +3,6 @@ accountant resumes from the checkpoint; the budget stops a run; unmodelled setup
 
 from __future__ import annotations
 
-import asyncio
 import csv
 import itertools
 import json
@@ -21,12 +20,10 @@ from fedpipe.common.privacy.accountant import PrivacyAccountant, RoundEvent
 from fedpipe.common.privacy.client_update import privatize_update
 from fedpipe.common.summable import Summable
 from fedpipe.common.vector import Vector
-from fedpipe.server.clients import ClientPool
-from fedpipe.server.inprocess import InProcessClient, SharedModels
 from fedpipe.server.privacy.client_level import ClientLevelDP
-from fedpipe.server.rounds import FederatedRun, RunSummary
 from fedpipe.server.sampling import PoissonSampler, UniformSampler
-from fedpipe.server.simulation import client_datasets, complete_model_config, simulate
+from fedpipe.server.simulation import simulate
+from tests.server.test_sampling_runs import resume
 
 
 def sim_config(out: Path, n_clients: int, **server: Any) -> SimulationConfig:
@@ -44,20 +41,6 @@ def sim_config(out: Path, n_clients: int, **server: Any) -> SimulationConfig:
             },
         }
     )
-
-
-def resume(sim: SimulationConfig) -> RunSummary:
-    clients = client_datasets(sim)
-    server = complete_model_config(sim.server, clients[0][1])
-
-    async def go() -> RunSummary:
-        pool, models = ClientPool(), SharedModels()
-        for name, train, test in clients:
-            await pool.add(InProcessClient(name, train, test, models))
-        with FederatedRun(server, pool, resume=True) as run:
-            return await run.run()
-
-    return asyncio.run(go())
 
 
 DP = {"clip": 1.0, "noise_multiplier": 1.0, "delta": 1e-5}
