@@ -320,7 +320,7 @@ class ClientDaemon:
         if self.trainer is not None and self.trainer.setup == setup:
             return  # reconnected to the same run: keep the optimizer's state
         self.trainer, self.specs = trainer, specs
-        self.states.start_run(setup)
+        self.states.start_run(trainer)
         model_bytes = sum(s.nbytes for s in specs.values())
         self.max_payload = 2 * model_bytes + (64 << 20)
         log.info(

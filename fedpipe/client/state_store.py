@@ -26,6 +26,9 @@ global control variate for its lost one (the server counts clients by name: stil
 results from then on differ from an uninterrupted run's. A server that names no base round
 gets the state the client is at. Simulated in-process clients keep no snapshots: they die
 with the server.
+
+DP-SGD. Each file also carries the client's DP-SGD accountant, which a rollback never rewinds
+and a restart takes back: :mod:`fedpipe.client.privacy_record`.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+from fedpipe.client.privacy_record import RECORD_KEY, check_record, restore_record
 from fedpipe.common.config import OptimizerConfig
 from fedpipe.common.optim import Optimizer
 from fedpipe.common.state import State, copy_state
@@ -72,15 +76,24 @@ class ClientStateStore:
         self._run = ""
         self._live: int | None = 0  # round the optimizer's state is the end of (None: none)
         self._kept: dict[int, State] = {}  # in-memory base state, without state_dir
+        self._privacy_lost: str | None = None  # why the run's DP-SGD record is lost
 
-    def start_run(self, setup: RunSetup) -> None:
-        """A new trainer for ``setup`` (its optimizer is fresh: round 0)."""
+    def start_run(self, trainer: LocalTrainer) -> None:
+        """A new ``trainer`` (its optimizer is fresh: round 0); with DP-SGD, its accountant
+        takes back what the run already spent here from ``state_dir``."""
         with self._lock:
-            self._run = run_digest(setup, self.client)
-            self._live, self._kept = 0, {}
-            if self.state_dir is not None:
-                self.state_dir.mkdir(parents=True, exist_ok=True)
-                remove_stale_temp_files(self.state_dir, "state-*.fpk")
+            self._run = run_digest(trainer.setup, self.client)
+            self._live, self._kept, self._privacy_lost = 0, {}, None
+            if self.state_dir is None:
+                return
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            remove_stale_temp_files(self.state_dir, "state-*.fpk")
+            if trainer.dp_sgd is not None:
+                saved = {
+                    str(p): self._read_saved(p) for p in sorted(self.state_dir.glob("state-*.fpk"))
+                }
+                ours = {path: state for path, state in saved.items() if state is not None}
+                self._privacy_lost = restore_record(trainer.dp_sgd, ours, str(self.state_dir))
 
     def train(
         self,
@@ -107,6 +120,12 @@ class ClientStateStore:
                 f"expected a round from 0 to {round_number - 1}"
             )
         with self._lock:
+            where = (
+                f"no state file of this run in {self.state_dir}"
+                if self.state_dir
+                else "no state_dir"
+            )
+            check_record(trainer.dp_sgd, self._privacy_lost, base_round, round_number, where)
             base = self._restore(trainer, round_number, base_round)
             self._live = None  # a failed round leaves a state that is no round's
             result = work()
@@ -175,24 +194,32 @@ class ClientStateStore:
         return None
 
     def _read(self, path: Path, base: int) -> State | None:
+        """The optimizer state in ``path`` if it is this run's state of round ``base``."""
+        saved = self._read_saved(path)
+        if saved is None:
+            return None
+        if saved.get("round") != base:
+            log.warning("%s belongs to another client, run or round: not used", path)
+            return None
+        state = saved.get("optimizer")
+        if not isinstance(state, dict):
+            log.error("cannot use the client state file %s: it holds no optimizer state", path)
+            return None
+        return state
+
+    def _read_saved(self, path: Path) -> State | None:
+        """All ``path`` holds if it is a state file of this client and run, else None."""
         if not path.exists():
             return None
         try:
             saved = read_state_file(path, MAGIC, "client state file")
-            state = saved.get("optimizer")
-            if (saved.get("client"), saved.get("run"), saved.get("round")) != (
-                self.client,
-                self._run,
-                base,
-            ):
-                log.warning("%s belongs to another client, run or round: not used", path)
-                return None
-            if not isinstance(state, dict):
-                raise StateFileError(f"{path} is damaged: it holds no optimizer state")
-            return state
         except (StateFileError, OSError) as exc:
             log.error("cannot use the client state file %s: %s", path, exc)
             return None
+        if (saved.get("client"), saved.get("run")) != (self.client, self._run):
+            log.warning("%s belongs to another client, run or round: not used", path)
+            return None
+        return saved
 
     def _keep(self, trainer: LocalTrainer, base: int | None, round_number: int) -> None:
         self._live = round_number
@@ -206,6 +233,8 @@ class ClientStateStore:
             "round": round_number,
             "optimizer": trainer.optimizer.get_state(),
         }
+        if trainer.dp_sgd is not None:  # every step so far: a rollback never rewinds it
+            saved[RECORD_KEY] = trainer.dp_sgd.accountant.get_state()
         try:
             write_state_file(path, saved, MAGIC)
             for other in self.state_dir.glob("state-*.fpk"):

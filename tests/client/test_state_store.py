@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
+from fedpipe.client.privacy_record import PrivacyRecordLost, spent_steps
 from fedpipe.client.state_store import ClientStateStore, StateStoreError
+from fedpipe.common.config import DpSgdConfig
 from fedpipe.common.data import Dataset
 from fedpipe.common.summable import Summable
 from fedpipe.common.training import LocalTrainer, RunSetup, TrainResult
@@ -18,6 +21,7 @@ from fedpipe.common.vector import Vector
 
 MOMENTUM = {"lrate": 0.1, "modules": [["momentum", {"beta": 0.9}]]}
 SCAFFOLD = {"lrate": 0.1, "modules": ["scaffold-client"]}
+DP_SGD = DpSgdConfig(clip=1.0, noise_multiplier=1.1)
 DATA = Dataset(
     np.random.default_rng(0).normal(size=(40, 4)).astype(np.float32),
     np.random.default_rng(1).integers(0, 3, size=40),
@@ -49,10 +53,12 @@ def global_weights(round_number: int) -> Vector:
 class Client:
     """A trainer and its state store, as the client daemon holds them."""
 
-    def __init__(self, state_dir: Path | None, run: RunSetup | None = None) -> None:
-        self.trainer = LocalTrainer(run or setup())
+    def __init__(
+        self, state_dir: Path | None, run: RunSetup | None = None, dp_sgd: bool = False
+    ) -> None:
+        self.trainer = LocalTrainer(run or setup(), noise_seed=0, dp_sgd=DP_SGD if dp_sgd else None)
         self.store = ClientStateStore("site-0", state_dir)
-        self.store.start_run(self.trainer.setup)
+        self.store.start_run(self.trainer)
 
     def train(
         self, round_number: int, base: int | None, aux: dict[str, Summable] | None = None
@@ -154,3 +160,48 @@ def test_a_base_round_that_is_not_an_earlier_round_is_refused(base: Any) -> None
     client = Client(None)
     with pytest.raises(StateStoreError, match="names base round"):
         client.train(3, base)
+
+
+def steps(client: Client) -> int:
+    assert client.trainer.dp_sgd is not None
+    return spent_steps(client.trainer.dp_sgd.accountant)
+
+
+def test_dp_sgd_steps_survive_a_restart_and_a_rollback_refunds_none(tmp_path: Path) -> None:
+    first = Client(tmp_path, dp_sgd=True)
+    first.train(1, 0)
+    first.train(2, 1)
+    first.train(3, 2)  # never aggregated: its data was used all the same
+    per_round = steps(first) // 3
+    assert per_round == 5 and steps(first) == 15  # ceil(40 / 8) steps a round
+    restarted = Client(tmp_path, dp_sgd=True)
+    assert restarted.trainer.dp_sgd is not None and first.trainer.dp_sgd is not None
+    assert steps(restarted) == 15
+    assert restarted.trainer.dp_sgd.epsilon() == first.trainer.dp_sgd.epsilon() > 0
+    restarted.train(3, 2)  # rolled back to round 2's modules, not to its privacy spent
+    assert steps(restarted) == 20
+    assert steps(Client(tmp_path, dp_sgd=True)) == 20  # the newest record, not round 2's
+
+
+@pytest.mark.parametrize("state_dir", [False, True], ids=["no-state-dir", "files-lost"])
+def test_a_dp_sgd_client_without_its_record_refuses_to_continue_a_round(
+    tmp_path: Path, state_dir: bool
+) -> None:
+    Client(tmp_path / "a", dp_sgd=True).train(1, 0)
+    restarted = Client(tmp_path / "b" if state_dir else None, dp_sgd=True)
+    where = f"no state file of this run in {tmp_path / 'b'}" if state_dir else "no state_dir"
+    with pytest.raises(
+        PrivacyRecordLost,
+        match=rf"round 2: the server continues .* round 1.*{re.escape(where)}.*under-report",
+    ):
+        restarted.train(2, 1)
+    assert steps(restarted) == 0
+    restarted.train(2, 0)  # none of its replies aggregated: it cannot tell (documented)
+    assert steps(restarted) == 5
+
+
+def test_files_of_the_run_without_a_dp_sgd_record_are_refused(tmp_path: Path) -> None:
+    Client(tmp_path).train(1, 0)  # the run began here without dp_sgd
+    restarted = Client(tmp_path, dp_sgd=True)
+    with pytest.raises(PrivacyRecordLost, match=r"state files of this run in .* hold no DP-SGD"):
+        restarted.train(2, 0)
