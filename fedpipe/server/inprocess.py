@@ -7,7 +7,10 @@ per round and device (one host-to-GPU copy per round, not one per client), every
 that device trains from them, and their updates stay there: the round loop's running sum adds
 them up on the device and brings the total to the host once (``fedpipe.server.rounds``).
 
-Sequential mode: clients of a device train one after another. With several devices, client
+Sequential mode: clients of a device train one after another. With one device they train
+inline, in task order, each once the round loop has folded all but one of the earlier replies
+(:meth:`InProcessClient.release`): a round with thousands of clients holds two replies at a
+time, not thousands (memory, and the garbage collector's work). With several devices, client
 ``i`` trains on device ``i % n`` in that device's worker thread, so the devices work at once;
 replies come back in task order, which keeps the run bit-identical to a one-device run.
 
@@ -59,6 +62,10 @@ __all__ = ["InProcessClient", "SharedModels"]
 R = TypeVar("R")
 
 VECTORIZED_NEEDS = "mode='vectorized' trains a torch model with torch.func"
+
+#: Replies of a task held at once by clients training inline: one being folded (in a thread
+#: for a large model) while the next client trains.
+INLINE_TURNS = 2
 
 
 class SharedModels:
@@ -169,6 +176,8 @@ class InProcessClient(ClientProxy):
         self._trainer: LocalTrainer | None = None
         #: This round's secure aggregation session: (round, client state machine).
         self._secagg: tuple[int, SecAggClient] | None = None
+        #: The task's turn this client holds until its reply is released (sequential, inline).
+        self._turn: asyncio.Semaphore | None = None
 
     @property
     def trainer(self) -> LocalTrainer:
@@ -269,6 +278,22 @@ class InProcessClient(ClientProxy):
             )
         return self._secagg[1]
 
+    async def _inline(self, task: RoundTask, work: Callable[[], R]) -> R:
+        """Run ``work`` here, in task order, once a turn is free: a turn is held from the
+        start of the work until the round loop releases the reply, so that a round holds
+        at most :data:`INLINE_TURNS` replies (the rest are folded and freed), however many
+        clients it has."""
+        turns: asyncio.Semaphore | None = task.cache.get("inprocess/inline")
+        if turns is None:
+            turns = task.cache["inprocess/inline"] = asyncio.Semaphore(INLINE_TURNS)
+        await turns.acquire()  # first come, first served: task order
+        self._turn = turns
+        try:
+            return work()
+        except BaseException:
+            await self.release()  # no reply to fold: the next client goes on
+            raise
+
     def _staged(self, task: RoundTask) -> tuple[Vector, dict[str, Summable]]:
         """The task's weights and aux vars where this client's model lives: moved there once
         per task and device, then shared by every client on that device (read-only: a
@@ -285,11 +310,16 @@ class InProcessClient(ClientProxy):
             task.cache[slot_key] = staged
         return staged
 
+    async def release(self) -> None:
+        """The round loop folded this client's reply (or gave up on it): the next client of
+        the task may train."""
+        if self._turn is not None:
+            self._turn.release()
+            self._turn = None
+
     async def _run(self, task: RoundTask, work: Callable[[], R]) -> R:
         workers = self._models.workers
         if workers is None:
-            result = work()
-            await asyncio.sleep(0)  # let the loop breathe between simulated clients
-            return result
+            return await self._inline(task, work)
         turns: list[asyncio.Future[None]] = task.cache.setdefault("inprocess/turns", [])
         return await workers.run(self.slot, turns, work)
