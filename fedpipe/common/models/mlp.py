@@ -141,7 +141,7 @@ class MLP(Model):
             if i:
                 # ReLU'(pre-activation) is 1 exactly where the activation h is positive
                 dz = (dz @ self._weights[f"kernel_{i}"].T) * (h > 0)
-        return Vector({name: grads[name] for name in self._weights}), loss
+        return Vector.of_numpy({name: grads[name] for name in self._weights}), loss
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         return head_predict(self.task, self._forward(self._inputs(x, self.n_features))[1])
