@@ -242,7 +242,9 @@ class Vector:
     def like(self, other: Vector) -> Vector:
         """These arrays on ``other``'s backend and device (itself when already there)."""
         first = next(iter(other.coefs.values()), None)
-        if first is None or (self.ops is other.ops and self.device == other.device):
+        if first is None or (
+            self.ops is other.ops and (self.ops is NUMPY or self.device == other.device)
+        ):
             return self
         asarray = other.ops.asarray
         return other._new({n: asarray(a, first) for n, a in self.coefs.items()})
@@ -370,7 +372,7 @@ class Vector:
         """This Vector's arrays (writable copies of read-only ones) and ``other``'s, on this
         backend and device, after checking that they accumulate."""
         ops = self.ops
-        if other.ops is not ops or other.device != self.device:
+        if other.ops is not ops or (ops is not NUMPY and other.device != self.device):
             other = other.like(self)  # the accumulator keeps its backend and device
         theirs = other.coefs
         if self.coefs.keys() != theirs.keys() or any(

@@ -90,7 +90,7 @@ class Model(Registrable):
         """Copies of the model's floating-point buffers: state that is not trained, such as
         batch-norm statistics (see :mod:`fedpipe.common.buffers`); the built-in models have
         none."""
-        return Vector({})
+        return Vector.of_numpy({})
 
     def set_buffers(self, buffers: Vector) -> None:
         """Copy ``buffers`` into the model; raises ``SpecMismatchError`` on other specs."""
