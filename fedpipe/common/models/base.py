@@ -179,10 +179,11 @@ def head_loss_and_gradient(task: str, z: np.ndarray, y: np.ndarray) -> tuple[flo
         return loss, (_sigmoid(z) - t) / n
     log_p = _log_softmax(z)
     rows = np.arange(z.shape[0])
-    loss = -float(np.sum(log_p[rows, t])) / n
+    loss = -float(np.add.reduce(log_p[rows, t])) / n
     grad = np.exp(log_p)
     grad[rows, t] -= 1.0
-    return loss, grad / n
+    grad /= n
+    return loss, grad
 
 
 def head_loss(task: str, z: np.ndarray, y: np.ndarray) -> float:
@@ -211,5 +212,6 @@ def _sigmoid(z: np.ndarray) -> np.ndarray:
 
 
 def _log_softmax(z: np.ndarray) -> np.ndarray:
-    shifted = z - z.max(axis=1, keepdims=True)
-    return shifted - np.log(np.sum(np.exp(shifted), axis=1, keepdims=True))
+    # the ufuncs' reductions themselves (what z.max and np.sum call, through Python wrappers)
+    shifted = z - np.maximum.reduce(z, axis=1, keepdims=True)
+    return shifted - np.log(np.add.reduce(np.exp(shifted), axis=1, keepdims=True))

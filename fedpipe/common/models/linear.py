@@ -66,7 +66,7 @@ class _AffineModel(Model):
         kernel, bias = self._weights["kernel"], self._weights["bias"]
         grads = {
             "kernel": (x.T @ dz).astype(kernel.dtype, copy=False),
-            "bias": dz.sum(axis=0).reshape(bias.shape).astype(bias.dtype, copy=False),
+            "bias": np.add.reduce(dz, axis=0).reshape(bias.shape).astype(bias.dtype, copy=False),
         }
         return Vector.of_numpy(grads), loss
 
