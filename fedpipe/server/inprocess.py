@@ -8,11 +8,12 @@ that device trains from them, and their updates stay there: the round loop's run
 them up on the device and brings the total to the host once (``fedpipe.server.rounds``).
 
 Sequential mode: clients of a device train one after another. With one device they train
-inline, in task order, each once the round loop has folded all but one of the earlier replies
-(:meth:`InProcessClient.release`): a round with thousands of clients holds two replies at a
-time, not thousands (memory, and the garbage collector's work). With several devices, client
-``i`` trains on device ``i % n`` in that device's worker thread, so the devices work at once;
-replies come back in task order, which keeps the run bit-identical to a one-device run.
+inline, in task order, each once the round loop has folded enough earlier replies
+(:meth:`InProcessClient.release`): a round with thousands of clients holds 64 MiB of replies
+(at least two) at a time, not thousands (memory, and the garbage collector's work). With
+several devices, client ``i`` trains on device ``i % n`` in that device's worker thread, so the
+devices work at once; replies come back in task order, which keeps the run bit-identical to a
+one-device run.
 
 Vectorized mode: the clients of a round that share a device slot train in one call of that
 slot's :class:`~fedpipe.common.vectorized.VectorizedTrainer` (``max_clients`` stacked at once),
@@ -63,9 +64,16 @@ R = TypeVar("R")
 
 VECTORIZED_NEEDS = "mode='vectorized' trains a torch model with torch.func"
 
-#: Replies of a task held at once by clients training inline: one being folded (in a thread
-#: for a large model) while the next client trains.
-INLINE_TURNS = 2
+#: Bytes of replies a task's clients training inline may hold at once (their updates' size),
+#: in at least two turns (one reply folded, in a thread for a large model, while the next
+#: client trains) and at most :data:`MAX_INLINE_TURNS` (small models: few loop iterations).
+INLINE_REPLY_BYTES = 64 << 20
+MAX_INLINE_TURNS = 64
+
+
+def inline_turns(update_bytes: int) -> int:
+    """How many clients of a task may train inline before the oldest reply is folded."""
+    return max(2, min(MAX_INLINE_TURNS, INLINE_REPLY_BYTES // max(update_bytes, 1)))
 
 
 class SharedModels:
@@ -281,11 +289,12 @@ class InProcessClient(ClientProxy):
     async def _inline(self, task: RoundTask, work: Callable[[], R]) -> R:
         """Run ``work`` here, in task order, once a turn is free: a turn is held from the
         start of the work until the round loop releases the reply, so that a round holds
-        at most :data:`INLINE_TURNS` replies (the rest are folded and freed), however many
+        at most :func:`inline_turns` replies (the rest are folded and freed), however many
         clients it has."""
         turns: asyncio.Semaphore | None = task.cache.get("inprocess/inline")
         if turns is None:
-            turns = task.cache["inprocess/inline"] = asyncio.Semaphore(INLINE_TURNS)
+            count = inline_turns(task.weights.nbytes)
+            turns = task.cache["inprocess/inline"] = asyncio.Semaphore(count)
         await turns.acquire()  # first come, first served: task order
         self._turn = turns
         try:

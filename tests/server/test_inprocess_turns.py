@@ -96,16 +96,29 @@ def fresh_counts() -> None:
     CountingClient.held, CountingClient.peak = set(), 0
 
 
+@pytest.fixture
+def two_turns(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(inprocess, "INLINE_REPLY_BYTES", 1)  # any model: two turns
+
+
+def test_turns_hold_64_mib_of_replies_at_least_two_at_most_64() -> None:
+    assert inprocess.inline_turns(400 << 20) == 2  # a 100M-parameter float32 model
+    assert inprocess.inline_turns(4 << 20) == 16
+    assert inprocess.inline_turns(4040) == 64  # Linear(100, 10)
+    assert inprocess.inline_turns(0) == 64
+
+
 def test_a_round_holds_two_replies_and_trains_the_same_weights_as_all_at_once(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, two_turns: None
 ) -> None:
     summary = run(tmp_path / "turns", {})
     assert summary.status == "completed"
-    assert CountingClient.peak == inprocess.INLINE_TURNS == 2
+    assert CountingClient.peak == 2
     assert [r["replied"] for r in summary.history] == [CLIENTS] * 3
 
     CountingClient.peak = 0
-    monkeypatch.setattr(inprocess, "INLINE_TURNS", CLIENTS)  # every client trains, then folds
+    monkeypatch.setattr(inprocess, "INLINE_REPLY_BYTES", 1 << 40)  # every client, then folds
+    monkeypatch.setattr(inprocess, "MAX_INLINE_TURNS", CLIENTS)
     all_at_once = run(tmp_path / "all", {})
     assert CountingClient.peak == CLIENTS
     ours, theirs = final_weights(tmp_path / "turns"), final_weights(tmp_path / "all")
@@ -117,7 +130,7 @@ def test_a_round_holds_two_replies_and_trains_the_same_weights_as_all_at_once(
     ]
 
 
-def test_clients_that_fail_give_their_turn_back(tmp_path: Path) -> None:
+def test_clients_that_fail_give_their_turn_back(tmp_path: Path, two_turns: None) -> None:
     failing: dict[str, type[InProcessClient]] = {
         "client-1": FailsAfterTraining,
         "client-2": FailsWhileTraining,
@@ -134,7 +147,7 @@ def test_clients_that_fail_give_their_turn_back(tmp_path: Path) -> None:
     assert CountingClient.peak == 2
 
 
-def test_the_clients_of_an_evaluation_take_turns_too(tmp_path: Path) -> None:
+def test_the_clients_of_an_evaluation_take_turns_too(tmp_path: Path, two_turns: None) -> None:
     sim = sim_config(tmp_path)
     sim = sim.model_copy(update={"eval_fraction": 0.2})
     clients = client_datasets(sim)
