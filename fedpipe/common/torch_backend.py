@@ -125,6 +125,13 @@ class TorchOps:
             for array, other in zip(arrays, others, strict=True):
                 array.add_(other)
 
+    def sub_all_(self, arrays: list[torch.Tensor], others: list[torch.Tensor]) -> None:
+        try:  # as add_all_
+            torch._foreach_sub_(arrays, others)
+        except RuntimeError:
+            for array, other in zip(arrays, others, strict=True):
+                array.sub_(other)
+
     def is_float(self, array: torch.Tensor) -> bool:
         return array.is_floating_point() or array.is_complex()
 

@@ -7,10 +7,9 @@ so a simulated client trains exactly like a deployed one.
 from __future__ import annotations
 
 import hashlib
-import itertools
 import logging
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple, SupportsFloat, TypeAlias
 
@@ -211,10 +210,10 @@ class LocalTrainer:
         seed = round_seed(self.setup.seed, client, round_number)
         if self.train_fn is None:
             work = self._local_steps(data, seed)
-            updates = initial.add_(model.get_weights(copy=False), alpha=-1.0)  # start - end
+            updates = initial.sub_(model.get_weights(copy=False))  # start - end
         else:
             work = self._user_training(self.train_fn, data, client, round_number, seed)
-            updates = optimizer.run_modules(initial.add_(model.get_weights(copy=False), alpha=-1.0))
+            updates = optimizer.run_modules(initial.sub_(model.get_weights(copy=False)))
         if dp:
             updates = privatize_update(updates, dp, self._dp_rng)
         partial = self.aggregator.prepare(updates, n_samples=work.n_samples, n_steps=work.n_steps)
@@ -257,24 +256,25 @@ class LocalTrainer:
             if not isinstance(data, Dataset):
                 raise ValueError("dp_sgd draws Poisson batches from fedpipe's arrays, not a loader")
             return _Work(len(data), *self.dp_sgd.train(model, optimizer, data, cfg))
-        rng = np.random.default_rng(seed)
-
-        def epoch() -> Iterator[tuple[Any, Any]]:
-            if isinstance(data, Dataset):  # a fresh shuffle per epoch, from the round's seed
-                return data.batches(
-                    cfg.batch_size, shuffle=True, seed=rng, drop_remainder=cfg.drop_remainder
-                )
-            return data.batches()  # a DataLoader batches and shuffles itself
-
+        rng = np.random.default_rng(seed)  # a fresh shuffle per epoch, from the round's seed
+        max_steps = cfg.max_steps or -1  # None: every batch of every epoch
         steps, seen = 0, 0
         loss_sum: Any = 0.0  # a torch model's losses add up on its device: read once, below
-        batches = itertools.chain.from_iterable(epoch() for _ in range(cfg.epochs))
-        for x, y in itertools.islice(batches, cfg.max_steps):
-            gradients, loss = model.compute_batch_gradients(x, y)
-            optimizer.apply(model, gradients, consume=True)
-            steps += 1
-            seen += len(x)
-            loss_sum = _add_loss(loss_sum, loss, len(x))
+        for _ in range(cfg.epochs):
+            if isinstance(data, Dataset):
+                batches = data.batches(
+                    cfg.batch_size, shuffle=True, seed=rng, drop_remainder=cfg.drop_remainder
+                )
+            else:
+                batches = data.batches()  # a DataLoader batches and shuffles itself
+            for x, y in batches:
+                gradients, loss = model.compute_batch_gradients(x, y)
+                optimizer.apply(model, gradients, consume=True)
+                steps += 1
+                seen += len(x)
+                loss_sum = _add_loss(loss_sum, loss, len(x))
+                if steps == max_steps:
+                    return _Work(len(data), steps, float(loss_sum), seen)
         return _Work(len(data), steps, float(loss_sum), seen)
 
     def _user_training(

@@ -101,6 +101,15 @@ class Vector:
         }
         self.ops: ArrayOps = _backend(self.coefs)
 
+    @classmethod
+    def of_numpy(cls, arrays: dict[str, np.ndarray]) -> Vector:
+        """A Vector of numpy arrays fedpipe made itself (a built-in model's weights or
+        gradients), taken as they are: the constructor's per-array type check is left out,
+        which matters to simulations with thousands of small clients."""
+        out = object.__new__(cls)
+        out.coefs, out.ops = arrays, NUMPY
+        return out
+
     # ---- introspection -------------------------------------------------------------------
 
     def specs(self) -> VectorSpecs:
@@ -233,7 +242,9 @@ class Vector:
     def like(self, other: Vector) -> Vector:
         """These arrays on ``other``'s backend and device (itself when already there)."""
         first = next(iter(other.coefs.values()), None)
-        if first is None or (self.ops is other.ops and self.device == other.device):
+        if first is None or (
+            self.ops is other.ops and (self.ops is NUMPY or self.device == other.device)
+        ):
             return self
         asarray = other.ops.asarray
         return other._new({n: asarray(a, first) for n, a in self.coefs.items()})
@@ -341,24 +352,39 @@ class Vector:
         take a half-precision (float16, bfloat16) array of ``other``: a float32 running sum of
         half-precision updates (:meth:`widened`), added without a widened copy.
         """
+        targets, sources = self._in_place_operands(other, "in-place addition")
+        if alpha != 1.0:
+            keep = self.ops.keep_dtype
+            sources = [keep(b * alpha, a) for a, b in zip(targets, sources, strict=True)]
+        if targets:
+            self.ops.add_all_(targets, sources)
+        return self
+
+    def sub_(self, other: Vector) -> Self:
+        """In place: ``self -= other`` (the same bits as ``add_(other, alpha=-1.0)``, without
+        its temporary ``-other``), with :meth:`add_`'s specs."""
+        targets, sources = self._in_place_operands(other, "in-place subtraction")
+        if targets:
+            self.ops.sub_all_(targets, sources)
+        return self
+
+    def _in_place_operands(self, other: Vector, what: str) -> tuple[list[Any], list[Any]]:
+        """This Vector's arrays (writable copies of read-only ones) and ``other``'s, on this
+        backend and device, after checking that they accumulate."""
         ops = self.ops
-        if other.ops is not ops or other.device != self.device:
+        if other.ops is not ops or (ops is not NUMPY and other.device != self.device):
             other = other.like(self)  # the accumulator keeps its backend and device
-        if self.coefs.keys() != other.coefs.keys() or any(
-            a.shape != other.coefs[n].shape or a.dtype != other.coefs[n].dtype
-            for n, a in self.coefs.items()
+        theirs = other.coefs
+        if self.coefs.keys() != theirs.keys() or any(
+            a.shape != theirs[n].shape or a.dtype != theirs[n].dtype for n, a in self.coefs.items()
         ):
-            self.check_accumulates(other, "in-place addition")
-        targets, sources = [], []
+            self.check_accumulates(other, what)
+        targets = []
         for name, a in self.coefs.items():
             if not ops.writable(a):
                 a = self.coefs[name] = ops.copy(a)
-            b = other.coefs[name]
             targets.append(a)
-            sources.append(b if alpha == 1.0 else ops.keep_dtype(b * alpha, a))
-        if targets:
-            ops.add_all_(targets, sources)
-        return self
+        return targets, [theirs[name] for name in self.coefs]
 
     def mul_(self, factor: float) -> Self:
         """In place: ``self *= factor`` (dtypes kept). Finalizes an aggregate without a copy."""
@@ -412,6 +438,10 @@ class Vector:
         ops = self.ops
         for a in self.coefs.values():
             if not ops.is_float(a):
+                continue
+            if ops.numel(a) <= _FINITE_BLOCK:  # one mask at most a block's size
+                if not ops.all_finite(a):
+                    return False
                 continue
             flat = ops.flat(a)
             for start in range(0, ops.numel(flat), _FINITE_BLOCK):

@@ -7,9 +7,13 @@ per round and device (one host-to-GPU copy per round, not one per client), every
 that device trains from them, and their updates stay there: the round loop's running sum adds
 them up on the device and brings the total to the host once (``fedpipe.server.rounds``).
 
-Sequential mode: clients of a device train one after another. With several devices, client
-``i`` trains on device ``i % n`` in that device's worker thread, so the devices work at once;
-replies come back in task order, which keeps the run bit-identical to a one-device run.
+Sequential mode: clients of a device train one after another. With one device they train
+inline, in task order, each once the round loop has folded enough earlier replies
+(:meth:`InProcessClient.release`): a round with thousands of clients holds 64 MiB of replies
+(at least two) at a time, not thousands (memory, and the garbage collector's work). With
+several devices, client ``i`` trains on device ``i % n`` in that device's worker thread, so the
+devices work at once; replies come back in task order, which keeps the run bit-identical to a
+one-device run.
 
 Vectorized mode: the clients of a round that share a device slot train in one call of that
 slot's :class:`~fedpipe.common.vectorized.VectorizedTrainer` (``max_clients`` stacked at once),
@@ -58,6 +62,17 @@ __all__ = ["InProcessClient", "SharedModels"]
 R = TypeVar("R")
 
 VECTORIZED_NEEDS = "mode='vectorized' trains a torch model with torch.func"
+
+#: Bytes of replies a task's clients training inline may hold at once (their updates' size),
+#: in at least two turns (one reply folded, in a thread for a large model, while the next
+#: client trains) and at most :data:`MAX_INLINE_TURNS` (small models: few loop iterations).
+INLINE_REPLY_BYTES = 64 << 20
+MAX_INLINE_TURNS = 64
+
+
+def inline_turns(update_bytes: int) -> int:
+    """How many clients of a task may train inline before the oldest reply is folded."""
+    return max(2, min(MAX_INLINE_TURNS, INLINE_REPLY_BYTES // max(update_bytes, 1)))
 
 
 class SharedModels:
@@ -171,6 +186,8 @@ class InProcessClient(ClientProxy):
         self._trainer: LocalTrainer | None = None
         #: This round's secure aggregation session: (round, client state machine).
         self._secagg: tuple[int, SecAggClient] | None = None
+        #: The task's turn this client holds until its reply is released (sequential, inline).
+        self._turn: asyncio.Semaphore | None = None
 
     @property
     def trainer(self) -> LocalTrainer:
@@ -267,6 +284,23 @@ class InProcessClient(ClientProxy):
             )
         return self._secagg[1]
 
+    async def _inline(self, task: RoundTask, work: Callable[[], R]) -> R:
+        """Run ``work`` here, in task order, once a turn is free: a turn is held from the
+        start of the work until the round loop releases the reply, so that a round holds
+        at most :func:`inline_turns` replies (the rest are folded and freed), however many
+        clients it has."""
+        turns: asyncio.Semaphore | None = task.cache.get("inprocess/inline")
+        if turns is None:
+            count = inline_turns(task.weights.nbytes)
+            turns = task.cache["inprocess/inline"] = asyncio.Semaphore(count)
+        await turns.acquire()  # first come, first served: task order
+        self._turn = turns
+        try:
+            return work()
+        except BaseException:
+            await self.release()  # no reply to fold: the next client goes on
+            raise
+
     def _staged(self, task: RoundTask) -> tuple[Vector, dict[str, Summable]]:
         """The task's weights and aux vars where this client's model lives: moved there once
         per task and device, then shared by every client on that device (read-only: a
@@ -283,11 +317,16 @@ class InProcessClient(ClientProxy):
             task.cache[slot_key] = staged
         return staged
 
+    async def release(self) -> None:
+        """The round loop folded this client's reply (or gave up on it): the next client of
+        the task may train."""
+        if self._turn is not None:
+            self._turn.release()
+            self._turn = None
+
     async def _run(self, task: RoundTask, work: Callable[[], R]) -> R:
         workers = self._models.workers
         if workers is None:
-            result = work()
-            await asyncio.sleep(0)  # let the loop breathe between simulated clients
-            return result
+            return await self._inline(task, work)
         turns: list[asyncio.Future[None]] = task.cache.setdefault("inprocess/turns", [])
         return await workers.run(self.slot, turns, work)

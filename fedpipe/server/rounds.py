@@ -750,11 +750,11 @@ class FederatedRun:
             async with asyncio.timeout_at(deadline):
                 for _ in clients:
                     client, outcome = await arrived.get()
-                    if isinstance(outcome, BaseException):
-                        log.warning("client %s failed: %s", client.name, outcome)
-                        failures[client.name] = str(outcome)
-                        continue
                     try:
+                        if isinstance(outcome, BaseException):
+                            log.warning("client %s failed: %s", client.name, outcome)
+                            failures[client.name] = str(outcome)
+                            continue
                         step = on_result(client, outcome)
                         if asyncio.iscoroutine(step):
                             await step

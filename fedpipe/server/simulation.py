@@ -14,6 +14,8 @@ every spawned process or Dask worker, since the simulation's owner owns its clie
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import inspect
 import json
 import logging
@@ -23,7 +25,7 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -169,10 +171,35 @@ async def simulate_inprocess(
             except ValueError as exc:
                 raise ConfigError(f"train_fn={sim.train_fn!r}: {exc}") from None
 
+    with frozen_state() as freeze:
+
+        def after_round(record: dict[str, Any]) -> None:
+            if record["round"] == 1:
+                freeze()  # the clients' trainers, built in the first round
+            if on_round is not None:
+                on_round(record)
+
+        try:
+            return await run_pool(sim, pool, after_round, place, overwrite=overwrite)
+        finally:
+            models.close()
+
+
+@contextlib.contextmanager
+def frozen_state() -> Iterator[Callable[[], None]]:
+    """Keep what is alive now (and whenever the function yielded is called) out of the
+    garbage collector's passes until the block ends (``gc.freeze``): thousands of simulated
+    clients' data and trainers would otherwise be walked at every full collection, which a
+    round's short-lived replies trigger several times per round. Left alone when the process
+    froze objects of its own."""
+    if gc.get_freeze_count():
+        yield lambda: None
+        return
+    gc.freeze()
     try:
-        return await run_pool(sim, pool, on_round, place, overwrite=overwrite)
+        yield gc.freeze
     finally:
-        models.close()
+        gc.unfreeze()
 
 
 async def run_pool(

@@ -133,6 +133,17 @@ def test_weights_are_copied_in_and_out_and_validated(name: str, config: dict[str
         model.apply_updates(before.apply(lambda a: a.astype(np.float64)))
 
 
+def test_weight_specs_follow_a_model_that_replaces_its_weights() -> None:
+    model = load_model("softmax-regression", {"n_features": 4, "n_classes": 3})
+    specs = model.weight_specs()
+    specs.clear()  # a copy: the model's own specs are not touched
+    assert model.weight_specs()["kernel"].shape == (4, 3)
+    model._weights = {"kernel": np.zeros((5, 3), np.float32), "bias": np.zeros(3, np.float32)}
+    assert model.weight_specs()["kernel"].shape == (5, 3)
+    with pytest.raises(SpecMismatchError, match=r"'kernel' has shape \(4, 3\), expected \(5, 3\)"):
+        model.set_weights(Vector({"kernel": np.zeros((4, 3), np.float32), "bias": np.zeros(3)}))
+
+
 @pytest.mark.parametrize(("name", "config"), CASES, ids=IDS)
 def test_predict_shapes_follow_the_task(name: str, config: dict[str, Any]) -> None:
     model = load_model(name, config)

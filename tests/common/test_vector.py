@@ -87,10 +87,42 @@ def test_in_place_accumulation_and_read_only_arrays() -> None:
     assert np.array_equal(frozen, [1.0, 1.0])  # a read-only input is copied, never written
 
 
+def test_in_place_subtraction_has_the_bits_of_adding_minus_one_times() -> None:
+    rng = np.random.default_rng(3)
+    start = {n: rng.standard_normal(s).astype(np.float32) for n, s in [("w", (40, 7)), ("b", 7)]}
+    end = {n: a + rng.standard_normal(a.shape).astype(np.float32) * 1e-3 for n, a in start.items()}
+    end["b"][0] = -0.0
+    start["b"][0] = 0.0
+    frozen = {n: a.copy() for n, a in start.items()}
+    for array in frozen.values():
+        array.flags.writeable = False
+    by_sub = Vector(frozen).sub_(Vector(end))
+    by_add = Vector({n: a.copy() for n, a in start.items()}).add_(Vector(end), alpha=-1.0)
+    assert by_sub.array_equal(by_add)
+    assert np.signbit(by_sub["b"][0]) == np.signbit(by_add["b"][0])
+    assert all(np.array_equal(a, start[n]) for n, a in frozen.items())  # read-only: copied
+
+
+def test_in_place_subtraction_of_half_precision_into_float32_and_its_errors() -> None:
+    total = Vector({"w": np.array([1.0, 2.0], np.float32)})
+    total.sub_(Vector({"w": np.array([0.5, 0.25], np.float16)}))
+    assert np.array_equal(total["w"], [0.5, 1.75]) and total["w"].dtype == np.float32
+    with pytest.raises(SpecMismatchError, match="in-place subtraction: array 'w' has shape"):
+        total.sub_(Vector({"w": np.zeros(3, np.float32)}))
+
+
+def test_a_vector_of_fedpipes_own_numpy_arrays_is_a_vector_like_any() -> None:
+    arrays = {"w": np.ones(3, np.float32), "b": np.zeros(1, np.float32)}
+    wrapped = Vector.of_numpy(arrays)
+    assert wrapped.coefs is arrays and wrapped.backend == "numpy"
+    assert wrapped.array_equal(Vector(arrays)) and (wrapped * 2)["w"].tolist() == [2.0] * 3
+
+
 def test_is_finite_and_comparisons() -> None:
     assert vec([1, 2, 3], [0]).is_finite()
     assert not vec([1, np.nan, 3], [0]).is_finite()
     assert not vec([1, 2, 3], [np.inf]).is_finite()
+    assert Vector({"i": np.array([1, 2]), "w": np.ones(2, np.float32)}).is_finite()
     assert vec([1, 2, 3], [0]).allclose(vec([1, 2, 3 + 1e-9], [0]), rtol=1e-6)
     assert not vec([1, 2, 3], [0]).array_equal(vec([1, 2, 3], [0], "float64"))
 

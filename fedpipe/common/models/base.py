@@ -28,7 +28,8 @@ TASKS: tuple[str, ...] = ("regression", "binary", "multiclass")
 class Model(Registrable):
     """A trainable model whose weights are a :class:`Vector`.
 
-    Subclasses fill ``self._weights`` (name -> array) in ``__init__`` and implement
+    Subclasses fill ``self._weights`` (name -> array) in ``__init__`` (training then changes
+    its arrays in place, never their shapes or dtypes) and implement
     :meth:`compute_batch_gradients`, :meth:`predict` and :meth:`loss`.
 
     ``task`` says what :meth:`predict` returns: ``"regression"`` values of shape ``(n,)`` (one
@@ -42,35 +43,46 @@ class Model(Registrable):
     task: str
 
     _weights: dict[str, np.ndarray]
+    #: ``(the _weights dict, its specs)``: built on first use, rebuilt if ``_weights`` is
+    #: replaced (its arrays change in place only, so their specs do not).
+    _spec_cache: tuple[dict[str, np.ndarray], VectorSpecs] | None = None
 
     # ---- weights ---------------------------------------------------------------------------
 
+    def _cached_specs(self) -> VectorSpecs:
+        """The weights' specs, shared (callers do not modify them)."""
+        cache = self._spec_cache
+        if cache is None or cache[0] is not self._weights:
+            specs = {
+                name: ArraySpec(tuple(int(d) for d in a.shape), dtype_name(a.dtype))
+                for name, a in self._weights.items()
+            }
+            cache = self._spec_cache = (self._weights, specs)
+        return cache[1]
+
     def weight_specs(self) -> VectorSpecs:
         """Names, shapes and dtypes of the weights."""
-        return {
-            name: ArraySpec(tuple(int(d) for d in a.shape), dtype_name(a.dtype))
-            for name, a in self._weights.items()
-        }
+        return dict(self._cached_specs())
 
     def get_weights(self, copy: bool = True) -> Vector:
         """The weights: a copy, or with ``copy=False`` a read-only view of the live arrays
         (what optimizers use to read weights at every step without copying the model)."""
         if copy:
-            return Vector({name: a.copy() for name, a in self._weights.items()})
+            return Vector.of_numpy({name: a.copy() for name, a in self._weights.items()})
         views = {name: a.view() for name, a in self._weights.items()}
         for view in views.values():
             view.flags.writeable = False
-        return Vector(views)
+        return Vector.of_numpy(views)
 
     def set_weights(self, weights: Vector) -> None:
         """Copy ``weights`` into the model; raises ``SpecMismatchError`` on other specs."""
-        weights.check_specs(self.weight_specs(), f"weights for model {self.name!r}")
+        weights.check_specs(self._cached_specs(), f"weights for model {self.name!r}")
         for name, a in self._weights.items():
             np.copyto(a, weights.coefs[name])
 
     def apply_updates(self, updates: Vector) -> None:
         """In place: ``weights += updates`` (specs checked)."""
-        updates.check_specs(self.weight_specs(), f"updates for model {self.name!r}")
+        updates.check_specs(self._cached_specs(), f"updates for model {self.name!r}")
         for name, a in self._weights.items():
             a += updates.coefs[name]
 
@@ -78,7 +90,7 @@ class Model(Registrable):
         """Copies of the model's floating-point buffers: state that is not trained, such as
         batch-norm statistics (see :mod:`fedpipe.common.buffers`); the built-in models have
         none."""
-        return Vector({})
+        return Vector.of_numpy({})
 
     def set_buffers(self, buffers: Vector) -> None:
         """Copy ``buffers`` into the model; raises ``SpecMismatchError`` on other specs."""
@@ -150,7 +162,7 @@ def _targets(task: str, y: np.ndarray, z: np.ndarray) -> np.ndarray:
     labels = y.reshape(n) if y.ndim == 2 and y.shape[1] == 1 else y
     if labels.ndim != 1:
         raise ValueError(f"classification targets must be class ids of shape (n,), got {y.shape}")
-    ids = labels.astype(np.int64)
+    ids = labels.astype(np.int64, copy=False)
     n_classes = 2 if task == "binary" else z.shape[1]
     whole = labels.dtype.kind in "iub" or bool((ids == labels).all())
     if not whole or (n and (ids.min() < 0 or ids.max() >= n_classes)):
@@ -181,10 +193,11 @@ def head_loss_and_gradient(task: str, z: np.ndarray, y: np.ndarray) -> tuple[flo
         return loss, (_sigmoid(z) - t) / n
     log_p = _log_softmax(z)
     rows = np.arange(z.shape[0])
-    loss = -float(np.sum(log_p[rows, t])) / n
+    loss = -float(np.add.reduce(log_p[rows, t])) / n
     grad = np.exp(log_p)
     grad[rows, t] -= 1.0
-    return loss, grad / n
+    grad /= n
+    return loss, grad
 
 
 def head_loss(task: str, z: np.ndarray, y: np.ndarray) -> float:
@@ -213,5 +226,6 @@ def _sigmoid(z: np.ndarray) -> np.ndarray:
 
 
 def _log_softmax(z: np.ndarray) -> np.ndarray:
-    shifted = z - z.max(axis=1, keepdims=True)
-    return shifted - np.log(np.sum(np.exp(shifted), axis=1, keepdims=True))
+    # the ufuncs' reductions themselves (what z.max and np.sum call, through Python wrappers)
+    shifted = z - np.maximum.reduce(z, axis=1, keepdims=True)
+    return shifted - np.log(np.add.reduce(np.exp(shifted), axis=1, keepdims=True))

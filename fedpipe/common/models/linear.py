@@ -63,9 +63,12 @@ class _AffineModel(Model):
     def compute_batch_gradients(self, x: np.ndarray, y: np.ndarray) -> tuple[Vector, float]:
         x = self._inputs(x, self.n_features)
         loss, dz = head_loss_and_gradient(self.task, self._logits(x), y)
-        bias = self._weights["bias"]
-        grads = {"kernel": x.T @ dz, "bias": dz.sum(axis=0).reshape(bias.shape)}
-        return Vector({k: g.astype(self.dtype, copy=False) for k, g in grads.items()}), loss
+        kernel, bias = self._weights["kernel"], self._weights["bias"]
+        grads = {
+            "kernel": (x.T @ dz).astype(kernel.dtype, copy=False),
+            "bias": np.add.reduce(dz, axis=0).reshape(bias.shape).astype(bias.dtype, copy=False),
+        }
+        return Vector.of_numpy(grads), loss
 
     def compute_sample_gradients(self, x: np.ndarray, y: np.ndarray) -> tuple[Vector, float]:
         """Per-sample gradients in closed form: sample ``i``'s kernel gradient is ``x_i``

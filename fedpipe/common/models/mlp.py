@@ -152,7 +152,7 @@ class MLP(Model):
         for i, (h, dz) in layers.items():
             grads[f"kernel_{i}"] = (h.T @ dz).astype(self.dtype, copy=False)
             grads[f"bias_{i}"] = dz.sum(axis=0).astype(self.dtype, copy=False)
-        return Vector({name: grads[name] for name in self._weights}), loss
+        return Vector.of_numpy({name: grads[name] for name in self._weights}), loss
 
     def compute_sample_gradients(self, x: np.ndarray, y: np.ndarray) -> tuple[Vector, float]:
         """Per-sample gradients in closed form: sample ``i``'s kernel gradient is the outer
