@@ -23,7 +23,7 @@ from fedpipe.common.vector import Vector
 from fedpipe.server.privacy.client_level import ClientLevelDP
 from fedpipe.server.sampling import PoissonSampler, UniformSampler
 from fedpipe.server.simulation import simulate
-from tests.server.test_sampling_runs import resume
+from tests.server.resumed_runs import resume
 
 
 def sim_config(out: Path, n_clients: int, **server: Any) -> SimulationConfig:

@@ -20,9 +20,10 @@ from fedpipe.common.config import ConfigError, ServerConfig, SimulationConfig, l
 from fedpipe.server.checkpoint import CheckpointError, load_checkpoint
 from fedpipe.server.clients import ClientPool
 from fedpipe.server.inprocess import InProcessClient, SharedModels
-from fedpipe.server.rounds import FederatedRun, RunSummary
+from fedpipe.server.rounds import FederatedRun
 from fedpipe.server.sampling.base import C, ClientSampler
 from fedpipe.server.simulation import client_datasets, complete_model_config, simulate
+from tests.server.resumed_runs import resume
 
 
 def sim_config(out: Path, n_clients: int, **server: Any) -> SimulationConfig:
@@ -49,20 +50,6 @@ def sampled_by_round(out: Path) -> dict[int, list[str]]:
         record = json.loads(line)
         rounds[record["round"]].append(record["client"])
     return {r: sorted(names) for r, names in rounds.items()}
-
-
-def resume(sim: SimulationConfig) -> RunSummary:
-    clients = client_datasets(sim)
-    server = complete_model_config(sim.server, clients[0][1])
-
-    async def go() -> RunSummary:
-        pool, models = ClientPool(), SharedModels()
-        for name, train, test in clients:
-            await pool.add(InProcessClient(name, train, test, models))
-        with FederatedRun(server, pool, resume=True) as run:
-            return await run.run()
-
-    return asyncio.run(go())
 
 
 def test_poisson_simulation_completes_through_empty_rounds(tmp_path: Path) -> None:
