@@ -1,6 +1,7 @@
 """Secure aggregation in the round loop: an in-process digits simulation whose masked rounds
 give plain averaging's weights within the encoding's bound, clients that drop or lie after
-masking, a round that cannot be unmasked failing with its reason, and refused configs."""
+masking, a round that cannot be unmasked failing with its reason, distributed DP noise
+masked in, and refused configs."""
 
 from __future__ import annotations
 
@@ -269,3 +270,32 @@ def test_vectorized_clients_mask_their_updates_too(tmp_path: Path) -> None:
     assert masked.status == "completed"
     assert [r["accuracy"] for r in masked.history] == [r["accuracy"] for r in plain.history]
     assert 0 < max_difference(plain, masked) < 1e-4  # 1.4e-5 when written (3 rounds)
+
+
+def test_distributed_dp_noise_is_masked_in_and_counted(tmp_path: Path) -> None:
+    """Under secure aggregation each client noises its clipped update before masking it: with
+    the same client-local noise seed, the masked run's weights are the plain distributed-DP
+    run's within the encoding's bound, far from a noiseless run's, and ε is reported."""
+    dp = {"mode": "distributed", "clip": 1.0, "noise_multiplier": 1.0, "delta": 1e-5}
+    server = {
+        "rounds": 1,
+        "aggregator": ["averaging", {"weighting": "uniform"}],
+        "sampler": ["poisson", {"q": 1.0}],
+    }
+
+    def run(name: str, noise_seed: int, **extra: Any) -> RunSummary:
+        sim = sim_config(tmp_path / name, **server, **extra)
+        return simulate(sim.model_copy(update={"noise_seed": noise_seed}))
+
+    plain = run("plain", 7, privacy=dp)
+    masked = run("secure", 7, privacy=dp, secure_aggregation=SECURE)
+    other_noise = run("other", 8, privacy=dp, secure_aggregation=SECURE)
+    assert masked.status == "completed" and masked.rounds_completed == 1
+    assert masked.history[0]["replied"] == 8
+    assert masked.history[-1]["epsilon"] == pytest.approx(plain.history[-1]["epsilon"])
+    assert masked.history[-1]["epsilon"] > 0
+    assert within_bound(plain, masked, 8)  # uniform weighting: each client weighs 1
+    assert max_difference(plain, masked) > 0  # quantized: the masked path ran
+    # The noise is in the sum: another client seed moves the weights by the noise's size
+    # (std z C / 8 = 0.125 per coordinate), not by the encoding's error.
+    assert max_difference(masked, other_noise) > 0.1
