@@ -23,25 +23,7 @@ from fedpipe.common.vector import Vector
 from fedpipe.server.privacy.client_level import ClientLevelDP
 from fedpipe.server.sampling import PoissonSampler, UniformSampler
 from fedpipe.server.simulation import simulate
-from tests.server.resumed_runs import resume
-
-
-def sim_config(out: Path, n_clients: int, **server: Any) -> SimulationConfig:
-    return SimulationConfig.model_validate(
-        {
-            "n_clients": n_clients,
-            "partition": {"scheme": "dirichlet", "alpha": 0.5, "seed": 2},
-            "server": {
-                "rounds": 6,
-                "min_clients": n_clients,
-                "client_optimizer": {"lrate": 0.3},
-                "training": {"epochs": 1, "batch_size": 32},
-                "output_dir": str(out),
-                **server,
-            },
-        }
-    )
-
+from tests.server.sim_runs import resume, sim_config
 
 DP = {"clip": 1.0, "noise_multiplier": 1.0, "delta": 1e-5}
 UNIFORM = ["averaging", {"weighting": "uniform"}]

@@ -23,24 +23,7 @@ from fedpipe.server.inprocess import InProcessClient, SharedModels
 from fedpipe.server.rounds import FederatedRun
 from fedpipe.server.sampling.base import C, ClientSampler
 from fedpipe.server.simulation import client_datasets, complete_model_config, simulate
-from tests.server.resumed_runs import resume
-
-
-def sim_config(out: Path, n_clients: int, **server: Any) -> SimulationConfig:
-    return SimulationConfig.model_validate(
-        {
-            "n_clients": n_clients,
-            "partition": {"scheme": "dirichlet", "alpha": 0.5, "seed": 2},
-            "server": {
-                "rounds": 6,
-                "min_clients": n_clients,
-                "client_optimizer": {"lrate": 0.3},
-                "training": {"epochs": 1, "batch_size": 32},
-                "output_dir": str(out),
-                **server,
-            },
-        }
-    )
+from tests.server.sim_runs import resume, sim_config
 
 
 def sampled_by_round(out: Path) -> dict[int, list[str]]:
