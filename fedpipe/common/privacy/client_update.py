@@ -41,7 +41,5 @@ def privatize_update(
             raise ValueError(f"dp setting {key}={value!r}; expected a positive number")
     if not math.isfinite(float(clip)) or not math.isfinite(float(std)):  # type: ignore[arg-type]
         raise ValueError(f"dp settings clip={clip!r}, noise_std={std!r}; expected finite numbers")
-    norm = updates.norm()
-    if norm > float(clip):  # type: ignore[arg-type]
-        updates = updates.mul_(float(clip) / norm)  # type: ignore[arg-type]
+    updates = updates.clip_norm(float(clip))  # type: ignore[arg-type]  # on its device
     return updates.add_(updates.normal_like(rng), alpha=float(std))  # type: ignore[arg-type]
