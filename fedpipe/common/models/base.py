@@ -53,12 +53,14 @@ class Model(Registrable):
         """The weights' specs, shared (callers do not modify them)."""
         cache = self._spec_cache
         if cache is None or cache[0] is not self._weights:
-            specs = {
-                name: ArraySpec(tuple(int(d) for d in a.shape), dtype_name(a.dtype))
-                for name, a in self._weights.items()
-            }
-            cache = self._spec_cache = (self._weights, specs)
+            cache = self._spec_cache = (self._weights, self._build_specs())
         return cache[1]
+
+    def _build_specs(self) -> VectorSpecs:
+        return {
+            name: ArraySpec(tuple(int(d) for d in a.shape), dtype_name(a.dtype))
+            for name, a in self._weights.items()
+        }
 
     def weight_specs(self) -> VectorSpecs:
         """Names, shapes and dtypes of the weights."""

@@ -83,17 +83,14 @@ class TorchModel(Model, register_name=False):
         # tensors sharing the parameters' storage: updates land in the module directly
         self._weights = {n: p.detach() for n, p in self._params.items()}
         self.device = next(iter(self._params.values())).device
-        self._specs = {
-            n: ArraySpec(tuple(t.shape), _OPS.dtype_name(t)) for n, t in self._weights.items()
-        }
 
     def get_config(self) -> dict[str, Any]:
         return {"module": type(self.module).__name__, "task": self.task}
 
     # ---- weights (torch tensors on the model's device) ----------------------------------------
 
-    def weight_specs(self) -> VectorSpecs:
-        return dict(self._specs)
+    def _build_specs(self) -> VectorSpecs:  # the base class caches them per _weights dict
+        return {n: ArraySpec(tuple(t.shape), _OPS.dtype_name(t)) for n, t in self._weights.items()}
 
     def get_weights(self, copy: bool = True) -> Vector:
         """The trainable parameters: copies, or with ``copy=False`` the live tensors (which
@@ -105,7 +102,7 @@ class TorchModel(Model, register_name=False):
     def set_weights(self, weights: Vector) -> None:
         """Copy ``weights`` (numpy or torch, any device) into the parameters; numpy weights
         reach a CUDA device through a reused pinned buffer, in one synchronized transfer."""
-        weights.check_specs(self.weight_specs(), f"weights for model {self.name!r}")
+        weights.check_specs(self._cached_specs(), f"weights for model {self.name!r}")
         if weights.backend == "numpy":
             self._staging.to_device(weights.coefs, self._weights)
             return
@@ -115,7 +112,7 @@ class TorchModel(Model, register_name=False):
 
     def apply_updates(self, updates: Vector) -> None:
         """In place: ``weights += updates`` (specs checked)."""
-        updates.check_specs(self._specs, f"updates for model {self.name!r}")
+        updates.check_specs(self._cached_specs(), f"updates for model {self.name!r}")
         updates = updates.like(Vector(self._weights))
         with torch.no_grad():  # one multi-tensor kernel on a GPU
             _OPS.add_all_(list(self._weights.values()), [updates.coefs[n] for n in self._weights])
