@@ -198,7 +198,17 @@ async def flood_peer(port: int, name: str, seen: Counter[str], go: asyncio.Event
         try:
             await session.hello(name)
         except grpc.aio.AioRpcError as exc:
-            seen[f"refused: {exc.code().name}"] += 1
+            code = exc.code()
+            if code == grpc.StatusCode.INTERNAL and "Internal error from Core" in str(
+                exc.details()
+            ):
+                # grpc/grpc#36066: a refusal that ends the stream while the client's hello is
+                # still being written reaches an asyncio client as this INTERNAL, not as the
+                # server's status. The server refused it all the same.
+                code = grpc.StatusCode.RESOURCE_EXHAUSTED
+            seen[f"refused: {code.name}"] += 1
+            if code != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                seen[f"why: {exc.details()}"] += 1
             return
         seen["welcomed"] += 1
         await go.wait()  # hold the place until every hello of the flood was answered
@@ -238,8 +248,9 @@ async def test_a_flood_of_hellos_gets_setup_and_weights_only_up_to_max_clients(
     go = asyncio.Event()
     flood = [asyncio.create_task(flood_peer(config.port, f"flood-{i}", seen, go)) for i in range(n)]
     deadline = time.monotonic() + 60
-    while seen["welcomed"] + seen["refused: RESOURCE_EXHAUSTED"] < n:
-        assert time.monotonic() < deadline and not any(t.done() and t.exception() for t in flood)
+    while sum(v for k, v in seen.items() if k == "welcomed" or k.startswith("refused")) < n:
+        assert time.monotonic() < deadline, seen
+        assert not any(t.done() and t.exception() for t in flood), seen
         await asyncio.sleep(0.05)
     go.set()
     await asyncio.wait_for(asyncio.gather(*flood), 60)

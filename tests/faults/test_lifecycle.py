@@ -118,7 +118,8 @@ def test_a_signal_stops_a_server_waiting_for_clients_at_once(
         start = time.monotonic()
         server.send_signal(sig)
         code = server.wait(10)
-        assert time.monotonic() - start < 1.0, sig
+        # At once: seconds, not the 300 s wait (a loaded CI machine needs a margin).
+        assert time.monotonic() - start < 5.0, sig
         assert code == ExitCode.INTERRUPTED, log.read_text()
         summary = read_summary(tmp_path)
         assert summary["status"] == "stopped" and summary["rounds_completed"] == 0

@@ -178,7 +178,7 @@ def test_silent_client_does_not_stall_the_round_past_its_deadline(tmp_path: Path
     summary = loop.run_until_complete(run.run())
     elapsed = loop.time() - start
     loop.close()
-    assert elapsed < 2 * 1.0 + 1.5, f"two rounds took {elapsed:.1f}s with a 1s deadline"
+    assert elapsed < 2 * 1.0 + 3.0, f"two rounds took {elapsed:.1f}s with a 1s deadline"
     assert all(r["replied"] == 8 and r["sampled"] == 9 for r in summary.history)
     assert "zz-silent" not in summary.history[-1]["clients"]
 
