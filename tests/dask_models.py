@@ -25,6 +25,14 @@ class DyingSoftmax(SoftmaxRegression):
         self.kill_at, self.marker, self.steps = kill_at, marker, 0
 
     def compute_batch_gradients(self, x: Any, y: Any) -> Any:
+        self._step()
+        return super().compute_batch_gradients(x, y)
+
+    def compute_sample_gradients(self, x: Any, y: Any) -> Any:  # DP-SGD's steps
+        self._step()
+        return super().compute_sample_gradients(x, y)
+
+    def _step(self) -> None:
         self.steps += 1
         if self.steps == self.kill_at:
             try:
@@ -33,4 +41,3 @@ class DyingSoftmax(SoftmaxRegression):
                 pass  # another worker died already
             else:
                 os.kill(os.getpid(), signal.SIGKILL)
-        return super().compute_batch_gradients(x, y)

@@ -672,11 +672,6 @@ class SimulationConfig(OwnTraining):
                 f"device={self.device!r} places in-process clients; with transport='grpc' "
                 "each client process picks its device in its own config"
             )
-        if self.transport == "dask" and self.dp_sgd is not None:
-            raise ValueError(
-                "dp_sgd runs with transport='inprocess' or 'grpc': the dask workers do not "
-                "carry the clients' own settings yet"
-            )
         if self.transport == "dask" and self.server.secure_aggregation is not None:
             raise ValueError(
                 "server.secure_aggregation runs with transport='inprocess' or 'grpc': "

@@ -213,10 +213,6 @@ def test_dp_sgd_refused_where_it_cannot_be_honoured() -> None:
         SimulationConfig.model_validate(
             {"loaders": "pkg.mod:loaders", "dp_sgd": {"clip": 1.0, "noise_multiplier": 1.0}}
         )
-    with pytest.raises(ValueError, match="transport='inprocess' or 'grpc'"):
-        SimulationConfig.model_validate(
-            {"transport": "dask", "dp_sgd": {"clip": 1.0, "noise_multiplier": 1.0}}
-        )
     with pytest.raises(ValueError, match="noise_multiplier"):
         DpSgdConfig.model_validate({"clip": 1.0, "noise_multiplier": 0.0})
 

@@ -8,6 +8,7 @@ existing cluster.
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +22,7 @@ distributed = pytest.importorskip("dask.distributed")
 psutil = pytest.importorskip("psutil")
 
 from fedpipe.common.config import DaskConfig, SimulationConfig  # noqa: E402
+from fedpipe.common.privacy.accountant import PrivacyAccountant, RoundEvent  # noqa: E402
 from fedpipe.server.simulation import simulate  # noqa: E402
 from fedpipe.server.transports.dask.run import local_cluster_options  # noqa: E402
 
@@ -81,8 +83,11 @@ def test_dask_trains_like_in_process_on_loopback_only(cluster: Any, tmp_path: Pa
     assert outside == []
 
 
-def test_a_worker_killed_mid_round_drops_only_its_clients(cluster: Any, tmp_path: Path) -> None:
-    # 10 clients, 5 per worker, 1 step each: a worker's 8th step is its 3rd client of round 2.
+def killing(cluster: Any, tmp_path: Path, **changes: Any) -> SimulationConfig:
+    """10 clients, 5 per worker, 1 step each: a worker's 8th step is its 3rd client of round
+    2, and that step SIGKILLs the first worker to take it."""
+    with distributed.Client(cluster.scheduler_address) as client:
+        client.wait_for_workers(2, timeout=60)  # a worker an earlier kill took is back
     model = {
         "name": "tests.dask_models:DyingSoftmax",
         "config": {
@@ -95,14 +100,18 @@ def test_a_worker_killed_mid_round_drops_only_its_clients(cluster: Any, tmp_path
     training = {"max_steps": 1, "batch_size": 16}
     # A lost worker the transport missed would hold round 2 until its deadline: a failure.
     server = {"model": model, "training": training, "eval_every": 0, "round_timeout": 60}
-    sim = config(
+    return config(
         tmp_path,
         "kill",
         transport="dask",
         dask={"scheduler": cluster.scheduler_address},
         server=server,
+        **changes,
     )
-    summary = simulate(sim)
+
+
+def test_a_worker_killed_mid_round_drops_only_its_clients(cluster: Any, tmp_path: Path) -> None:
+    summary = simulate(killing(cluster, tmp_path))
 
     assert (tmp_path / "killed").exists()
     assert summary.status == "completed", summary.reason
@@ -111,6 +120,57 @@ def test_a_worker_killed_mid_round_drops_only_its_clients(cluster: Any, tmp_path
     names = [f"client-{i}" for i in range(10)]
     # Placement is round robin: the survivor's clients are every other one.
     assert replied[1] in (names[0::2], names[1::2])
+
+
+def test_a_dp_sgd_client_placed_afresh_keeps_counting_its_privacy(
+    cluster: Any, tmp_path: Path
+) -> None:
+    dp_sgd = {"clip": 1.0, "noise_multiplier": 1.2, "delta": 1e-5}
+    summary = simulate(killing(cluster, tmp_path, dp_sgd=dp_sgd))
+    assert summary.status == "completed", summary.reason
+    lines = (tmp_path / "kill" / "clients.jsonl").read_text().splitlines()
+    epsilons: dict[str, dict[int, float]] = {}
+    sizes: dict[str, int] = {}
+    for line in map(json.loads, lines):
+        if line["replied"]:
+            assert line["n_steps"] == 1
+            epsilons.setdefault(line["client"], {})[line["round"]] = line["sample_epsilon"]
+            sizes[line["client"]] = line["n_samples"]
+    moved = sorted(name for name, seen in epsilons.items() if 2 not in seen)
+    assert len(moved) == 5 and all(set(epsilons[name]) == {1, 3} for name in moved), epsilons
+
+    def after(name: str, steps: int) -> float:
+        """The accountant's ε for ``steps`` of the client's steps (rate batch_size / n)."""
+        accountant = PrivacyAccountant("rdp", 1e-5)
+        accountant.spend(RoundEvent(1.2, 16 / sizes[name]), steps)
+        return accountant.epsilon()
+
+    for name, seen in epsilons.items():
+        # Placed afresh in round 3, a client counts its round-1 step too: 2 steps, not 1.
+        rounds = [1, 3] if name in moved else [1, 2, 3]
+        expected = {r: after(name, i) for i, r in enumerate(rounds, start=1)}
+        assert seen == pytest.approx(expected, rel=1e-12), name
+
+
+def test_dask_clients_train_with_dp_sgd_like_in_process(cluster: Any, tmp_path: Path) -> None:
+    # The same client-local noise_seed draws the same batches and noise on a worker.
+    dp_sgd = {"clip": 1.0, "noise_multiplier": 1.0}
+    reference = simulate(config(tmp_path, "inprocess", noise_seed=5, dp_sgd=dp_sgd))
+    sim = config(
+        tmp_path,
+        "dask",
+        noise_seed=5,
+        dp_sgd=dp_sgd,
+        transport="dask",
+        dask={"scheduler": cluster.scheduler_address},
+    )
+    summary = simulate(sim)
+    assert summary.status == reference.status == "completed"
+    for name, array in reference.weights.coefs.items():
+        assert np.array_equal(summary.weights.coefs[name], array), name
+    assert [r["sample_epsilon_max"] for r in summary.history] == [
+        r["sample_epsilon_max"] for r in reference.history
+    ]
 
 
 @pytest.mark.parametrize(

@@ -83,6 +83,7 @@ def plain_train(result: TrainResult) -> dict[str, Any]:
         "loss_sum": result.loss_sum,
         "n_samples_seen": result.n_samples_seen,
         "seconds": result.seconds,
+        "sample_epsilon": result.sample_epsilon,
     }
 
 
@@ -98,7 +99,12 @@ def train_from_plain(data: dict[str, Any]) -> TrainResult:
         loss_sum=float(data["loss_sum"]),
         n_samples_seen=int(data["n_samples_seen"]),
         seconds=float(data["seconds"]),
+        sample_epsilon=_optional_float(data.get("sample_epsilon")),
     )
+
+
+def _optional_float(value: Any) -> float | None:
+    return None if value is None else float(value)
 
 
 def plain_eval(result: EvalResult) -> dict[str, Any]:

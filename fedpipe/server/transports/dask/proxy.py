@@ -16,7 +16,11 @@ A worker that dies (the scheduler's ``remove-worker`` event) fails the replies i
 clients leave the round like clients past the deadline, and the round goes on if
 ``min_results`` others replied. Its clients go to the live workers with the fewest clients at
 their next task, with their data, and start from a fresh state there: module states and aux
-vars are re-initialized, as a client process that lost its state directory would be.
+vars are re-initialized, as a client process that lost its state directory would be. Not its
+DP-SGD accountant: each train reply brings the client's record back (the steps it ran, plain
+numbers the run's settings already tell), and a client placed afresh gets it with its data,
+so that its ε keeps counting every step its replies carried; steps of a reply that died with
+its worker never left it.
 """
 
 from __future__ import annotations
@@ -44,7 +48,14 @@ from fedpipe.server.transports.dask.payloads import (
     plain_vector,
     train_from_plain,
 )
-from fedpipe.server.transports.dask.worker import Job, Op, Outcome, WorkerClients, run_jobs
+from fedpipe.server.transports.dask.worker import (
+    DP_SGD_RECORD,
+    Job,
+    Op,
+    Outcome,
+    WorkerClients,
+    run_jobs,
+)
 
 __all__ = ["DaskClient", "DaskFleet"]
 
@@ -71,6 +82,9 @@ class DaskFleet:
         An asynchronous ``dask.distributed.Client`` on this event loop.
     resources:
         Dask worker resources each task needs; clients go only to workers that have them.
+    dp_sgd:
+        The clients' own DP-SGD settings (:class:`~fedpipe.common.config.DpSgdConfig` as
+        plain data), or None.
     """
 
     def __init__(
@@ -80,8 +94,12 @@ class DaskFleet:
         plugins: list[str] | None = None,
         device: Any = None,
         noise_seed: int | None = None,
+        *,
+        dp_sgd: dict[str, Any] | None = None,
     ) -> None:
         self.client = client
+        self.dp_sgd = dp_sgd
+        self.records: dict[str, Any] = {}  # client name -> its last DP-SGD record
         self.resources = dict(resources or {})
         self.plugins, self.device = list(plugins or []), device
         self.noise_seed = noise_seed
@@ -96,7 +114,9 @@ class DaskFleet:
 
     async def start(self, setup: RunSetup) -> None:
         """Install the run's registry on every worker (those that join later too)."""
-        plugin = WorkerClients(setup.to_data(), self.plugins, self.device, self.noise_seed)
+        plugin = WorkerClients(
+            setup.to_data(), self.plugins, self.device, self.noise_seed, self.dp_sgd
+        )
         await self.client.register_plugin(plugin, name=self.plugin)
         self._started = True
         await self._refresh()
@@ -175,6 +195,7 @@ class DaskFleet:
         return owner, {
             "train": plain_dataset(client.train_data),
             "eval": plain_dataset(client.eval_data),
+            DP_SGD_RECORD: self.records.get(client.name),
         }
 
     def submit(self, client: DaskClient, op: Op, task: RoundTask | None) -> asyncio.Future[Any]:
@@ -233,6 +254,8 @@ class DaskFleet:
             if reply.done():  # the round deadline cancelled it
                 continue
             if status == "ok":
+                if isinstance(value, dict) and value.get(DP_SGD_RECORD) is not None:
+                    self.records[name] = value[DP_SGD_RECORD]
                 reply.set_result(value)
             else:
                 if init is not None:  # not built there: placed afresh at its next task

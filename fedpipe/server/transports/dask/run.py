@@ -78,7 +78,12 @@ async def simulate_dask(
 
     async with dask_client(sim.dask) as client:
         fleet = DaskFleet(
-            client, sim.dask.resources, simulation_plugins(sim), sim.device, sim.noise_seed
+            client,
+            sim.dask.resources,
+            simulation_plugins(sim),
+            sim.device,
+            sim.noise_seed,
+            dp_sgd=None if sim.dp_sgd is None else sim.dp_sgd.model_dump(),
         )
         pool = ClientPool()
         for name, train, test in clients:

@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 from dask.distributed import Worker, WorkerPlugin, get_worker
 
+from fedpipe.common.config import DpSgdConfig
 from fedpipe.common.data import Dataset
 from fedpipe.common.plugins import import_plugins
 from fedpipe.common.summable import Summable
@@ -30,7 +31,6 @@ from fedpipe.common.vector import Vector
 from fedpipe.server.devices import resolve_devices
 from fedpipe.server.inprocess import SharedModels
 from fedpipe.server.transports.dask.payloads import (
-    PlainData,
     dataset_from,
     plain_eval,
     plain_train,
@@ -38,13 +38,17 @@ from fedpipe.server.transports.dask.payloads import (
     vector_from,
 )
 
-__all__ = ["Job", "Op", "Outcome", "WorkerClients", "run_jobs"]
+__all__ = ["DP_SGD_RECORD", "Job", "Op", "Outcome", "WorkerClients", "run_jobs"]
 
 log = logging.getLogger(__name__)
 
 Op = Literal["init", "train", "evaluate"]
-#: A client's name and, when the worker must (re)build it, its ``train`` and ``eval`` data.
-Job = tuple[str, dict[str, PlainData | None] | None]
+#: A client's name and, when the worker must (re)build it, its ``train`` and ``eval`` data
+#: (and its DP-SGD record, :data:`DP_SGD_RECORD`, once it has one).
+Job = tuple[str, dict[str, Any] | None]
+#: The key of a DP-SGD client's accountant state in its train replies and its (re)placement:
+#: a client placed afresh on another worker keeps counting the privacy its run spent.
+DP_SGD_RECORD = "dp_sgd_record"
 #: ``("ok", reply)`` or ``("error", message)``, one per job.
 Outcome = tuple[str, Any]
 
@@ -61,6 +65,7 @@ class _WorkerState:
     setup: RunSetup
     models: SharedModels
     noise_seed: int | None = None
+    dp_sgd: DpSgdConfig | None = None
     clients: dict[str, _Client] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -80,6 +85,8 @@ class WorkerClients(WorkerPlugin):
     noise_seed:
         The simulation's client-local seed of privacy noise (each client mixes its name in);
         ``None``: OS entropy.
+    dp_sgd:
+        The clients' own sample-level DP-SGD settings (:class:`DpSgdConfig` as plain data).
     """
 
     def __init__(
@@ -88,16 +95,18 @@ class WorkerClients(WorkerPlugin):
         plugins: list[str],
         device: Any = None,
         noise_seed: int | None = None,
+        dp_sgd: dict[str, Any] | None = None,
     ) -> None:
         self.setup_data, self.plugins, self.device = setup, plugins, device
-        self.noise_seed = noise_seed
+        self.noise_seed, self.dp_sgd = noise_seed, dp_sgd
         self._states: dict[str, _WorkerState] = {}
 
     def setup(self, worker: Worker) -> None:
         import_plugins(self.plugins)
         models = SharedModels(resolve_devices(self.device)[:1])
         setup = RunSetup.from_data(self.setup_data)
-        self._states[worker.address] = _WorkerState(setup, models, self.noise_seed)
+        dp_sgd = None if self.dp_sgd is None else DpSgdConfig.model_validate(self.dp_sgd)
+        self._states[worker.address] = _WorkerState(setup, models, self.noise_seed, dp_sgd)
 
     def teardown(self, worker: Worker) -> None:
         state = self._states.pop(worker.address, None)
@@ -148,8 +157,15 @@ def _run(
             train = dataset_from(init["train"])
             assert train is not None  # the server always sends training data
             trainer = LocalTrainer(
-                state.setup, model=model, noise_seed=state.noise_seed, client=name
+                state.setup,
+                model=model,
+                noise_seed=state.noise_seed,
+                client=name,
+                dp_sgd=state.dp_sgd,
             )
+            record = init.get(DP_SGD_RECORD)
+            if trainer.dp_sgd is not None and record is not None:  # it keeps counting
+                trainer.dp_sgd.accountant.set_state(record)  # type: ignore[arg-type]
             state.clients[name] = _Client(trainer, train, dataset_from(init["eval"]))
         client = state.clients.get(name)
         if client is None:
@@ -164,7 +180,10 @@ def _run(
                 round_number=round_number,
                 dp=dp,
             )
-            return "ok", plain_train(result)
+            reply = plain_train(result)
+            if client.trainer.dp_sgd is not None:
+                reply[DP_SGD_RECORD] = client.trainer.dp_sgd.accountant.get_state()
+            return "ok", reply
         if op == "evaluate":
             if client.eval_data is None:
                 return "error", f"client {name} has no evaluation data"
