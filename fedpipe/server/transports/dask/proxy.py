@@ -251,11 +251,11 @@ class DaskFleet:
         for (name, init), reply, (status, value) in zip(
             batch.jobs, batch.replies, outcomes, strict=True
         ):
+            if status == "ok" and isinstance(value, dict) and value.get(DP_SGD_RECORD):
+                self.records[name] = value[DP_SGD_RECORD]  # late or not, its update left
             if reply.done():  # the round deadline cancelled it
                 continue
             if status == "ok":
-                if isinstance(value, dict) and value.get(DP_SGD_RECORD) is not None:
-                    self.records[name] = value[DP_SGD_RECORD]
                 reply.set_result(value)
             else:
                 if init is not None:  # not built there: placed afresh at its next task
