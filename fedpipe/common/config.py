@@ -672,11 +672,6 @@ class SimulationConfig(OwnTraining):
                 f"device={self.device!r} places in-process clients; with transport='grpc' "
                 "each client process picks its device in its own config"
             )
-        if self.transport == "dask" and self.server.secure_aggregation is not None:
-            raise ValueError(
-                "server.secure_aggregation runs with transport='inprocess' or 'grpc': "
-                "the dask transport does not carry its stages yet"
-            )
         return self
 
 

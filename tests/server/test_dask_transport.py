@@ -83,7 +83,9 @@ def test_dask_trains_like_in_process_on_loopback_only(cluster: Any, tmp_path: Pa
     assert outside == []
 
 
-def killing(cluster: Any, tmp_path: Path, **changes: Any) -> SimulationConfig:
+def killing(
+    cluster: Any, tmp_path: Path, server: dict[str, Any] | None = None, **changes: Any
+) -> SimulationConfig:
     """10 clients, 5 per worker, 1 step each: a worker's 8th step is its 3rd client of round
     2, and that step SIGKILLs the first worker to take it."""
     with distributed.Client(cluster.scheduler_address) as client:
@@ -99,7 +101,13 @@ def killing(cluster: Any, tmp_path: Path, **changes: Any) -> SimulationConfig:
     }
     training = {"max_steps": 1, "batch_size": 16}
     # A lost worker the transport missed would hold round 2 until its deadline: a failure.
-    server = {"model": model, "training": training, "eval_every": 0, "round_timeout": 60}
+    server = {
+        "model": model,
+        "training": training,
+        "eval_every": 0,
+        "round_timeout": 60,
+        **(server or {}),
+    }
     return config(
         tmp_path,
         "kill",
@@ -171,6 +179,40 @@ def test_dask_clients_train_with_dp_sgd_like_in_process(cluster: Any, tmp_path: 
     assert [r["sample_epsilon_max"] for r in summary.history] == [
         r["sample_epsilon_max"] for r in reference.history
     ]
+
+
+SECURE = {"threshold": 5, "clip": 4.0, "max_weight": 400}
+
+
+def test_dask_clients_aggregate_securely_like_in_process(cluster: Any, tmp_path: Path) -> None:
+    # The masks cancel exactly: the same updates give the same unmasked sum, bit for bit.
+    pytest.importorskip("cryptography")
+    server = {"secure_aggregation": SECURE, "min_clients": 10, "rounds": 2}
+    reference = simulate(config(tmp_path, "inprocess", server=server))
+    sim = config(
+        tmp_path,
+        "dask",
+        transport="dask",
+        dask={"scheduler": cluster.scheduler_address},
+        server=server,
+    )
+    summary = simulate(sim)
+    assert summary.status == reference.status == "completed"
+    for name, array in reference.weights.coefs.items():
+        assert np.array_equal(summary.weights.coefs[name], array), name
+    assert [r["replied"] for r in summary.history] == [10, 10]
+
+
+def test_a_worker_killed_after_its_clients_shared_keys_leaves_a_recoverable_sum(
+    cluster: Any, tmp_path: Path
+) -> None:
+    # Its 5 clients die in round 2's masked training, after sharing their keys: the 5 others
+    # (the threshold) unmask the sum without them; round 3 has all 10 again.
+    pytest.importorskip("cryptography")
+    secure = {"secure_aggregation": SECURE, "min_clients": 10}
+    summary = simulate(killing(cluster, tmp_path, server=secure))
+    assert summary.status == "completed", summary.reason
+    assert [len(r["clients"]) for r in summary.history] == [10, 5, 10]
 
 
 @pytest.mark.parametrize(

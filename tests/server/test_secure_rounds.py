@@ -235,19 +235,6 @@ def test_bad_secure_aggregation_settings_are_refused(
         ServerConfig(min_clients=8, secure_aggregation=settings)
 
 
-def test_dask_refuses_secure_aggregation_rather_than_send_plain_updates(tmp_path: Path) -> None:
-    config = ServerConfig(secure_aggregation=SECURE, min_clients=5, output_dir=tmp_path)
-    with pytest.raises(ValidationError, match="the dask transport does not carry its stages"):
-        SimulationConfig(transport="dask", server=config)
-    SimulationConfig(transport="grpc", server=config)  # the gRPC transport carries them
-
-    dask = pytest.importorskip("fedpipe.server.transports.dask.proxy")
-    remote = dask.DaskClient.__new__(dask.DaskClient)  # its stages, whatever its connection
-    remote.name = "remote"
-    with pytest.raises(ClientError, match="remote: DaskClient does not carry secure aggregat"):
-        asyncio.run(remote.secagg_advertise(1))
-
-
 def test_the_documented_config_is_valid_and_its_error_bound_right(tmp_path: Path) -> None:
     page = Path(__file__).resolve().parents[2] / "docs" / "secure-aggregation.md"
     (block,) = [b for b in re.findall(r"^```toml\n(.*?)^```", page.read_text(), re.S | re.M)]

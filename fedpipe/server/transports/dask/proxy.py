@@ -30,15 +30,16 @@ import functools
 import logging
 import uuid
 from collections import Counter
-from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from dask.distributed import Client
 
 from fedpipe.common.data import Dataset
 from fedpipe.common.training import EvalResult, RunSetup, TrainResult
 from fedpipe.common.vector import ArraySpec
+from fedpipe.proto.fedpipe.v1 import secagg_pb2 as spb
 from fedpipe.server.clients import ClientError, ClientProxy, RoundTask, RunOutcome
 from fedpipe.server.devices import DeviceWorkers
 from fedpipe.server.transports.dask.payloads import (
@@ -47,9 +48,11 @@ from fedpipe.server.transports.dask.payloads import (
     plain_summable,
     plain_vector,
     train_from_plain,
+    vector_from,
 )
 from fedpipe.server.transports.dask.worker import (
     DP_SGD_RECORD,
+    MASKED,
     Job,
     Op,
     Outcome,
@@ -57,7 +60,19 @@ from fedpipe.server.transports.dask.worker import (
     run_jobs,
 )
 
+if TYPE_CHECKING:  # the secagg extra
+    from fedpipe.common.secagg.messages import (
+        AdvertiseKeys,
+        ForwardedShares,
+        Roster,
+        ShareKeys,
+        UnmaskRequest,
+        UnmaskShares,
+    )
+
 __all__ = ["DaskClient", "DaskFleet"]
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +83,7 @@ class _Batch:
 
     op: Op
     worker: str
+    round_number: int
     jobs: list[Job] = field(default_factory=list)
     replies: list[asyncio.Future[Any]] = field(default_factory=list)
     runner: asyncio.Future[None] | None = None
@@ -198,19 +214,28 @@ class DaskFleet:
             DP_SGD_RECORD: self.records.get(client.name),
         }
 
-    def submit(self, client: DaskClient, op: Op, task: RoundTask | None) -> asyncio.Future[Any]:
-        """Add ``client``'s ``op`` to its worker's batch for ``task`` (``None``: the run setup);
-        the future gets the client's plain reply, or a :class:`ClientError`."""
+    def submit(
+        self,
+        client: DaskClient,
+        op: Op,
+        task: RoundTask | None,
+        data: bytes | None = None,
+        round_number: int = 0,
+    ) -> asyncio.Future[Any]:
+        """Add ``client``'s ``op`` to its worker's batch for ``task`` (``None``: the run setup,
+        or a secure aggregation stage of ``round_number`` whose message is ``data``); the
+        future gets the client's plain reply, or a :class:`ClientError`."""
         loop = asyncio.get_running_loop()
         cache = self._init_cache if task is None else task.cache
         worker, init = self._place(client)
         key = f"dask/{op}/{worker}"
         batch: _Batch | None = cache.get(key)
         if batch is None:
-            batch = cache[key] = _Batch(op, worker)
+            number = round_number if task is None else task.round_number
+            batch = cache[key] = _Batch(op, worker, number)
             loop.call_soon(self._flush, cache, key, task)
         reply: asyncio.Future[Any] = loop.create_future()
-        batch.jobs.append((client.name, init))
+        batch.jobs.append((client.name, init, data))
         batch.replies.append(reply)
         return reply
 
@@ -232,7 +257,7 @@ class DaskFleet:
                 batch.op,
                 batch.jobs,
                 shared,
-                0 if task is None else task.round_number,
+                batch.round_number,
                 workers=[batch.worker],
                 allow_other_workers=False,
                 resources=self.resources or None,
@@ -248,7 +273,7 @@ class DaskFleet:
             )
         finally:
             self._pending.get(batch.worker, set()).discard(batch)
-        for (name, init), reply, (status, value) in zip(
+        for (name, init, _), reply, (status, value) in zip(
             batch.jobs, batch.replies, outcomes, strict=True
         ):
             if status == "ok" and isinstance(value, dict) and value.get(DP_SGD_RECORD):
@@ -277,7 +302,7 @@ class DaskFleet:
                 "weights": plain_vector(task.weights),
                 "aux_vars": {k: plain_summable(v) for k, v in task.aux_vars.items()},
             }
-            if op == "train" and task.settings.get("dp"):  # distributed DP: clients noise
+            if op != "evaluate" and task.settings.get("dp"):  # distributed DP: clients noise
                 payload["dp"] = dict(task.settings["dp"])
             scattered = task.cache[key] = asyncio.ensure_future(
                 self.client.scatter([payload], broadcast=True, hash=False)
@@ -298,6 +323,8 @@ class DaskClient(ClientProxy):
         self.n_train_samples = len(train_data)
         self.n_eval_samples = len(eval_data) if eval_data is not None else 0
         self.fleet = fleet
+        #: This round's secure aggregation: (round, roster once shared).
+        self._secagg: tuple[int, Roster | None] | None = None
 
     async def initialize(self, setup: RunSetup, specs: Mapping[str, ArraySpec]) -> None:
         await self.fleet.submit(self, "init", None)
@@ -316,6 +343,73 @@ class DaskClient(ClientProxy):
 
     async def stop(self, outcome: RunOutcome) -> None:
         return None  # the fleet frees every client on the workers at once (its close)
+
+    # ---- secure aggregation's stages (fedpipe.server.secure_rounds), as bytes: .secure -------
+
+    async def secagg_advertise(self, round_number: int) -> AdvertiseKeys:
+        from fedpipe.common.secagg.wire import keys_record
+
+        self._secagg = (round_number, None)
+        data = await self._stage("secagg_advertise", None, round_number)
+        return self._decoded(lambda: keys_record(spb.SecAggKeys.FromString(data), self.name))
+
+    async def secagg_share(self, roster: Roster) -> ShareKeys:
+        from fedpipe.common.secagg.wire import roster_message, share_keys_record
+
+        round_number = self._secagg_round()
+        self._secagg = (round_number, roster)
+        data = await self._stage("secagg_share", roster_message(roster, self.name), round_number)
+        message = spb.SecAggShareKeys
+        return self._decoded(lambda: share_keys_record(message.FromString(data), self.name, roster))
+
+    async def train_masked(self, task: RoundTask, shares: ForwardedShares) -> TrainResult:
+        from fedpipe.common.secagg.messages import MaskedInput
+        from fedpipe.common.secagg.wire import forwarded_message
+
+        self._secagg_roster()
+        await self.fleet.refreshed(task)
+        data = forwarded_message(shares).SerializeToString()
+        reply = await self._in_turn(task, self.fleet.submit(self, "train_masked", task, data))
+        result = train_from_plain(reply)
+        masked = vector_from(reply.get(MASKED), f"client {self.name}'s masked input")
+        return replace(result, masked=MaskedInput(self.name, masked))
+
+    async def secagg_unmask(self, request: UnmaskRequest) -> UnmaskShares:
+        from fedpipe.common.secagg.wire import unmask_request_message, unmask_shares_record
+
+        round_number, roster = self._secagg_round(), self._secagg_roster()
+        self._secagg = None  # one reveal per session
+        data = await self._stage("secagg_unmask", unmask_request_message(request), round_number)
+        message = spb.SecAggUnmaskShares
+        return self._decoded(
+            lambda: unmask_shares_record(message.FromString(data), self.name, roster)
+        )
+
+    async def _stage(self, stage: Op, message: Any, round_number: int) -> bytes:
+        """The worker's answer to ``stage`` of round ``round_number`` (the server's ``message``
+        of it), as bytes."""
+        data = None if message is None else message.SerializeToString()
+        reply = await self.fleet.submit(self, stage, None, data, round_number)
+        if not isinstance(reply, bytes):
+            raise ClientError(f"client {self.name}: a {stage} answer of {type(reply).__name__}")
+        return reply
+
+    def _decoded(self, decode: Callable[[], T]) -> T:
+        """``decode()`` of a worker's stage answer; what it cannot decode fails this client."""
+        try:
+            return decode()
+        except ValueError as exc:  # ProtocolError, and protobuf's DecodeError
+            raise ClientError(f"client {self.name}: {exc}") from None
+
+    def _secagg_round(self) -> int:
+        if self._secagg is None:
+            raise ClientError(f"client {self.name}: no secure aggregation session")
+        return self._secagg[0]
+
+    def _secagg_roster(self) -> Roster:
+        if self._secagg is None or self._secagg[1] is None:
+            raise ClientError(f"client {self.name}: no secure aggregation roster")
+        return self._secagg[1]
 
     @staticmethod
     async def _in_turn(task: RoundTask, reply: asyncio.Future[Any]) -> Any:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from dask.distributed import Worker, WorkerPlugin, get_worker
 
@@ -34,21 +34,36 @@ from fedpipe.server.transports.dask.payloads import (
     dataset_from,
     plain_eval,
     plain_train,
+    plain_vector,
     summable_from,
     vector_from,
 )
 
-__all__ = ["DP_SGD_RECORD", "Job", "Op", "Outcome", "WorkerClients", "run_jobs"]
+if TYPE_CHECKING:  # the secagg extra
+    from fedpipe.server.transports.dask.secure import WorkerSession
+
+__all__ = ["DP_SGD_RECORD", "MASKED", "Job", "Op", "Outcome", "WorkerClients", "run_jobs"]
 
 log = logging.getLogger(__name__)
 
-Op = Literal["init", "train", "evaluate"]
+Op = Literal[
+    "init",
+    "train",
+    "evaluate",
+    "train_masked",  # secure aggregation: a train task whose reply is masked
+    "secagg_advertise",
+    "secagg_share",
+    "secagg_unmask",
+]
 #: A client's name and, when the worker must (re)build it, its ``train`` and ``eval`` data
-#: (and its DP-SGD record, :data:`DP_SGD_RECORD`, once it has one).
-Job = tuple[str, dict[str, Any] | None]
+#: (and its DP-SGD record, :data:`DP_SGD_RECORD`, once it has one), and the server's message
+#: of a secure aggregation stage (protobuf bytes, :mod:`.secure`).
+Job = tuple[str, dict[str, Any] | None, bytes | None]
 #: The key of a DP-SGD client's accountant state in its train replies and its (re)placement:
 #: a client placed afresh on another worker keeps counting the privacy its run spent.
 DP_SGD_RECORD = "dp_sgd_record"
+#: The key of the masked input in a ``train_masked`` reply (its partial is then empty).
+MASKED = "masked"
 #: ``("ok", reply)`` or ``("error", message)``, one per job.
 Outcome = tuple[str, Any]
 
@@ -58,6 +73,7 @@ class _Client:
     trainer: LocalTrainer
     train_data: Dataset
     eval_data: Dataset | None
+    secure: WorkerSession | None = None
 
 
 @dataclass
@@ -150,39 +166,27 @@ def _run(
     dp: dict[str, Any] | None = None,
 ) -> Outcome:
     """One client's part of a task; its failure is its own (reported, the others go on)."""
-    name, init = job
+    name, init, data = job
     try:
         if init is not None:
-            model = state.models.get(state.setup)
-            train = dataset_from(init["train"])
-            assert train is not None  # the server always sends training data
-            trainer = LocalTrainer(
-                state.setup,
-                model=model,
-                noise_seed=state.noise_seed,
-                client=name,
-                dp_sgd=state.dp_sgd,
-            )
-            record = init.get(DP_SGD_RECORD)
-            if trainer.dp_sgd is not None and record is not None:  # it keeps counting
-                trainer.dp_sgd.accountant.set_state(record)  # type: ignore[arg-type]
-            state.clients[name] = _Client(trainer, train, dataset_from(init["eval"]))
+            _place(state, name, init)
         client = state.clients.get(name)
         if client is None:
             return "error", f"client {name} is not on this worker (it was never placed here)"
-        if op == "train":
+        if op in ("train", "train_masked"):
             assert weights is not None
-            result = client.trainer.train(
-                client.train_data,
-                weights,
-                aux_vars,
-                client=name,
-                round_number=round_number,
-                dp=dp,
+            trainer = client.trainer
+            result = trainer.train(
+                client.train_data, weights, aux_vars, client=name, round_number=round_number, dp=dp
             )
+            if op == "train_masked":
+                assert data is not None
+                result = _session(client, name).mask(round_number, data, trainer.aggregator, result)
             reply = plain_train(result)
-            if client.trainer.dp_sgd is not None:
-                reply[DP_SGD_RECORD] = client.trainer.dp_sgd.accountant.get_state()
+            if result.masked is not None:
+                reply[MASKED] = plain_vector(result.masked.masked)
+            if trainer.dp_sgd is not None:
+                reply[DP_SGD_RECORD] = trainer.dp_sgd.accountant.get_state()
             return "ok", reply
         if op == "evaluate":
             if client.eval_data is None:
@@ -190,7 +194,40 @@ def _run(
             assert weights is not None
             evaluated = client.trainer.evaluate(client.eval_data, weights, aux_vars)
             return "ok", plain_eval(evaluated)
+        if op != "init":  # one of secure aggregation's stages
+            return "ok", _session(client, name).stage(
+                op,  # type: ignore[arg-type]
+                round_number,
+                data,
+            )
         return "ok", None
     except Exception as exc:  # reported as this client's failure, as in-process clients' are
         log.warning("client %s failed %s: %s: %s", name, op, type(exc).__name__, exc)
         return "error", f"{type(exc).__name__}: {exc}"
+
+
+def _place(state: _WorkerState, name: str, init: dict[str, Any]) -> None:
+    """Build client ``name`` on this worker: its trainer on the worker's model, its data,
+    and its DP-SGD record when it had one elsewhere."""
+    train = dataset_from(init["train"])
+    assert train is not None  # the server always sends training data
+    trainer = LocalTrainer(
+        state.setup,
+        model=state.models.get(state.setup),
+        noise_seed=state.noise_seed,
+        client=name,
+        dp_sgd=state.dp_sgd,
+    )
+    record = init.get(DP_SGD_RECORD)
+    if trainer.dp_sgd is not None and record is not None:  # it keeps counting
+        trainer.dp_sgd.accountant.set_state(record)
+    state.clients[name] = _Client(trainer, train, dataset_from(init["eval"]))
+
+
+def _session(client: _Client, name: str) -> WorkerSession:
+    """The client's secure aggregation session (the secagg extra, imported when used)."""
+    if client.secure is None:
+        from fedpipe.server.transports.dask.secure import WorkerSession
+
+        client.secure = WorkerSession(name)
+    return client.secure
