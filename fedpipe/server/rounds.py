@@ -53,6 +53,7 @@ from fedpipe.server.privacy.client_level import (
     build_client_level_dp,
     check_private_run,
 )
+from fedpipe.server.privacy.journal import take_journal, write_journal
 from fedpipe.server.root_update import RootUpdate
 from fedpipe.server.run_checks import aux_var_modules, refuse_any
 from fedpipe.server.run_dir import prepare_run_dir
@@ -261,6 +262,11 @@ class FederatedRun:
         if path is None or not path.exists():
             log.warning("no checkpoint at %s: starting from round 0", path)
             self.history = History.resumed(self.output_dir, [])
+            if path is not None and self.privacy is not None:  # a round 1 that left
+                try:
+                    take_journal(path.parent, self.privacy.accountant)
+                except ValueError as exc:
+                    raise CheckpointError(str(exc)) from None
             return
         state = load_checkpoint(path)
         try:
@@ -274,6 +280,7 @@ class FederatedRun:
                 self.validation.set_state(state.get("validation", {}))  # type: ignore[arg-type]
             if self.privacy is not None:  # the accountant keeps counting
                 self.privacy.set_state(state["privacy"])  # type: ignore[arg-type]
+                take_journal(path.parent, self.privacy.accountant)
         except (ValueError, TypeError, KeyError) as exc:
             # A valid file with the wrong contents: another run's, or damaged in the middle.
             raise CheckpointError(f"{path} does not fit this run: {exc}") from None
@@ -304,6 +311,13 @@ class FederatedRun:
                 path,
                 self.best.round,
             )
+
+    def _journal_privacy(self, round_number: int) -> None:
+        """Record what the run spent before the round's model first leaves the server
+        (:mod:`fedpipe.server.privacy.journal`); only a run that can resume needs it."""
+        path = self.checkpoint_path
+        if path is not None and self.config.checkpoint and self.privacy is not None:
+            write_journal(path.parent, round_number, self.privacy.accountant)
 
     def _checkpoint(self) -> None:
         path = self.checkpoint_path
@@ -536,6 +550,8 @@ class FederatedRun:
             )
             record["failed"] = "too few results"
         if cfg.eval_every and round_number % cfg.eval_every == 0:
+            if self.privacy is not None and not record.get("failed"):
+                self._journal_privacy(round_number)  # the model leaves before its checkpoint
             record.update(await self.evaluate(round_number, sampled, deadline, clients))
         self.round = round_number
         record["seconds"] = round(time.perf_counter() - start, 6)

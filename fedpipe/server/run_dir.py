@@ -28,10 +28,17 @@ RUN_FILES = (
     "summary.json",
     "model.npz",
     "best_model.npz",
+    "privacy_spent.json",
 )
 
 #: Files written once a round has run: their presence means the directory holds a run.
-ROUND_FILES = ("metrics.jsonl", "checkpoint.fpk", "clients.jsonl", "best_model.npz")
+ROUND_FILES = (
+    "metrics.jsonl",
+    "checkpoint.fpk",
+    "clients.jsonl",
+    "best_model.npz",
+    "privacy_spent.json",
+)
 
 #: Files of the run's own sub-folders: a gRPC simulation's process logs, ``fedpipe plot``'s.
 RUN_PATTERNS = ("logs/*.log", "plots/*.png")

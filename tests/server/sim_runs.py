@@ -32,15 +32,18 @@ def sim_config(out: Path, n_clients: int, **server: Any) -> SimulationConfig:
     )
 
 
-def resume(sim: SimulationConfig) -> RunSummary:
+def resume(
+    sim: SimulationConfig, client: type[InProcessClient] = InProcessClient, *, again: bool = True
+) -> RunSummary:
+    """The run of ``sim`` resumed (``again``) or started, with in-process ``client``s."""
     clients = client_datasets(sim)
     server = complete_model_config(sim.server, clients[0][1])
 
     async def go() -> RunSummary:
         pool, models = ClientPool(), SharedModels()
         for name, train, test in clients:
-            await pool.add(InProcessClient(name, train, test, models))
-        with FederatedRun(server, pool, resume=True) as run:
+            await pool.add(client(name, train, test, models))
+        with FederatedRun(server, pool, resume=again) as run:
             return await run.run()
 
     return asyncio.run(go())

@@ -19,7 +19,10 @@ from fedpipe.common.config import ConfigError, PrivacyConfig, ServerConfig, Simu
 from fedpipe.common.privacy.accountant import PrivacyAccountant, RoundEvent
 from fedpipe.common.privacy.client_update import privatize_update
 from fedpipe.common.summable import Summable
+from fedpipe.common.training import EvalResult
 from fedpipe.common.vector import Vector
+from fedpipe.server.clients import RoundTask
+from fedpipe.server.inprocess import InProcessClient
 from fedpipe.server.privacy.client_level import ClientLevelDP
 from fedpipe.server.sampling import PoissonSampler, UniformSampler
 from fedpipe.server.simulation import simulate
@@ -69,6 +72,31 @@ def test_a_resumed_run_keeps_counting(tmp_path: Path) -> None:
     assert resumed.status == "completed"
     assert [r["epsilon"] for r in resumed.history] == pytest.approx(
         [expected_epsilon(r) for r in range(1, 7)], rel=1e-9
+    )
+
+
+class Crash(SystemExit):
+    """The server process dies (a SystemExit: asyncio lets it through at once)."""
+
+
+class CrashingInRound3(InProcessClient):
+    """Its evaluation task of round 3 (the round's model has left the server) kills it."""
+
+    async def evaluate(self, task: RoundTask) -> EvalResult:
+        if task.round_number == 3:
+            raise Crash
+        return await super().evaluate(task)
+
+
+def test_a_model_that_left_before_a_crash_counts_with_its_replay(tmp_path: Path) -> None:
+    with pytest.raises(Crash):
+        resume(dp_sim(tmp_path), CrashingInRound3, again=False)
+    resumed = resume(dp_sim(tmp_path))
+    assert resumed.status == "completed"
+    # Rounds 1-2 from the checkpoint; round 3's first model went out for evaluation, so its
+    # replay is a second release: 4 rounds counted at round 3, 7 at the end.
+    assert [r["epsilon"] for r in resumed.history] == pytest.approx(
+        [expected_epsilon(r) for r in (1, 2, 4, 5, 6, 7)], rel=1e-9
     )
 
 
