@@ -53,9 +53,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--profile", type=Path, help="py-spy server and client-0 into this folder (raw stacks)"
     )
-    parser.add_argument("--rss-timeline", action="store_true", help="print server RSS over time")
+    parser.add_argument(
+        "--rss-timeline", action="store_true", help="print server and client-0 RSS over time"
+    )
     parser.add_argument("--verbose", action="store_true", help="server and clients log INFO")
     return parser.parse_args(argv)
+
+
+def print_timeline(
+    name: str, series: list[tuple[float, int]], stamps: list[float], nbytes: int
+) -> None:
+    """A process's RSS over time (about 200 samples), with the server's round lines."""
+    marks = iter(stamps)
+    mark = next(marks, None)
+    for t, value in series[:: max(1, len(series) // 200)]:
+        while mark is not None and t >= mark:
+            print(f"    {mark:7.2f}s  --- round line ---")
+            mark = next(marks, None)
+        print(f"    {t:7.2f}s  {name} RSS {value / nbytes:5.2f}x model  {fmt_bytes(value)}")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -118,13 +133,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     else:
         rss_line = verdict(rss / nbytes, RSS_MODEL_RATIO_600M) + " [x model]"
     if args.rss_timeline:
-        marks = iter(run.round_stamps)
-        mark = next(marks, None)
-        for t, value in run.server_rss[:: max(1, len(run.server_rss) // 200)]:
-            while mark is not None and t >= mark:
-                print(f"    {mark:7.2f}s  --- round line ---")
-                mark = next(marks, None)
-            print(f"    {t:7.2f}s  server RSS {value / nbytes:5.2f}x model  {fmt_bytes(value)}")
+        print_timeline("server", run.server_rss, run.round_stamps, nbytes)
+        print_timeline("client-0", run.client_rss, run.round_stamps, nbytes)
     print(f"  server peak RSS {fmt_bytes(rss)} = {rss / nbytes:.2f}x model   {rss_line}")
     print(
         "  client peak RSS "
