@@ -172,6 +172,8 @@ class FederationRun:
     client_logs: list[str] = field(default_factory=list)
     #: (seconds since start, VmRSS) of the server, polled every 50 ms.
     server_rss: list[tuple[float, int]] = field(default_factory=list)
+    #: (seconds since start, VmRSS) of client 0, polled every 50 ms.
+    client_rss: list[tuple[float, int]] = field(default_factory=list)
     #: CPU seconds of each process at each progress line.
     cpu_stamps: list[dict[str, float]] = field(default_factory=list)
 
@@ -333,6 +335,7 @@ def run_federation(
         client_logs=[p.read_text(errors="replace") for p in client_logs],
         cpu_stamps=cpu_stamps,
         server_rss=[(t - start, rss) for t, rss in watcher.series["server"]],
+        client_rss=[(t - start, rss) for t, rss in watcher.series.get("client-0", [])],
     )
 
 

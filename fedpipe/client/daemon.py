@@ -11,6 +11,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import grpc
+import numpy as np
 
 from fedpipe.client.state_store import ClientStateStore
 from fedpipe.client.tls_errors import explain_connection_failure
@@ -178,6 +179,7 @@ class ClientDaemon:
             )
             await call.write(pb.ClientMessage(hello=hello).SerializeToString())
             receiver = FrameReceiver(pb.ServerMessage, self.max_payload)
+            receiver.into = self._landing()
             while True:
                 frame = await call.read()
                 if frame is grpc.aio.EOF:
@@ -212,11 +214,19 @@ class ClientDaemon:
                         return RunOutcome("failed", f"unreadable stop task: {exc}")
                 reply, payload = await self._handle(task, got.payload)
                 receiver.max_payload_bytes = self.max_payload
+                receiver.into = self._landing()
                 for out in envelope_frames(pb.ClientMessage(reply=reply), payload):
                     await call.write(out)
                 # Model-sized: the global weights and our update must not live on while the
                 # next task's payload arrives.
                 del got, task, reply, payload
+
+    def _landing(self) -> dict[str, dict[str, np.ndarray]] | None:
+        """Where a task's global weights are received: straight into the model's own arrays
+        (no model-sized copy; every task carries the whole weights, so a payload cut short
+        leaves nothing the next task does not overwrite), or arrays of their own."""
+        arrays = self.trainer.model.host_weights() if self.trainer is not None else None
+        return None if arrays is None else {"weights": arrays}
 
     def _channel(self, options: list[tuple[str, Any]]) -> grpc.aio.Channel:
         cfg = self.config

@@ -169,9 +169,11 @@ class _PayloadDecoder(StateDecoder):
         names: list[str],
         specs: list[ArraySpec],
         expected: Mapping[str, ArraySpec] | None,
+        into: Mapping[str, Mapping[str, np.ndarray]] | None = None,
     ) -> None:
         super().__init__()
         self.names, self.specs, self.expected = names, specs, expected
+        self.into = {f"state[{key!r}]": arrays for key, arrays in (into or {}).items()}
         self.arrays: list[np.ndarray | None] = [None] * len(specs)
         self.labels = [f"tensor {i} ({n!r})" for i, n in enumerate(names)]
 
@@ -183,9 +185,9 @@ class _PayloadDecoder(StateDecoder):
         if self.arrays[index] is not None:
             raise DecodeError(f"{path}: tensor {index} is referenced twice, expected once")
 
-    def _allocate(self, index: int, label: str) -> np.ndarray:
+    def _allocate(self, index: int, label: str, into: np.ndarray | None = None) -> np.ndarray:
         spec = self.specs[index]
-        array = np.empty(spec.shape, dtype=numpy_dtype(spec.dtype).newbyteorder("<"))
+        array = into if into is not None else np.empty(spec.shape, dtype=self._dtype(index))
         self.arrays[index] = array
         self.labels[index] = label
         return array
@@ -208,7 +210,27 @@ class _PayloadDecoder(StateDecoder):
             problem = describe_spec_mismatch(specs, self.expected)
             if problem:
                 raise SpecError(f"vector at {path}: {problem}")
-        return Vector({n: self._allocate(i, f"tensor {n!r} at {path}") for n, i in indices.items()})
+        into = self._landing(indices, self.into.get(path))
+        labels = {n: f"tensor {n!r} at {path}" for n in indices}
+        return Vector({n: self._allocate(i, labels[n], into.get(n)) for n, i in indices.items()})
+
+    def _dtype(self, index: int) -> np.dtype:
+        return numpy_dtype(self.specs[index].dtype).newbyteorder("<")
+
+    def _landing(
+        self, indices: Mapping[str, int], arrays: Mapping[str, np.ndarray] | None
+    ) -> Mapping[str, np.ndarray]:
+        """``arrays`` if the Vector can be received straight into them (the same names, shapes
+        and little-endian dtypes, C-contiguous and writable), else nothing: then it gets
+        arrays of its own, and whoever reads it finds its specs as sent."""
+        if arrays is None or set(arrays) != set(indices):
+            return {}
+        for name, index in indices.items():
+            array = arrays[name]
+            fits = array.shape == self.specs[index].shape and array.dtype == self._dtype(index)
+            if not (fits and array.flags.c_contiguous and array.flags.writeable):
+                return {}
+        return arrays
 
 
 class PayloadAssembler:
@@ -227,6 +249,12 @@ class PayloadAssembler:
         plain array leaves are bounded by ``max_bytes`` only. ``None`` checks nothing.
     allow_nonfinite:
         If false, :meth:`add_chunk` rejects float data holding NaN or infinity.
+    into:
+        Arrays to receive Vectors straight into, by the Vector's key at the top of the state
+        (``{"weights": model_arrays}``): a client's model takes the global weights with no
+        model-sized copy in between. A Vector whose specs these arrays do not have exactly
+        (or that are not C-contiguous and writable) gets arrays of its own, as without.
+        What arrived before a rejected chunk stays written in them.
 
     Raises
     ------
@@ -240,7 +268,7 @@ class PayloadAssembler:
     The chunks of one tensor must arrive in order (each at the offset where the previous one
     ended), which is how :meth:`EncodedPayload.chunks` sends them; chunks of different tensors
     may interleave. Each received byte is copied once, straight into its array. The arrays of
-    the returned state are writable and owned by it.
+    the returned state are writable and owned by it (except those given as ``into``).
     """
 
     def __init__(
@@ -251,6 +279,7 @@ class PayloadAssembler:
         expected: Mapping[str, ArraySpec] | None = None,
         allow_nonfinite: bool = True,
         max_tensors: int = MAX_TENSORS,
+        into: Mapping[str, Mapping[str, np.ndarray]] | None = None,
     ) -> None:
         self.allow_nonfinite = allow_nonfinite
         if len(header.tensors) > max_tensors:
@@ -277,7 +306,8 @@ class PayloadAssembler:
         if not header.HasField("structure"):
             raise DecodeError("payload header has no structure")
 
-        decoder = _PayloadDecoder([spec.name for spec in header.tensors], specs, expected)
+        names = [spec.name for spec in header.tensors]
+        decoder = _PayloadDecoder(names, specs, expected, into)
         self._state = decoder.decode(header.structure)
         unused = [i for i, array in enumerate(decoder.arrays) if array is None]
         if unused:

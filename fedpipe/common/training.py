@@ -251,11 +251,11 @@ class LocalTrainer:
 
     def _local_steps(self, data: ClientData, seed: int) -> _Work:
         """fedpipe's loop: ``epochs`` passes (at most ``max_steps`` steps) of the optimizer."""
-        model, optimizer, cfg = self.model, self.optimizer, self.training
+        cfg = self.training
         if self.dp_sgd is not None:
             if not isinstance(data, Dataset):
                 raise ValueError("dp_sgd draws Poisson batches from fedpipe's arrays, not a loader")
-            return _Work(len(data), *self.dp_sgd.train(model, optimizer, data, cfg))
+            return _Work(len(data), *self.dp_sgd.train(self.model, self.optimizer, data, cfg))
         rng = np.random.default_rng(seed)  # a fresh shuffle per epoch, from the round's seed
         max_steps = cfg.max_steps or -1  # None: every batch of every epoch
         steps, seen = 0, 0
@@ -268,14 +268,20 @@ class LocalTrainer:
             else:
                 batches = data.batches()  # a DataLoader batches and shuffles itself
             for x, y in batches:
-                gradients, loss = model.compute_batch_gradients(x, y)
-                optimizer.apply(model, gradients, consume=True)
+                loss = self._step(x, y)
                 steps += 1
                 seen += len(x)
                 loss_sum = _add_loss(loss_sum, loss, len(x))
                 if steps == max_steps:
                     return _Work(len(data), steps, float(loss_sum), seen)
         return _Work(len(data), steps, float(loss_sum), seen)
+
+    def _step(self, x: Any, y: Any) -> SupportsFloat:
+        """One optimizer step on a batch; its loss. The step's model-sized gradients are gone
+        when it returns, not alive while the next batch's are computed."""
+        gradients, loss = self.model.compute_batch_gradients(x, y)
+        self.optimizer.apply(self.model, gradients, consume=True)
+        return loss
 
     def _user_training(
         self, train_fn: TrainFn, data: ClientData, client: str, round_number: int, seed: int

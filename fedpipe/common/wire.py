@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
+import numpy as np
 from google.protobuf.message import DecodeError as ProtobufDecodeError
 from google.protobuf.message import Message
 
@@ -110,6 +111,12 @@ class FrameReceiver(Generic[M]):
         Called with every message that announces a payload, before anything is allocated:
         True to receive the payload, False to skip its chunks (a reply nobody waits for any
         more); it may raise :class:`ProtocolError` to refuse the message.
+
+    Attributes
+    ----------
+    into:
+        Arrays that payloads' top-level Vectors are received straight into, by key (see
+        :class:`~fedpipe.common.payload.PayloadAssembler`); may change between messages.
     """
 
     def __init__(
@@ -124,6 +131,7 @@ class FrameReceiver(Generic[M]):
         self.max_payload_bytes = max_payload_bytes
         self.max_tensors = max_tensors
         self.accept = accept
+        self.into: Mapping[str, Mapping[str, np.ndarray]] | None = None
         self._pending: M | None = None
         self._assembler: PayloadAssembler | None = None
         self._skipping = 0  # bytes of an unwanted payload still to skip
@@ -225,7 +233,10 @@ class FrameReceiver(Generic[M]):
             return None
         try:
             self._assembler = PayloadAssembler(
-                header, max_bytes=self.max_payload_bytes, max_tensors=self.max_tensors
+                header,
+                max_bytes=self.max_payload_bytes,
+                max_tensors=self.max_tensors,
+                into=self.into,
             )
         except DecodeError as exc:
             raise ProtocolError(f"bad payload header: {exc}") from None

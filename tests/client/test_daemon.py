@@ -11,8 +11,16 @@ from fedpipe.client.daemon import ClientDaemon
 from fedpipe.common.codec import wire_dtype
 from fedpipe.common.config import ClientConfig
 from fedpipe.common.data import Dataset
+from fedpipe.common.payload import encode_payload
 from fedpipe.common.training import RunSetup
-from fedpipe.common.wire import settings_value
+from fedpipe.common.vector import Vector
+from fedpipe.common.wire import (
+    FrameReceiver,
+    envelope_frames,
+    settings_data,
+    settings_value,
+    task_state,
+)
 from fedpipe.proto.fedpipe.v1 import federation_pb2 as pb
 from fedpipe.proto.fedpipe.v1 import tensor_pb2
 
@@ -84,3 +92,48 @@ async def test_a_numpy_model_on_a_gpu_client_fails_the_setup_with_a_clear_error(
         "runs on the CPU only; set device = 'cpu' or use a torch model (TorchModel)"
     )
     assert client.setup_error == reply.error
+
+
+async def train_round(client: ClientDaemon, weights: Vector, into: bool) -> list[bytes]:
+    """A train task through the client's frame receiver (receiving into its model or not);
+    the reply's frames, its header and chunks byte for byte, its info without the clock."""
+    task = pb.Task(task_id=2, kind=pb.TASK_KIND_TRAIN, round=1, settings=settings_value({}))
+    payload = encode_payload(task_state(weights, {}), 16)
+    task.payload.CopyFrom(payload.header)
+    receiver = FrameReceiver(pb.ServerMessage, client.max_payload)
+    receiver.into = client._landing() if into else None
+    for frame in envelope_frames(pb.ServerMessage(task=task), payload):
+        got = receiver.feed(frame)
+    assert got is not None
+    received = got.payload["weights"]
+    assert client.trainer is not None
+    model = client.trainer.model.host_weights()
+    assert model is not None
+    assert all(np.shares_memory(received.coefs[n], model[n]) == into for n in model)
+    reply, out = await client._handle(got.message.task, got.payload)
+    assert reply.error == ""
+    info = settings_data(reply.info)
+    assert info.pop("seconds") >= 0
+    frames = envelope_frames(pb.ClientMessage(reply=pb.Reply(payload=reply.payload)), out)
+    return [repr(sorted(info.items())).encode(), *frames]
+
+
+async def test_weights_received_into_the_model_give_the_same_reply_bytes() -> None:
+    task = setup_task({"name": "softmax-regression", "config": {"n_features": 4, "n_classes": 3}})
+    rng = np.random.default_rng(1)
+    data = Dataset(rng.normal(size=(8, 4)).astype(np.float32), rng.integers(0, 3, 8))
+    replies = []
+    for into in (True, False):
+        client = ClientDaemon(ClientConfig(dataset="digits", name="c"), data, None)
+        assert (await client._handle(task, {}))[0].error == ""
+        rounds = []
+        for seed in (2, 3):  # the second round lands in the model the first one trained
+            weights = {"kernel": (4, 3), "bias": (3,)}
+            draw = np.random.default_rng(seed)
+            global_weights = Vector(
+                {n: draw.normal(size=s).astype(np.float32) for n, s in weights.items()}
+            )
+            rounds.append(await train_round(client, global_weights, into))
+        replies.append(rounds)
+    assert replies[0] == replies[1]
+    assert len(replies[0][0]) > 3  # info, the reply's envelope and several chunk frames

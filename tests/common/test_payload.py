@@ -159,6 +159,38 @@ def test_received_arrays_are_writable() -> None:
     assert weights.coefs["w"].flags.writeable
 
 
+def test_a_vector_is_received_straight_into_the_arrays_given_for_its_key() -> None:
+    sent = {"weights": Vector({"w": np.arange(6.0).reshape(2, 3), "b": np.ones(3, np.float32)})}
+    sent["other"] = Vector({"w": np.full((2, 3), 7.0), "b": np.zeros(3, np.float32)})
+    model = {"w": np.zeros((2, 3)), "b": np.zeros(3, np.float32)}
+    got = transfer(sent, chunk_size=8, into={"weights": model})
+    assert states_equal(got, sent)
+    assert all(got["weights"].coefs[n] is model[n] for n in model)
+    np.testing.assert_array_equal(model["w"], np.arange(6.0).reshape(2, 3))
+    assert not any(np.shares_memory(got["other"].coefs[n], model[n]) for n in model)
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        {"w": np.zeros((3, 2)), "b": np.zeros(3, np.float32)},  # another shape
+        {"w": np.zeros((2, 3), np.float32), "b": np.zeros(3, np.float32)},  # another dtype
+        {"w": np.zeros((3, 2)).T, "b": np.zeros(3, np.float32)},  # not C-contiguous
+        {"w": np.zeros((2, 3))},  # a name missing
+    ],
+)
+def test_arrays_that_do_not_fit_exactly_leave_the_vector_its_own(
+    model: dict[str, np.ndarray],
+) -> None:
+    sent = {"weights": Vector({"w": np.arange(6.0).reshape(2, 3), "b": np.ones(3, np.float32)})}
+    got = transfer(sent, into={"weights": model})
+    assert states_equal(got, sent)
+    assert not np.any(model["w"])  # untouched: the specs are as sent, for the caller to check
+    read_only = {"w": np.zeros((2, 3)), "b": np.zeros(3, np.float32)}
+    read_only["w"].flags.writeable = False
+    assert transfer(sent, into={"weights": read_only})["weights"].coefs["w"] is not read_only["w"]
+
+
 def test_chunk_size_must_be_positive() -> None:
     with pytest.raises(ValueError, match="chunk_size is 0, expected at least 1 byte"):
         encode_payload({}, chunk_size=0)

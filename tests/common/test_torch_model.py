@@ -10,6 +10,7 @@ import pytest
 from fedpipe.common import registry
 from fedpipe.common.config import SimulationConfig
 from fedpipe.common.models import load_model
+from fedpipe.common.payload import PayloadAssembler, encode_payload
 from fedpipe.common.vector import Vector
 from fedpipe.server.checkpoint import load_checkpoint
 from fedpipe.server.simulation import simulate
@@ -45,6 +46,22 @@ def test_updates_land_in_the_module_parameters() -> None:
         np.testing.assert_allclose(value, before[name] + 0.5, rtol=1e-6)
     wrapped.set_weights(before)
     assert Vector(after).allclose(before)  # same storage: set_weights wrote into the module
+
+
+def test_weights_are_received_straight_into_the_cpu_parameters() -> None:
+    wrapped = load_model("tests.common.torch_models:build", {"n_features": 4, "n_classes": 3})
+    sent = wrapped.get_weights().full_like(0.25).to_numpy()
+    payload = encode_payload({"weights": sent}, 8)
+    assembler = PayloadAssembler(
+        payload.header, max_bytes=1 << 20, into={"weights": wrapped.host_weights() or {}}
+    )
+    for chunk in payload.chunks():
+        assembler.add_chunk(*chunk)
+    received = assembler.finish()["weights"]
+    wrapped.set_weights(received)  # its own memory: nothing to copy
+    for name, param in wrapped.module.named_parameters():
+        assert np.shares_memory(received[name], param.detach().numpy())
+        np.testing.assert_array_equal(param.detach().numpy(), sent[name])
 
 
 def test_is_not_a_registered_name_and_refuses_unknown_tasks() -> None:

@@ -76,6 +76,13 @@ class Model(Registrable):
             view.flags.writeable = False
         return Vector.of_numpy(views)
 
+    def host_weights(self) -> dict[str, np.ndarray] | None:
+        """The live weight arrays, writable, for a receiver to write incoming weights straight
+        into (``into`` of :class:`~fedpipe.common.payload.PayloadAssembler`); None where the
+        weights are not numpy-readable host memory. ``set_weights`` of these very arrays then
+        copies nothing (numpy skips a copy onto the same memory)."""
+        return dict(self._weights)
+
     def set_weights(self, weights: Vector) -> None:
         """Copy ``weights`` into the model; raises ``SpecMismatchError`` on other specs."""
         weights.check_specs(self._cached_specs(), f"weights for model {self.name!r}")

@@ -99,6 +99,15 @@ class TorchModel(Model, register_name=False):
             return Vector({n: t.clone() for n, t in self._weights.items()})
         return Vector(dict(self._weights))
 
+    def host_weights(self) -> dict[str, np.ndarray] | None:
+        """Numpy views of the parameters on the CPU (the same memory); None on a device."""
+        if self.device.type != "cpu":
+            return None
+        try:
+            return {n: _OPS.to_numpy(t) for n, t in self._weights.items()}
+        except TypeError:  # a dtype numpy cannot hold
+            return None
+
     def set_weights(self, weights: Vector) -> None:
         """Copy ``weights`` (numpy or torch, any device) into the parameters; numpy weights
         reach a CUDA device through a reused pinned buffer, in one synchronized transfer."""
