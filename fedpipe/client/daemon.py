@@ -125,9 +125,7 @@ class ClientDaemon:
             except grpc.aio.AioRpcError as exc:
                 if exc.code() in FINAL_CODES:
                     raise ClientRefused(f"server refused: {exc.details()}") from None
-                why = await explain_connection_failure(exc, cfg) or (
-                    f"{exc.code().name}: {exc.details()}"
-                )
+                why = await explain_connection_failure(exc, cfg) or _status_text(exc)
             except STREAM_ENDED as exc:
                 why = f"{type(exc).__name__}: {exc}"
             else:
@@ -352,3 +350,13 @@ class ClientDaemon:
         if self.trainer is None:
             raise ProtocolError("a task arrived before the run setup")
         return self.trainer
+
+
+def _status_text(exc: grpc.aio.AioRpcError) -> str:
+    """What a failed call's status says, and what it means where gRPC's words do not."""
+    text = f"{exc.code().name}: {exc.details()}"
+    if exc.code() == grpc.StatusCode.INTERNAL and "Internal error from Core" in str(exc.details()):
+        # grpc/grpc#36066: a server that ends the stream while the hello is still being
+        # written (too many connections awaiting admission) reaches an asyncio client so.
+        text += " (the server ended the session before reading the hello; it may be busy)"
+    return text

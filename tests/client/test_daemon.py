@@ -137,3 +137,18 @@ async def test_weights_received_into_the_model_give_the_same_reply_bytes() -> No
         replies.append(rounds)
     assert replies[0] == replies[1]
     assert len(replies[0][0]) > 3  # info, the reply's envelope and several chunk frames
+
+
+def test_a_refusal_grpc_turned_into_internal_is_explained() -> None:
+    import grpc
+    from grpc.aio import AioRpcError, Metadata
+
+    from fedpipe.client.daemon import _status_text
+
+    core = AioRpcError(grpc.StatusCode.INTERNAL, Metadata(), Metadata(), "Internal error from Core")
+    assert _status_text(core) == (
+        "INTERNAL: Internal error from Core (the server ended the session before reading the "
+        "hello; it may be busy)"
+    )
+    full = AioRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, Metadata(), Metadata(), "full")
+    assert _status_text(full) == "RESOURCE_EXHAUSTED: full"
