@@ -4,7 +4,10 @@ summation."""
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
+
+import numpy as np
 
 from fedpipe.common.aggregators.base import Aggregator, InvalidPartialError
 from fedpipe.common.aggregators.weighting import ClientWeighting, Weighting
@@ -78,6 +81,22 @@ class AveragingAggregator(Aggregator):
         partial.fields["total_weight"] = counted
         return partial
 
+    @property
+    def stacks(self) -> bool:
+        return self.max_norm is None  # a norm bound scales each update by its own norm
+
+    def admit_stacked(self, updates: Mapping[str, Any], n_samples: Sequence[int]) -> Summable:
+        """The weighted sum over the client axis."""
+        weights = [self.weights.weight(n) for n in n_samples]
+        summed = {}
+        for name, stacked in updates.items():
+            column = np.array(weights, dtype=stacked.dtype).reshape(-1, *[1] * (stacked.ndim - 1))
+            summed[name] = np.add.reduce(np.multiply(stacked, column, out=stacked), axis=0)
+        total_weight = 0.0
+        for weight in weights:  # in client order, as the one-by-one fold adds them
+            total_weight += weight
+        return Summable({"weighted_sum": Vector(summed), "total_weight": total_weight})
+
     def finalize(self, total: Summable) -> Vector:
         weight = total.number("total_weight")
         if weight <= 0:
@@ -94,6 +113,14 @@ class SumAggregator(Aggregator):
 
     def prepare(self, updates: Vector, n_samples: int, n_steps: int) -> Summable:
         return Summable({"sum": updates})
+
+    @property
+    def stacks(self) -> bool:
+        return True
+
+    def admit_stacked(self, updates: Mapping[str, Any], n_samples: Sequence[int]) -> Summable:
+        """The sum over the client axis."""
+        return Summable({"sum": Vector({n: np.add.reduce(u, axis=0) for n, u in updates.items()})})
 
     def finalize(self, total: Summable) -> Vector:
         return total.vector("sum")

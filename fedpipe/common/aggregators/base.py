@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import math
 from abc import abstractmethod
-from collections.abc import Iterable, Mapping
-from typing import ClassVar
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, ClassVar
 
 from fedpipe.common.registry import Registrable, declare_family
 from fedpipe.common.summable import Summable
@@ -73,6 +73,16 @@ class Aggregator(Registrable):
         """Server side: the round's accumulator, holding its first valid partial; later
         partials go in with its ``add_``. Streaming: the first partial is the running sum."""
         return first
+
+    def admit_stacked(
+        self, updates: Mapping[str, Any], n_samples: Sequence[int]
+    ) -> Summable | None:
+        """Server side, K clients at once (a stacked simulation): the admitted partials of
+        the updates ``updates[name][k]`` of clients with ``n_samples[k]`` samples, already
+        added up in client order (what :meth:`prepare`, :meth:`admit` and ``add_`` give one
+        by one, with the same bits). ``updates`` belongs to the aggregator. None: this
+        aggregator has no stacked form (the round folds client by client)."""
+        return None
 
     @abstractmethod
     def finalize(self, total: Summable) -> Vector:

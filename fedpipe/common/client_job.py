@@ -1,0 +1,52 @@
+"""One simulated client's task in a round, and the batches it draws: what the engines that
+train many clients at once (:mod:`fedpipe.common.vectorized` with torch,
+:mod:`fedpipe.common.stacked` with numpy) share, free of torch."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from fedpipe.common.data import Dataset
+from fedpipe.common.summable import Summable
+from fedpipe.common.training import LocalTrainer, round_seed
+
+__all__ = ["ClientJob", "batch_schedule", "groups_by_batch_size"]
+
+
+@dataclass
+class ClientJob:
+    """One client's task in a round: its trainer (optimizer and state), data and aux vars."""
+
+    name: str
+    trainer: LocalTrainer
+    data: Dataset
+    aux_vars: Mapping[str, Summable] = field(default_factory=dict)
+
+
+def batch_schedule(job: ClientJob, round_number: int) -> list[np.ndarray]:
+    """The sample indices of each of the client's steps this round, in the order
+    :meth:`LocalTrainer.train` draws them (same seed, same ``Dataset.batches``)."""
+    cfg, n = job.trainer.training, len(job.data)
+    rng = np.random.default_rng(round_seed(job.trainer.setup.seed, job.name, round_number))
+    positions = Dataset(np.arange(n), np.arange(n))
+    steps: list[np.ndarray] = []
+    for _ in range(cfg.epochs):
+        for idx, _ in positions.batches(
+            cfg.batch_size, shuffle=True, seed=rng, drop_remainder=cfg.drop_remainder
+        ):
+            steps.append(idx)
+            if cfg.max_steps is not None and len(steps) >= cfg.max_steps:
+                return steps
+    return steps
+
+
+def groups_by_batch_size(schedules: list[list[np.ndarray]], t: int) -> list[list[int]]:
+    """Positions of the clients that have a step ``t``, grouped by that step's batch size."""
+    groups: dict[int, list[int]] = {}
+    for k, steps in enumerate(schedules):
+        if t < len(steps):
+            groups.setdefault(len(steps[t]), []).append(k)
+    return list(groups.values())
