@@ -84,6 +84,7 @@ def run_point(transport: str, n: int, rounds: int, workers: int | None) -> dict[
             {
                 "n_clients": n,
                 "transport": transport,
+                **({"mode": "vectorized"} if transport == "inprocess" else {}),
                 "dask": {"workers": workers} if workers else {},
                 "server": {
                     "rounds": rounds,

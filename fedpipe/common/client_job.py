@@ -28,16 +28,16 @@ class ClientJob:
 
 def batch_schedule(job: ClientJob, round_number: int) -> list[np.ndarray]:
     """The sample indices of each of the client's steps this round, in the order
-    :meth:`LocalTrainer.train` draws them (same seed, same ``Dataset.batches``)."""
+    :meth:`LocalTrainer.train` draws them: the round's seed, then per epoch the permutation
+    and the slices of ``Dataset.batches(shuffle=True)``, drawn from the same generator."""
     cfg, n = job.trainer.training, len(job.data)
     rng = np.random.default_rng(round_seed(job.trainer.setup.seed, job.name, round_number))
-    positions = Dataset(np.arange(n), np.arange(n))
+    stop = n - n % cfg.batch_size if cfg.drop_remainder else n
     steps: list[np.ndarray] = []
     for _ in range(cfg.epochs):
-        for idx, _ in positions.batches(
-            cfg.batch_size, shuffle=True, seed=rng, drop_remainder=cfg.drop_remainder
-        ):
-            steps.append(idx)
+        order = rng.permutation(n)
+        for start in range(0, stop, cfg.batch_size):
+            steps.append(order[start : start + cfg.batch_size])
             if cfg.max_steps is not None and len(steps) >= cfg.max_steps:
                 return steps
     return steps

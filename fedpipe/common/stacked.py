@@ -23,7 +23,7 @@ the clients one after another instead, saying why once.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -72,24 +72,44 @@ def stacked_unfit(model: Model, job: ClientJob) -> str | None:
 
 
 class StackedTrainer:
-    """Trains K clients at once on one shared numpy model (its weights are not changed)."""
+    """Trains K clients at once on one shared numpy model (its weights are not changed),
+    ``max_clients`` at a time (bounds memory: a few model copies and one batch per client).
 
-    def __init__(self, model: Model) -> None:
-        self.model = model
+    The clients' samples are copied once into one flat array (a client's rows after the
+    previous client's, no padding) so that each step gathers every client's batch with one
+    fancy index; a client whose data object changes is copied again.
+    """
+
+    def __init__(self, model: Model, max_clients: int = 1024) -> None:
+        if max_clients < 1:
+            raise ValueError(f"max_clients={max_clients}; expected at least 1")
+        self.model, self.max_clients = model, max_clients
+        self._rows: dict[str, tuple[Dataset, int]] = {}  # client -> (its data, first row)
+        self._x: np.ndarray | None = None
+        self._y: np.ndarray | None = None
 
     def train(
         self, jobs: Sequence[ClientJob], weights: Vector, round_number: int
+    ) -> Iterator[StackedUpdates]:
+        """Train every job (each fit: :func:`stacked_unfit`) from ``weights``, ``max_clients``
+        at a time: one result per chunk, rows in ``jobs`` order. The optimizers' step counts
+        advance as the client-by-client loop advances them."""
+        initial = weights.to_numpy().coefs
+        for begin in range(0, len(jobs), self.max_clients):
+            yield self._chunk(jobs[begin : begin + self.max_clients], initial, round_number)
+
+    def _chunk(
+        self, jobs: Sequence[ClientJob], initial: Arrays, round_number: int
     ) -> StackedUpdates:
-        """Train every job (each fit: :func:`stacked_unfit`) from ``weights``; their optimizers'
-        step counts advance as the client-by-client loop would advance them."""
         start = time.perf_counter()
         schedules = [batch_schedule(job, round_number) for job in jobs]
-        initial = weights.to_numpy().coefs
+        offsets = self._offsets(jobs)
         params = {n: np.repeat(a[None], len(jobs), axis=0) for n, a in initial.items()}
         loss_sum = np.zeros(len(jobs))
         for t in range(max((len(s) for s in schedules), default=0)):
             for members in groups_by_batch_size(schedules, t):
-                rows = [schedules[k][t] for k in members]
+                rows = np.stack([schedules[k][t] for k in members])
+                rows += offsets[members][:, None]
                 self._step(jobs, members, rows, params, loss_sum)
         updates = {n: np.subtract(initial[n][None], p, out=p) for n, p in params.items()}
         return StackedUpdates(
@@ -105,16 +125,16 @@ class StackedTrainer:
         self,
         jobs: Sequence[ClientJob],
         members: list[int],
-        rows: list[np.ndarray],
+        rows: np.ndarray,
         params: Arrays,
         loss_sum: np.ndarray,
     ) -> None:
-        """One local step of the clients at positions ``members``, ``rows[i]`` the sample
-        indices of ``members[i]``'s batch (all of one size): SGD as
+        """One local step of the clients at positions ``members``, ``rows[i]`` the rows of the
+        flat data in ``members[i]``'s batch (all of one size): SGD as
         :meth:`~fedpipe.common.optim.Optimizer.compute_updates` does it, per client."""
+        assert self._x is not None and self._y is not None
         everyone = len(members) == len(jobs)
-        x = np.stack([jobs[k].data.x[r] for k, r in zip(members, rows, strict=True)])
-        y = np.stack([jobs[k].data.y[r] for k, r in zip(members, rows, strict=True)])
+        x, y = self._x[rows], self._y[rows]
         mine = params if everyone else {n: p[members] for n, p in params.items()}
         grads, losses = self.model.compute_stacked_gradients(mine, x, y)
         optimizers = [jobs[k].trainer.optimizer for k in members]
@@ -134,3 +154,24 @@ class StackedTrainer:
             else:
                 params[name][members] = mine[name] + g
         loss_sum[members] += losses * x.shape[1]
+
+    def _offsets(self, jobs: Sequence[ClientJob]) -> np.ndarray:
+        """Each job's first row in the flat data, its samples copied there on first sight."""
+        new = [job for job in jobs if self._rows.get(job.name, (None,))[0] is not job.data]
+        if new:
+            at = 0 if self._x is None else len(self._x)
+            for job in new:
+                self._rows[job.name] = (job.data, at)
+                at += len(job.data)
+            xs = (
+                [job.data.x for job in new]
+                if self._x is None
+                else [self._x] + [j.data.x for j in new]
+            )
+            ys = (
+                [job.data.y for job in new]
+                if self._y is None
+                else [self._y] + [j.data.y for j in new]
+            )
+            self._x, self._y = np.concatenate(xs), np.concatenate(ys)
+        return np.array([self._rows[job.name][1] for job in jobs], dtype=np.int64)

@@ -137,7 +137,9 @@ class SharedModels:
             from fedpipe.server.stacked_cohort import StackedCohort
 
             model = self.get(setup)
-            self._cohorts[id(setup)] = None if _is_torch(model) else StackedCohort(model)
+            self._cohorts[id(setup)] = (
+                None if _is_torch(model) else StackedCohort(model, self.max_clients)
+            )
         return self._cohorts[id(setup)]
 
     def engine(self, setup: RunSetup, slot: int) -> VectorizedTrainer:

@@ -36,9 +36,9 @@ NOT_FINITE = "rejected reply: field 'weighted_sum' holds NaN or infinite values"
 class StackedCohort(ClientCohort):
     """The in-process clients of one run setup, on one numpy model."""
 
-    def __init__(self, model: Model) -> None:
+    def __init__(self, model: Model, max_clients: int = 1024) -> None:
         super().__init__()
-        self.engine = StackedTrainer(model)
+        self.engine = StackedTrainer(model, max_clients)
 
     async def train_together(
         self, clients: Sequence[ClientProxy], task: RoundTask, aggregator: Aggregator
@@ -50,7 +50,7 @@ class StackedCohort(ClientCohort):
             return None
         steps = [job.trainer.optimizer.step for job in jobs]
         try:
-            done = await asyncio.to_thread(self.engine.train, jobs, task.weights, task.round_number)
+            return await asyncio.to_thread(self._train, jobs, task, aggregator)
         except Exception as exc:  # one client's bad data: each trains alone, and fails alone
             for job, step in zip(jobs, steps, strict=True):
                 job.trainer.optimizer.step = step
@@ -63,7 +63,18 @@ class StackedCohort(ClientCohort):
                 exc,
             )
             return None
-        return _reply(jobs, done, aggregator)
+
+    def _train(self, jobs: list[ClientJob], task: RoundTask, aggregator: Aggregator) -> CohortReply:
+        """On a worker thread: every chunk trained, its finite rows added to the sum."""
+        reply = CohortReply(
+            None, [], *[np.zeros(0, np.int64)] * 2, np.zeros(0), np.zeros(0, np.int64), 0.0
+        )
+        begin = 0
+        for done in self.engine.train(jobs, task.weights, task.round_number):
+            chunk = jobs[begin : begin + len(done.n_samples)]
+            begin += len(chunk)
+            _add_chunk(reply, chunk, done, aggregator)
+        return reply
 
 
 def _job(client: ClientProxy) -> ClientJob:
@@ -81,25 +92,26 @@ def _unfit(model: Model, jobs: list[ClientJob], task: RoundTask) -> str | None:
     return stacked_unfit(model, jobs[0])
 
 
-def _reply(jobs: list[ClientJob], done: StackedUpdates, aggregator: Aggregator) -> CohortReply:
-    """The admitted sum of the clients whose update and loss are finite."""
+def _add_chunk(
+    reply: CohortReply, jobs: list[ClientJob], done: StackedUpdates, aggregator: Aggregator
+) -> None:
+    """Add the chunk's clients whose update and loss are finite to ``reply``; name the
+    others in its failures."""
     finite = np.isfinite(done.loss_sum)
     for stacked in done.updates.values():
         finite &= np.isfinite(stacked.reshape(len(jobs), -1)).all(axis=1)
-    failures = {job.name: NOT_FINITE for job, ok in zip(jobs, finite, strict=True) if not ok}
     updates, rows = done.updates, np.arange(len(jobs))
-    if failures:
+    if not finite.all():
+        reply.failures.update(
+            (job.name, NOT_FINITE) for job, ok in zip(jobs, finite, strict=True) if not ok
+        )
         rows = np.flatnonzero(finite)
         updates = {name: stacked[rows] for name, stacked in updates.items()}
-    n_samples = done.n_samples[rows]
-    total = aggregator.admit_stacked(updates, n_samples.tolist()) if len(rows) else None
-    return CohortReply(
-        total=total,
-        names=[jobs[k].name for k in rows.tolist()],
-        n_samples=n_samples,
-        n_steps=done.n_steps[rows],
-        loss_sum=done.loss_sum[rows],
-        n_samples_seen=done.n_samples_seen[rows],
-        seconds=done.seconds,
-        failures=failures,
-    )
+    if len(rows):
+        reply.total = aggregator.admit_stacked(updates, done.n_samples[rows].tolist(), reply.total)
+    reply.names += [jobs[k].name for k in rows.tolist()]
+    reply.n_samples = np.concatenate([reply.n_samples, done.n_samples[rows]])
+    reply.n_steps = np.concatenate([reply.n_steps, done.n_steps[rows]])
+    reply.loss_sum = np.concatenate([reply.loss_sum, done.loss_sum[rows]])
+    reply.n_samples_seen = np.concatenate([reply.n_samples_seen, done.n_samples_seen[rows]])
+    reply.seconds = done.seconds

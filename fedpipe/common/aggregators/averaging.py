@@ -85,16 +85,20 @@ class AveragingAggregator(Aggregator):
     def stacks(self) -> bool:
         return self.max_norm is None  # a norm bound scales each update by its own norm
 
-    def admit_stacked(self, updates: Mapping[str, Any], n_samples: Sequence[int]) -> Summable:
+    def admit_stacked(
+        self, updates: Mapping[str, Any], n_samples: Sequence[int], into: Summable | None = None
+    ) -> Summable:
         """The weighted sum over the client axis."""
         weights = [self.weights.weight(n) for n in n_samples]
+        total_weight = 0.0 if into is None else into.number("total_weight")
+        for weight in weights:  # in client order, as the one-by-one fold adds them
+            total_weight += weight
         summed = {}
         for name, stacked in updates.items():
             column = np.array(weights, dtype=stacked.dtype).reshape(-1, *[1] * (stacked.ndim - 1))
-            summed[name] = np.add.reduce(np.multiply(stacked, column, out=stacked), axis=0)
-        total_weight = 0.0
-        for weight in weights:  # in client order, as the one-by-one fold adds them
-            total_weight += weight
+            summed[name] = _fold_rows(
+                np.multiply(stacked, column, out=stacked), into, "weighted_sum", name
+            )
         return Summable({"weighted_sum": Vector(summed), "total_weight": total_weight})
 
     def finalize(self, total: Summable) -> Vector:
@@ -118,9 +122,20 @@ class SumAggregator(Aggregator):
     def stacks(self) -> bool:
         return True
 
-    def admit_stacked(self, updates: Mapping[str, Any], n_samples: Sequence[int]) -> Summable:
+    def admit_stacked(
+        self, updates: Mapping[str, Any], n_samples: Sequence[int], into: Summable | None = None
+    ) -> Summable:
         """The sum over the client axis."""
-        return Summable({"sum": Vector({n: np.add.reduce(u, axis=0) for n, u in updates.items()})})
+        return Summable(
+            {"sum": Vector({n: _fold_rows(u, into, "sum", n) for n, u in updates.items()})}
+        )
 
     def finalize(self, total: Summable) -> Vector:
         return total.vector("sum")
+
+
+def _fold_rows(rows: Any, into: Summable | None, field: str, name: str) -> Any:
+    """``into``'s array plus every row, added in row order (``rows`` is reused)."""
+    if into is not None:
+        rows[0] = into.vector(field).coefs[name] + rows[0]  # a + b == b + a, bit for bit
+    return np.add.reduce(rows, axis=0)

@@ -75,14 +75,14 @@ class Aggregator(Registrable):
         return first
 
     def admit_stacked(
-        self, updates: Mapping[str, Any], n_samples: Sequence[int]
-    ) -> Summable | None:
+        self, updates: Mapping[str, Any], n_samples: Sequence[int], into: Summable | None = None
+    ) -> Summable:
         """Server side, K clients at once (a stacked simulation): the admitted partials of
-        the updates ``updates[name][k]`` of clients with ``n_samples[k]`` samples, already
-        added up in client order (what :meth:`prepare`, :meth:`admit` and ``add_`` give one
-        by one, with the same bits). ``updates`` belongs to the aggregator. None: this
-        aggregator has no stacked form (the round folds client by client)."""
-        return None
+        the updates ``updates[name][k]`` of clients with ``n_samples[k]`` samples, added up in
+        client order onto ``into`` (the sum of earlier clients, reused) if given: what
+        :meth:`prepare`, :meth:`admit` and ``add_`` give one by one, with the same bits.
+        ``updates`` belongs to the aggregator."""
+        raise NotImplementedError(f"aggregator {self.name!r} has no stacked form")
 
     @abstractmethod
     def finalize(self, total: Summable) -> Vector:
