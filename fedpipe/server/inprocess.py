@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Literal, TypeVar
+from typing import TYPE_CHECKING, Literal, TypeAlias, TypeVar
 
 from fedpipe.common.config import ConfigError, DpSgdConfig
 from fedpipe.common.data import Dataset
@@ -61,7 +61,11 @@ if TYPE_CHECKING:
     from fedpipe.common.vectorized import VectorizedTrainer
     from fedpipe.server.stacked_cohort import StackedCohort
 
-__all__ = ["InProcessClient", "SharedModels"]
+__all__ = ["InProcessClient", "SharedModels", "TrainingMode"]
+
+#: ``SimulationConfig.mode``: "auto" stacks a numpy model's clients, trains a torch model's
+#: one after another; "vectorized" stacks both kinds.
+TrainingMode: TypeAlias = Literal["auto", "sequential", "vectorized"]
 
 R = TypeVar("R")
 
@@ -93,7 +97,7 @@ class SharedModels:
     def __init__(
         self,
         devices: Sequence[str] = (),
-        mode: Literal["sequential", "vectorized"] = "sequential",
+        mode: TrainingMode = "sequential",
         max_clients: int = 1024,
     ) -> None:
         self.devices, self.mode, self.max_clients = list(devices), mode, max_clients
@@ -129,9 +133,9 @@ class SharedModels:
         return self._models[key]
 
     def cohort(self, setup: RunSetup) -> StackedCohort | None:
-        """The vectorized mode's cohort of a numpy model's clients (None: torch, or sequential
+        """The cohort of a numpy model's clients (None: a torch model, or the sequential
         mode), built on first use."""
-        if self.mode != "vectorized":
+        if self.mode == "sequential":
             return None
         if id(setup) not in self._cohorts:
             from fedpipe.server.stacked_cohort import StackedCohort

@@ -66,9 +66,8 @@ class StackedCohort(ClientCohort):
 
     def _train(self, jobs: list[ClientJob], task: RoundTask, aggregator: Aggregator) -> CohortReply:
         """On a worker thread: every chunk trained, its finite rows added to the sum."""
-        reply = CohortReply(
-            None, [], *[np.zeros(0, np.int64)] * 2, np.zeros(0), np.zeros(0, np.int64), 0.0
-        )
+        none, empty = np.zeros(0, np.int64), np.zeros(0)
+        reply = CohortReply(None, [], none, none, empty, none, 0.0)
         begin = 0
         for done in self.engine.train(jobs, task.weights, task.round_number):
             chunk = jobs[begin : begin + len(done.n_samples)]

@@ -74,6 +74,12 @@ class Aggregator(Registrable):
         partials go in with its ``add_``. Streaming: the first partial is the running sum."""
         return first
 
+    @property
+    def stacks(self) -> bool:
+        """Whether :meth:`admit_stacked` folds K clients at once (else a stacked simulation's
+        round folds client by client)."""
+        return False
+
     def admit_stacked(
         self, updates: Mapping[str, Any], n_samples: Sequence[int], into: Summable | None = None
     ) -> Summable:
