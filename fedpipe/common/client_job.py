@@ -4,16 +4,17 @@ train many clients at once (:mod:`fedpipe.common.vectorized` with torch,
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from fedpipe.common.data import Dataset
+from fedpipe.common.seed_states import generators
 from fedpipe.common.summable import Summable
 from fedpipe.common.training import LocalTrainer, round_seed
 
-__all__ = ["ClientJob", "batch_schedule", "groups_by_batch_size"]
+__all__ = ["ClientJob", "batch_schedule", "batch_schedules", "groups_by_batch_size"]
 
 
 @dataclass
@@ -27,11 +28,22 @@ class ClientJob:
 
 
 def batch_schedule(job: ClientJob, round_number: int) -> list[np.ndarray]:
-    """The sample indices of each of the client's steps this round, in the order
+    """The sample indices of each of the client's steps this round (see
+    :func:`batch_schedules`)."""
+    return batch_schedules([job], round_number)[0]
+
+
+def batch_schedules(jobs: Sequence[ClientJob], round_number: int) -> list[list[np.ndarray]]:
+    """Each client's sample indices of each of its steps this round, in the order
     :meth:`LocalTrainer.train` draws them: the round's seed, then per epoch the permutation
-    and the slices of ``Dataset.batches(shuffle=True)``, drawn from the same generator."""
+    and the slices of ``Dataset.batches(shuffle=True)``, from the same generator (the
+    generators of all clients seeded at once: :mod:`fedpipe.common.seed_states`)."""
+    seeds = [round_seed(job.trainer.setup.seed, job.name, round_number) for job in jobs]
+    return [_schedule(job, rng) for job, rng in zip(jobs, generators(seeds), strict=True)]
+
+
+def _schedule(job: ClientJob, rng: np.random.Generator) -> list[np.ndarray]:
     cfg, n = job.trainer.training, len(job.data)
-    rng = np.random.default_rng(round_seed(job.trainer.setup.seed, job.name, round_number))
     stop = n - n % cfg.batch_size if cfg.drop_remainder else n
     steps: list[np.ndarray] = []
     for _ in range(cfg.epochs):

@@ -28,7 +28,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedpipe.common.client_job import ClientJob, batch_schedule, groups_by_batch_size
+from fedpipe.common.client_job import (
+    ClientJob,
+    batch_schedules,
+    groups_by_batch_size,
+)
 from fedpipe.common.data import Dataset
 from fedpipe.common.models import Model
 from fedpipe.common.vector import Vector
@@ -102,7 +106,7 @@ class StackedTrainer:
         self, jobs: Sequence[ClientJob], initial: Arrays, round_number: int
     ) -> StackedUpdates:
         start = time.perf_counter()
-        schedules = [batch_schedule(job, round_number) for job in jobs]
+        schedules = batch_schedules(jobs, round_number)
         offsets = self._offsets(jobs)
         params = {n: np.repeat(a[None], len(jobs), axis=0) for n, a in initial.items()}
         loss_sum = np.zeros(len(jobs))

@@ -32,7 +32,12 @@ import torch
 from torch.func import functional_call, grad_and_value, vmap
 
 from fedpipe.common.buffers import BUFFERS_AUX
-from fedpipe.common.client_job import ClientJob, batch_schedule, groups_by_batch_size
+from fedpipe.common.client_job import (
+    ClientJob,
+    batch_schedule,
+    batch_schedules,
+    groups_by_batch_size,
+)
 from fedpipe.common.data import Dataset
 from fedpipe.common.models.torch_adapter import TorchModel
 from fedpipe.common.training import TrainResult
@@ -144,7 +149,7 @@ class VectorizedTrainer:
             if job.aux_vars:
                 job.trainer.optimizer.process_aux_var(dict(job.aux_vars))
             job.trainer.optimizer.start_round(weights)
-        schedules = [batch_schedule(job, round_number) for job in jobs]
+        schedules = batch_schedules(jobs, round_number)
         x_all, y_all = self._stacked_data(jobs)
         start_w = {n: torch.as_tensor(a).to(self.device) for n, a in weights.coefs.items()}
         params = {n: w.unsqueeze(0).repeat(len(jobs), *([1] * w.dim())) for n, w in start_w.items()}
