@@ -44,14 +44,15 @@ class _Words(ISeedSequence):
 def generators(seeds: Sequence[int]) -> list[np.random.Generator]:
     """``[np.random.default_rng(s) for s in seeds]`` for seeds in ``[0, 2**64)``."""
     words = _states(np.array(seeds, dtype=np.uint64))
-    return [np.random.Generator(np.random.PCG64(_Words(row))) for row in words]
+    # numpy accepts any ISeedSequence (its documented interface); its stubs list SeedSequence
+    return [np.random.Generator(np.random.PCG64(_Words(row))) for row in words]  # type: ignore[arg-type]
 
 
 def _states(seeds: np.ndarray, n_words: int = 4) -> np.ndarray:
     """``SeedSequence(seed).generate_state(n_words, uint64)`` of each seed, ``(K, n_words)``."""
     low = (seeds & np.uint64(0xFFFFFFFF)).astype(np.uint32)
     high = (seeds >> np.uint64(32)).astype(np.uint32)  # 0: a one-word seed, hashed the same
-    hash_const = np.full(len(seeds), _INIT_A)
+    hash_const = np.full(len(seeds), _INIT_A, dtype=np.uint32)
     with np.errstate(over="ignore"):  # uint32 arithmetic wraps around, as in numpy's C
 
         def hashmix(value: np.ndarray) -> np.ndarray:
@@ -66,10 +67,10 @@ def _states(seeds: np.ndarray, n_words: int = 4) -> np.ndarray:
         for src in range(_POOL):
             for dst in range(_POOL):
                 if src != dst:
-                    mixed = _MIX_L * pool[dst] - _MIX_R * hashmix(pool[src])
+                    mixed: np.ndarray = pool[dst] * _MIX_L - hashmix(pool[src]) * _MIX_R
                     pool[dst] = mixed ^ (mixed >> _SHIFT)
         out = np.empty((len(seeds), 2 * n_words), np.uint32)
-        hash_b = np.full(len(seeds), _INIT_B)
+        hash_b = np.full(len(seeds), _INIT_B, dtype=np.uint32)
         for i in range(2 * n_words):
             value = pool[i % _POOL] ^ hash_b
             hash_b = hash_b * _MULT_B
