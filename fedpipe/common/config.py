@@ -627,9 +627,12 @@ class SimulationConfig(OwnTraining):
     devices, one model object per entry; ``"auto"`` is ``"cuda"`` when torch sees a GPU,
     else ``"cpu"``. ``mode`` is how clients train there (see :mod:`fedpipe.server.inprocess`):
     ``"sequential"``, one after another on each device; ``"vectorized"``, the clients of a
-    round that share a device at once with ``torch.func``, ``stack_clients`` stacked at a time
-    (each costs about three copies of the model in device memory). ``transport = "dask"``
-    runs the clients on the Dask cluster ``dask`` describes (:class:`DaskConfig`).
+    round that share a device at once, ``stack_clients`` stacked at a time (each costs about
+    three copies of the model in memory): with ``torch.func`` for a torch model, with batched
+    numpy (:mod:`fedpipe.common.stacked`, bit-equal to sequential) for a numpy model;
+    ``"auto"`` (the default), vectorized for a numpy model, sequential for a torch model.
+    ``transport = "dask"`` runs the clients on the Dask cluster ``dask`` describes
+    (:class:`DaskConfig`).
 
     ``loaders`` and ``train_fn`` are a client config's (:class:`OwnTraining`), for every
     simulated client: the factory gets each client's partition, ``factory(train, eval)``, and
@@ -644,7 +647,7 @@ class SimulationConfig(OwnTraining):
     transport: Literal["inprocess", "grpc", "dask"] = "inprocess"
     dask: DaskConfig = Field(default_factory=DaskConfig)
     device: DeviceName | Annotated[list[DeviceName], Field(min_length=1)] | None = None
-    mode: Literal["sequential", "vectorized"] = "sequential"
+    mode: Literal["auto", "sequential", "vectorized"] = "auto"
     stack_clients: int = Field(default=1024, ge=1)
     #: Seeds the simulated clients' privacy noise (each mixes in its name), for reproducible
     #: tests: the simulation's owner owns its clients, the server never sees it. Unset, every
@@ -662,7 +665,7 @@ class SimulationConfig(OwnTraining):
                 f"n_clients={self.n_clients} exceeds server.max_clients="
                 f"{self.server.max_clients}: the server would refuse the extra client processes"
             )
-        if self.transport == "dask" and self.mode != "sequential":
+        if self.transport == "dask" and self.mode == "vectorized":
             raise ValueError(
                 f"mode={self.mode!r} trains in-process clients; with transport='dask' each "
                 "worker trains its clients one after another (mode='sequential')"

@@ -25,18 +25,22 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
 from torch.func import functional_call, grad_and_value, vmap
 
 from fedpipe.common.buffers import BUFFERS_AUX
+from fedpipe.common.client_job import (
+    ClientJob,
+    batch_schedule,
+    batch_schedules,
+    groups_by_batch_size,
+)
 from fedpipe.common.data import Dataset
 from fedpipe.common.models.torch_adapter import TorchModel
-from fedpipe.common.summable import Summable
-from fedpipe.common.training import LocalTrainer, TrainResult, round_seed
+from fedpipe.common.training import TrainResult
 from fedpipe.common.vector import Vector
 from fedpipe.common.vectorized_pipeline import ClientOptimizers
 
@@ -45,33 +49,6 @@ __all__ = ["ClientJob", "VectorizedTrainer", "batch_schedule"]
 logger = logging.getLogger(__name__)
 
 Tensors = dict[str, torch.Tensor]
-
-
-@dataclass
-class ClientJob:
-    """One client's task in a round: its trainer (optimizer and state), data and aux vars."""
-
-    name: str
-    trainer: LocalTrainer
-    data: Dataset
-    aux_vars: Mapping[str, Summable] = field(default_factory=dict)
-
-
-def batch_schedule(job: ClientJob, round_number: int) -> list[np.ndarray]:
-    """The sample indices of each of the client's steps this round, in the order
-    :meth:`LocalTrainer.train` draws them (same seed, same ``Dataset.batches``)."""
-    cfg, n = job.trainer.training, len(job.data)
-    rng = np.random.default_rng(round_seed(job.trainer.setup.seed, job.name, round_number))
-    positions = Dataset(np.arange(n), np.arange(n))
-    steps: list[np.ndarray] = []
-    for _ in range(cfg.epochs):
-        for idx, _ in positions.batches(
-            cfg.batch_size, shuffle=True, seed=rng, drop_remainder=cfg.drop_remainder
-        ):
-            steps.append(idx)
-            if cfg.max_steps is not None and len(steps) >= cfg.max_steps:
-                return steps
-    return steps
 
 
 class VectorizedTrainer:
@@ -172,7 +149,7 @@ class VectorizedTrainer:
             if job.aux_vars:
                 job.trainer.optimizer.process_aux_var(dict(job.aux_vars))
             job.trainer.optimizer.start_round(weights)
-        schedules = [batch_schedule(job, round_number) for job in jobs]
+        schedules = batch_schedules(jobs, round_number)
         x_all, y_all = self._stacked_data(jobs)
         start_w = {n: torch.as_tensor(a).to(self.device) for n, a in weights.coefs.items()}
         params = {n: w.unsqueeze(0).repeat(len(jobs), *([1] * w.dim())) for n, w in start_w.items()}
@@ -293,7 +270,7 @@ def _step_plan(schedules: list[list[np.ndarray]], device: torch.device) -> list[
     per round: one copy per step would make the host wait for the GPU at every step."""
     steps: list[tuple[int, list[int], np.ndarray]] = []
     for t in range(max((len(s) for s in schedules), default=0)):
-        for members in _groups_by_batch_size(schedules, t):
+        for members in groups_by_batch_size(schedules, t):
             steps.append((t, members, np.stack([schedules[k][t] for k in members])))
     if not steps:
         return []
@@ -306,12 +283,3 @@ def _step_plan(schedules: list[list[np.ndarray]], device: torch.device) -> list[
         plan.append((t, members, sel, on_device[at : at + rows.size].view(rows.shape)))
         at += rows.size
     return plan
-
-
-def _groups_by_batch_size(schedules: list[list[np.ndarray]], t: int) -> list[list[int]]:
-    """Positions of the clients that have a step ``t``, grouped by that step's batch size."""
-    groups: dict[int, list[int]] = {}
-    for k, steps in enumerate(schedules):
-        if t < len(steps):
-            groups.setdefault(len(steps[t]), []).append(k)
-    return list(groups.values())

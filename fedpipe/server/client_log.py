@@ -33,17 +33,39 @@ class RoundClients:
 
     def trained(self, name: str, result: TrainResult, seconds: float) -> None:
         """A train reply that was folded into the round's sum."""
+        self.replied(
+            name,
+            float(result.mean_loss),
+            result.n_samples,
+            result.n_samples_seen,
+            result.n_steps,
+            seconds,
+            result.seconds,
+        )
+        if result.sample_epsilon is not None:  # its DP-SGD's ε so far, as it reports it
+            self.lines[name]["sample_epsilon"] = result.sample_epsilon
+
+    def replied(
+        self,
+        name: str,
+        train_loss: float,
+        n_samples: int,
+        n_samples_seen: int,
+        n_steps: int,
+        seconds: float,
+        train_seconds: float,
+    ) -> None:
+        """A client's training figures, its reply folded in (``seconds``: from the round's
+        start; ``train_seconds``: as the client measured them)."""
         line = self.lines[name]
         line["replied"] = True
-        line["train_loss"] = float(result.mean_loss)
-        line["n_samples"] = int(result.n_samples)
-        line["n_samples_seen"] = int(result.n_samples_seen)
-        line["n_steps"] = int(result.n_steps)
+        line["train_loss"] = train_loss
+        line["n_samples"] = int(n_samples)
+        line["n_samples_seen"] = int(n_samples_seen)
+        line["n_steps"] = int(n_steps)
         line["seconds"] = round(seconds, 6)
-        if result.sample_epsilon is not None:  # its DP-SGD's ε so far, as it reports it
-            line["sample_epsilon"] = result.sample_epsilon
-        if math.isfinite(result.seconds) and result.seconds >= 0:  # the client's own word
-            line["train_seconds"] = round(result.seconds, 6)
+        if math.isfinite(train_seconds) and train_seconds >= 0:  # the client's own word
+            line["train_seconds"] = round(train_seconds, 6)
 
     def losses(self) -> dict[str, float]:
         """The mean training loss of each client whose reply was folded in."""

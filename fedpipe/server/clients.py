@@ -27,6 +27,7 @@ if TYPE_CHECKING:  # the secagg extra
         UnmaskRequest,
         UnmaskShares,
     )
+    from fedpipe.server.cohorts import ClientCohort
 
 __all__ = ["ClientError", "ClientPool", "ClientProxy", "RoundTask", "RunOutcome"]
 
@@ -76,6 +77,11 @@ class ClientProxy(ABC):
     @abstractmethod
     async def stop(self, outcome: RunOutcome) -> None:
         """Tell the client the run is over for it, and how it ended."""
+
+    def cohort(self) -> ClientCohort | None:
+        """The group this client trains a round with (:mod:`fedpipe.server.cohorts`), if its
+        transport has one."""
+        return None
 
     # ---- secure aggregation (fedpipe.server.secure_rounds): one session per round --------------
 

@@ -15,17 +15,20 @@ several devices, client ``i`` trains on device ``i % n`` in that device's worker
 devices work at once; replies come back in task order, which keeps the run bit-identical to a
 one-device run.
 
-Vectorized mode: the clients of a round that share a device slot train in one call of that
-slot's :class:`~fedpipe.common.vectorized.VectorizedTrainer` (``max_clients`` stacked at once),
-on the slot's worker thread (:mod:`fedpipe.server.slot_batches`); replies come back in task
-order too. Evaluation stays client by client.
+Vectorized mode, torch model: the clients of a round that share a device slot train in one
+call of that slot's :class:`~fedpipe.common.vectorized.VectorizedTrainer` (``max_clients``
+stacked at once), on the slot's worker thread (:mod:`fedpipe.server.slot_batches`); replies
+come back in task order too. Vectorized mode, numpy model: the clients form one
+:class:`~fedpipe.server.stacked_cohort.StackedCohort` and a round's clients train stacked,
+answering the round loop as one (:mod:`fedpipe.server.cohorts`). Evaluation stays client by
+client.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Literal, TypeVar
+from typing import TYPE_CHECKING, Literal, TypeAlias, TypeVar
 
 from fedpipe.common.config import ConfigError, DpSgdConfig
 from fedpipe.common.data import Dataset
@@ -56,8 +59,13 @@ if TYPE_CHECKING:
         UnmaskShares,
     )
     from fedpipe.common.vectorized import VectorizedTrainer
+    from fedpipe.server.stacked_cohort import StackedCohort
 
-__all__ = ["InProcessClient", "SharedModels"]
+__all__ = ["InProcessClient", "SharedModels", "TrainingMode"]
+
+#: ``SimulationConfig.mode``: "auto" stacks a numpy model's clients, trains a torch model's
+#: one after another; "vectorized" stacks both kinds.
+TrainingMode: TypeAlias = Literal["auto", "sequential", "vectorized"]
 
 R = TypeVar("R")
 
@@ -89,12 +97,13 @@ class SharedModels:
     def __init__(
         self,
         devices: Sequence[str] = (),
-        mode: Literal["sequential", "vectorized"] = "sequential",
+        mode: TrainingMode = "sequential",
         max_clients: int = 1024,
     ) -> None:
         self.devices, self.mode, self.max_clients = list(devices), mode, max_clients
         self._models: dict[tuple[int, int], Model] = {}
         self._engines: dict[tuple[int, int], VectorizedTrainer] = {}
+        self._cohorts: dict[int, StackedCohort | None] = {}
         #: Worker threads when there are several slots or batches to train (a slot of the
         #: sequential mode trains inline). No device named: one slot, the factory's device.
         self.workers = (
@@ -120,10 +129,22 @@ class SharedModels:
             model = build_model(setup)
             if self.devices:
                 _place(model, self.devices[slot])
-            if self.mode == "vectorized":
-                _torch(model, VECTORIZED_NEEDS)
             self._models[key] = model
         return self._models[key]
+
+    def cohort(self, setup: RunSetup) -> StackedCohort | None:
+        """The cohort of a numpy model's clients (None: a torch model, or the sequential
+        mode), built on first use."""
+        if self.mode == "sequential":
+            return None
+        if id(setup) not in self._cohorts:
+            from fedpipe.server.stacked_cohort import StackedCohort
+
+            model = self.get(setup)
+            self._cohorts[id(setup)] = (
+                None if _is_torch(model) else StackedCohort(model, self.max_clients)
+            )
+        return self._cohorts[id(setup)]
 
     def engine(self, setup: RunSetup, slot: int) -> VectorizedTrainer:
         """The vectorized engine of ``slot``'s model for ``setup``, built on first use."""
@@ -139,6 +160,14 @@ class SharedModels:
         """End the worker threads once their work is done (idempotent)."""
         if self.workers is not None:
             self.workers.close()
+
+
+def _is_torch(model: Model) -> bool:
+    # torch is imported only where it already is: a numpy-only install never imports it
+    import sys
+
+    adapter = sys.modules.get("fedpipe.common.models.torch_adapter")
+    return adapter is not None and isinstance(model, adapter.TorchModel)
 
 
 def _place(model: Model, device: str) -> None:
@@ -209,7 +238,7 @@ class InProcessClient(ClientProxy):
         trainer, data, name = self.trainer, self.train_data, self.name
         weights, aux_vars = self._staged(task)
         dp = task.settings.get("dp")
-        if self._models.mode == "vectorized":
+        if self._models.mode == "vectorized" and _is_torch(trainer.model):
             if dp:
                 raise ClientError(
                     "distributed DP noise is added client by client: mode='sequential'"
@@ -239,6 +268,11 @@ class InProcessClient(ClientProxy):
         reply = submit(task, self.slot, job, engine, weights, workers)
         turns: list[asyncio.Future[None]] = task.cache.setdefault("inprocess/turns", [])
         return await workers.in_turn(turns, reply)
+
+    def cohort(self) -> StackedCohort | None:
+        if self._trainer is None:
+            return None
+        return self._models.cohort(self._trainer.setup)
 
     async def evaluate(self, task: RoundTask) -> EvalResult:
         if self.eval_data is None:

@@ -46,6 +46,7 @@ from fedpipe.server.checkpoint import (
 )
 from fedpipe.server.client_log import ClientLog, RoundClients
 from fedpipe.server.clients import ClientError, ClientPool, ClientProxy, RoundTask, RunOutcome
+from fedpipe.server.cohorts import train_cohort
 from fedpipe.server.history import EarlyStopping, History
 from fedpipe.server.privacy.client_level import (
     BudgetSpent,
@@ -579,7 +580,11 @@ class FederatedRun:
         self, sampled: list[ClientProxy], task: RoundTask, deadline: float, start: float
     ) -> tuple[_Fold, RoundClients]:
         """Send ``task`` to the sampled clients and fold their replies as they arrive; what
-        each client did (``start``: the round's ``perf_counter``) goes in the records."""
+        each client did (``start``: the round's ``perf_counter``) goes in the records.
+        Clients that train together (:mod:`fedpipe.server.cohorts`) answer as one."""
+        together = await train_cohort(self, sampled, task, deadline, start)
+        if together is not None:
+            return together
         on_arrival = None if isinstance(self.aggregator, BufferedAggregator) else self.validation
         buffer_specs = self.buffers.specs() if self.buffers is not None else None
         folded = _Fold(

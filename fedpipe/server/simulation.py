@@ -27,7 +27,7 @@ import tempfile
 import threading
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
@@ -40,7 +40,7 @@ from fedpipe.common.training import ClientData, LocalTrainer, RunSetup
 from fedpipe.common.vector import Vector
 from fedpipe.server.clients import ClientPool
 from fedpipe.server.devices import resolve_devices
-from fedpipe.server.inprocess import InProcessClient, SharedModels
+from fedpipe.server.inprocess import InProcessClient, SharedModels, TrainingMode
 from fedpipe.server.monitoring import Monitoring
 from fedpipe.server.rounds import FederatedRun, RunSummary
 from fedpipe.server.run_dir import fresh_run_dir, prepare_run_dir
@@ -224,29 +224,27 @@ async def run_pool(
             await monitoring.close()
 
 
-def training_mode(sim: SimulationConfig) -> Literal["sequential", "vectorized"]:
+def training_mode(sim: SimulationConfig) -> TrainingMode:
     """``sim.mode``, or sequential when the clients bring their own loaders or train_fn
-    (the vectorized engine stacks fedpipe's arrays and runs fedpipe's loop); logged."""
+    (the vectorized engines stack fedpipe's arrays and run fedpipe's loop) or clip or noise
+    client by client; logged when ``mode = "vectorized"`` was asked for."""
     own = "train_fn" if sim.train_fn else "loaders" if sim.loaders else None
-    if sim.mode == "vectorized" and sim.dp_sgd is not None:
-        log.info("mode='vectorized' falls back to sequential: dp_sgd clips client by client")
-        return "sequential"
     privacy = sim.server.privacy
-    if sim.mode == "vectorized" and privacy is not None and privacy.mode == "distributed":
-        log.info(
-            "mode='vectorized' falls back to sequential: distributed DP noise is added client "
-            "by client"
+    reason = None
+    if sim.dp_sgd is not None:
+        reason = "dp_sgd clips client by client"
+    elif privacy is not None and privacy.mode == "distributed":
+        reason = "distributed DP noise is added client by client"
+    elif own is not None:
+        reason = (
+            f"the clients train with their own {own} {getattr(sim, own)!r}, which cannot be "
+            "stacked across clients"
         )
-        return "sequential"
-    if sim.mode == "vectorized" and own is not None:
-        log.info(
-            "mode='vectorized' falls back to sequential: the clients train with their own "
-            "%s %r, which torch.func cannot stack across clients",
-            own,
-            getattr(sim, own),
-        )
-        return "sequential"
-    return sim.mode
+    if reason is None:
+        return sim.mode
+    if sim.mode == "vectorized":
+        log.info("mode='vectorized' falls back to sequential: %s", reason)
+    return "sequential"
 
 
 def own_data(

@@ -72,7 +72,7 @@ def test_vectorized_mode_falls_back_to_sequential_with_a_train_fn(
     said = [r.getMessage() for r in caplog.records if "falls back" in r.getMessage()]
     assert said == [
         "mode='vectorized' falls back to sequential: the clients train with their own "
-        f"train_fn '{USER}:shift_train', which torch.func cannot stack across clients"
+        f"train_fn '{USER}:shift_train', which cannot be stacked across clients"
     ]
     assert len(calls) == CLIENTS * ROUNDS
     sequential = run(tmp_path, "sequential", **OWN)

@@ -14,7 +14,6 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from fedpipe.common.config import ConfigError  # noqa: E402
 from fedpipe.common.data import Dataset  # noqa: E402
 from fedpipe.common.vectorized import ClientJob, VectorizedTrainer  # noqa: E402
 from fedpipe.server import simulation  # noqa: E402
@@ -135,15 +134,6 @@ def test_a_failing_client_fails_alone(
     )
     assert retried[0].endswith("they train one after another")
     assert_same_run(vectorized, run(tmp_path, "sequential"))
-
-
-def test_a_numpy_model_refuses_the_vectorized_mode(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError) as raised:
-        run(tmp_path, "vectorized", None, model={"name": "softmax-regression"})
-    assert str(raised.value) == (
-        "mode='vectorized' trains a torch model with torch.func, but model "
-        "'softmax-regression' is a numpy model; use mode='sequential'"
-    )
 
 
 def test_the_readme_documents_the_vectorized_mode() -> None:

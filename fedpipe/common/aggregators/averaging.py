@@ -4,7 +4,10 @@ summation."""
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
+
+import numpy as np
 
 from fedpipe.common.aggregators.base import Aggregator, InvalidPartialError
 from fedpipe.common.aggregators.weighting import ClientWeighting, Weighting
@@ -78,6 +81,26 @@ class AveragingAggregator(Aggregator):
         partial.fields["total_weight"] = counted
         return partial
 
+    @property
+    def stacks(self) -> bool:
+        return self.max_norm is None  # a norm bound scales each update by its own norm
+
+    def admit_stacked(
+        self, updates: Mapping[str, Any], n_samples: Sequence[int], into: Summable | None = None
+    ) -> Summable:
+        """The weighted sum over the client axis."""
+        weights = [self.weights.weight(n) for n in n_samples]
+        total_weight = 0.0 if into is None else into.number("total_weight")
+        for weight in weights:  # in client order, as the one-by-one fold adds them
+            total_weight += weight
+        summed = {}
+        for name, stacked in updates.items():
+            column = np.array(weights, dtype=stacked.dtype).reshape(-1, *[1] * (stacked.ndim - 1))
+            summed[name] = _fold_rows(
+                np.multiply(stacked, column, out=stacked), into, "weighted_sum", name
+            )
+        return Summable({"weighted_sum": Vector(summed), "total_weight": total_weight})
+
     def finalize(self, total: Summable) -> Vector:
         weight = total.number("total_weight")
         if weight <= 0:
@@ -95,5 +118,24 @@ class SumAggregator(Aggregator):
     def prepare(self, updates: Vector, n_samples: int, n_steps: int) -> Summable:
         return Summable({"sum": updates})
 
+    @property
+    def stacks(self) -> bool:
+        return True
+
+    def admit_stacked(
+        self, updates: Mapping[str, Any], n_samples: Sequence[int], into: Summable | None = None
+    ) -> Summable:
+        """The sum over the client axis."""
+        return Summable(
+            {"sum": Vector({n: _fold_rows(u, into, "sum", n) for n, u in updates.items()})}
+        )
+
     def finalize(self, total: Summable) -> Vector:
         return total.vector("sum")
+
+
+def _fold_rows(rows: Any, into: Summable | None, field: str, name: str) -> Any:
+    """``into``'s array plus every row, added in row order (``rows`` is reused)."""
+    if into is not None:
+        rows[0] = into.vector(field).coefs[name] + rows[0]  # a + b == b + a, bit for bit
+    return np.add.reduce(rows, axis=0)

@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import math
 from abc import abstractmethod
-from collections.abc import Iterable, Mapping
-from typing import ClassVar
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, ClassVar
 
 from fedpipe.common.registry import Registrable, declare_family
 from fedpipe.common.summable import Summable
@@ -73,6 +73,22 @@ class Aggregator(Registrable):
         """Server side: the round's accumulator, holding its first valid partial; later
         partials go in with its ``add_``. Streaming: the first partial is the running sum."""
         return first
+
+    @property
+    def stacks(self) -> bool:
+        """Whether :meth:`admit_stacked` folds K clients at once (else a stacked simulation's
+        round folds client by client)."""
+        return False
+
+    def admit_stacked(
+        self, updates: Mapping[str, Any], n_samples: Sequence[int], into: Summable | None = None
+    ) -> Summable:
+        """Server side, K clients at once (a stacked simulation): the admitted partials of
+        the updates ``updates[name][k]`` of clients with ``n_samples[k]`` samples, added up in
+        client order onto ``into`` (the sum of earlier clients, reused) if given: what
+        :meth:`prepare`, :meth:`admit` and ``add_`` give one by one, with the same bits.
+        ``updates`` belongs to the aggregator."""
+        raise NotImplementedError(f"aggregator {self.name!r} has no stacked form")
 
     @abstractmethod
     def finalize(self, total: Summable) -> Vector:

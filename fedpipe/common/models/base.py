@@ -11,6 +11,7 @@ pre-activations ``z``, they compute the mean loss, its gradient w.r.t. ``z`` and
 from __future__ import annotations
 
 from abc import abstractmethod
+from collections.abc import Mapping
 from typing import ClassVar, Literal, SupportsFloat
 
 import numpy as np
@@ -126,6 +127,27 @@ class Model(Registrable):
             return Vector(stacked), 0.0
         stacked = {n: np.stack([g.coefs[n] for g, _ in rows]) for n in self.weight_specs()}
         return Vector(stacked), float(np.mean([float(loss) for _, loss in rows]))
+
+    def compute_stacked_gradients(
+        self, weights: Mapping[str, np.ndarray], x: np.ndarray, y: np.ndarray
+    ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """K clients' batch gradients at once, for the stacked simulation
+        (:mod:`fedpipe.common.stacked`): ``weights[name][k]``, ``x[k]`` and ``y[k]`` are
+        client ``k``'s weights and batch (every client the same batch size); returns each
+        client's gradients (a leading client axis) and mean loss (float64, ``(K,)``), as
+        :meth:`compute_batch_gradients` on each slice would. A model opts in by overriding
+        this; by default it has no stacked form (its clients train one after another)."""
+        raise NotImplementedError(f"model {self.name!r} computes no stacked gradients")
+
+    def _stacked_inputs(self, x: np.ndarray, n_features: int) -> np.ndarray:
+        """``x`` as a 3-D ``(K, n, n_features)`` array of the model's dtype."""
+        x = np.asarray(x)
+        if x.ndim != 3 or x.shape[2] != n_features:
+            raise ValueError(
+                f"model {self.name!r} expects stacked inputs of shape (K, n, {n_features}), "
+                f"got {x.shape}"
+            )
+        return x.astype(self.dtype, copy=False)
 
     @abstractmethod
     def predict(self, x: np.ndarray) -> np.ndarray:

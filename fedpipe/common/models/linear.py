@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import numpy as np
@@ -12,6 +13,7 @@ from fedpipe.common.models.base import (
     head_loss_and_gradient,
     head_predict,
 )
+from fedpipe.common.models.stacked_head import stacked_head_loss_and_gradient
 from fedpipe.common.vector import Vector
 
 __all__ = ["LinearRegression", "LogisticRegression", "SoftmaxRegression"]
@@ -69,6 +71,24 @@ class _AffineModel(Model):
             "bias": np.add.reduce(dz, axis=0).reshape(bias.shape).astype(bias.dtype, copy=False),
         }
         return Vector.of_numpy(grads), loss
+
+    def compute_stacked_gradients(
+        self, weights: Mapping[str, np.ndarray], x: np.ndarray, y: np.ndarray
+    ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """K clients at once (see :meth:`Model.compute_stacked_gradients`): batched matmuls,
+        bit-equal to :meth:`compute_batch_gradients` client by client."""
+        x = self._stacked_inputs(x, self.n_features)
+        kernel, bias = weights["kernel"], weights["bias"]
+        one = kernel.ndim == 2  # one output (logistic regression): kernel (K, d)
+        z = (x @ kernel[:, :, None])[..., 0] if one else x @ kernel
+        z += bias if one else bias[:, None, :]
+        losses, dz = stacked_head_loss_and_gradient(self.task, z, y)
+        x_t = np.swapaxes(x, 1, 2)
+        grads = {
+            "kernel": (x_t @ dz[..., None])[..., 0] if one else x_t @ dz,
+            "bias": np.add.reduce(dz, axis=1).reshape(bias.shape),
+        }
+        return {k: g.astype(self.dtype, copy=False) for k, g in grads.items()}, losses
 
     def compute_sample_gradients(self, x: np.ndarray, y: np.ndarray) -> tuple[Vector, float]:
         """Per-sample gradients in closed form: sample ``i``'s kernel gradient is ``x_i``

@@ -1,0 +1,116 @@
+"""The stacked mode of the in-process simulation: numpy clients trained as one cohort.
+
+With ``mode = "vectorized"`` and a numpy model, the simulated clients share one
+:class:`StackedCohort`: the round loop hands it a round's sampled clients
+(:mod:`fedpipe.server.cohorts`), it trains them all at once with a
+:class:`~fedpipe.common.stacked.StackedTrainer` on a worker thread (the event loop stays
+free for the round deadline) and adds their admitted partials up over the client axis.
+A client whose update or loss is not finite is left out with the reason the one-by-one fold
+gives. When the round cannot train stacked (:func:`~fedpipe.common.stacked.stacked_unfit`)
+or the engine raises, it declines and the clients train one after another, unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+
+from fedpipe.common.aggregators import Aggregator
+from fedpipe.common.client_job import ClientJob
+from fedpipe.common.data import Dataset
+from fedpipe.common.models import Model
+from fedpipe.common.stacked import StackedTrainer, StackedUpdates, stacked_unfit
+from fedpipe.server.clients import ClientProxy, RoundTask
+from fedpipe.server.cohorts import ClientCohort, CohortReply
+
+__all__ = ["StackedCohort"]
+
+log = logging.getLogger(__name__)
+
+NOT_FINITE = "rejected reply: field 'weighted_sum' holds NaN or infinite values"
+
+
+class StackedCohort(ClientCohort):
+    """The in-process clients of one run setup, on one numpy model."""
+
+    def __init__(self, model: Model, max_clients: int = 1024) -> None:
+        super().__init__()
+        self.engine = StackedTrainer(model, max_clients)
+
+    async def train_together(
+        self, clients: Sequence[ClientProxy], task: RoundTask, aggregator: Aggregator
+    ) -> CohortReply | None:
+        jobs = [_job(client) for client in clients]
+        reason = _unfit(self.engine.model, jobs, task)
+        if reason is not None:
+            self.decline(reason)
+            return None
+        steps = [job.trainer.optimizer.step for job in jobs]
+        try:
+            return await asyncio.to_thread(self._train, jobs, task, aggregator)
+        except Exception as exc:  # one client's bad data: each trains alone, and fails alone
+            for job, step in zip(jobs, steps, strict=True):
+                job.trainer.optimizer.step = step
+            log.warning(
+                "round %d: stacked training of %d client(s) failed (%s: %s); they train one "
+                "after another",
+                task.round_number,
+                len(jobs),
+                type(exc).__name__,
+                exc,
+            )
+            return None
+
+    def _train(self, jobs: list[ClientJob], task: RoundTask, aggregator: Aggregator) -> CohortReply:
+        """On a worker thread: every chunk trained, its finite rows added to the sum."""
+        none, empty = np.zeros(0, np.int64), np.zeros(0)
+        reply = CohortReply(None, [], none, none, empty, none, 0.0)
+        begin = 0
+        for done in self.engine.train(jobs, task.weights, task.round_number):
+            chunk = jobs[begin : begin + len(done.n_samples)]
+            begin += len(chunk)
+            _add_chunk(reply, chunk, done, aggregator)
+        return reply
+
+
+def _job(client: ClientProxy) -> ClientJob:
+    from fedpipe.server.inprocess import InProcessClient
+
+    assert isinstance(client, InProcessClient)  # the only members of a StackedCohort
+    return ClientJob(client.name, client.trainer, client.train_data)  # type: ignore[arg-type]
+
+
+def _unfit(model: Model, jobs: list[ClientJob], task: RoundTask) -> str | None:
+    if task.settings.get("dp"):
+        return "distributed DP noise is added client by client"
+    if not all(isinstance(job.data, Dataset) for job in jobs):
+        return "the clients train on their own loaders"
+    return stacked_unfit(model, jobs[0])
+
+
+def _add_chunk(
+    reply: CohortReply, jobs: list[ClientJob], done: StackedUpdates, aggregator: Aggregator
+) -> None:
+    """Add the chunk's clients whose update and loss are finite to ``reply``; name the
+    others in its failures."""
+    finite = np.isfinite(done.loss_sum)
+    for stacked in done.updates.values():
+        finite &= np.isfinite(stacked.reshape(len(jobs), -1)).all(axis=1)
+    updates, rows = done.updates, np.arange(len(jobs))
+    if not finite.all():
+        reply.failures.update(
+            (job.name, NOT_FINITE) for job, ok in zip(jobs, finite, strict=True) if not ok
+        )
+        rows = np.flatnonzero(finite)
+        updates = {name: stacked[rows] for name, stacked in updates.items()}
+    if len(rows):
+        reply.total = aggregator.admit_stacked(updates, done.n_samples[rows].tolist(), reply.total)
+    reply.names += [jobs[k].name for k in rows.tolist()]
+    reply.n_samples = np.concatenate([reply.n_samples, done.n_samples[rows]])
+    reply.n_steps = np.concatenate([reply.n_steps, done.n_steps[rows]])
+    reply.loss_sum = np.concatenate([reply.loss_sum, done.loss_sum[rows]])
+    reply.n_samples_seen = np.concatenate([reply.n_samples_seen, done.n_samples_seen[rows]])
+    reply.seconds = done.seconds
