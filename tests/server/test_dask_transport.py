@@ -89,7 +89,7 @@ def killing(
     """10 clients, 5 per worker, 1 step each: a worker's 8th step is its 3rd client of round
     2, and that step SIGKILLs the first worker to take it."""
     with distributed.Client(cluster.scheduler_address) as client:
-        client.wait_for_workers(2, timeout=60)  # a worker an earlier kill took is back
+        client.wait_for_workers(2, timeout=180)  # a worker an earlier kill took is back
     model = {
         "name": "tests.dask_models:DyingSoftmax",
         "config": {
