@@ -6,7 +6,7 @@ and with 30 % of the clients dropping before sending masked input (their pairwis
 reconstructed and removed, the costliest recovery), prints the seconds of each stage summed
 over clients (in a deployment the clients run in parallel: the per-client figure is the
 client's latency) and the server's, and the bytes each client sends. Floors: a plain float32
-sum of the n updates (a FedAvg round's aggregation), and the ChaCha20 keystream of one mask.
+sum of the n updates (a FedAvg round's aggregation), and the AES-256-CTR keystream of one mask.
 
 Usage: ``python benchmarks/secagg.py [--clients 50] [--params 100_000] [--threshold 0]``
 (``--threshold 0``: a majority of each client's holders).
