@@ -46,3 +46,12 @@ def test_add_masks_adds_and_subtracts_each_mask_over_the_arrays_in_name_order() 
 def test_a_seed_of_the_wrong_length_is_refused() -> None:
     with pytest.raises(ValueError, match="seed: 16 bytes, expected 32"):
         expand_mask(bytes(16), 4, np.dtype(np.uint32))
+
+
+def test_a_mask_longer_than_one_chunk_continues_the_counter() -> None:
+    words = 300_000  # 1.2 MB: the keystream is written in 1 MiB chunks
+    blocks = b"".join(i.to_bytes(16, "big") for i in range(words * 4 // 16))
+    encryptor = Cipher(algorithms.AES(SEEDS[2]), modes.ECB()).encryptor()
+    expected = np.frombuffer(encryptor.update(blocks), dtype=np.uint32)
+    assert np.array_equal(expand_mask(SEEDS[2], words, np.dtype(np.uint32)), expected)
+    assert expand_mask(SEEDS[2], 0, np.dtype(np.uint32)).size == 0

@@ -23,21 +23,30 @@ __all__ = ["add_masks", "expand_mask"]
 #: safe; the 128-bit counter never wraps within one mask.
 _COUNTER = bytes(16)
 
+#: The keystream is written in chunks of this many bytes: the zero source stays small.
+_CHUNK_BYTES = 1 << 20
 
-def _keystream_into(seed: bytes, out: np.ndarray) -> None:
-    """Overwrite ``out`` (a contiguous array) with the keystream of ``seed``."""
+
+def _keystream_into(seed: bytes, out: np.ndarray, zeros: bytes) -> None:
+    """Overwrite ``out`` (a contiguous array) with the keystream of ``seed``, encrypting
+    ``zeros`` (zero bytes, a multiple of the 16-byte block) chunk after chunk."""
     if len(seed) != KEY_BYTES:
         raise ValueError(f"seed: {len(seed)} bytes, expected {KEY_BYTES}")
-    out.fill(0)
-    buffer = out.data.cast("B")
     encryptor = Cipher(algorithms.AES(seed), modes.CTR(_COUNTER)).encryptor()
-    encryptor.update_into(buffer, buffer)  # the keystream XOR zeros, in place
+    view, source = out.data.cast("B"), memoryview(zeros)
+    for start in range(0, len(view), len(source)):
+        part = view[start : start + len(source)]
+        encryptor.update_into(source[: len(part)], part)
+
+
+def _zeros(nbytes: int) -> bytes:
+    return bytes(min(nbytes, _CHUNK_BYTES) or 16)
 
 
 def expand_mask(seed: bytes, size: int, dtype: np.dtype) -> np.ndarray:
     """``size`` uniformly random words of the unsigned ``dtype`` from ``seed``."""
     out = np.empty(size, dtype=dtype)
-    _keystream_into(seed, out)
+    _keystream_into(seed, out, _zeros(out.nbytes))
     return out
 
 
@@ -52,10 +61,11 @@ def add_masks(target: Vector, added: Iterable[bytes], subtracted: Iterable[bytes
     """
     names = sorted(target.coefs)
     dtype = target.coefs[names[0]].dtype if names else np.dtype(np.uint32)
-    scratch = np.empty(target.size, dtype=dtype)  # the only model-sized buffer added
+    scratch = np.empty(target.size, dtype=dtype)
+    zeros = _zeros(scratch.nbytes)  # a read-only source: cheaper than zeroing scratch per mask
     for seeds, fold in ((added, np.add), (subtracted, np.subtract)):
         for seed in seeds:
-            _keystream_into(seed, scratch)
+            _keystream_into(seed, scratch, zeros)
             start = 0
             for name in names:
                 array = target.coefs[name]
