@@ -53,7 +53,9 @@ __all__ = [
     "weights_from",
 ]
 
-PROTOCOL_VERSION = 1
+#: 2: secure aggregation's masks are AES-256-CTR keystreams (1: ChaCha20), so a client and
+#: a server of different versions would disagree on every mask.
+PROTOCOL_VERSION = 2
 SESSION_METHOD = "/fedpipe.v1.Federation/Session"
 #: Largest non-chunk message accepted (headers, settings): well below gRPC's limit.
 MAX_CONTROL_BYTES = 64 << 20

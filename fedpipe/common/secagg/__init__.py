@@ -4,7 +4,7 @@ Aggregation for Privacy-Preserving Machine Learning") and its sparse-graph varia
 
 Transport-free state machines (:class:`SecAggClient`, :class:`SecAggServer`) exchanging the
 records of :mod:`~fedpipe.common.secagg.messages`; cryptography comes from the ``cryptography``
-package (``pip install 'fedpipe[secagg]'``): X25519, HKDF-SHA256, ChaCha20 as the mask PRG,
+package (``pip install 'fedpipe[secagg]'``): X25519, HKDF-SHA256, AES-256-CTR as the mask PRG,
 ChaCha20-Poly1305 for the shares. Shamir sharing is in :mod:`~fedpipe.common.secagg.shamir`.
 
 What is guaranteed, against whom: an honest-but-curious server, even colluding with up to

@@ -41,7 +41,7 @@ from fedpipe.common.secagg.messages import (
     commit_share,
     pair_label,
 )
-from fedpipe.common.secagg.prg import add_mask
+from fedpipe.common.secagg.prg import add_masks
 from fedpipe.common.vector import Vector
 
 __all__ = ["SecAggClient", "pairwise_seed"]
@@ -81,6 +81,8 @@ class SecAggClient:
         self._stage = _Stage.ADVERTISE
         self._roster: Roster | None = None
         self._received: dict[str, bytes] = {}
+        #: X25519 secrets with each peer's cipher key: agreed once, for sharing and unmasking.
+        self._cipher_secrets: dict[str, bytes] = {}
 
     def advertise(self) -> AdvertiseKeys:
         """Stage 0: the public keys."""
@@ -94,14 +96,11 @@ class SecAggClient:
         self._roster = roster
         holders = roster.holders(self.name)
         xs = [roster.index(h) for h in holders]
-        seed_shares = shamir.split(_to_int(self._self_seed), xs, roster.threshold, self._entropy)
-        key_shares = shamir.split(
-            _to_int(_raw(self._mask_key)), xs, roster.threshold, self._entropy
-        )
+        secrets = (_to_int(self._self_seed), _to_int(_raw(self._mask_key)))
+        shares = shamir.split(secrets, xs, roster.threshold, self._entropy)
         ciphertexts, commitments = {}, {}
         for holder, x in zip(holders, xs, strict=True):
-            seed_share = shamir.share_to_bytes(seed_shares[x])
-            key_share = shamir.share_to_bytes(key_shares[x])
+            seed_share, key_share = map(shamir.share_to_bytes, shares[x])
             label = pair_label(b"shares", self.name, holder)
             key = self._cipher_seed(holder, label)
             ciphertexts[holder] = encrypt_shares(key, seed_share + key_share, label)
@@ -131,12 +130,14 @@ class SecAggClient:
             )
         self._received = dict(shares.ciphertexts)
         masked = roster.encoding.encode(update, weight)
-        add_mask(masked, self._self_seed)
-        own = self._mask_key
-        for other in self._received:
-            if other != self.name:
-                seed = pairwise_seed(roster, own, self.name, other)
-                add_mask(masked, seed, subtract=roster.index(self.name) > roster.index(other))
+        mine, own = roster.index(self.name), self._mask_key
+        peers = [o for o in self._received if o != self.name]
+        # The lower-indexed client of a pair adds their mask, the other subtracts it.
+        added = (pairwise_seed(roster, own, self.name, o) for o in peers if roster.index(o) > mine)
+        subtracted = (
+            pairwise_seed(roster, own, self.name, o) for o in peers if roster.index(o) < mine
+        )
+        add_masks(masked, [self._self_seed, *added], subtracted)
         return MaskedInput(self.name, masked)
 
     def unmask(self, request: UnmaskRequest) -> UnmaskShares:
@@ -192,7 +193,10 @@ class SecAggClient:
 
     def _cipher_seed(self, peer: str, label: bytes) -> bytes:
         roster = self._require_roster()
-        secret = shared_secret(self._cipher_key, roster.cipher_keys[peer])
+        secret = self._cipher_secrets.get(peer)
+        if secret is None:
+            secret = shared_secret(self._cipher_key, roster.cipher_keys[peer])
+            self._cipher_secrets[peer] = secret
         return derive_seed(secret, roster.session, label)
 
     def _require_roster(self) -> Roster:

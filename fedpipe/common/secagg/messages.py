@@ -12,6 +12,7 @@ They hold bytes, strings and numpy arrays only: a transport encodes them without
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -62,7 +63,14 @@ class Roster:
 
     def index(self, client: str) -> int:
         """``client``'s Shamir x-coordinate."""
-        return self.clients.index(client) + 1
+        position = self._positions.get(client)
+        if position is None:
+            raise ValueError(f"client {client!r} is not in the roster {list(self.clients)}")
+        return position + 1
+
+    @functools.cached_property
+    def _positions(self) -> dict[str, int]:
+        return {c: i for i, c in enumerate(self.clients)}
 
     def holders(self, client: str) -> tuple[str, ...]:
         """Who holds shares of ``client``'s secrets: itself and its neighbours."""

@@ -33,7 +33,7 @@ from fedpipe.common.secagg.messages import (
     UnmaskShares,
     commit_share,
 )
-from fedpipe.common.secagg.prg import add_mask
+from fedpipe.common.secagg.prg import add_masks
 from fedpipe.common.secagg.quantization import FixedPoint
 from fedpipe.common.vector import Vector
 
@@ -223,15 +223,7 @@ class SecAggServer:
         if self._sum is None:
             raise SecureAggregationError("no masked input was received")
         total = self._sum
-        for owner in request.survivors:
-            seed = self._reconstruct(owner, SELF_MASK)
-            add_mask(total, seed.to_bytes(KEY_BYTES, "big"), subtract=True)
-        for owner in request.dropped:
-            key = self._reconstruct_mask_key(owner)
-            for peer in roster.neighbours[owner]:
-                if peer in request.survivors:
-                    subtract = roster.index(peer) < roster.index(owner)
-                    add_mask(total, pairwise_seed(roster, key, owner, peer), subtract=subtract)
+        add_masks(total, *self._masks_to_remove(roster, request))
         modulus_mask = (1 << roster.encoding.bits) - 1
         total = total.apply(lambda a: a & a.dtype.type(modulus_mask))
         self._stage = _Stage.DONE
@@ -245,6 +237,26 @@ class SecAggServer:
         )
 
     # ---- helpers -----------------------------------------------------------------------------
+
+    def _masks_to_remove(
+        self, roster: Roster, request: UnmaskRequest
+    ) -> tuple[list[bytes], list[bytes]]:
+        """The seeds of the masks to add to, and to subtract from, the sum: each survivor's
+        self mask goes, and so does every pairwise mask a dropped client shared with a survivor
+        (which added it if it came first in the roster, else subtracted it)."""
+        survivors, added = set(request.survivors), list[bytes]()
+        subtracted = [
+            self._reconstruct(owner, SELF_MASK).to_bytes(KEY_BYTES, "big")
+            for owner in request.survivors
+        ]
+        for owner in request.dropped:
+            key = self._reconstruct_mask_key(owner)
+            for peer in roster.neighbours[owner]:
+                if peer in survivors:
+                    seed = pairwise_seed(roster, key, owner, peer)
+                    first = roster.index(peer) < roster.index(owner)
+                    (subtracted if first else added).append(seed)
+        return added, subtracted
 
     def _check_revealed(self, message: UnmaskShares) -> str:
         roster, request = self._require_roster(), self._require_request()
