@@ -822,6 +822,14 @@ def _write_text_atomic(path: Path, text: str) -> None:
 class _Fold:
     """The running sum of one round's train replies (partials and aux vars).
 
+    A streaming aggregator's replies over gRPC come with their update on disk
+    (``TrainResult.spilled``, received there chunk by chunk and checked finite on the way):
+    each is checked, admitted (``admit_spilled``: one factor; a norm bound or the outlier hook
+    read the file once for the norm) and folded chunk by chunk into the one running sum, which
+    starts at ``-0.0`` so that the first reply lands in it exactly. Nothing of a reply is
+    folded before it is complete and accepted: a reply cut off, late or rejected leaves the
+    sum as it was (a float sum cannot give a term back). Other replies arrive whole.
+
     Replies are added in arrival order. With two replies the sum does not depend on it
     (float addition commutes); with three or more, two runs whose replies arrive in other
     orders may round differently: a round replayed after a resume may then differ from the
