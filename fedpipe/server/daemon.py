@@ -21,7 +21,6 @@ from fedpipe.common.wire import channel_options
 from fedpipe.server.admission import server_options
 from fedpipe.server.clients import ClientPool
 from fedpipe.server.grpc_transport import FederationServicer
-from fedpipe.server.large_buffers import return_large_buffers
 from fedpipe.server.monitoring import Monitoring
 from fedpipe.server.receive_budget import ReceiveBudget
 from fedpipe.server.rounds import FederatedRun, RunSummary
@@ -49,7 +48,6 @@ async def serve(
     or ``overwrite`` (replace it) is set.
     """
     import_plugins(config.plugins)  # the server owner's modules, before any name is built
-    return_large_buffers()  # received chunk frames must not pile up in the heap
     pool = ClientPool()
     stop_event = asyncio.Event()
     # Build the run first: a bad model or optimizer config, or a run directory in use,
