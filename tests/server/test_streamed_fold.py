@@ -12,6 +12,7 @@ import pytest
 from fedpipe.common.aggregators import Aggregator
 from fedpipe.common.aggregators.averaging import AveragingAggregator, SumAggregator
 from fedpipe.common.aggregators.gradient_masked import GradientMaskedAveraging
+from fedpipe.common.config import ValidationConfig
 from fedpipe.common.optim import Optimizer
 from fedpipe.common.payload import PayloadAssembler, encode_payload
 from fedpipe.common.summable import Summable
@@ -19,6 +20,7 @@ from fedpipe.common.training import TrainResult
 from fedpipe.common.vector import Vector
 from fedpipe.server.clients import ClientError
 from fedpipe.server.rounds import _Fold
+from fedpipe.server.update_validation import UpdateValidation
 
 SPECS = {"w": ((37, 5), "float32"), "b": ((5,), "float32")}
 
@@ -37,15 +39,17 @@ def update(seed: int, dtype: str = "float32") -> Vector:
 
 def reply(aggregator: Aggregator, seed: int, samples: int, spilled: bool) -> TrainResult:
     partial = aggregator.prepare(update(seed), samples, 1)
-    if not spilled:
-        return TrainResult(partial, {}, samples, 1, 1.0)
-    # 1001-byte chunks: floats cut in two across chunk boundaries
-    payload = encode_payload({"partial": dict(partial.fields), "aux_vars": {}}, 1001)
+    return spill(partial, samples) if spilled else TrainResult(partial, {}, samples, 1, 1.0)
+
+
+def spill(partial: Summable, samples: int = 4, chunk_bytes: int = 1001) -> TrainResult:
+    """``partial`` as the server receives it, its Vectors on disk (1001-byte chunks by
+    default: floats cut in two across chunk boundaries)."""
+    payload = encode_payload({"partial": dict(partial.fields), "aux_vars": {}}, chunk_bytes)
     assembler = PayloadAssembler(payload.header, max_bytes=1 << 20, spill="partial")
     for tensor, offset, data in payload.chunks():
         assembler.add_chunk(tensor, offset, data)
-    state = assembler.finish()
-    numbers: Any = state["partial"]
+    numbers: Any = assembler.finish()["partial"]
     return TrainResult(Summable(numbers), {}, samples, 1, 1.0, spilled=assembler.spilled)
 
 
@@ -100,12 +104,7 @@ def test_a_non_finite_reply_is_rejected_alone_and_the_sum_is_the_others() -> Non
     aggregator = AveragingAggregator()
     bad = aggregator.prepare(update(5), 4, 1)
     bad.vector("weighted_sum").coefs["w"][20, 3] = np.nan  # in the reply's third chunk
-    payload = encode_payload({"partial": dict(bad.fields), "aux_vars": {}}, 256)
-    assembler = PayloadAssembler(payload.header, max_bytes=1 << 20, spill="partial")
-    for tensor, offset, data in payload.chunks():
-        assembler.add_chunk(tensor, offset, data)
-    numbers: Any = assembler.finish()["partial"]
-    poisoned = TrainResult(Summable(numbers), {}, 4, 1, 1.0, spilled=assembler.spilled)
+    poisoned = spill(bad, chunk_bytes=256)
 
     good = [reply(aggregator, 1, 3, True), reply(aggregator, 2, 11, True)]
     folded, rejected = fold(aggregator, [good[0], poisoned, good[1]])
@@ -124,15 +123,36 @@ def test_the_first_reply_is_kept_exactly_even_its_negative_zeros() -> None:
     aggregator = SumAggregator()
     zeros = Vector({n: np.full(shape, -0.0, np.float32) for n, (shape, _) in SPECS.items()})
     zeros.coefs["b"][1] = 0.0
-    partial = aggregator.prepare(zeros, 1, 1)
-    payload = encode_payload({"partial": dict(partial.fields), "aux_vars": {}}, 64)
-    assembler = PayloadAssembler(payload.header, max_bytes=1 << 20, spill="partial")
-    for tensor, offset, data in payload.chunks():
-        assembler.add_chunk(tensor, offset, data)
-    assembler.finish()
-    result = TrainResult(Summable({}), {}, 1, 1, 0.0, spilled=assembler.spilled)
+    result = spill(aggregator.prepare(zeros, 1, 1), 1, chunk_bytes=64)
     folded, rejected = fold(aggregator, [result])
     assert not rejected and folded.total is not None
     total = folded.total.vector("sum")
     assert np.signbit(total.coefs["w"]).all()
     assert list(np.signbit(total.coefs["b"])) == [True, False, True, True, True]
+
+
+def test_the_outlier_hook_judges_a_spilled_reply_by_its_norm_from_disk() -> None:
+    aggregator = AveragingAggregator()
+    config = ValidationConfig(max_norm_ratio=2.0, action="downweight", min_norms=2)
+
+    def total(spilled: bool) -> Vector:
+        replies = [reply(aggregator, s, 4, spilled) for s in (1, 2)]
+        outlier = aggregator.prepare(update(3) * 50.0, 4, 1)
+        replies.append(spill(outlier) if spilled else TrainResult(outlier, {}, 4, 1, 1.0))
+        folded = _Fold(
+            aggregator,
+            Optimizer(lrate=1.0),
+            update(0).specs(),
+            validation=UpdateValidation(config),
+        )
+        for i, result in enumerate(replies):
+            asyncio.run(folded.add(Named(f"c{i}"), result))  # type: ignore[arg-type]
+        assert folded.count == 3 and folded.total is not None
+        return aggregator.finalize(folded.total)
+
+    from_disk, in_memory = total(True), total(False)
+    # scaled down to twice the median norm: far from the 50x update, equal up to the norm's
+    # rounding (summed per chunk from disk, per array in memory)
+    assert from_disk.norm() < 2.0 * update(1).norm()
+    for name in SPECS:
+        np.testing.assert_allclose(from_disk.coefs[name], in_memory.coefs[name], rtol=1e-6)
