@@ -23,7 +23,6 @@ __all__ = [
     "ReplyLimits",
     "check_reply_header",
     "eval_reply_limits",
-    "spilled_bytes",
     "train_reply_limits",
 ]
 
@@ -108,19 +107,6 @@ def check_reply_header(header: Any, limits: ReplyLimits) -> None:
             problem = describe_spec_mismatch(specs, limits.vector_specs)
             if problem:
                 raise RejectedReply(f"Vector at {path} does not have the model's specs: {problem}")
-
-
-def spilled_bytes(header: Any, spill: str) -> int:
-    """Bytes of the Vectors right under the top-level map ``spill`` of a header that passed
-    :func:`check_reply_header`: what a receiver spilling that map to disk never holds in
-    memory (``PayloadAssembler(spill=...)``)."""
-    prefix = f"payload.{spill}."
-    return sum(
-        spec_from_wire(header.tensors[i], f"tensor {i}").nbytes
-        for path, indices in _vector_refs(header)
-        if path.startswith(prefix) and "." not in path[len(prefix) :]
-        for i in indices
-    )
 
 
 def _vector_refs(header: Any) -> list[tuple[str, list[int]]]:

@@ -25,7 +25,6 @@ from fedpipe.common.reply_limits import (
     ReplyLimits,
     check_reply_header,
     eval_reply_limits,
-    spilled_bytes,
     train_reply_limits,
 )
 from fedpipe.common.training import EvalResult, RunSetup, TrainResult
@@ -732,13 +731,8 @@ class FederationServicer:
         nbytes = announced_bytes(message)
         if not nbytes:
             return None
+        await self.budget.acquire(proxy, nbytes)
         cfg = self.config
-        held = nbytes
-        spill = proxy.spills(message)
-        if spill is not None:  # the update goes to disk: in memory, the rest and one chunk
-            on_disk = spilled_bytes(message.reply.payload, spill)
-            held = min(nbytes, nbytes - on_disk + cfg.chunk_bytes)
-        await self.budget.acquire(proxy, held)
         rate = cfg.min_transfer_rate_kib * 1024
         return TransferFloor(nbytes, rate, cfg.transfer_grace, cfg.chunk_bytes, due=due)
 

@@ -1,8 +1,7 @@
 """How many bytes of reply payloads the server assembles at once, across all sessions.
 
-Replies kept in memory are assembled whole (a streaming round's train replies stage their
-update on disk instead); without a bound, N clients answering at the same moment would need
-N model-sized buffers. A reply waits for its share
+Replies are assembled whole before they join the running sum; without a bound, N clients
+answering at the same moment would need N model-sized buffers. A reply waits for its share
 of the budget before anything is allocated, and its sender waits with it (gRPC flow control
 holds the rest of its stream).
 
@@ -13,9 +12,7 @@ Each peer's share is capped, so that one admitted client cannot starve the other
   evaluation reply: the metric states' size) before it asks for budget; a late or refused
   reply is skipped without a reservation.
 * **One reply's worth per peer.** A peer holds at most one reservation, from the header of
-  its reply until the round loop has folded it; the reservation is that reply's checked size,
-  less the update a streaming round stages on disk (plus one chunk, the most of it in
-  memory at once).
+  its reply until the round loop has folded it; the reservation is that reply's checked size.
 * **Never the whole budget when others wait, unless it is earned.** With a budget of about
   one model (the default for models of 256 MiB and more), one reply takes all of it and the
   others wait behind it, in arrival order. The holder keeps it only

@@ -184,17 +184,9 @@ async def test_a_reply_too_slow_for_its_round_does_not_keep_the_others_waiting(
     tmp_path: Path, client_data: list[Path], procs: list[subprocess.Popen[str]]
 ) -> None:
     # The crawler answers first and keeps the floor: only its pace against the round's end
-    # (13 s for 8 s) gives the budget back while the honest replies wait. A buffered
-    # aggregator keeps replies in memory, so each reserves its whole size (a streaming one
-    # stages the update on disk and reserves one chunk: the honest replies would not wait).
+    # (13 s for 8 s) gives the budget back while the honest replies wait.
     records, log = await run_under_attack(
-        tmp_path,
-        client_data,
-        procs,
-        crawl(0.0),
-        rounds=2,
-        min_transfer_rate_kib=0.1,
-        aggregator="median",
+        tmp_path, client_data, procs, crawl(0.0), rounds=2, min_transfer_rate_kib=0.1
     )
     _assert_honest_every_round(records, 2)
     assert re.search(r"client mallory-1: .* would arrive after the round ends", log), log
