@@ -49,6 +49,7 @@ from fedpipe.common.codec import (
 )
 from fedpipe.common.half import is_float_dtype, numpy_dtype
 from fedpipe.common.host_staging import HostStaging
+from fedpipe.common.spilled_vector import SpilledVector
 from fedpipe.common.state import State
 from fedpipe.common.vector import ArraySpec, Vector, describe_spec_mismatch
 from fedpipe.proto.fedpipe.v1 import tensor_pb2 as pb
@@ -161,7 +162,8 @@ def encode_payload(
 class _PayloadDecoder(StateDecoder):
     """Builds the state from the header's structure, allocating each referenced tensor once.
 
-    Vectors are checked against ``expected`` before their arrays are allocated.
+    Vectors are checked against ``expected`` before their arrays are allocated; the Vectors
+    directly under the map ``state[spill]`` go to disk instead (:class:`SpilledVector`).
     """
 
     def __init__(
@@ -169,20 +171,27 @@ class _PayloadDecoder(StateDecoder):
         names: list[str],
         specs: list[ArraySpec],
         expected: Mapping[str, ArraySpec] | None,
+        spill: str | None = None,
         into: Mapping[str, Mapping[str, np.ndarray]] | None = None,
+        spill_dir: str | None = None,
     ) -> None:
         super().__init__()
+        self.spill_dir = spill_dir
         self.names, self.specs, self.expected = names, specs, expected
         self.into = {f"state[{key!r}]": arrays for key, arrays in (into or {}).items()}
         self.arrays: list[np.ndarray | None] = [None] * len(specs)
         self.labels = [f"tensor {i} ({n!r})" for i, n in enumerate(names)]
+        self.spill = spill
+        #: Spilled Vectors by their key in the ``spill`` map; tensor index -> (Vector, name).
+        self.spilled: dict[str, SpilledVector] = {}
+        self.spilled_tensors: dict[int, tuple[SpilledVector, str]] = {}
 
     def _check_ref(self, index: int, path: str) -> None:
         if index >= len(self.specs):
             raise DecodeError(
                 f"{path}: tensor reference {index}, expected an index below {len(self.specs)}"
             )
-        if self.arrays[index] is not None:
+        if self.arrays[index] is not None or index in self.spilled_tensors:
             raise DecodeError(f"{path}: tensor {index} is referenced twice, expected once")
 
     def _allocate(self, index: int, label: str, into: np.ndarray | None = None) -> np.ndarray:
@@ -210,6 +219,9 @@ class _PayloadDecoder(StateDecoder):
             problem = describe_spec_mismatch(specs, self.expected)
             if problem:
                 raise SpecError(f"vector at {path}: {problem}")
+        key = _spill_key(self.spill, path)
+        if key is not None:
+            return self._spilled(key, indices)
         into = self._landing(indices, self.into.get(path))
         labels = {n: f"tensor {n!r} at {path}" for n in indices}
         return Vector({n: self._allocate(i, labels[n], into.get(n)) for n, i in indices.items()})
@@ -232,6 +244,28 @@ class _PayloadDecoder(StateDecoder):
                 return {}
         return arrays
 
+    def _spilled(self, key: str, indices: dict[str, int]) -> Vector:
+        specs = {name: self.specs[index] for name, index in indices.items()}
+        spilled = SpilledVector(specs, self.spill_dir)
+        self.spilled[key] = spilled
+        for name, index in indices.items():
+            self.spilled_tensors[index] = (spilled, name)
+            self.labels[index] = f"tensor {name!r} of {key!r}"
+        return _SPILLED  # taken out of the state by PayloadAssembler
+
+
+#: Where a spilled Vector sat in the decoded state (removed before the state is returned).
+_SPILLED = Vector({})
+
+
+def _spill_key(spill: str | None, path: str) -> str | None:
+    """The key of ``path`` in the map ``state[spill]``, if that is where it is."""
+    prefix = f"state[{spill!r}]["
+    if spill is None or not path.startswith(prefix) or not path.endswith("]"):
+        return None
+    key = path[len(prefix) : -1]
+    return key[1:-1] if repr(key[1:-1]) == key else None
+
 
 class PayloadAssembler:
     """Receives a streamed payload into arrays preallocated from its header.
@@ -249,6 +283,14 @@ class PayloadAssembler:
         plain array leaves are bounded by ``max_bytes`` only. ``None`` checks nothing.
     allow_nonfinite:
         If false, :meth:`add_chunk` rejects float data holding NaN or infinity.
+    spill:
+        Key of a map at the top of the state (``"partial"``) whose Vectors are received to
+        disk (:class:`~fedpipe.common.spilled_vector.SpilledVector`, which
+        records NaN and infinity instead of raising) rather than into memory; they are left
+        out of the returned state and found in :attr:`spilled`.
+    spill_dir:
+        Where those files are made (``None``, or a folder that is not there: the system's
+        temporary folder); the run directory, on disk, rather than a RAM-backed ``/tmp``.
     into:
         Arrays to receive Vectors straight into, by the Vector's key at the top of the state
         (``{"weights": model_arrays}``): a client's model takes the global weights with no
@@ -279,7 +321,9 @@ class PayloadAssembler:
         expected: Mapping[str, ArraySpec] | None = None,
         allow_nonfinite: bool = True,
         max_tensors: int = MAX_TENSORS,
+        spill: str | None = None,
         into: Mapping[str, Mapping[str, np.ndarray]] | None = None,
+        spill_dir: str | None = None,
     ) -> None:
         self.allow_nonfinite = allow_nonfinite
         if len(header.tensors) > max_tensors:
@@ -307,30 +351,36 @@ class PayloadAssembler:
             raise DecodeError("payload header has no structure")
 
         names = [spec.name for spec in header.tensors]
-        decoder = _PayloadDecoder(names, specs, expected, into)
-        self._state = decoder.decode(header.structure)
-        unused = [i for i, array in enumerate(decoder.arrays) if array is None]
-        if unused:
-            raise DecodeError(
-                f"payload header: tensors {unused[:10]} are not referenced by the structure, "
-                "expected every tensor to be referenced once"
-            )
+        decoder = _PayloadDecoder(names, specs, expected, spill, into, spill_dir)
+        try:
+            self._state = decoder.decode(header.structure)
+            _check_all_referenced(decoder)
+        except BaseException:
+            for spilled in decoder.spilled.values():
+                spilled.close()
+            raise
+        #: The Vectors received to disk, by their key in the ``spill`` map.
+        self.spilled = decoder.spilled
+        self._spilled_tensors = decoder.spilled_tensors
+        if self.spilled:
+            _take_spilled(self._state, spill)
         self._arrays = [a for a in decoder.arrays if a is not None]
-        self._flat = [a.reshape(-1).view(np.uint8) for a in self._arrays]
+        self._flat = [None if a is None else a.reshape(-1).view(np.uint8) for a in decoder.arrays]
+        self._sizes = [spec.nbytes for spec in specs]
         self._received = [0] * len(specs)
         self._remaining = total
         self._labels = decoder.labels
         # Float tensors are checked for NaN/inf chunk by chunk, while the bytes are in cache.
         self._floats = [
-            None if allow_nonfinite or not is_float_dtype(a.dtype) else a.reshape(-1)
-            for a in self._arrays
+            None if a is None or allow_nonfinite or not is_float_dtype(a.dtype) else a.reshape(-1)
+            for a in decoder.arrays
         ]
         self._checked = [0] * len(specs)
         self._finished = False
 
     @property
     def total_bytes(self) -> int:
-        return sum(f.size for f in self._flat)
+        return sum(self._sizes)
 
     @property
     def received_bytes(self) -> int:
@@ -356,11 +406,10 @@ class PayloadAssembler:
         """
         if self._finished:
             raise DecodeError(f"chunk for tensor {tensor} after the payload was finished")
-        if not 0 <= tensor < len(self._flat):
+        if not 0 <= tensor < len(self._sizes):
             raise DecodeError(
-                f"chunk for tensor {tensor}, expected an index below {len(self._flat)}"
+                f"chunk for tensor {tensor}, expected an index below {len(self._sizes)}"
             )
-        flat = self._flat[tensor]
         start = self._received[tensor]
         if offset != start:
             raise DecodeError(
@@ -369,12 +418,17 @@ class PayloadAssembler:
             )
         chunk = np.frombuffer(data, dtype=np.uint8)
         end = start + chunk.size
-        if end > flat.size:
+        if end > self._sizes[tensor]:
             raise DecodeError(
                 f"chunk for {self._labels[tensor]} ends at byte {end}, expected at most "
-                f"{flat.size} bytes"
+                f"{self._sizes[tensor]} bytes"
             )
-        flat[start:end] = chunk
+        flat = self._flat[tensor]
+        if flat is None:  # spilled: to disk, checked finite on the way
+            spilled, name = self._spilled_tensors[tensor]
+            spilled.write(name, start, data)
+        else:
+            flat[start:end] = chunk
         self._received[tensor] = end
         self._remaining -= chunk.size
         elements = self._floats[tensor]
@@ -403,15 +457,41 @@ class PayloadAssembler:
         DecodeError
             Boolean data other than 0/1 bytes.
         """
-        for index, flat in enumerate(self._flat):
-            if self._received[index] != flat.size:
+        for index, size in enumerate(self._sizes):
+            if self._received[index] != size:
                 raise TruncatedError(
-                    f"{self._labels[index]}: received {self._received[index]} of {flat.size} bytes"
+                    f"{self._labels[index]}: received {self._received[index]} of {size} bytes"
                 )
         for index, array in enumerate(self._arrays):
             check_array_values(array, self._labels[index], allow_nonfinite=True)
         self._finished = True
         return self._state
+
+    def discard(self) -> None:
+        """Drop what was received (the spilled Vectors' files); for a payload never finished."""
+        for spilled in self.spilled.values():
+            spilled.close()
+
+
+def _check_all_referenced(decoder: _PayloadDecoder) -> None:
+    unused = [
+        i
+        for i, array in enumerate(decoder.arrays)
+        if array is None and i not in decoder.spilled_tensors
+    ]
+    if unused:
+        raise DecodeError(
+            f"payload header: tensors {unused[:10]} are not referenced by the structure, "
+            "expected every tensor to be referenced once"
+        )
+
+
+def _take_spilled(state: State, spill: str | None) -> None:
+    """Remove the spilled Vectors' places from the map ``state[spill]``."""
+    node = state.get(spill) if spill is not None else None
+    assert isinstance(node, dict)
+    for key in [k for k, v in node.items() if v is _SPILLED]:
+        del node[key]
 
 
 # ---- raw chunk frames -------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple, SupportsFloat, TypeAlias
 
 import numpy as np
@@ -27,6 +27,7 @@ from fedpipe.common.optim import Optimizer
 from fedpipe.common.privacy.client_update import privatize_update
 from fedpipe.common.privacy.dp_sgd import DpSgd
 from fedpipe.common.privacy.entropy import private_rng, seed_private_noise
+from fedpipe.common.spilled_vector import SpilledVector
 from fedpipe.common.summable import Summable
 from fedpipe.common.train_fn import TrainFn, check_train_fn_setup, run_train_fn
 from fedpipe.common.vector import Vector
@@ -106,6 +107,9 @@ class TrainResult:
     masked: MaskedInput | None = None
     #: Under sample-level DP-SGD: ε (at the client's δ) of every step it ran in this run.
     sample_epsilon: float | None = None
+    #: On a server that streams replies: the Vector fields of ``partial``, received to disk
+    #: (``partial`` holds the numbers only); the round loop folds them chunk by chunk.
+    spilled: dict[str, SpilledVector] = field(default_factory=dict)
 
     @property
     def mean_loss(self) -> float:

@@ -11,7 +11,7 @@ preallocated from the header.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 import numpy as np
@@ -26,6 +26,7 @@ from fedpipe.common.payload import (
     chunk_frame,
     parse_chunk_frame,
 )
+from fedpipe.common.spilled_vector import SpilledVector
 from fedpipe.common.state import State, StateValue
 from fedpipe.common.summable import Summable
 from fedpipe.common.training import EvalResult, TrainResult
@@ -92,10 +93,12 @@ def envelope_frames(envelope: Message, payload: EncodedPayload | None) -> Iterat
 
 @dataclass
 class Received(Generic[M]):
-    """One complete message from the peer, with its decoded payload (empty if none)."""
+    """One complete message from the peer, with its decoded payload (empty if none) and the
+    Vectors of it received to disk (see ``FrameReceiver``'s ``spill``)."""
 
     message: M
     payload: State
+    spilled: dict[str, SpilledVector] = field(default_factory=dict)
 
 
 class FrameReceiver(Generic[M]):
@@ -128,12 +131,15 @@ class FrameReceiver(Generic[M]):
         *,
         max_tensors: int = 1 << 16,
         accept: Callable[[M], bool] | None = None,
+        spill: Callable[[M], str | None] | None = None,
+        spill_dir: str | None = None,
     ) -> None:
         self.envelope_type = envelope_type
         self.max_payload_bytes = max_payload_bytes
         self.max_tensors = max_tensors
         self.accept = accept
         self.into: Mapping[str, Mapping[str, np.ndarray]] | None = None
+        self.spill, self.spill_dir = spill, spill_dir
         self._pending: M | None = None
         self._assembler: PayloadAssembler | None = None
         self._skipping = 0  # bytes of an unwanted payload still to skip
@@ -184,6 +190,7 @@ class FrameReceiver(Generic[M]):
         remaining chunks; return how many bytes are left to skip."""
         if self._assembler is not None:
             remaining = self._assembler.total_bytes - self._assembler.received_bytes
+            self._assembler.discard()
             self._pending, self._assembler = None, None
             self._skipping = remaining
         return self._skipping
@@ -239,6 +246,8 @@ class FrameReceiver(Generic[M]):
                 max_bytes=self.max_payload_bytes,
                 max_tensors=self.max_tensors,
                 into=self.into,
+                spill=self.spill(message) if self.spill is not None else None,
+                spill_dir=self.spill_dir,
             )
         except DecodeError as exc:
             raise ProtocolError(f"bad payload header: {exc}") from None
@@ -249,15 +258,23 @@ class FrameReceiver(Generic[M]):
 
     def _complete(self) -> Received[M]:
         assert self._assembler is not None and self._pending is not None
+        assembler = self._assembler
         try:
-            state = self._assembler.finish()
+            state = assembler.finish()
         except DecodeError as exc:
+            assembler.discard()
             raise ProtocolError(f"bad payload: {exc}") from None
         finally:
             message, self._pending, self._assembler = self._pending, None, None
-        return Received(message, state)
+        return Received(message, state, assembler.spilled)
+
+    def abandon(self) -> None:
+        """Drop the payload in progress, if any (the stream ended): its spilled files go."""
+        self._reset()
 
     def _reset(self) -> None:
+        if self._assembler is not None:
+            self._assembler.discard()
         self._pending, self._assembler, self._skipping = None, None, 0
 
 

@@ -51,6 +51,9 @@ class RoundTask:
     #: train task: the module state it trains from (see ``fedpipe.client.state_store``).
     base_rounds: Mapping[str, int] = field(default_factory=dict)
     cache: dict[str, Any] = field(default_factory=dict)
+    #: A transport may receive each train reply's update to disk and leave it there for the
+    #: round loop to fold (``TrainResult.spilled``): set when the round's sum streams.
+    spill_updates: bool = False
 
 
 class ClientProxy(ABC):

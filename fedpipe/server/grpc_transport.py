@@ -131,6 +131,7 @@ class GrpcClient(ClientProxy):
         self._expected: dict[int, tuple[ReplyLimits, float]] = {}
         self._train_limits = self._eval_limits = SETUP_REPLY
         self.specs: dict[str, ArraySpec] = {}
+        self._spilling: set[int] = set()  # tasks whose reply's update is received to disk
         #: This round's secure aggregation session: its round and, from stage 1, its roster.
         self._secagg: tuple[int, Roster | None] | None = None
 
@@ -160,17 +161,33 @@ class GrpcClient(ClientProxy):
 
     async def train(self, task: RoundTask) -> TrainResult:
         got = await self._train_request(task, pb.TASK_KIND_TRAIN, self._train_limits)
-        return self._undecodable_drops(
-            lambda: train_result_from(settings_data(got.message.reply.info), got.payload)
-        )
+
+        def decode() -> TrainResult:
+            result = train_result_from(settings_data(got.message.reply.info), got.payload)
+            return replace(result, spilled=got.spilled)
+
+        return self._undecodable_drops(decode)
+
+    def spills(self, message: Any) -> str | None:
+        """The payload map received to disk for ``message`` (accepted, announcing a payload):
+        ``"partial"`` for a train reply the round loop folds from disk, else None."""
+        return "partial" if message.reply.task_id in self._spilling else None
 
     async def _train_request(
         self, task: RoundTask, kind: int, limits: ReplyLimits, stage: tuple[str, Any] | None = None
     ) -> Received[Any]:
         payload = _round_payload(task, "train", self.chunk_bytes)
         settings = {**task.settings, "base_round": task.base_rounds.get(self.name, 0)}
+        spill = task.spill_updates and kind == pb.TASK_KIND_TRAIN
         return await self._request(
-            kind, task.round_number, settings, payload, cache=task.cache, limits=limits, stage=stage
+            kind,
+            task.round_number,
+            settings,
+            payload,
+            cache=task.cache,
+            limits=limits,
+            stage=stage,
+            spill=spill,
         )
 
     def _undecodable_drops(self, decode: Callable[[], T]) -> T:
@@ -310,6 +327,7 @@ class GrpcClient(ClientProxy):
         cache: dict[str, Any] | None = None,
         limits: ReplyLimits,
         stage: tuple[str, Any] | None = None,
+        spill: bool = False,
     ) -> Received[Any]:
         if self._sending and self._closed is None:
             # The last task's frames are still going out: a client that reads nothing more
@@ -340,6 +358,8 @@ class GrpcClient(ClientProxy):
             self.monitor.task_sent(TASK_KINDS.get(kind, ""), round_number)
         # An upper bound of the round's deadline (the round loop owns the exact one).
         self._expected[task_id] = (limits, time.monotonic() + self.config.round_timeout)
+        if spill:
+            self._spilling.add(task_id)
         self._last_id = task_id
         # The frames go out in a task of their own that the round deadline does not cancel:
         # a payload cut in two would corrupt the stream for the next task.
@@ -354,6 +374,7 @@ class GrpcClient(ClientProxy):
         finally:
             self._waiting.pop(task_id, None)
             self._expected.pop(task_id, None)
+            self._spilling.discard(task_id)
         reply = got.message.reply
         if reply.error:
             self._drop_reply()
@@ -448,6 +469,8 @@ class GrpcClient(ClientProxy):
             return
         if reserved:
             self.budget.release(self)
+        for spilled in got.spilled.values():
+            spilled.close()
         self._rejected("late")
         log.info(
             "client %s: reply to task %d arrived after its deadline; dropped",
@@ -621,7 +644,13 @@ class FederationServicer:
         return proxy
 
     async def _read(self, context: grpc.aio.ServicerContext, proxy: GrpcClient) -> None:
-        receiver = FrameReceiver(pb.ClientMessage, proxy.max_payload_bytes, accept=proxy.expects)
+        receiver = FrameReceiver(
+            pb.ClientMessage,
+            proxy.max_payload_bytes,
+            accept=proxy.expects,
+            spill=proxy.spills,
+            spill_dir=str(self.config.output_dir),  # on disk: /tmp may be RAM
+        )
         floor: TransferFloor | None = None  # from a reservation to the end of its payload
         try:
             while True:
@@ -685,6 +714,7 @@ class FederationServicer:
             log.exception("client %s: session failed", proxy.name)
             proxy.close(f"session failed: {type(exc).__name__}: {exc}")
         finally:
+            receiver.abandon()  # a reply cut off: its spilled update goes, never folded
             if floor is not None and floor.reserved:
                 self.budget.release(proxy)
 

@@ -586,6 +586,10 @@ class FederatedRun:
         if together is not None:
             return together
         on_arrival = None if isinstance(self.aggregator, BufferedAggregator) else self.validation
+        # A streaming sum takes each reply from disk once it is complete (the server holds the
+        # weights, the sum and the chunks in flight); client-level DP clips whole replies.
+        streaming = not isinstance(self.aggregator, BufferedAggregator)
+        task.spill_updates = streaming and self.privacy is None
         buffer_specs = self.buffers.specs() if self.buffers is not None else None
         folded = _Fold(
             self.aggregator,
@@ -839,6 +843,14 @@ def _write_text_atomic(path: Path, text: str) -> None:
 class _Fold:
     """The running sum of one round's train replies (partials and aux vars).
 
+    A streaming aggregator's replies over gRPC come with their update on disk
+    (``TrainResult.spilled``, received there chunk by chunk and checked finite on the way):
+    each is checked, admitted (``admit_spilled``: one factor; a norm bound or the outlier hook
+    read the file once for the norm) and folded chunk by chunk into the one running sum, which
+    starts at ``-0.0`` so that the first reply lands in it exactly. Nothing of a reply is
+    folded before it is complete and accepted: a reply cut off, late or rejected leaves the
+    sum as it was (a float sum cannot give a term back). Other replies arrive whole.
+
     Replies are added in arrival order. With two replies the sum does not depend on it
     (float addition commutes); with three or more, two runs whose replies arrive in other
     orders may round differently: a round replayed after a resume may then differ from the
@@ -876,6 +888,7 @@ class _Fold:
     async def add(self, client: ClientProxy, result: TrainResult) -> None:
         """Check one reply whole, then add it to the running sum (off the loop if large)."""
         size = sum(v.size for v in result.partial.fields.values() if isinstance(v, Vector))
+        size += sum(s.nbytes // 2 for s in result.spilled.values())  # read back, then added
         if size < INLINE_ADD_ELEMENTS:
             self._checked_add(result, client.name)
             return
@@ -902,23 +915,35 @@ class _Fold:
         failures[name] = "rejected reply: its update norm is an outlier"
 
     def _checked_add(self, result: TrainResult, name: str) -> None:
+        try:
+            self._admit_and_add(result, name)
+        finally:
+            for spilled in result.spilled.values():
+                spilled.close()
+
+    def _admit_and_add(self, result: TrainResult, name: str) -> None:
         self.validate(result)
         scale = 1.0
         if self.validation is not None:
-            scale = self.validation.judge(name, self.aggregator.update_norm(result.partial))
-        result.partial = self.aggregator.admit(result.partial, scale)  # the server's weights
+            norm = self.aggregator.update_norm(result.partial, result.spilled)
+            scale = self.validation.judge(name, norm)
+        factor = 1.0  # the server's weights: in the partial, or the factor it is folded with
+        if result.spilled:
+            factor = self.aggregator.admit_spilled(result.partial, result.spilled, scale)
+        else:
+            result.partial = self.aggregator.admit(result.partial, scale)
         share, _ = split_buffers(result.aux_vars)
         if share is not None:
             weighting = getattr(self.aggregator, "weights", None)
             weighting = weighting if isinstance(weighting, ClientWeighting) else None
             result.aux_vars = {**result.aux_vars, BUFFERS_AUX: admit_share(share, weighting)}
-        if self.privacy is not None:
+        if self.privacy is not None:  # never spilled (see _train)
             self.privacy.clip_reply(result.partial)
-        self._add(result)
+        self._add(result, factor)
         self.names.append(name)
 
     def validate(self, result: TrainResult) -> None:
-        self.aggregator.validate(result.partial, self.specs)
+        self.aggregator.validate(result.partial, self.specs, result.spilled)
         if not math.isfinite(result.loss_sum):
             raise ClientError(f"train loss {result.loss_sum} is not finite")
         if self.count and result.aux_vars.keys() != self.aux_total.keys():
@@ -947,19 +972,34 @@ class _Fold:
         if share is not None and self.buffer_specs is not None:
             check_share(share, self.buffer_specs)
 
-    def _add(self, result: TrainResult) -> None:
-        if self.total is None:
+    def _add(self, result: TrainResult, factor: float) -> None:
+        if result.spilled:
+            self._fold_spilled(result, factor)
+        elif self.total is None:
             # float32 for half precision; a buffered aggregator keeps replies instead
             self.total = self.aggregator.start(result.partial.accumulator(copy=False))
-            self.aux_total = {k: v.accumulator() for k, v in result.aux_vars.items()}
         else:
             self.total.add_(result.partial)
+        if self.count == 0:
+            self.aux_total = {k: v.accumulator() for k, v in result.aux_vars.items()}
+        else:
             for key, aux in result.aux_vars.items():
                 self.aux_total[key].add_(aux)
         self.count += 1
         self.seen += result.n_samples_seen
         self.loss_sum += result.loss_sum
         self.note_epsilon(result)
+
+    def _fold_spilled(self, result: TrainResult, factor: float) -> None:
+        """Fold a complete, admitted reply from disk, chunk by chunk, times ``factor``."""
+        if self.total is None:
+            self.total = self.aggregator.empty_total(self.specs)
+        total, fold = self.total, self.aggregator.fold_chunk
+        for key, spilled in result.spilled.items():
+            for name, start, values in spilled.chunks():
+                fold(total, key, name, start, values, factor)
+        for key, value in result.partial.fields.items():  # its numbers, admitted
+            total.fields[key] = total.number(key) + value
 
     def note_epsilon(self, result: TrainResult) -> None:
         if result.sample_epsilon is not None:

@@ -4,13 +4,14 @@ summation."""
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
 
 from fedpipe.common.aggregators.base import Aggregator, InvalidPartialError
 from fedpipe.common.aggregators.weighting import ClientWeighting, Weighting
+from fedpipe.common.spilled_vector import SpilledVector
 from fedpipe.common.summable import Summable
 from fedpipe.common.vector import Vector
 
@@ -59,27 +60,49 @@ class AveragingAggregator(Aggregator):
         weight = self.weights.weight(n_samples)
         return Summable({"weighted_sum": updates.mul_(weight), "total_weight": weight})
 
-    def update_norm(self, partial: Summable) -> float:
+    def update_norm(
+        self, partial: Summable, spilled: Mapping[str, SpilledVector] | None = None
+    ) -> float:
         weight = partial.number("total_weight")
-        return partial.vector("weighted_sum").norm() / weight if weight > 0 else 0.0
+        return super().update_norm(partial, spilled) / weight if weight > 0 else 0.0
 
     def admit(self, partial: Summable, scale: float = 1.0) -> Summable:
+        reported = partial.number("total_weight")
+        factor = self._admitted(partial, lambda: partial.vector("weighted_sum").norm(), scale)
+        if factor != 1.0:  # 1.0 for an honest client with no bound hit: bits unchanged
+            partial.vector("weighted_sum").mul_(factor)
+        if factor > 1.0 and not partial.vector("weighted_sum").is_finite():
+            raise self._overflow(reported, partial)
+        return partial
+
+    def admit_spilled(
+        self, partial: Summable, spilled: Mapping[str, SpilledVector], scale: float = 1.0
+    ) -> float:
+        reported = partial.number("total_weight")
+        update = spilled["weighted_sum"]
+        factor = self._admitted(partial, update.norm, scale)
+        if factor > 1.0 and not update.finite_times(factor):
+            raise self._overflow(reported, partial)
+        return factor
+
+    def _admitted(self, partial: Summable, norm: Callable[[], float], scale: float) -> float:
+        """Count the reply's weight in place; the factor its weighted sum is multiplied by
+        (``norm()``: the weighted sum's L2 norm, asked for only under a bound)."""
         reported = partial.number("total_weight")
         counted = self.weights.weight(reported) if reported > 0 else 0.0
         factor = scale * counted / reported if reported > 0 else 0.0
         if self.max_norm is not None:
-            norm = self.update_norm(partial)
-            factor *= min(1.0, self.max_norm / norm) if norm > 0 else 1.0
-        if factor != 1.0:  # 1.0 for an honest client with no bound hit: bits unchanged
-            partial.vector("weighted_sum").mul_(factor)
-        if factor > 1.0 and not partial.vector("weighted_sum").is_finite():
-            # only a weight reported below the counted one (uniform) scales a sum up
-            raise InvalidPartialError(
-                f"{self.name}: the update is not finite once weighted (reported weight "
-                f"{reported!r}, counted {counted!r})"
-            )
+            update = norm() / reported if reported > 0 else 0.0
+            factor *= min(1.0, self.max_norm / update) if update > 0 else 1.0
         partial.fields["total_weight"] = counted
-        return partial
+        return factor
+
+    def _overflow(self, reported: float, partial: Summable) -> InvalidPartialError:
+        # only a weight reported below the counted one (uniform) scales a sum up
+        return InvalidPartialError(
+            f"{self.name}: the update is not finite once weighted (reported weight "
+            f"{reported!r}, counted {partial.number('total_weight')!r})"
+        )
 
     @property
     def stacks(self) -> bool:

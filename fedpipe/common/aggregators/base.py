@@ -10,9 +10,11 @@ Aggregation is split in two:
    for each later one, in any order), then calls :meth:`Aggregator.finalize` once on it.
 
 ``admit`` acts on a whole reply: a norm bound needs the norm of the reply's update, which no
-chunk of it has. A transport that folds chunk by chunk must stage a reply's chunks and
-commit the admitted reply (the scale is one number, so a commit is ``sum += scale *
-staged``).
+chunk of it has. A transport that streams replies stages each reply's Vectors on disk as
+its chunks arrive (:class:`~fedpipe.common.spilled_vector.SpilledVector`), then
+:meth:`Aggregator.admit_spilled` gives the one factor the reply is folded with (reading the
+spill back for its norm only when a bound needs it) and :meth:`Aggregator.fold_chunk` adds
+it into the running sum chunk by chunk, bit for bit as ``admit`` then ``add_`` would.
 
 This base class is the *streaming* kind: the accumulator is a running sum, so the server
 holds one model-sized total whatever the number of clients. The *buffered* kind
@@ -27,9 +29,13 @@ from abc import abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, ClassVar
 
+import numpy as np
+
+from fedpipe.common.half import is_float_dtype, numpy_dtype
 from fedpipe.common.registry import Registrable, declare_family
+from fedpipe.common.spilled_vector import SpilledVector
 from fedpipe.common.summable import Summable
-from fedpipe.common.vector import ArraySpec, Vector
+from fedpipe.common.vector import ArraySpec, Vector, describe_spec_mismatch
 
 __all__ = ["Aggregator", "InvalidPartialError"]
 
@@ -56,10 +62,14 @@ class Aggregator(Registrable):
         ``updates`` belongs to the aggregator from then on (its buffers may be reused).
         """
 
-    def update_norm(self, partial: Summable) -> float:
+    def update_norm(
+        self, partial: Summable, spilled: Mapping[str, SpilledVector] | None = None
+    ) -> float:
         """Server side: the L2 norm of the client update ``partial`` carries (its first
-        Vector field here; averaging divides out the client's weight)."""
-        return partial.vector(self.vector_fields[0]).norm()
+        Vector field here, from disk if ``spilled``; averaging divides out the client's
+        weight)."""
+        key = self.vector_fields[0]
+        return spilled[key].norm() if spilled and key in spilled else partial.vector(key).norm()
 
     def admit(self, partial: Summable, scale: float = 1.0) -> Summable:
         """Server side, before folding: ``partial`` as the server counts it, its update
@@ -68,6 +78,38 @@ class Aggregator(Registrable):
         if scale != 1.0:
             partial.vector(self.vector_fields[0]).mul_(scale)
         return partial
+
+    def admit_spilled(
+        self, partial: Summable, spilled: Mapping[str, SpilledVector], scale: float = 1.0
+    ) -> float:
+        """Server side, streaming: :meth:`admit` for a reply whose Vector fields are on disk
+        (``partial`` holds its numbers, admitted in place): the factor its update is folded
+        with by :meth:`fold_chunk`."""
+        return scale
+
+    def empty_total(self, specs: Mapping[str, ArraySpec]) -> Summable:
+        """Server side, streaming: the running sum before any reply, for a model with
+        ``specs``: each Vector field ``-0.0`` (``-0.0 + x`` is ``x`` bit for bit, so folding the
+        first reply in keeps it exactly, as :meth:`start` does), float32 for half precision;
+        each number 0."""
+
+        def zeros(spec: ArraySpec) -> np.ndarray:
+            dtype = numpy_dtype(spec.dtype)
+            wide = np.float32 if is_float_dtype(dtype) and dtype.itemsize < 4 else dtype
+            return np.full(spec.shape, -0.0, dtype=wide)
+
+        fields = self.vector_fields
+        vectors = {key: Vector({n: zeros(s) for n, s in specs.items()}) for key in fields}
+        return Summable({**vectors, **dict.fromkeys(self.scalar_fields, 0)})
+
+    def fold_chunk(
+        self, total: Summable, key: str, name: str, start: int, values: np.ndarray, factor: float
+    ) -> None:
+        """Server side, streaming: add elements ``start:start + values.size`` of array ``name``
+        of the reply's Vector field ``key``, times ``factor``, into ``total`` (the running sum;
+        numpy). The reply's numbers are added by the caller."""
+        target = total.vector(key).coefs[name].reshape(-1)[start : start + values.size]
+        np.add(target, values * factor if factor != 1.0 else values, out=target)
 
     def start(self, first: Summable) -> Summable:
         """Server side: the round's accumulator, holding its first valid partial; later
@@ -110,16 +152,35 @@ class Aggregator(Registrable):
             raise ValueError("cannot aggregate zero client updates")
         return self.finalize(total)
 
-    def validate(self, partial: Summable, specs: Mapping[str, ArraySpec]) -> None:
-        """Raise :class:`InvalidPartialError` unless ``partial`` is a well-formed partial for a
-        model with ``specs``: the expected fields, the model's specs, finite values."""
+    def validate(
+        self,
+        partial: Summable,
+        specs: Mapping[str, ArraySpec],
+        spilled: Mapping[str, SpilledVector] | None = None,
+    ) -> None:
+        """Raise :class:`InvalidPartialError` unless ``partial`` (with its Vector fields
+        ``spilled`` to disk, if any) is a well-formed partial for a model with ``specs``: the
+        expected fields, the model's specs, finite values."""
+        spilled = spilled or {}
         expected = set(self.vector_fields) | set(self.scalar_fields)
-        if set(partial.fields) != expected:
+        if set(partial.fields) | set(spilled) != expected or set(partial.fields) & set(spilled):
             raise InvalidPartialError(
-                f"{self.name} partial has fields {sorted(partial.fields)}, "
+                f"{self.name} partial has fields {sorted([*partial.fields, *spilled])}, "
                 f"expected {sorted(expected)}"
             )
+        for key, disk in spilled.items():
+            if key not in self.vector_fields:
+                raise InvalidPartialError(f"field {key!r} must be a number")
+            problem = describe_spec_mismatch(disk.specs, specs)
+            if problem:
+                raise InvalidPartialError(f"field {key!r}: {problem}")
+            if disk.nonfinite is not None:
+                raise InvalidPartialError(
+                    f"field {key!r} holds NaN or infinite values ({disk.nonfinite})"
+                )
         for key in self.vector_fields:
+            if key in spilled:
+                continue
             value = partial.fields[key]
             if not isinstance(value, Vector):
                 raise InvalidPartialError(

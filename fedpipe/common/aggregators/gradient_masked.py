@@ -8,10 +8,14 @@ are kept whole, the others are multiplied by ``A`` (the paper's soft mask).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, ClassVar
+
+import numpy as np
 
 from fedpipe.common.aggregators.averaging import AveragingAggregator
 from fedpipe.common.aggregators.weighting import Weighting
+from fedpipe.common.spilled_vector import SpilledVector
 from fedpipe.common.summable import Summable
 from fedpipe.common.vector import Vector
 
@@ -60,6 +64,23 @@ class GradientMaskedAveraging(AveragingAggregator):
         partial = super().admit(partial, scale)
         partial.fields |= {"sign_sum": partial.vector("weighted_sum").sign(), "n_clients": 1}
         return partial
+
+    def admit_spilled(
+        self, partial: Summable, spilled: Mapping[str, SpilledVector], scale: float = 1.0
+    ) -> float:
+        factor = super().admit_spilled(partial, spilled, scale)
+        partial.fields["n_clients"] = 1
+        return factor
+
+    def fold_chunk(
+        self, total: Summable, key: str, name: str, start: int, values: np.ndarray, factor: float
+    ) -> None:
+        if key != "weighted_sum":
+            return  # the client's signs: the server counts its own
+        scaled = values * factor if factor != 1.0 else values
+        for field, add in (("weighted_sum", scaled), ("sign_sum", np.sign(scaled))):
+            target = total.vector(field).coefs[name].reshape(-1)[start : start + values.size]
+            np.add(target, add, out=target)
 
     def finalize(self, total: Summable) -> Vector:
         weight = total.number("total_weight")
