@@ -124,22 +124,31 @@ def _checked(answer: Any, jobs: list[Job], task: RoundTask) -> dict[str, Any]:
 def _in_task_order(
     answers: list[dict[str, Any]], order: dict[str, int]
 ) -> tuple[list[str], StackedUpdates | None]:
-    """Every worker's rows, in the task's client order."""
+    """Every worker's rows, in the task's client order (each row copied once, into a fresh
+    array: the aggregator may reuse it)."""
     if not answers:
         return [], None
     names = [name for answer in answers for name in answer["names"]]
-    rows = np.argsort([order[name] for name in names], kind="stable")
+    ranks = np.empty(len(names), np.int64)  # row k of the joined answers goes to ranks[k]
+    ranks[np.argsort([order[name] for name in names], kind="stable")] = np.arange(len(names))
+    bounds = np.cumsum([0] + [len(answer["names"]) for answer in answers])
 
-    def joined(arrays: list[np.ndarray]) -> np.ndarray:
-        return np.concatenate(arrays)[rows]  # a fresh array: the aggregator may reuse it
+    def joined(field: str, name: str | None = None) -> np.ndarray:
+        arrays = [a[field] if name is None else a[field][name] for a in answers]
+        out = np.empty((len(names), *arrays[0].shape[1:]), np.result_type(*arrays))
+        for array, begin, end in zip(arrays, bounds[:-1], bounds[1:], strict=True):
+            out[ranks[begin:end]] = array
+        return out
 
-    counts = [len(answer["names"]) for answer in answers]
-    seconds = sum(float(a["seconds"]) * k for a, k in zip(answers, counts, strict=True))
-    return [names[k] for k in rows.tolist()], StackedUpdates(
-        updates={n: joined([a["updates"][n] for a in answers]) for n in answers[0]["updates"]},
-        n_samples=joined([a["n_samples"] for a in answers]),
-        n_steps=joined([a["n_steps"] for a in answers]),
-        loss_sum=joined([a["loss_sum"] for a in answers]),
-        n_samples_seen=joined([a["n_samples_seen"] for a in answers]),
+    seconds = sum(float(a["seconds"]) * len(a["names"]) for a in answers)
+    in_order = [""] * len(names)
+    for name, rank in zip(names, ranks.tolist(), strict=True):
+        in_order[rank] = name
+    return in_order, StackedUpdates(
+        updates={name: joined("updates", name) for name in answers[0]["updates"]},
+        n_samples=joined("n_samples"),
+        n_steps=joined("n_steps"),
+        loss_sum=joined("loss_sum"),
+        n_samples_seen=joined("n_samples_seen"),
         seconds=seconds / len(names),
     )

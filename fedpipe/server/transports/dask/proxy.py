@@ -36,6 +36,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import numpy as np
 from dask.distributed import Client
 
 from fedpipe.common.data import Dataset
@@ -282,7 +283,9 @@ class DaskFleet:
         [reply] = batch.replies
         try:
             shared = await self._shared(task, "train")
-            answer = await self._run(batch, train_stacked, batch.jobs, shared, batch.round_number)
+            names = np.array([name for name, _, _ in batch.jobs])
+            inits = {name: init for name, init, _ in batch.jobs if init is not None}
+            answer = await self._run(batch, train_stacked, names, inits, shared, batch.round_number)
             failed = set(answer.get("failures", {})) if isinstance(answer, dict) else set()
         except Exception as exc:  # the Dask task's failure is each of its clients' failure
             log.warning("Dask task on %s failed: %s: %s", batch.worker, type(exc).__name__, exc)

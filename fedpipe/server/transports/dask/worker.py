@@ -236,10 +236,16 @@ def _run(
 
 
 def train_stacked(
-    plugin: str, jobs: list[Job], shared: dict[str, Any], round_number: int
+    plugin: str,
+    names: np.ndarray,
+    inits: dict[str, dict[str, Any]],
+    shared: dict[str, Any],
+    round_number: int,
 ) -> dict[str, Any]:
-    """A Dask task: the jobs' clients on this worker trained at once from the round's
-    ``shared`` weights. Its answer: ``names``, the clients trained, in ``jobs`` order, and
+    """A Dask task: the clients ``names`` (an array of str: Dask does not walk it, as it walks
+    a list of thousands of jobs) trained at once on this worker from the round's ``shared``
+    weights, those in ``inits`` built first from their data. Its answer: ``names``, the
+    clients trained, in that order, and
     their rows (:class:`~fedpipe.common.stacked.StackedUpdates`' fields as arrays, a
     leading client axis; ``seconds``, per client), ``failures`` (client name -> why); or
     ``declined`` (why they cannot train stacked: nothing was trained) and ``failures``."""
@@ -248,9 +254,9 @@ def train_stacked(
     with state.lock:
         failures: dict[str, str] = {}
         jobs_here: list[ClientJob] = []
-        for name, init, _ in jobs:
+        for name in names.tolist():
             try:
-                client = _client(state, name, init)
+                client = _client(state, name, inits.get(name))
             except Exception as exc:  # its placement failed: this client's failure alone
                 failures[name] = f"{type(exc).__name__}: {exc}"
                 continue
@@ -266,8 +272,8 @@ def train_stacked(
             return {"declined": reason, "failures": failures}
         like = engine.model.get_weights(copy=False)
         weights = vector_from(shared["weights"], "weights").like(like)
-        names, done = _stacked(engine, jobs_here, weights, round_number, failures)
-        answer: dict[str, Any] = {"names": names, "failures": failures}
+        trained, done = _stacked(engine, jobs_here, weights, round_number, failures)
+        answer: dict[str, Any] = {"names": trained, "failures": failures}
         if done is not None:
             answer.update(vars(done))
         return answer
