@@ -7,6 +7,7 @@ existing cluster.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import json
 import logging
@@ -23,9 +24,10 @@ distributed = pytest.importorskip("dask.distributed")
 psutil = pytest.importorskip("psutil")
 
 from fedpipe.common.config import DaskConfig, SimulationConfig  # noqa: E402
+from fedpipe.common.data import Dataset  # noqa: E402
 from fedpipe.common.privacy.accountant import PrivacyAccountant, RoundEvent  # noqa: E402
-from fedpipe.server.simulation import simulate  # noqa: E402
-from fedpipe.server.transports.dask.run import local_cluster_options  # noqa: E402
+from fedpipe.server.simulation import simulate, simulate_inprocess  # noqa: E402
+from fedpipe.server.transports.dask.run import local_cluster_options, simulate_dask  # noqa: E402
 
 LOOPBACK = ipaddress.ip_network("127.0.0.0/8")
 
@@ -335,3 +337,33 @@ def test_dask_clients_evaluate_with_the_travelling_global_buffers(
     for key in ("loss", "accuracy"):
         want = [r[key] for r in reference.history]
         assert [r[key] for r in summary.history] == pytest.approx(want, rel=1e-6), key
+
+
+def test_a_client_whose_data_the_stacked_engine_rejects_fails_alone_like_in_process(
+    cluster: Any, tmp_path: Path
+) -> None:
+    # Client 4's labels are out of range: its worker's engine raises, then trains its clients
+    # one at a time; only client 4 fails, with in-process's reason, and the others fold.
+    rng = np.random.default_rng(1)
+    data: list[tuple[str, Dataset, Dataset | None]] = []
+    for i, n in enumerate([11, 5, 16, 3, 9, 8]):
+        x = rng.standard_normal((n, 6)).astype(np.float32)
+        y = np.full(n, 7) if i == 4 else rng.integers(0, 3, n)  # 3 classes
+        data.append((f"c{i}", Dataset(x, y), None))
+    model = {"name": "softmax-regression", "config": {"n_features": 6, "n_classes": 3}}
+    server = {"model": model, "min_clients": 6, "eval_every": 0}
+    reference = asyncio.run(simulate_inprocess(config(tmp_path, "inprocess", server=server), data))
+    dask = {"scheduler": cluster.scheduler_address}
+    sim = config(tmp_path, "dask", transport="dask", dask=dask, server=server)
+    summary = asyncio.run(simulate_dask(sim, data))
+
+    assert summary.status == reference.status == "completed"
+    for name, array in reference.weights.coefs.items():
+        assert np.array_equal(summary.weights.coefs[name], array), name
+    rows, expected = client_rows(tmp_path / "dask"), client_rows(tmp_path / "inprocess")
+    assert [row["client"] for row in rows if not row["replied"]] == ["c4"] * 3
+    for row in expected:  # a worker names the exception, as for any client it trains
+        if "error" in row:
+            row["error"] = f"ValueError: {row['error']}"
+    assert rows == expected
+    assert "integer class ids" in rows[4]["error"]
