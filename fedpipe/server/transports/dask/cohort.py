@@ -22,6 +22,7 @@ declines, once for the run, and rounds go client by client (:mod:`.proxy`).
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +39,8 @@ if TYPE_CHECKING:
     from fedpipe.server.transports.dask.proxy import DaskFleet
 
 __all__ = ["DaskCohort"]
+
+log = logging.getLogger(__name__)
 
 #: The per-client rows of a worker's answer, a leading client axis each.
 ROWS = ("n_samples", "n_steps", "loss_sum", "n_samples_seen")
@@ -56,7 +59,14 @@ class DaskCohort(ClientCohort):
     ) -> CohortReply | None:
         if self.declined is not None:
             return None
-        await self.fleet.refreshed(task)
+        # The weights leave while the live workers are asked (a failed scatter fails each
+        # worker's task, where it is awaited again).
+        refreshed, _ = await asyncio.gather(
+            self.fleet.refreshed(task), self.fleet.shared(task, "train"), return_exceptions=True
+        )
+        if isinstance(refreshed, Exception):  # placed on the workers known so far
+            log.warning("round %d: the Dask scheduler did not list its workers (%s: %s)",
+                        task.round_number, type(refreshed).__name__, refreshed)  # fmt: skip
         failures: dict[str, str] = {}
         jobs: dict[str, list[Job]] = {}
         for client in clients:

@@ -282,7 +282,7 @@ class DaskFleet:
     async def _dispatch_stacked(self, batch: _Batch, task: RoundTask) -> None:
         [reply] = batch.replies
         try:
-            shared = await self._shared(task, "train")
+            shared = await self.shared(task, "train")
             names = np.array([name for name, _, _ in batch.jobs])
             inits = {name: init for name, init, _ in batch.jobs if init is not None}
             answer = await self._run(batch, train_stacked, names, inits, shared, batch.round_number)
@@ -316,7 +316,7 @@ class DaskFleet:
 
     async def _dispatch(self, batch: _Batch, task: RoundTask | None) -> None:
         try:
-            shared = None if task is None else await self._shared(task, batch.op)
+            shared = None if task is None else await self.shared(task, batch.op)
             args = (batch.op, batch.jobs, shared, batch.round_number)
             outcomes: list[Outcome] = await self._run(batch, run_jobs, *args)
             if not isinstance(outcomes, list) or len(outcomes) != len(batch.jobs):
@@ -347,7 +347,7 @@ class DaskFleet:
         if owner is not None:
             self.load[owner] -= 1
 
-    async def _shared(self, task: RoundTask, op: Op) -> Any:
+    async def shared(self, task: RoundTask, op: Op) -> Any:
         """The task's weights and aux vars (an evaluation's: the global buffers, when they
         travel), scattered once to every worker."""
         key = f"dask/shared/{op}"
