@@ -148,7 +148,7 @@ class DaskFleet:
             self.device,
             self.noise_seed,
             self.dp_sgd,
-            self.stack_clients or 1,
+            self.stack_clients,
         )
         await self.client.register_plugin(plugin, name=self.plugin)
         self._started = True

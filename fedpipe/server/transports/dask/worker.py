@@ -100,7 +100,7 @@ class _WorkerState:
     models: SharedModels
     noise_seed: int | None = None
     dp_sgd: DpSgdConfig | None = None
-    stack_clients: int = 1024
+    stack_clients: int | None = None
     clients: dict[str, _Client] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
     engine: StackedTrainer | None = None
@@ -108,7 +108,8 @@ class _WorkerState:
     def stacked(self) -> StackedTrainer:
         """The worker's stacked engine on its model, built on first use."""
         if self.engine is None:
-            self.engine = StackedTrainer(self.models.get(self.setup), self.stack_clients)
+            model = self.models.get(self.setup)
+            self.engine = StackedTrainer(model, self.stack_clients or 1024)
         return self.engine
 
 
@@ -130,7 +131,8 @@ class WorkerClients(WorkerPlugin):
     dp_sgd:
         The clients' own sample-level DP-SGD settings (:class:`DpSgdConfig` as plain data).
     stack_clients:
-        Clients a worker's stacked engine trains at once (``SimulationConfig.stack_clients``).
+        Clients a worker's stacked engine trains at once (``SimulationConfig.stack_clients``);
+        None: the run's clients train one after another.
     """
 
     def __init__(
@@ -140,7 +142,7 @@ class WorkerClients(WorkerPlugin):
         device: Any = None,
         noise_seed: int | None = None,
         dp_sgd: dict[str, Any] | None = None,
-        stack_clients: int = 1024,
+        stack_clients: int | None = None,
     ) -> None:
         self.setup_data, self.plugins, self.device = setup, plugins, device
         self.noise_seed, self.dp_sgd, self.stack_clients = noise_seed, dp_sgd, stack_clients
@@ -245,10 +247,10 @@ def train_stacked(
     """A Dask task: the clients ``names`` (an array of str: Dask does not walk it, as it walks
     a list of thousands of jobs) trained at once on this worker from the round's ``shared``
     weights, those in ``inits`` built first from their data. Its answer: ``names``, the
-    clients trained, in that order, and
-    their rows (:class:`~fedpipe.common.stacked.StackedUpdates`' fields as arrays, a
-    leading client axis; ``seconds``, per client), ``failures`` (client name -> why); or
-    ``declined`` (why they cannot train stacked: nothing was trained) and ``failures``."""
+    clients trained, in that order, and their rows
+    (:class:`~fedpipe.common.stacked.StackedUpdates`' fields as arrays, a leading client
+    axis; ``seconds``, per client), ``failures`` (client name -> why); or ``declined`` (why
+    they cannot train stacked: nothing was trained) and ``failures``."""
     worker = get_worker()
     state: _WorkerState = worker.plugins[plugin].state(worker)  # type: ignore[attr-defined]
     with state.lock:
@@ -264,10 +266,11 @@ def train_stacked(
                 failures[name] = _not_here(name)
                 continue
             jobs_here.append(ClientJob(name, client.trainer, client.train_data))
-        engine = state.stacked()
-        reason = (
-            cohort_unfit(engine.model, jobs_here, bool(shared.get("dp"))) if jobs_here else None
-        )
+        engine, reason = state.stacked(), None
+        if state.stack_clients is None:
+            reason = "the run trains its clients one after another (mode='sequential')"
+        elif jobs_here:
+            reason = cohort_unfit(engine.model, jobs_here, bool(shared.get("dp")))
         if reason is not None:
             return {"declined": reason, "failures": failures}
         like = engine.model.get_weights(copy=False)
