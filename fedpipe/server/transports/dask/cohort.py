@@ -15,8 +15,11 @@ one by one.
 
 A worker that dies mid-round fails its clients (they are placed afresh next round); the
 others fold. When the workers answer that the clients cannot train stacked (a client
-optimizer module, a model with no stacked gradients...), nothing was trained: the cohort
-declines, once for the run, and rounds go client by client (:mod:`.proxy`).
+optimizer module, a model with no stacked gradients such as a torch model...), nothing was
+trained: the cohort declines, once for the run, and rounds go client by client
+(:mod:`.proxy`). The server never builds the model to ask itself: the first round asks the
+workers, which hold it. A worker whose engine raises (a client's bad data) trains its
+clients one at a time through it, so that only that client fails.
 """
 
 from __future__ import annotations
