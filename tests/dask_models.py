@@ -16,9 +16,10 @@ __all__ = ["DyingSoftmax"]
 
 
 class DyingSoftmax(SoftmaxRegression):
-    """Softmax regression whose ``kill_at``-th gradient step in a process SIGKILLs that
+    """Softmax regression whose ``kill_at``-th client gradient step in a process SIGKILLs that
     process, in the first process to get there only (``marker``, created exclusively, says
-    one did): one worker dies, mid-round, and its restarted process lives."""
+    one did): one worker dies, mid-round, and its restarted process lives. A stacked call
+    of K clients is K client steps (it dies in the call that reaches ``kill_at``)."""
 
     def __init__(self, n_features: int, n_classes: int, kill_at: int, marker: str) -> None:
         super().__init__(n_features, n_classes)
@@ -32,9 +33,13 @@ class DyingSoftmax(SoftmaxRegression):
         self._step()
         return super().compute_sample_gradients(x, y)
 
-    def _step(self) -> None:
-        self.steps += 1
-        if self.steps == self.kill_at:
+    def compute_stacked_gradients(self, weights: Any, x: Any, y: Any) -> Any:
+        self._step(len(x))
+        return super().compute_stacked_gradients(weights, x, y)
+
+    def _step(self, clients: int = 1) -> None:
+        self.steps += clients
+        if self.steps - clients < self.kill_at <= self.steps:
             try:
                 os.close(os.open(self.marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
             except FileExistsError:

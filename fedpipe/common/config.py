@@ -632,7 +632,8 @@ class SimulationConfig(OwnTraining):
     numpy (:mod:`fedpipe.common.stacked`, bit-equal to sequential) for a numpy model;
     ``"auto"`` (the default), vectorized for a numpy model, sequential for a torch model.
     ``transport = "dask"`` runs the clients on the Dask cluster ``dask`` describes
-    (:class:`DaskConfig`).
+    (:class:`DaskConfig`): there ``"auto"`` stacks a numpy model's clients on each worker, and
+    ``"vectorized"`` (torch.func) is in-process only.
 
     ``loaders`` and ``train_fn`` are a client config's (:class:`OwnTraining`), for every
     simulated client: the factory gets each client's partition, ``factory(train, eval)``, and
@@ -667,8 +668,9 @@ class SimulationConfig(OwnTraining):
             )
         if self.transport == "dask" and self.mode == "vectorized":
             raise ValueError(
-                f"mode={self.mode!r} trains in-process clients; with transport='dask' each "
-                "worker trains its clients one after another (mode='sequential')"
+                f"mode={self.mode!r} stacks a torch model's clients with torch.func in-process "
+                "only; with transport='dask', mode='auto' (the default) stacks a numpy "
+                "model's clients on each worker, mode='sequential' trains them one by one"
             )
         if self.transport == "grpc" and self.device is not None:
             raise ValueError(

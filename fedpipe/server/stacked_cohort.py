@@ -26,7 +26,7 @@ from fedpipe.common.stacked import StackedTrainer, StackedUpdates, stacked_unfit
 from fedpipe.server.clients import ClientProxy, RoundTask
 from fedpipe.server.cohorts import ClientCohort, CohortReply
 
-__all__ = ["StackedCohort"]
+__all__ = ["StackedCohort", "add_stacked", "cohort_unfit", "empty_reply"]
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ class StackedCohort(ClientCohort):
         self, clients: Sequence[ClientProxy], task: RoundTask, aggregator: Aggregator
     ) -> CohortReply | None:
         jobs = [_job(client) for client in clients]
-        reason = _unfit(self.engine.model, jobs, task)
+        reason = cohort_unfit(self.engine.model, jobs, bool(task.settings.get("dp")))
         if reason is not None:
             self.decline(reason)
             return None
@@ -66,13 +66,11 @@ class StackedCohort(ClientCohort):
 
     def _train(self, jobs: list[ClientJob], task: RoundTask, aggregator: Aggregator) -> CohortReply:
         """On a worker thread: every chunk trained, its finite rows added to the sum."""
-        none, empty = np.zeros(0, np.int64), np.zeros(0)
-        reply = CohortReply(None, [], none, none, empty, none, 0.0)
-        begin = 0
+        reply, begin = empty_reply(), 0
         for done in self.engine.train(jobs, task.weights, task.round_number):
             chunk = jobs[begin : begin + len(done.n_samples)]
             begin += len(chunk)
-            _add_chunk(reply, chunk, done, aggregator)
+            add_stacked(reply, [job.name for job in chunk], done, aggregator)
         return reply
 
 
@@ -83,32 +81,39 @@ def _job(client: ClientProxy) -> ClientJob:
     return ClientJob(client.name, client.trainer, client.train_data)  # type: ignore[arg-type]
 
 
-def _unfit(model: Model, jobs: list[ClientJob], task: RoundTask) -> str | None:
-    if task.settings.get("dp"):
+def cohort_unfit(model: Model, jobs: list[ClientJob], distributed_dp: bool) -> str | None:
+    """Why ``jobs`` cannot train stacked on ``model`` this round; None when they can."""
+    if distributed_dp:
         return "distributed DP noise is added client by client"
     if not all(isinstance(job.data, Dataset) for job in jobs):
         return "the clients train on their own loaders"
     return stacked_unfit(model, jobs[0])
 
 
-def _add_chunk(
-    reply: CohortReply, jobs: list[ClientJob], done: StackedUpdates, aggregator: Aggregator
+def empty_reply() -> CohortReply:
+    """A cohort's reply with no client yet (:func:`add_stacked` adds them)."""
+    none = np.zeros(0, np.int64)
+    return CohortReply(None, [], none, none, np.zeros(0), none, 0.0)
+
+
+def add_stacked(
+    reply: CohortReply, names: list[str], done: StackedUpdates, aggregator: Aggregator
 ) -> None:
-    """Add the chunk's clients whose update and loss are finite to ``reply``; name the
-    others in its failures."""
+    """Add the clients ``names`` (row ``k``: ``names[k]``) whose update and loss are finite
+    to ``reply``; name the others in its failures. ``done.updates`` goes to the aggregator."""
     finite = np.isfinite(done.loss_sum)
     for stacked in done.updates.values():
-        finite &= np.isfinite(stacked.reshape(len(jobs), -1)).all(axis=1)
-    updates, rows = done.updates, np.arange(len(jobs))
+        finite &= np.isfinite(stacked.reshape(len(names), -1)).all(axis=1)
+    updates, rows = done.updates, np.arange(len(names))
     if not finite.all():
         reply.failures.update(
-            (job.name, NOT_FINITE) for job, ok in zip(jobs, finite, strict=True) if not ok
+            (name, NOT_FINITE) for name, ok in zip(names, finite, strict=True) if not ok
         )
         rows = np.flatnonzero(finite)
         updates = {name: stacked[rows] for name, stacked in updates.items()}
     if len(rows):
         reply.total = aggregator.admit_stacked(updates, done.n_samples[rows].tolist(), reply.total)
-    reply.names += [jobs[k].name for k in rows.tolist()]
+    reply.names += [names[k] for k in rows.tolist()]
     reply.n_samples = np.concatenate([reply.n_samples, done.n_samples[rows]])
     reply.n_steps = np.concatenate([reply.n_steps, done.n_steps[rows]])
     reply.loss_sum = np.concatenate([reply.loss_sum, done.loss_sum[rows]])

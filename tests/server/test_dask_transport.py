@@ -7,8 +7,10 @@ existing cluster.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import json
+import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,9 +24,10 @@ distributed = pytest.importorskip("dask.distributed")
 psutil = pytest.importorskip("psutil")
 
 from fedpipe.common.config import DaskConfig, SimulationConfig  # noqa: E402
+from fedpipe.common.data import Dataset  # noqa: E402
 from fedpipe.common.privacy.accountant import PrivacyAccountant, RoundEvent  # noqa: E402
-from fedpipe.server.simulation import simulate  # noqa: E402
-from fedpipe.server.transports.dask.run import local_cluster_options  # noqa: E402
+from fedpipe.server.simulation import simulate, simulate_inprocess  # noqa: E402
+from fedpipe.server.transports.dask.run import local_cluster_options, simulate_dask  # noqa: E402
 
 LOOPBACK = ipaddress.ip_network("127.0.0.0/8")
 
@@ -59,17 +62,33 @@ def sockets() -> list[tuple[int, str, Any, Any]]:
     return found
 
 
-def test_dask_trains_like_in_process_on_loopback_only(cluster: Any, tmp_path: Path) -> None:
+def client_rows(run: Path) -> list[dict[str, Any]]:
+    """``clients.jsonl`` of ``run`` without the timings."""
+    rows = [json.loads(line) for line in (run / "clients.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in row.items() if "seconds" not in k} for row in rows]
+
+
+STACKING_OFF = "stacked training off"
+
+
+def test_dask_trains_like_in_process_on_loopback_only(
+    cluster: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Both train stacked (mode "auto", a numpy model): one Dask task per worker and round.
     reference = simulate(config(tmp_path, "inprocess"))
     seen: list[tuple[int, str, Any, Any]] = []
     sim = config(tmp_path, "dask", transport="dask", dask={"scheduler": cluster.scheduler_address})
-    summary = simulate(sim, on_round=lambda _: seen.extend(sockets()))
+    with caplog.at_level(logging.INFO, logger="fedpipe.server.cohorts"):
+        summary = simulate(sim, on_round=lambda _: seen.extend(sockets()))
 
+    assert not [r for r in caplog.records if STACKING_OFF in r.getMessage()]
     assert summary.status == reference.status == "completed"
     for name, array in reference.weights.coefs.items():
         assert np.array_equal(summary.weights.coefs[name], array), name  # bit for bit
     assert summary.history[-1]["accuracy"] == reference.history[-1]["accuracy"] > 0.5
     assert [r["replied"] for r in summary.history] == [10, 10, 10]
+    rows = client_rows(tmp_path / "dask")
+    assert rows == client_rows(tmp_path / "inprocess") and len(rows) == 30
     # Every listener and connection of the scheduler, nannies, workers and this client.
     workers = {pid for pid, *_ in seen if pid != os.getpid()}
     assert len(workers) == 2
@@ -118,7 +137,37 @@ def killing(
     )
 
 
+def test_dask_clients_that_cannot_train_stacked_train_one_by_one_like_in_process(
+    cluster: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A momentum module keeps a state per client: the workers decline, nothing trained
+    # twice, and every round goes client by client (said once).
+    server = {"client_optimizer": {"lrate": 0.5, "modules": ["momentum"]}}
+    reference = simulate(config(tmp_path, "inprocess", server=server))
+    sim = config(
+        tmp_path,
+        "dask",
+        transport="dask",
+        dask={"scheduler": cluster.scheduler_address},
+        server=server,
+    )
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="fedpipe.server.cohorts"):
+        summary = simulate(sim)
+
+    said = [r.getMessage() for r in caplog.records if STACKING_OFF in r.getMessage()]
+    assert said == [
+        "stacked training off, clients train one after another: client optimizer module "
+        "'momentum' runs client by client"
+    ]
+    assert summary.status == reference.status == "completed"
+    for name, array in reference.weights.coefs.items():
+        assert np.array_equal(summary.weights.coefs[name], array), name
+    assert client_rows(tmp_path / "dask") == client_rows(tmp_path / "inprocess")
+
+
 def test_a_worker_killed_mid_round_drops_only_its_clients(cluster: Any, tmp_path: Path) -> None:
+    # Stacked: the worker dies in its one task of round 2, all its clients' steps at once.
     summary = simulate(killing(cluster, tmp_path))
 
     assert (tmp_path / "killed").exists()
@@ -128,6 +177,12 @@ def test_a_worker_killed_mid_round_drops_only_its_clients(cluster: Any, tmp_path
     names = [f"client-{i}" for i in range(10)]
     # Placement is round robin: the survivor's clients are every other one.
     assert replied[1] in (names[0::2], names[1::2])
+    rows = [json.loads(line) for line in (tmp_path / "kill" / "clients.jsonl").open()]
+    lost = {row["client"]: row.get("error", "") for row in rows if row["round"] == 2}
+    assert sorted(n for n, why in lost.items() if "its Dask worker" in why) == sorted(
+        set(names) - set(replied[1])
+    )
+    assert all(why.endswith(" died") for why in lost.values() if why)
 
 
 def test_a_dp_sgd_client_placed_afresh_keeps_counting_its_privacy(
@@ -225,7 +280,7 @@ def test_a_worker_killed_after_its_clients_shared_keys_leaves_a_recoverable_sum(
 def test_dask_config_says_what_is_wrong(dask: dict[str, Any], message: str) -> None:
     with pytest.raises(pydantic.ValidationError, match=message):
         SimulationConfig.model_validate({"transport": "dask", "dask": dask})
-    with pytest.raises(pydantic.ValidationError, match="each worker trains its clients one"):
+    with pytest.raises(pydantic.ValidationError, match="with transport='dask', mode='auto'"):
         SimulationConfig.model_validate({"transport": "dask", "mode": "vectorized"})
 
 
@@ -282,3 +337,33 @@ def test_dask_clients_evaluate_with_the_travelling_global_buffers(
     for key in ("loss", "accuracy"):
         want = [r[key] for r in reference.history]
         assert [r[key] for r in summary.history] == pytest.approx(want, rel=1e-6), key
+
+
+def test_a_client_whose_data_the_stacked_engine_rejects_fails_alone_like_in_process(
+    cluster: Any, tmp_path: Path
+) -> None:
+    # Client 4's labels are out of range: its worker's engine raises, then trains its clients
+    # one at a time; only client 4 fails, with in-process's reason, and the others fold.
+    rng = np.random.default_rng(1)
+    data: list[tuple[str, Dataset, Dataset | None]] = []
+    for i, n in enumerate([11, 5, 16, 3, 9, 8]):
+        x = rng.standard_normal((n, 6)).astype(np.float32)
+        y = np.full(n, 7) if i == 4 else rng.integers(0, 3, n)  # 3 classes
+        data.append((f"c{i}", Dataset(x, y), None))
+    model = {"name": "softmax-regression", "config": {"n_features": 6, "n_classes": 3}}
+    server = {"model": model, "min_clients": 6, "eval_every": 0}
+    reference = asyncio.run(simulate_inprocess(config(tmp_path, "inprocess", server=server), data))
+    dask = {"scheduler": cluster.scheduler_address}
+    sim = config(tmp_path, "dask", transport="dask", dask=dask, server=server)
+    summary = asyncio.run(simulate_dask(sim, data))
+
+    assert summary.status == reference.status == "completed"
+    for name, array in reference.weights.coefs.items():
+        assert np.array_equal(summary.weights.coefs[name], array), name
+    rows, expected = client_rows(tmp_path / "dask"), client_rows(tmp_path / "inprocess")
+    assert [row["client"] for row in rows if not row["replied"]] == ["c4"] * 3
+    for row in expected:  # a worker names the exception, as for any client it trains
+        if "error" in row:
+            row["error"] = f"ValueError: {row['error']}"
+    assert rows == expected
+    assert "integer class ids" in rows[4]["error"]

@@ -10,7 +10,9 @@ the first client of a round task on a worker opens the batch and schedules its f
 are scattered once per round task to every worker (``broadcast=True``), not sent per client;
 replies come back as numpy arrays in plain containers (:mod:`.payloads`) and are handed to the
 round loop in task order, so that its running sum adds them in the order the in-process
-transport does: same seed, bit-identical weights.
+transport does: same seed, bit-identical weights. When the clients train stacked (the mode
+``"auto"`` and a numpy model), a round's training goes through the fleet's
+:class:`~.cohort.DaskCohort` instead: one task per worker, one reply for the round.
 
 A worker that dies (the scheduler's ``remove-worker`` event) fails the replies it owed: its
 clients leave the round like clients past the deadline, and the round goes on if
@@ -34,6 +36,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import numpy as np
 from dask.distributed import Client
 
 from fedpipe.common.data import Dataset
@@ -42,6 +45,7 @@ from fedpipe.common.vector import ArraySpec
 from fedpipe.proto.fedpipe.v1 import secagg_pb2 as spb
 from fedpipe.server.clients import ClientError, ClientProxy, RoundTask, RunOutcome
 from fedpipe.server.devices import DeviceWorkers
+from fedpipe.server.transports.dask.cohort import DaskCohort
 from fedpipe.server.transports.dask.payloads import (
     eval_from_plain,
     plain_dataset,
@@ -58,6 +62,7 @@ from fedpipe.server.transports.dask.worker import (
     Outcome,
     WorkerClients,
     run_jobs,
+    train_stacked,
 )
 
 if TYPE_CHECKING:  # the secagg extra
@@ -101,6 +106,9 @@ class DaskFleet:
     dp_sgd:
         The clients' own DP-SGD settings (:class:`~fedpipe.common.config.DpSgdConfig` as
         plain data), or None.
+    stack_clients:
+        Clients a worker trains stacked at once; None: each worker trains its clients one
+        after another (the sequential mode), no :attr:`cohort`.
     """
 
     def __init__(
@@ -112,8 +120,12 @@ class DaskFleet:
         noise_seed: int | None = None,
         *,
         dp_sgd: dict[str, Any] | None = None,
+        stack_clients: int | None = None,
     ) -> None:
         self.client = client
+        self.stack_clients = stack_clients
+        #: The clients' cohort when they train stacked (:mod:`.cohort`).
+        self.cohort = None if stack_clients is None else DaskCohort(self)
         self.dp_sgd = dp_sgd
         self.records: dict[str, Any] = {}  # client name -> its last DP-SGD record
         self.resources = dict(resources or {})
@@ -131,7 +143,12 @@ class DaskFleet:
     async def start(self, setup: RunSetup) -> None:
         """Install the run's registry on every worker (those that join later too)."""
         plugin = WorkerClients(
-            setup.to_data(), self.plugins, self.device, self.noise_seed, self.dp_sgd
+            setup.to_data(),
+            self.plugins,
+            self.device,
+            self.noise_seed,
+            self.dp_sgd,
+            self.stack_clients,
         )
         await self.client.register_plugin(plugin, name=self.plugin)
         self._started = True
@@ -197,7 +214,7 @@ class DaskFleet:
                 if not reply.done():
                     reply.set_exception(error)
 
-    def _place(self, client: DaskClient) -> tuple[str, dict[str, Any] | None]:
+    def place(self, client: ClientProxy) -> tuple[str, dict[str, Any] | None]:
         """The worker of ``client``, and its data when that worker has yet to build it."""
         owner = self.owners.get(client.name)
         if owner is not None:
@@ -208,6 +225,7 @@ class DaskFleet:
         owner = min(self.workers, key=lambda w: self.load[w])
         self.owners[client.name] = owner
         self.load[owner] += 1
+        assert isinstance(client, DaskClient)  # the fleet's own
         return owner, {
             "train": plain_dataset(client.train_data),
             "eval": plain_dataset(client.eval_data),
@@ -227,7 +245,7 @@ class DaskFleet:
         future gets the client's plain reply, or a :class:`ClientError`."""
         loop = asyncio.get_running_loop()
         cache = self._init_cache if task is None else task.cache
-        worker, init = self._place(client)
+        worker, init = self.place(client)
         key = f"dask/{op}/{worker}"
         batch: _Batch | None = cache.get(key)
         if batch is None:
@@ -248,22 +266,59 @@ class DaskFleet:
         self._pending.setdefault(batch.worker, set()).add(batch)
         batch.runner = asyncio.ensure_future(self._dispatch(batch, task))
 
+    def submit_stacked(self, worker: str, jobs: list[Job], task: RoundTask) -> asyncio.Future[Any]:
+        """One Dask task: ``jobs``' clients trained stacked on ``worker``
+        (:func:`~.worker.train_stacked`); the future gets its plain answer, or a
+        :class:`ClientError` (the worker died, the task failed)."""
+        reply: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        batch = _Batch("train_stacked", worker, task.round_number, jobs, [reply])
+        self._pending.setdefault(worker, set()).add(batch)
+        if worker not in self.workers:  # it left since the round's refresh
+            self._lost(worker)
+        else:
+            batch.runner = asyncio.ensure_future(self._dispatch_stacked(batch, task))
+        return reply
+
+    async def _dispatch_stacked(self, batch: _Batch, task: RoundTask) -> None:
+        [reply] = batch.replies
+        try:
+            shared = await self.shared(task, "train")
+            names = np.array([name for name, _, _ in batch.jobs])
+            inits = {name: init for name, init, _ in batch.jobs if init is not None}
+            answer = await self._run(batch, train_stacked, names, inits, shared, batch.round_number)
+            failed = set(answer.get("failures", {})) if isinstance(answer, dict) else set()
+        except Exception as exc:  # the Dask task's failure is each of its clients' failure
+            log.warning("Dask task on %s failed: %s: %s", batch.worker, type(exc).__name__, exc)
+            answer = ClientError(f"Dask task failed: {type(exc).__name__}: {exc}")
+            failed = {name for name, _, _ in batch.jobs}
+        finally:
+            self._pending.get(batch.worker, set()).discard(batch)
+        for name, init, _ in batch.jobs:
+            if init is not None and name in failed:  # not built there: placed afresh next time
+                self._unplace(name)
+        if not reply.done():  # the round deadline cancelled it
+            if isinstance(answer, ClientError):
+                reply.set_exception(answer)
+            else:
+                reply.set_result(answer)
+
+    def _run(self, batch: _Batch, task: Callable[..., Any], *args: Any) -> Any:
+        """``task(plugin, *args)`` on the batch's worker, as a Dask future."""
+        return self.client.submit(
+            task,
+            self.plugin,
+            *args,
+            workers=[batch.worker],
+            allow_other_workers=False,
+            resources=self.resources or None,
+            pure=False,
+        )
+
     async def _dispatch(self, batch: _Batch, task: RoundTask | None) -> None:
         try:
-            shared = None if task is None else await self._shared(task, batch.op)
-            future = self.client.submit(
-                run_jobs,
-                self.plugin,
-                batch.op,
-                batch.jobs,
-                shared,
-                batch.round_number,
-                workers=[batch.worker],
-                allow_other_workers=False,
-                resources=self.resources or None,
-                pure=False,
-            )
-            outcomes: list[Outcome] = await future
+            shared = None if task is None else await self.shared(task, batch.op)
+            args = (batch.op, batch.jobs, shared, batch.round_number)
+            outcomes: list[Outcome] = await self._run(batch, run_jobs, *args)
             if not isinstance(outcomes, list) or len(outcomes) != len(batch.jobs):
                 raise ClientError(f"a worker answered {len(batch.jobs)} jobs with {outcomes!r}")
         except Exception as exc:  # the Dask task's failure is each of its clients' failure
@@ -292,7 +347,7 @@ class DaskFleet:
         if owner is not None:
             self.load[owner] -= 1
 
-    async def _shared(self, task: RoundTask, op: Op) -> Any:
+    async def shared(self, task: RoundTask, op: Op) -> Any:
         """The task's weights and aux vars (an evaluation's: the global buffers, when they
         travel), scattered once to every worker."""
         key = f"dask/shared/{op}"
@@ -328,6 +383,9 @@ class DaskClient(ClientProxy):
 
     async def initialize(self, setup: RunSetup, specs: Mapping[str, ArraySpec]) -> None:
         await self.fleet.submit(self, "init", None)
+
+    def cohort(self) -> DaskCohort | None:
+        return self.fleet.cohort
 
     async def train(self, task: RoundTask) -> TrainResult:
         await self.fleet.refreshed(task)

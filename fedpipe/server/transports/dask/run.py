@@ -72,8 +72,9 @@ async def simulate_dask(
     overwrite: bool = False,
 ) -> RunSummary:
     """The round loop with :class:`~.proxy.DaskClient` proxies on the cluster ``sim.dask``
-    names (see :mod:`.proxy` for placement, batching and lost workers)."""
-    from fedpipe.server.simulation import run_pool, simulation_plugins
+    names (see :mod:`.proxy` for placement, batching and lost workers); unless the mode is
+    sequential, each worker trains a round's clients stacked (:mod:`.cohort`)."""
+    from fedpipe.server.simulation import run_pool, simulation_plugins, training_mode
     from fedpipe.server.transports.dask.proxy import DaskClient, DaskFleet
 
     async with dask_client(sim.dask) as client:
@@ -84,6 +85,7 @@ async def simulate_dask(
             sim.device,
             sim.noise_seed,
             dp_sgd=None if sim.dp_sgd is None else sim.dp_sgd.model_dump(),
+            stack_clients=None if training_mode(sim) == "sequential" else sim.stack_clients,
         )
         pool = ClientPool()
         for name, train, test in clients:

@@ -9,8 +9,12 @@ from the run setup on first use (model code never travels), and each client plac
 data and its own :class:`~fedpipe.common.training.LocalTrainer` (module states, aux vars),
 kept from round to round. A task (:func:`run_jobs`) finds it through ``get_worker()``.
 
-A worker trains its clients one after another: they share its model object, so a task holds
-the worker's lock (a task of a round the server gave up on finishes before the next starts).
+A worker trains a round's clients stacked when it can (:func:`train_stacked`, the server's
+:class:`~.cohort.DaskCohort`): one :class:`~fedpipe.common.stacked.StackedTrainer` per worker,
+kept from round to round with its flat copy of its clients' samples, trains them all at once,
+bit-equal to one after another; else (:func:`run_jobs`) it trains them one after another. They
+share its model object, so a task holds the worker's lock (a task of a round the server gave
+up on finishes before the next starts).
 """
 
 from __future__ import annotations
@@ -20,16 +24,20 @@ import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
+import numpy as np
 from dask.distributed import Worker, WorkerPlugin, get_worker
 
+from fedpipe.common.client_job import ClientJob
 from fedpipe.common.config import DpSgdConfig
 from fedpipe.common.data import Dataset
 from fedpipe.common.plugins import import_plugins
+from fedpipe.common.stacked import StackedTrainer, StackedUpdates
 from fedpipe.common.summable import Summable
 from fedpipe.common.training import LocalTrainer, RunSetup
 from fedpipe.common.vector import Vector
 from fedpipe.server.devices import resolve_devices
 from fedpipe.server.inprocess import SharedModels
+from fedpipe.server.stacked_cohort import cohort_unfit
 from fedpipe.server.transports.dask.payloads import (
     dataset_from,
     plain_eval,
@@ -42,7 +50,16 @@ from fedpipe.server.transports.dask.payloads import (
 if TYPE_CHECKING:  # the secagg extra
     from fedpipe.server.transports.dask.secure import WorkerSession
 
-__all__ = ["DP_SGD_RECORD", "MASKED", "Job", "Op", "Outcome", "WorkerClients", "run_jobs"]
+__all__ = [
+    "DP_SGD_RECORD",
+    "MASKED",
+    "Job",
+    "Op",
+    "Outcome",
+    "WorkerClients",
+    "run_jobs",
+    "train_stacked",
+]
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +68,7 @@ Op = Literal[
     "train",
     "evaluate",
     "train_masked",  # secure aggregation: a train task whose reply is masked
+    "train_stacked",  # the worker's clients of a round trained at once: train_stacked
     "secagg_advertise",
     "secagg_share",
     "secagg_unmask",
@@ -82,8 +100,17 @@ class _WorkerState:
     models: SharedModels
     noise_seed: int | None = None
     dp_sgd: DpSgdConfig | None = None
+    stack_clients: int | None = None
     clients: dict[str, _Client] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    engine: StackedTrainer | None = None
+
+    def stacked(self) -> StackedTrainer:
+        """The worker's stacked engine on its model, built on first use."""
+        if self.engine is None:
+            model = self.models.get(self.setup)
+            self.engine = StackedTrainer(model, self.stack_clients or 1024)
+        return self.engine
 
 
 class WorkerClients(WorkerPlugin):
@@ -103,6 +130,9 @@ class WorkerClients(WorkerPlugin):
         ``None``: OS entropy.
     dp_sgd:
         The clients' own sample-level DP-SGD settings (:class:`DpSgdConfig` as plain data).
+    stack_clients:
+        Clients a worker's stacked engine trains at once (``SimulationConfig.stack_clients``);
+        None: the run's clients train one after another.
     """
 
     def __init__(
@@ -112,9 +142,10 @@ class WorkerClients(WorkerPlugin):
         device: Any = None,
         noise_seed: int | None = None,
         dp_sgd: dict[str, Any] | None = None,
+        stack_clients: int | None = None,
     ) -> None:
         self.setup_data, self.plugins, self.device = setup, plugins, device
-        self.noise_seed, self.dp_sgd = noise_seed, dp_sgd
+        self.noise_seed, self.dp_sgd, self.stack_clients = noise_seed, dp_sgd, stack_clients
         self._states: dict[str, _WorkerState] = {}
 
     def setup(self, worker: Worker) -> None:
@@ -122,7 +153,9 @@ class WorkerClients(WorkerPlugin):
         models = SharedModels(resolve_devices(self.device)[:1])
         setup = RunSetup.from_data(self.setup_data)
         dp_sgd = None if self.dp_sgd is None else DpSgdConfig.model_validate(self.dp_sgd)
-        self._states[worker.address] = _WorkerState(setup, models, self.noise_seed, dp_sgd)
+        self._states[worker.address] = _WorkerState(
+            setup, models, self.noise_seed, dp_sgd, self.stack_clients
+        )
 
     def teardown(self, worker: Worker) -> None:
         state = self._states.pop(worker.address, None)
@@ -168,11 +201,9 @@ def _run(
     """One client's part of a task; its failure is its own (reported, the others go on)."""
     name, init, data = job
     try:
-        if init is not None:
-            _place(state, name, init)
-        client = state.clients.get(name)
+        client = _client(state, name, init)
         if client is None:
-            return "error", f"client {name} is not on this worker (it was never placed here)"
+            return "error", _not_here(name)
         if op in ("train", "train_masked"):
             assert weights is not None
             trainer = client.trainer
@@ -204,6 +235,107 @@ def _run(
     except Exception as exc:  # reported as this client's failure, as in-process clients' are
         log.warning("client %s failed %s: %s: %s", name, op, type(exc).__name__, exc)
         return "error", f"{type(exc).__name__}: {exc}"
+
+
+def train_stacked(
+    plugin: str,
+    names: np.ndarray,
+    inits: dict[str, dict[str, Any]],
+    shared: dict[str, Any],
+    round_number: int,
+) -> dict[str, Any]:
+    """A Dask task: the clients ``names`` (an array of str: Dask does not walk it, as it walks
+    a list of thousands of jobs) trained at once on this worker from the round's ``shared``
+    weights, those in ``inits`` built first from their data. Its answer: ``names``, the
+    clients trained, in that order, and their rows
+    (:class:`~fedpipe.common.stacked.StackedUpdates`' fields as arrays, a leading client
+    axis; ``seconds``, per client), ``failures`` (client name -> why); or ``declined`` (why
+    they cannot train stacked: nothing was trained) and ``failures``."""
+    worker = get_worker()
+    state: _WorkerState = worker.plugins[plugin].state(worker)  # type: ignore[attr-defined]
+    with state.lock:
+        failures: dict[str, str] = {}
+        jobs_here: list[ClientJob] = []
+        for name in names.tolist():
+            try:
+                client = _client(state, name, inits.get(name))
+            except Exception as exc:  # its placement failed: this client's failure alone
+                failures[name] = f"{type(exc).__name__}: {exc}"
+                continue
+            if client is None:
+                failures[name] = _not_here(name)
+                continue
+            jobs_here.append(ClientJob(name, client.trainer, client.train_data))
+        engine, reason = state.stacked(), None
+        if state.stack_clients is None:
+            reason = "the run trains its clients one after another (mode='sequential')"
+        elif jobs_here:
+            reason = cohort_unfit(engine.model, jobs_here, bool(shared.get("dp")))
+        if reason is not None:
+            return {"declined": reason, "failures": failures}
+        like = engine.model.get_weights(copy=False)
+        weights = vector_from(shared["weights"], "weights").like(like)
+        trained, done = _stacked(engine, jobs_here, weights, round_number, failures)
+        answer: dict[str, Any] = {"names": trained, "failures": failures}
+        if done is not None:
+            answer.update(vars(done))
+        return answer
+
+
+def _stacked(
+    engine: StackedTrainer,
+    jobs: list[ClientJob],
+    weights: Vector,
+    round_number: int,
+    failures: dict[str, str],
+) -> tuple[list[str], StackedUpdates | None]:
+    """The clients trained and their rows; when the engine raises (a client's bad data),
+    each client alone through it, and those that raise in ``failures``."""
+    steps = [job.trainer.optimizer.step for job in jobs]
+    try:
+        return [job.name for job in jobs], _joined(list(engine.train(jobs, weights, round_number)))
+    except Exception as exc:
+        log.warning("round %d: stacked training of %d client(s) failed (%s: %s); they train "
+                    "one at a time", round_number, len(jobs), type(exc).__name__, exc)  # fmt: skip
+    names: list[str] = []
+    chunks: list[StackedUpdates] = []
+    for job, step in zip(jobs, steps, strict=True):
+        job.trainer.optimizer.step = step
+        try:
+            chunks += engine.train([job], weights, round_number)
+            names.append(job.name)
+        except Exception as exc:
+            job.trainer.optimizer.step = step
+            failures[job.name] = f"{type(exc).__name__}: {exc}"
+    return names, _joined(chunks)
+
+
+def _joined(chunks: list[StackedUpdates]) -> StackedUpdates | None:
+    """The chunks' rows one after another (None: no chunk); ``seconds``, per client."""
+    if not chunks:
+        return None
+    if len(chunks) == 1:
+        return chunks[0]
+    counts = [len(chunk.n_samples) for chunk in chunks]
+    return StackedUpdates(
+        updates={n: np.concatenate([c.updates[n] for c in chunks]) for n in chunks[0].updates},
+        n_samples=np.concatenate([c.n_samples for c in chunks]),
+        n_steps=np.concatenate([c.n_steps for c in chunks]),
+        loss_sum=np.concatenate([c.loss_sum for c in chunks]),
+        n_samples_seen=np.concatenate([c.n_samples_seen for c in chunks]),
+        seconds=sum(c.seconds * k for c, k in zip(chunks, counts, strict=True)) / sum(counts),
+    )
+
+
+def _client(state: _WorkerState, name: str, init: dict[str, Any] | None) -> _Client | None:
+    """Client ``name`` on this worker, built first when ``init`` brings its data."""
+    if init is not None:
+        _place(state, name, init)
+    return state.clients.get(name)
+
+
+def _not_here(name: str) -> str:
+    return f"client {name} is not on this worker (it was never placed here)"
 
 
 def _place(state: _WorkerState, name: str, init: dict[str, Any]) -> None:
