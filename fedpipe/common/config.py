@@ -330,6 +330,11 @@ class ServerConfig(_Strict):
     #: Bytes of replies a buffered aggregator (median, Krum...) keeps in memory in a round;
     #: later replies are spilled to memory-mapped files in the run directory until it ends.
     aggregation_memory_bytes: int = Field(default=1 << 30, ge=0)
+    #: A train reply to a streaming aggregator (averaging, sum...) whose payload is at least
+    #: this large is staged on disk in the run directory as it arrives and folded from there
+    #: once complete (the server then holds the sum, not one update per reply in flight);
+    #: smaller replies are received in memory. A very large value turns staging off.
+    stage_replies_from_bytes: int = Field(default=1 << 20, ge=0)
     #: Modules of the server owner's packages to import (registered classes); never sent to
     #: clients.
     plugins: Plugins = Field(default_factory=list)

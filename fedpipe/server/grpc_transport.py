@@ -170,8 +170,13 @@ class GrpcClient(ClientProxy):
 
     def spills(self, message: Any) -> str | None:
         """The payload map received to disk for ``message`` (accepted, announcing a payload):
-        ``"partial"`` for a train reply the round loop folds from disk, else None."""
-        return "partial" if message.reply.task_id in self._spilling else None
+        ``"partial"`` for a train reply the round loop folds from disk (one of at least
+        ``stage_replies_from_bytes``), else None."""
+        if message.reply.task_id not in self._spilling:
+            return None
+        return (
+            "partial" if announced_bytes(message) >= self.config.stage_replies_from_bytes else None
+        )
 
     async def _train_request(
         self, task: RoundTask, kind: int, limits: ReplyLimits, stage: tuple[str, Any] | None = None

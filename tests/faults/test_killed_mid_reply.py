@@ -27,6 +27,7 @@ def run(
         min_results=2,
         eval_every=0,
         chunk_mib=0.0010004,  # 1049-byte chunks: floats cut across chunk boundaries
+        stage_replies_from_bytes=0,  # this small model's replies are staged on disk too
     )
     server = spawn_server(config)
     procs.append(server)

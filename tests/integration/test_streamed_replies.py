@@ -28,6 +28,7 @@ async def run(
         client_optimizer={"lrate": 0.3, "modules": ["momentum"]},
         aggregator=["averaging", {"weighting": "capped", "max_samples": 300}],
         chunk_mib=0.0010004,  # 1049-byte chunks: floats cut across chunk boundaries
+        stage_replies_from_bytes=0,  # this small model's replies are staged on disk too
     )
     async with running_server(config) as server:
         processes += [spawn_client(config.port, f"site-{i}", client_data[i]) for i in range(2)]
