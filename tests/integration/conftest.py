@@ -19,9 +19,9 @@ from fedpipe.common.config import ServerConfig
 from fedpipe.common.data import load_builtin, partition, save_partitions
 from fedpipe.common.wire import PROTOCOL_VERSION, SESSION_METHOD
 from fedpipe.proto.fedpipe.v1 import federation_pb2 as pb
-from fedpipe.server.daemon import serve
 from fedpipe.server.rounds import RunSummary
 from fedpipe.server.simulation import free_port
+from fedpipe.server.transports.grpc.server import serve
 
 
 @pytest.fixture(scope="session")
