@@ -352,8 +352,7 @@ class ServerConfig(_Strict):
     status_host: str = "127.0.0.1"
     status_token: str = ""
     status_token_file: Path | None = None
-    #: Mask updates so that the server learns only their sum (in-process and gRPC
-    #: transports); None: plain updates.
+    #: Mask updates so that the server learns only their sum; None: plain updates.
     secure_aggregation: SecureAggregationConfig | None = None
 
     @model_validator(mode="before")

@@ -12,7 +12,16 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from fedpipe.common.codec import dtype_to_enum
 from fedpipe.common.config import ServerConfig
-from fedpipe.common.payload import EncodedPayload, chunk_frame, encode_payload
+from fedpipe.common.framing import Received, payload_frames
+from fedpipe.common.payload import EncodedPayload, encode_payload
+from fedpipe.common.protocol import ProtocolError
+from fedpipe.common.records import (
+    eval_result_from,
+    settings_data,
+    settings_value,
+    task_state,
+    train_result_from,
+)
 from fedpipe.common.reply_limits import (
     REPLY_MODEL_COPIES,
     ReplyLimits,
@@ -21,16 +30,6 @@ from fedpipe.common.reply_limits import (
 )
 from fedpipe.common.training import EvalResult, RunSetup, TrainResult
 from fedpipe.common.vector import ArraySpec, Vector
-from fedpipe.common.wire import (
-    CHUNK_FIELD,
-    ProtocolError,
-    Received,
-    eval_result_from,
-    settings_data,
-    settings_value,
-    task_state,
-    train_result_from,
-)
 from fedpipe.proto.fedpipe.v1 import federation_pb2 as pb
 from fedpipe.proto.fedpipe.v1 import tensor_pb2
 from fedpipe.server.clients import ClientError, ClientProxy, RoundTask, RunOutcome
@@ -499,7 +498,7 @@ def _round_payload(task: RoundTask, kind: str, chunk_bytes: int) -> EncodedPaylo
 
 def _chunk_frames(payload: EncodedPayload, cache: dict[str, Any] | None) -> list[bytes] | Any:
     """Chunk frames of ``payload``: built once per round when small enough, else on the fly."""
-    frames = (chunk_frame(CHUNK_FIELD, t, o, d) for t, o, d in payload.chunks())
+    frames = payload_frames(payload)
     if cache is None or int(payload.header.total_bytes) > FRAME_CACHE_BYTES:
         return frames
     key = f"frames/{id(payload)}"

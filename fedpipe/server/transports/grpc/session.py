@@ -13,17 +13,11 @@ import grpc
 from google.protobuf.message import DecodeError as ProtobufDecodeError
 
 from fedpipe.common.config import ServerConfig
+from fedpipe.common.framing import FrameReceiver, announced_bytes, is_chunk_frame
+from fedpipe.common.protocol import PROTOCOL_VERSION, ProtocolError
 from fedpipe.common.reply_limits import (
     RejectedReply,
     check_reply_header,
-)
-from fedpipe.common.wire import (
-    PROTOCOL_VERSION,
-    SESSION_METHOD,
-    FrameReceiver,
-    ProtocolError,
-    announced_bytes,
-    is_chunk_frame,
 )
 from fedpipe.proto.fedpipe.v1 import federation_pb2 as pb
 from fedpipe.server.clients import ClientPool
@@ -31,6 +25,7 @@ from fedpipe.server.monitor import ServerMonitor
 from fedpipe.server.transports.grpc.admission import Credentials, PendingStreams, Refused, peer_host
 from fedpipe.server.transports.grpc.proxy import GrpcClient
 from fedpipe.server.transports.grpc.receive_budget import ReceiveBudget, TransferFloor
+from fedpipe.server.transports.grpc.service import SERVICE_NAME, SESSION_METHOD
 
 __all__ = ["FederationServicer"]
 
@@ -76,7 +71,7 @@ class FederationServicer:
     def handler(self) -> grpc.GenericRpcHandler:
         method = grpc.stream_stream_rpc_method_handler(self.session)
         return grpc.method_handlers_generic_handler(
-            "fedpipe.v1.Federation", {SESSION_METHOD.rsplit("/", 1)[1]: method}
+            SERVICE_NAME, {SESSION_METHOD.rsplit("/", 1)[1]: method}
         )
 
     async def session(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
