@@ -1,3 +1,3 @@
-"""One package per transport between the round loop and its clients: ``grpc`` (separate
-processes over the network), ``dask`` (a Dask cluster); the in-process one is
-:mod:`fedpipe.server.inprocess`."""
+"""One module or package per transport between the round loop and its clients: ``inprocess``
+(clients in this process), ``grpc`` (client processes over the network), ``dask`` (clients
+on a Dask cluster's workers)."""
