@@ -43,9 +43,9 @@ from fedpipe.common.data import Dataset
 from fedpipe.common.training import RunSetup, TrainResult
 from fedpipe.common.vector import ArraySpec, Vector
 from fedpipe.server.clients import ClientPool, RoundTask
-from fedpipe.server.inprocess import InProcessClient, SharedModels
 from fedpipe.server.rounds import FederatedRun
 from fedpipe.server.simulation import client_datasets, complete_model_config
+from fedpipe.server.transports.inprocess import InProcessClient, SharedModels
 
 N_CLIENTS, N_ATTACKERS = 20, 4
 ATTACKS = ("sign-flip", "noise", "label-flip", "little")

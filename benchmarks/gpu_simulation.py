@@ -11,8 +11,8 @@ epoch, batch 32, SGD (lr 0.05), FedAvg weighted by samples.
   + ``grad``), ``--max-clients`` at a time;
 - fedpipe vectorized / sequential: the in-process simulation's own wiring, as
   ``fedpipe simulate`` with ``mode = "vectorized"`` / ``"sequential"`` runs it: one
-  :class:`~fedpipe.server.inprocess.SharedModels` on the device, one
-  :class:`~fedpipe.server.inprocess.InProcessClient` per client (its own
+  :class:`~fedpipe.server.transports.inprocess.SharedModels` on the device, one
+  :class:`~fedpipe.server.transports.inprocess.InProcessClient` per client (its own
   :class:`LocalTrainer`), each round's task sent to every client at once and the replies
   folded in client order by the ``averaging`` aggregator. Measured: training rounds only
   (staging the weights on the device, local training, folding, the global update); the
@@ -50,7 +50,7 @@ from fedpipe.common.training import RunSetup
 from fedpipe.common.vector import Vector
 from fedpipe.server.clients import RoundTask
 from fedpipe.server.devices import resolve_devices
-from fedpipe.server.inprocess import InProcessClient, SharedModels
+from fedpipe.server.transports.inprocess import InProcessClient, SharedModels
 
 LR = 0.05
 MODES = ("loop", "vmap", "vectorized", "sequential")

@@ -56,8 +56,8 @@ from fedpipe.common.secagg.messages import (
 from fedpipe.common.training import RunSetup, TrainResult
 from fedpipe.common.vector import Vector
 from fedpipe.server.clients import ClientError, ClientPool, RoundTask
-from fedpipe.server.inprocess import InProcessClient, SharedModels
 from fedpipe.server.simulation import client_datasets, complete_model_config, run_pool, simulate
+from fedpipe.server.transports.inprocess import InProcessClient, SharedModels
 
 CLIENT_LEVEL = {"n_clients": 100, "partition": {"scheme": "dirichlet", "alpha": 0.5, "seed": 1}}
 SAMPLE_LEVEL = {"n_clients": 10, "partition": {"scheme": "iid", "seed": 1}}

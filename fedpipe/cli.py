@@ -127,7 +127,7 @@ def _load_plugins(config: ServerConfig | ClientConfig | SimulationConfig, extra:
 
 
 def cmd_server(args: argparse.Namespace) -> int:
-    from fedpipe.server.daemon import serve
+    from fedpipe.server.transports.grpc.server import serve
 
     overrides = {
         "host": args.host,

@@ -13,26 +13,19 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import numpy as np
 
+from fedpipe.client.channel import SESSION_METHOD, channel_options
 from fedpipe.client.state_store import ClientStateStore
 from fedpipe.client.tls_errors import explain_connection_failure
 from fedpipe.common.codec import spec_from_wire
 from fedpipe.common.config import ClientConfig
 from fedpipe.common.devices import check_device, client_device, place_model
+from fedpipe.common.framing import FrameReceiver, envelope_frames
 from fedpipe.common.host_staging import HostStaging
 from fedpipe.common.outcome import ExitCode, RunOutcome
 from fedpipe.common.payload import encode_payload
 from fedpipe.common.plugins import import_plugins
-from fedpipe.common.tls_files import check_client_files
-from fedpipe.common.train_fn import load_train_fn
-from fedpipe.common.training import ClientData, LocalTrainer, RunSetup
-from fedpipe.common.vector import ArraySpec, describe_spec_mismatch
-from fedpipe.common.wire import (
-    PROTOCOL_VERSION,
-    SESSION_METHOD,
-    FrameReceiver,
-    ProtocolError,
-    channel_options,
-    envelope_frames,
+from fedpipe.common.protocol import PROTOCOL_VERSION, ProtocolError
+from fedpipe.common.records import (
     eval_reply_parts,
     settings_data,
     settings_value,
@@ -40,6 +33,10 @@ from fedpipe.common.wire import (
     train_reply_parts,
     weights_from,
 )
+from fedpipe.common.tls_files import check_client_files
+from fedpipe.common.train_fn import load_train_fn
+from fedpipe.common.training import ClientData, LocalTrainer, RunSetup
+from fedpipe.common.vector import ArraySpec, describe_spec_mismatch
 from fedpipe.proto.fedpipe.v1 import federation_pb2 as pb
 
 if TYPE_CHECKING:  # the secagg extra

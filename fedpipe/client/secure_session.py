@@ -4,7 +4,7 @@ here from ``os.urandom`` (never from anything the server sends), fed the stage m
 the federation stream (``protos/fedpipe/v1/secagg.proto``).
 
 Every stage message is checked (:mod:`fedpipe.common.secagg.wire`) before the state machine
-sees it; a malformed one, or one out of turn, raises :class:`~fedpipe.common.wire.
+sees it; a malformed one, or one out of turn, raises :class:`~fedpipe.common.protocol.
 ProtocolError` (the task's error reply), never anything the daemon does not catch.
 """
 
@@ -14,6 +14,7 @@ import os
 from typing import Any
 
 from fedpipe.common.aggregators import Aggregator
+from fedpipe.common.protocol import ProtocolError
 from fedpipe.common.secagg import SecAggClient, SecureAggregationError
 from fedpipe.common.secagg.messages import Roster
 from fedpipe.common.secagg.partials import masked_result
@@ -26,7 +27,6 @@ from fedpipe.common.secagg.wire import (
     unmask_shares_message,
 )
 from fedpipe.common.training import TrainResult
-from fedpipe.common.wire import ProtocolError
 from fedpipe.proto.fedpipe.v1 import federation_pb2 as pb
 
 __all__ = ["SecureSession"]

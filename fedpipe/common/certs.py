@@ -1,9 +1,9 @@
 """A private certificate authority for one federation: its CA, the server's certificate and
 one certificate per client, each client's name in its certificate (the name the server admits
-it under, see ``fedpipe.server.admission``).
+it under).
 
 Needs the optional ``cryptography`` package (``pip install 'fedpipe[certs]'``). Keys are ECDSA
-P-256 (what every gRPC build speaks), unencrypted PEM, created with mode 0600; certificates
+P-256 (what every TLS stack speaks), unencrypted PEM, created with mode 0600; certificates
 are PEM, mode 0644. Files are never overwritten unless asked.
 """
 

@@ -357,8 +357,7 @@ class ServerConfig(_Strict):
     status_host: str = "127.0.0.1"
     status_token: str = ""
     status_token_file: Path | None = None
-    #: Mask updates so that the server learns only their sum (in-process and gRPC
-    #: transports); None: plain updates.
+    #: Mask updates so that the server learns only their sum; None: plain updates.
     secure_aggregation: SecureAggregationConfig | None = None
 
     @model_validator(mode="before")
@@ -630,10 +629,11 @@ class SimulationConfig(OwnTraining):
     factory put it; ``"cuda"`` spreads clients over every visible GPU (client ``i`` on GPU
     ``i % n``, one model object per GPU); a list (``["cuda:0", "cuda:1"]``) names the
     devices, one model object per entry; ``"auto"`` is ``"cuda"`` when torch sees a GPU,
-    else ``"cpu"``. ``mode`` is how clients train there (see :mod:`fedpipe.server.inprocess`):
-    ``"sequential"``, one after another on each device; ``"vectorized"``, the clients of a
-    round that share a device at once, ``stack_clients`` stacked at a time (each costs about
-    three copies of the model in memory): with ``torch.func`` for a torch model, with batched
+    else ``"cpu"``. ``mode`` is how clients train there (see
+    :mod:`fedpipe.server.transports.inprocess`): ``"sequential"``, one after another on each
+    device; ``"vectorized"``, the clients of a round that share a device at once,
+    ``stack_clients`` stacked at a time (each costs about three copies of the model in
+    memory): with ``torch.func`` for a torch model, with batched
     numpy (:mod:`fedpipe.common.stacked`, bit-equal to sequential) for a numpy model;
     ``"auto"`` (the default), vectorized for a numpy model, sequential for a torch model.
     ``transport = "dask"`` runs the clients on the Dask cluster ``dask`` describes

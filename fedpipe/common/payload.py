@@ -1,7 +1,7 @@
 """Streaming of model-sized states: a header message, then tensor chunks.
 
 No protobuf message ever holds a whole model, so payloads are bounded by memory, not by the
-2 GiB limit of protobuf and gRPC messages.
+2 GiB limit of protobuf messages.
 
 Sender::
 

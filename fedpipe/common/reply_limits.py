@@ -14,8 +14,8 @@ from typing import Any
 
 from fedpipe.common.codec import MAX_DEPTH, DecodeError, spec_from_wire
 from fedpipe.common.metrics import MetricSet
+from fedpipe.common.protocol import ProtocolError
 from fedpipe.common.vector import ArraySpec, Vector, describe_spec_mismatch
-from fedpipe.common.wire import ProtocolError
 
 __all__ = [
     "REPLY_MODEL_COPIES",

@@ -1,9 +1,9 @@
 """Checks of the TLS files a server or client is given, before any connection: a key that is
 not the certificate's, a certificate out of its validity period, a CA file with no CA in it.
 
-gRPC itself would only say "Failed to bind to address" (server) or fail every handshake
-(client). The key check uses the standard library; dates, names and purposes need the optional
-``cryptography`` package and are skipped without it.
+The network library itself would only say "Failed to bind to address" (server) or fail every
+handshake (client). The key check uses the standard library; dates, names and purposes need
+the optional ``cryptography`` package and are skipped without it.
 """
 
 from __future__ import annotations

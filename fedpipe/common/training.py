@@ -1,6 +1,6 @@
 """Local training and evaluation: what a client does with a task, whatever the transport.
 
-The client daemon (over gRPC) and the in-process simulation both call :class:`LocalTrainer`,
+The client daemon (over the network) and the in-process simulation both call :class:`LocalTrainer`,
 so a simulated client trains exactly like a deployed one.
 """
 

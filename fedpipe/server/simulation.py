@@ -2,7 +2,7 @@
 
 Three transports, one round loop:
 
-- ``inprocess``: simulated clients are :class:`~fedpipe.server.inprocess.InProcessClient`
+- ``inprocess``: simulated clients are :class:`~fedpipe.server.transports.inprocess.InProcessClient`
   proxies in this process (no network, hundreds of clients on two cores);
 - ``grpc``: a real server process and real client processes over loopback gRPC, started with
   the same CLI commands as a deployment;
@@ -40,10 +40,10 @@ from fedpipe.common.training import ClientData, LocalTrainer, RunSetup
 from fedpipe.common.vector import Vector
 from fedpipe.server.clients import ClientPool
 from fedpipe.server.devices import resolve_devices
-from fedpipe.server.inprocess import InProcessClient, SharedModels, TrainingMode
 from fedpipe.server.monitoring import Monitoring
 from fedpipe.server.rounds import FederatedRun, RunSummary
 from fedpipe.server.run_dir import fresh_run_dir, prepare_run_dir
+from fedpipe.server.transports.inprocess import InProcessClient, SharedModels, TrainingMode
 
 __all__ = [
     "DEFAULT_CONFIG_TEXT",

@@ -75,7 +75,7 @@ class StackedCohort(ClientCohort):
 
 
 def _job(client: ClientProxy) -> ClientJob:
-    from fedpipe.server.inprocess import InProcessClient
+    from fedpipe.server.transports.inprocess import InProcessClient
 
     assert isinstance(client, InProcessClient)  # the only members of a StackedCohort
     return ClientJob(client.name, client.trainer, client.train_data)  # type: ignore[arg-type]

@@ -17,7 +17,7 @@ from collections import OrderedDict
 
 from fedpipe.common.config import ServerConfig, read_token_file
 from fedpipe.common.tokens import is_hashed, verify_token
-from fedpipe.server.admission import FailureLimiter
+from fedpipe.server.failure_limiter import FailureLimiter
 
 __all__ = ["StatusAuth", "TokenRateLimited", "load_status_token"]
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from fedpipe.common.config import ServerConfig
 from fedpipe.common.outcome import RunError
-from fedpipe.server.admission import FailureLimiter
+from fedpipe.server.failure_limiter import FailureLimiter
 from fedpipe.server.monitor import ServerMonitor
 from fedpipe.server.status_auth import StatusAuth, load_status_token
 from fedpipe.server.status_http import Response, Route, StatusHttpServer

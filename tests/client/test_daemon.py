@@ -11,16 +11,11 @@ from fedpipe.client.daemon import ClientDaemon
 from fedpipe.common.codec import wire_dtype
 from fedpipe.common.config import ClientConfig
 from fedpipe.common.data import Dataset
+from fedpipe.common.framing import FrameReceiver, envelope_frames
 from fedpipe.common.payload import encode_payload
+from fedpipe.common.records import settings_data, settings_value, task_state
 from fedpipe.common.training import RunSetup
 from fedpipe.common.vector import Vector
-from fedpipe.common.wire import (
-    FrameReceiver,
-    envelope_frames,
-    settings_data,
-    settings_value,
-    task_state,
-)
 from fedpipe.proto.fedpipe.v1 import federation_pb2 as pb
 from fedpipe.proto.fedpipe.v1 import tensor_pb2
 

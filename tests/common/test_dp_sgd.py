@@ -225,9 +225,9 @@ def test_the_documented_dp_sgd_section_is_valid() -> None:
 
 
 def test_the_reply_carries_sample_epsilon_over_the_wire() -> None:
+    from fedpipe.common.records import train_reply_parts, train_result_from
     from fedpipe.common.summable import Summable
     from fedpipe.common.training import TrainResult
-    from fedpipe.common.wire import train_reply_parts, train_result_from
 
     result = TrainResult(Summable({"n": 1}), {}, 9, 3, 1.5, 9, 0.1, sample_epsilon=2.25)
     assert train_result_from(*train_reply_parts(result)).sample_epsilon == 2.25

@@ -7,7 +7,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from fedpipe.common.payload import chunk_frame, encode_payload
+from fedpipe.common.framing import FrameReceiver
+from fedpipe.common.payload import CHUNK_FIELD, chunk_frame, encode_payload
+from fedpipe.common.records import settings_value
 from fedpipe.common.reply_limits import (
     RejectedReply,
     check_reply_header,
@@ -15,7 +17,6 @@ from fedpipe.common.reply_limits import (
     train_reply_limits,
 )
 from fedpipe.common.vector import Vector
-from fedpipe.common.wire import CHUNK_FIELD, FrameReceiver, settings_value
 from fedpipe.proto.fedpipe.v1 import federation_pb2 as pb
 
 WEIGHTS = Vector({"kernel": np.zeros((4, 3), np.float32), "bias": np.zeros(3, np.float32)})

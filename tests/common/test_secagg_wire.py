@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from fedpipe.common.protocol import ProtocolError
 from fedpipe.common.secagg import SecAggClient, SecAggServer
 from fedpipe.common.secagg.messages import Roster
 from fedpipe.common.secagg.wire import (
@@ -25,7 +26,6 @@ from fedpipe.common.secagg.wire import (
     unmask_shares_message,
     unmask_shares_record,
 )
-from fedpipe.common.wire import ProtocolError
 from fedpipe.proto.fedpipe.v1 import secagg_pb2 as spb
 from tests.common.secagg_run import plain_sum, random_updates, seeded
 

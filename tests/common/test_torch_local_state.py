@@ -9,9 +9,9 @@ from fedpipe.common.data import Dataset
 from fedpipe.common.models import load_model
 from fedpipe.common.optim import Optimizer
 from fedpipe.common.payload import PayloadAssembler, encode_payload
+from fedpipe.common.records import train_reply_parts, train_result_from
 from fedpipe.common.summable import Summable
 from fedpipe.common.training import LocalTrainer, RunSetup
-from fedpipe.common.wire import train_reply_parts, train_result_from
 
 torch = pytest.importorskip("torch")
 from fedpipe.common.host_staging import HostStaging  # noqa: E402

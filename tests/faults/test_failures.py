@@ -17,7 +17,7 @@ import pytest
 
 from fedpipe.common.data import Dataset, load_dataset, save_dataset
 from fedpipe.common.outcome import ExitCode
-from fedpipe.common.wire import settings_data
+from fedpipe.common.records import settings_data
 from fedpipe.proto.fedpipe.v1 import federation_pb2 as pb
 from fedpipe.server.checkpoint import load_checkpoint
 from tests.faults.conftest import (

@@ -22,9 +22,9 @@ import grpc
 import numpy as np
 
 from fedpipe.common.config import ServerConfig
-from fedpipe.common.payload import chunk_frame, encode_payload
+from fedpipe.common.payload import CHUNK_FIELD, chunk_frame, encode_payload
+from fedpipe.common.records import settings_value, weights_from
 from fedpipe.common.vector import Vector
-from fedpipe.common.wire import CHUNK_FIELD, settings_value, weights_from
 from fedpipe.proto.fedpipe.v1 import federation_pb2 as pb
 from tests.faults.conftest import server_config, spawn_client, spawn_server, wait_for_line
 from tests.integration.test_adversarial import Peer, train_info, train_state

@@ -24,20 +24,13 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from fedpipe.common.framing import FrameReceiver, Received, envelope_frames
 from fedpipe.common.outcome import ExitCode
-from fedpipe.common.payload import chunk_frame, encode_payload
+from fedpipe.common.payload import CHUNK_FIELD, chunk_frame, encode_payload
+from fedpipe.common.protocol import PROTOCOL_VERSION, ProtocolError
+from fedpipe.common.records import settings_value, weights_from
 from fedpipe.common.training import RunSetup
 from fedpipe.common.vector import Vector
-from fedpipe.common.wire import (
-    CHUNK_FIELD,
-    PROTOCOL_VERSION,
-    FrameReceiver,
-    ProtocolError,
-    Received,
-    envelope_frames,
-    settings_value,
-    weights_from,
-)
 from fedpipe.proto.fedpipe.v1 import federation_pb2 as pb
 from fedpipe.proto.fedpipe.v1 import tensor_pb2
 from tests.integration.conftest import (

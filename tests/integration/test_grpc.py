@@ -17,8 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from fedpipe.common.config import SimulationConfig
 from fedpipe.common.outcome import ExitCode
-from fedpipe.common.payload import chunk_frame
-from fedpipe.common.wire import CHUNK_FIELD
+from fedpipe.common.payload import CHUNK_FIELD, chunk_frame
 from fedpipe.proto.fedpipe.v1 import federation_pb2 as pb
 from fedpipe.proto.fedpipe.v1 import tensor_pb2
 from fedpipe.server.checkpoint import load_checkpoint

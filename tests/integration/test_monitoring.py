@@ -17,8 +17,9 @@ from pathlib import Path
 import grpc
 import pytest
 
+from fedpipe.common.framing import Received
+from fedpipe.common.records import weights_from
 from fedpipe.common.vector import Vector
-from fedpipe.common.wire import Received, weights_from
 from fedpipe.proto.fedpipe.v1 import federation_pb2 as pb
 from fedpipe.server.simulation import free_port
 from tests.faults.monitored_federation import Samples

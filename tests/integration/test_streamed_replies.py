@@ -13,7 +13,7 @@ import pytest
 
 from fedpipe.common.vector import Vector
 from fedpipe.server import rounds
-from fedpipe.server.grpc_transport import GrpcClient
+from fedpipe.server.transports.grpc.proxy import GrpcClient
 from tests.integration.conftest import running_server, server_config, spawn_client
 
 

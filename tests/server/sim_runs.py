@@ -9,9 +9,9 @@ from typing import Any
 
 from fedpipe.common.config import SimulationConfig
 from fedpipe.server.clients import ClientPool
-from fedpipe.server.inprocess import InProcessClient, SharedModels
 from fedpipe.server.rounds import FederatedRun, RunSummary
 from fedpipe.server.simulation import client_datasets, complete_model_config
+from fedpipe.server.transports.inprocess import InProcessClient, SharedModels
 
 
 def sim_config(out: Path, n_clients: int, **server: Any) -> SimulationConfig:

@@ -9,8 +9,10 @@ import pytest
 
 from fedpipe.common import tokens
 from fedpipe.common.config import ServerConfig
-from fedpipe.server import admission
-from fedpipe.server.admission import FailureLimiter, certificate_names, peer_host, server_options
+from fedpipe.server import failure_limiter
+from fedpipe.server.failure_limiter import FailureLimiter
+from fedpipe.server.transports.grpc import admission
+from fedpipe.server.transports.grpc.admission import certificate_names, peer_host, server_options
 
 
 class Clock:
@@ -45,7 +47,7 @@ def test_an_address_fails_a_burst_then_once_per_window_share() -> None:
 def test_the_limiter_forgets_the_oldest_addresses_beyond_its_bound(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(admission, "MAX_TRACKED_PEERS", 2)
+    monkeypatch.setattr(failure_limiter, "MAX_TRACKED_PEERS", 2)
     limiter = FailureLimiter(1, 60.0, clock=Clock())
     for host in ("a", "b", "c"):
         limiter.failed(host)

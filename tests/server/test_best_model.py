@@ -16,9 +16,9 @@ from fedpipe.common.training import TrainResult
 from fedpipe.common.vector import Vector
 from fedpipe.server.checkpoint import load_checkpoint
 from fedpipe.server.clients import ClientPool, RoundTask
-from fedpipe.server.inprocess import InProcessClient, SharedModels
 from fedpipe.server.rounds import FederatedRun, RunSummary
 from fedpipe.server.simulation import client_datasets, complete_model_config
+from fedpipe.server.transports.inprocess import InProcessClient, SharedModels
 
 SABOTAGE_FROM = 4  # the round from which one client sends a destructive update
 

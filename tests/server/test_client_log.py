@@ -15,9 +15,9 @@ from fedpipe.common.config import SimulationConfig
 from fedpipe.common.training import TrainResult
 from fedpipe.server.checkpoint import load_checkpoint
 from fedpipe.server.clients import ClientPool, RoundTask
-from fedpipe.server.inprocess import InProcessClient, SharedModels
 from fedpipe.server.rounds import FederatedRun, RunSummary
 from fedpipe.server.simulation import client_datasets, complete_model_config
+from fedpipe.server.transports.inprocess import InProcessClient, SharedModels
 
 
 class NaNLossClient(InProcessClient):

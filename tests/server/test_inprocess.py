@@ -17,9 +17,9 @@ from fedpipe.common.host_staging import HostStaging  # noqa: E402
 from fedpipe.common.torch_backend import TorchOps  # noqa: E402
 from fedpipe.common.training import LocalTrainer  # noqa: E402
 from fedpipe.server.clients import RoundTask  # noqa: E402
-from fedpipe.server.inprocess import InProcessClient  # noqa: E402
 from fedpipe.server.rounds import RunSummary  # noqa: E402
 from fedpipe.server.simulation import simulate  # noqa: E402
+from fedpipe.server.transports.inprocess import InProcessClient  # noqa: E402
 
 ROUNDS, CLIENTS, ARRAYS = 3, 5, 4  # the MLP of tests.common.torch_models: 2 weights, 2 biases
 

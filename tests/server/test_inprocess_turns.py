@@ -15,11 +15,11 @@ import pytest
 from fedpipe.common.config import SimulationConfig
 from fedpipe.common.data import load_source
 from fedpipe.common.training import TrainResult
-from fedpipe.server import inprocess
 from fedpipe.server.clients import ClientError, ClientPool, RoundTask
-from fedpipe.server.inprocess import InProcessClient, SharedModels
 from fedpipe.server.rounds import FederatedRun, RunSummary
 from fedpipe.server.simulation import client_datasets, complete_model_config
+from fedpipe.server.transports import inprocess
+from fedpipe.server.transports.inprocess import InProcessClient, SharedModels
 
 CLIENTS = 10
 

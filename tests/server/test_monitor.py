@@ -11,9 +11,9 @@ import pytest
 
 from fedpipe.common.config import ServerConfig
 from fedpipe.server.clients import ClientPool
-from fedpipe.server.inprocess import InProcessClient, SharedModels
 from fedpipe.server.monitor import SERIES_POINTS, ServerMonitor
 from fedpipe.server.tracking import run_params
+from fedpipe.server.transports.inprocess import InProcessClient, SharedModels
 
 prometheus_client = pytest.importorskip("prometheus_client", reason="fedpipe[prometheus]")
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402

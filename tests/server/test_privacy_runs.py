@@ -22,10 +22,10 @@ from fedpipe.common.summable import Summable
 from fedpipe.common.training import EvalResult
 from fedpipe.common.vector import Vector
 from fedpipe.server.clients import RoundTask
-from fedpipe.server.inprocess import InProcessClient
 from fedpipe.server.privacy.client_level import ClientLevelDP
 from fedpipe.server.sampling import PoissonSampler, UniformSampler
 from fedpipe.server.simulation import simulate
+from fedpipe.server.transports.inprocess import InProcessClient
 from tests.server.sim_runs import resume, sim_config
 
 DP = {"clip": 1.0, "noise_multiplier": 1.0, "delta": 1e-5}

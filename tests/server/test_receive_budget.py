@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from fedpipe.server.receive_budget import BudgetError, ReceiveBudget, TransferFloor
+from fedpipe.server.transports.grpc.receive_budget import BudgetError, ReceiveBudget, TransferFloor
 
 
 async def test_requests_wait_for_room_and_oversize_ones_pass_alone() -> None:

@@ -18,8 +18,8 @@ from fedpipe.common.config import PartitionConfig, SimulationConfig
 from fedpipe.common.training import RunSetup, TrainResult
 from fedpipe.common.vector import ArraySpec
 from fedpipe.server.clients import RoundTask
-from fedpipe.server.inprocess import InProcessClient
 from fedpipe.server.simulation import simulate
+from fedpipe.server.transports.inprocess import InProcessClient
 from tests.server.test_rounds import _pool_run, sim_config
 
 

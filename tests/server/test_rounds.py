@@ -18,9 +18,9 @@ from fedpipe.common.training import EvalResult, RunSetup, TrainResult
 from fedpipe.common.vector import ArraySpec, Vector
 from fedpipe.server.checkpoint import MAGIC, CheckpointError, load_checkpoint
 from fedpipe.server.clients import ClientError, ClientPool, ClientProxy, RoundTask, RunOutcome
-from fedpipe.server.inprocess import InProcessClient, SharedModels
 from fedpipe.server.rounds import FederatedRun, RunError
 from fedpipe.server.simulation import client_datasets, complete_model_config, simulate
+from fedpipe.server.transports.inprocess import InProcessClient, SharedModels
 
 
 def sim_config(tmp_path: Path, **server: Any) -> SimulationConfig:

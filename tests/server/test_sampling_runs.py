@@ -19,10 +19,10 @@ from fedpipe.common import registry
 from fedpipe.common.config import ConfigError, ServerConfig, SimulationConfig, load_config
 from fedpipe.server.checkpoint import CheckpointError, load_checkpoint
 from fedpipe.server.clients import ClientPool
-from fedpipe.server.inprocess import InProcessClient, SharedModels
 from fedpipe.server.rounds import FederatedRun
 from fedpipe.server.sampling.base import C, ClientSampler
 from fedpipe.server.simulation import client_datasets, complete_model_config, simulate
+from fedpipe.server.transports.inprocess import InProcessClient, SharedModels
 from tests.server.sim_runs import resume, sim_config
 
 

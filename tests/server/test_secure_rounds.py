@@ -26,9 +26,9 @@ from fedpipe.common.secagg import FixedPoint
 from fedpipe.common.secagg.messages import UnmaskRequest, UnmaskShares
 from fedpipe.common.training import TrainResult
 from fedpipe.server.clients import ClientError, RoundTask
-from fedpipe.server.inprocess import InProcessClient
 from fedpipe.server.rounds import RunSummary
 from fedpipe.server.simulation import simulate
+from fedpipe.server.transports.inprocess import InProcessClient
 from tests.server.test_rounds import _pool_run, sim_config
 
 SECURE = {"threshold": 5, "clip": 4.0, "max_weight": 400}

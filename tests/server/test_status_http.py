@@ -17,7 +17,7 @@ import pytest
 
 from fedpipe.common.tokens import hash_token
 from fedpipe.server import status_http
-from fedpipe.server.admission import FailureLimiter
+from fedpipe.server.failure_limiter import FailureLimiter
 from fedpipe.server.status_auth import StatusAuth
 from fedpipe.server.status_http import MAX_CONNECTIONS, Response, StatusHttpServer
 

@@ -17,7 +17,7 @@ from fedpipe.common.aggregators.replies import ReplyBuffer
 from fedpipe.common.config import ServerConfig, ValidationConfig
 from fedpipe.common.summable import Summable
 from fedpipe.common.vector import Vector
-from fedpipe.server.inprocess import InProcessClient
+from fedpipe.server.transports.inprocess import InProcessClient
 from fedpipe.server.update_validation import OutlierUpdateError, UpdateValidation
 from tests.server.test_robust_rounds import SignFlipper, five_clients
 from tests.server.test_rounds import _pool_run

@@ -3,7 +3,7 @@ both ways (Bonawitz et al., 2017, Fig. 4: the server relays what clients send ea
 
 Every message from the network is untrusted: a ``*_record`` function bounds it (how many
 entries, how many bytes per key, ciphertext, commitment and share, names unique and on the
-roster) before a state machine sees it, and raises :class:`~fedpipe.common.wire.ProtocolError`
+roster) before a state machine sees it, and raises :class:`~fedpipe.common.protocol.ProtocolError`
 saying what is wrong. A message never names its sender: the session it came on does.
 """
 
@@ -13,6 +13,7 @@ import math
 from collections.abc import Collection, Iterable
 from typing import Any
 
+from fedpipe.common.protocol import ProtocolError
 from fedpipe.common.secagg import shamir
 from fedpipe.common.secagg.keys import KEY_BYTES, SEALED_OVERHEAD
 from fedpipe.common.secagg.messages import (
@@ -24,7 +25,6 @@ from fedpipe.common.secagg.messages import (
     UnmaskShares,
 )
 from fedpipe.common.secagg.quantization import FixedPoint
-from fedpipe.common.wire import ProtocolError
 from fedpipe.proto.fedpipe.v1 import secagg_pb2 as spb
 
 __all__ = [

@@ -1,1 +1,3 @@
-"""Client proxies of the transports other than the in-process one and gRPC."""
+"""One module or package per transport between the round loop and its clients: ``inprocess``
+(clients in this process), ``grpc`` (client processes over the network), ``dask`` (clients
+on a Dask cluster's workers)."""

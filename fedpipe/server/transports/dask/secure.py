@@ -15,6 +15,7 @@ import os
 from typing import Literal
 
 from fedpipe.common.aggregators import Aggregator
+from fedpipe.common.protocol import ProtocolError
 from fedpipe.common.secagg import SecAggClient, SecureAggregationError
 from fedpipe.common.secagg.messages import Roster
 from fedpipe.common.secagg.partials import masked_result
@@ -27,7 +28,6 @@ from fedpipe.common.secagg.wire import (
     unmask_shares_message,
 )
 from fedpipe.common.training import TrainResult
-from fedpipe.common.wire import ProtocolError
 from fedpipe.proto.fedpipe.v1 import secagg_pb2 as spb
 
 __all__ = ["Stage", "WorkerSession"]

@@ -36,7 +36,6 @@ from fedpipe.common.summable import Summable
 from fedpipe.common.training import LocalTrainer, RunSetup
 from fedpipe.common.vector import Vector
 from fedpipe.server.devices import resolve_devices
-from fedpipe.server.inprocess import SharedModels
 from fedpipe.server.stacked_cohort import cohort_unfit
 from fedpipe.server.transports.dask.payloads import (
     dataset_from,
@@ -46,6 +45,7 @@ from fedpipe.server.transports.dask.payloads import (
     summable_from,
     vector_from,
 )
+from fedpipe.server.transports.inprocess import SharedModels
 
 if TYPE_CHECKING:  # the secagg extra
     from fedpipe.server.transports.dask.secure import WorkerSession

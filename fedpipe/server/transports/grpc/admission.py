@@ -1,4 +1,4 @@
-"""Who may open a session: credentials bound to the client's name, failed authentications
+"""Who may open a gRPC session: credentials bound to the client's name, failed authentications
 rate-limited per peer address, and the gRPC server options that bound connections and streams.
 """
 
@@ -9,17 +9,16 @@ import logging
 import math
 import time
 import urllib.parse
-from collections import OrderedDict
 from typing import Any
 
 import grpc
 
 from fedpipe.common.config import ServerConfig
 from fedpipe.common.tokens import dummy_hash, is_hashed, verify_token
+from fedpipe.server.failure_limiter import MAX_TRACKED_PEERS, FailureLimiter
 
 __all__ = [
     "Credentials",
-    "FailureLimiter",
     "PendingStreams",
     "Refused",
     "peer_host",
@@ -40,8 +39,6 @@ PENDING_TOTAL = 64
 EXTRA_RPCS = 64
 #: Seconds between two warnings about one address's refused streams (the rest go to debug).
 PENDING_WARN_INTERVAL = 60.0
-#: Peer addresses whose failures are remembered; the oldest is forgotten beyond.
-MAX_TRACKED_PEERS = 10_000
 #: scrypt checks run at once: a flood of hellos must not take every core.
 CONCURRENT_HASH_CHECKS = 2
 
@@ -86,45 +83,6 @@ def peer_host(peer: str) -> str:
     if kind == "ipv6":
         return rest.rsplit(":", 1)[0].strip("[]")
     return peer
-
-
-class FailureLimiter:
-    """A token bucket of failed authentications per peer address.
-
-    An address may fail ``burst`` times at once, then once every ``window / burst`` seconds;
-    while its bucket is empty its hellos are refused before any credential is checked.
-    """
-
-    def __init__(self, burst: int, window: float, *, clock: Any = time.monotonic) -> None:
-        self.burst = burst
-        self.rate = burst / window  # failures regained per second
-        self.clock = clock
-        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
-
-    def blocked_for(self, host: str) -> float:
-        """Seconds until ``host`` may try again; 0 when it may try now."""
-        left = self._left(host)
-        return 0.0 if left >= 1.0 else (1.0 - left) / self.rate
-
-    def failed(self, host: str) -> None:
-        self._buckets[host] = (max(0.0, self._left(host) - 1.0), self.clock())
-        self._buckets.move_to_end(host)
-        while len(self._buckets) > MAX_TRACKED_PEERS:
-            self._buckets.popitem(last=False)
-        if wait := self.blocked_for(host):
-            log.warning(
-                "%s failed to authenticate too often; its hellos are refused unchecked for "
-                "%.0fs (then one try every %.0fs)",
-                host,
-                wait,
-                1.0 / self.rate,
-            )
-
-    def _left(self, host: str) -> float:
-        if host not in self._buckets:
-            return float(self.burst)
-        left, since = self._buckets[host]
-        return min(float(self.burst), left + (self.clock() - since) * self.rate)
 
 
 class PendingStreams:

@@ -1,11 +1,10 @@
-"""What both ends of the federation stream share: framing, limits, channel options, and the
-conversion of tasks and replies to and from payload states.
+"""Frames of the federation stream: an envelope (``ServerMessage`` / ``ClientMessage``)
+serialized once, followed by its payload's chunk frames.
 
-Frames are raw bytes on the gRPC stream (the method uses identity serializers): an envelope
-(``ServerMessage`` / ``ClientMessage``) serialized once, followed by chunk frames written by
-:func:`fedpipe.common.payload.chunk_frame`, which are byte-compatible with an envelope whose
-only field is ``chunk = 15``. The receiver copies each chunk's bytes straight into the array
-preallocated from the header.
+Chunk frames are written by :func:`fedpipe.common.payload.chunk_frame`, byte-compatible with
+an envelope whose only field is ``chunk = 15``; the receiver copies each chunk's bytes
+straight into the array preallocated from the header. A transport carries the frames as raw
+bytes; what the messages mean is :mod:`fedpipe.common.records`.
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ import numpy as np
 from google.protobuf.message import DecodeError as ProtobufDecodeError
 from google.protobuf.message import Message
 
-from fedpipe.common.codec import DecodeError, decode_state, encode_state
+from fedpipe.common.codec import DecodeError
 from fedpipe.common.payload import (
     CHUNK_FIELD,
     EncodedPayload,
@@ -26,69 +25,33 @@ from fedpipe.common.payload import (
     chunk_frame,
     parse_chunk_frame,
 )
+from fedpipe.common.protocol import MAX_CONTROL_BYTES, ProtocolError
 from fedpipe.common.spilled_vector import SpilledVector
-from fedpipe.common.state import State, StateValue
-from fedpipe.common.summable import Summable
-from fedpipe.common.training import EvalResult, TrainResult
-from fedpipe.common.vector import Vector
+from fedpipe.common.state import State
 
 __all__ = [
-    "CHUNK_FIELD",
-    "PROTOCOL_VERSION",
-    "SESSION_METHOD",
     "FrameReceiver",
-    "ProtocolError",
     "Received",
     "announced_bytes",
-    "channel_options",
     "envelope_frames",
-    "eval_reply_parts",
-    "eval_result_from",
     "is_chunk_frame",
-    "settings_data",
-    "settings_value",
-    "summables_from",
-    "task_state",
-    "train_reply_parts",
-    "train_result_from",
-    "weights_from",
+    "payload_frames",
 ]
 
-#: 2: secure aggregation's masks are AES-256-CTR keystreams (1: ChaCha20), so a client and
-#: a server of different versions would disagree on every mask.
-PROTOCOL_VERSION = 2
-SESSION_METHOD = "/fedpipe.v1.Federation/Session"
-#: Largest non-chunk message accepted (headers, settings): well below gRPC's limit.
-MAX_CONTROL_BYTES = 64 << 20
-
 M = TypeVar("M", bound=Message)
-
-
-class ProtocolError(ValueError):
-    """The peer sent something the protocol does not allow (the reason says what)."""
-
-
-def channel_options(chunk_bytes: int) -> list[tuple[str, Any]]:
-    """gRPC options for both ends: explicit message limits and keepalive."""
-    limit = max(MAX_CONTROL_BYTES, 2 * chunk_bytes + (1 << 20))
-    return [
-        ("grpc.max_send_message_length", limit),
-        ("grpc.max_receive_message_length", limit),
-        ("grpc.keepalive_time_ms", 20_000),
-        ("grpc.keepalive_timeout_ms", 10_000),
-        ("grpc.keepalive_permit_without_calls", 1),
-        ("grpc.http2.max_pings_without_data", 0),
-        ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
-        ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
-    ]
 
 
 def envelope_frames(envelope: Message, payload: EncodedPayload | None) -> Iterator[bytes]:
     """The frames of one message: the envelope, then its payload's chunk frames."""
     yield envelope.SerializeToString()
     if payload is not None:
-        for tensor, offset, data in payload.chunks():
-            yield chunk_frame(CHUNK_FIELD, tensor, offset, data)
+        yield from payload_frames(payload)
+
+
+def payload_frames(payload: EncodedPayload) -> Iterator[bytes]:
+    """The chunk frames of ``payload``, in order."""
+    for tensor, offset, data in payload.chunks():
+        yield chunk_frame(CHUNK_FIELD, tensor, offset, data)
 
 
 @dataclass
@@ -299,122 +262,3 @@ def _payload_header(message: Message) -> Any:
     inner = getattr(message, kind)
     has_payload = "payload" in inner.DESCRIPTOR.fields_by_name and inner.HasField("payload")
     return inner.payload if has_payload else None
-
-
-# ---- plain data and Summables in untrusted states -----------------------------------------
-
-
-def settings_value(data: Mapping[str, Any]) -> Any:
-    """Encode plain data (configs, counts) as a protobuf ``Value``."""
-    return encode_state(dict(data))
-
-
-def settings_data(value: Any) -> dict[str, Any]:
-    """Decode a ``Value`` of plain data; tensors are not allowed there."""
-    state = decode_state(value)
-    if not isinstance(state, dict):
-        raise ProtocolError(f"settings must be a map, got {type(state).__name__}")
-    _check_plain(state, "settings")
-    return state
-
-
-def _check_plain(value: StateValue, path: str) -> None:
-    if isinstance(value, dict):
-        for key, item in value.items():
-            _check_plain(item, f"{path}.{key}")
-    elif isinstance(value, list):
-        for i, item in enumerate(value):
-            _check_plain(item, f"{path}[{i}]")
-    elif not (value is None or isinstance(value, bool | int | float | str)):
-        raise ProtocolError(f"{path} holds a {type(value).__name__}; only plain data is allowed")
-
-
-def summable_state(summable: Summable) -> dict[str, StateValue]:
-    return dict(summable.fields)
-
-
-def summable_from(value: StateValue, path: str) -> Summable:
-    """A :class:`Summable` from an untrusted state node (a map of Vectors and numbers)."""
-    if not isinstance(value, dict):
-        raise ProtocolError(f"{path} must be a map of Vectors and numbers")
-    fields: dict[str, Vector | float | int] = {}
-    for key, item in value.items():
-        if isinstance(item, bool) or not isinstance(item, Vector | int | float):
-            raise ProtocolError(f"{path}.{key} must be a Vector or a number")
-        fields[key] = item
-    return Summable(fields)
-
-
-def summables_from(value: StateValue, path: str) -> dict[str, Summable]:
-    if not isinstance(value, dict):
-        raise ProtocolError(f"{path} must be a map")
-    return {key: summable_from(item, f"{path}.{key}") for key, item in value.items()}
-
-
-def number(info: Mapping[str, Any], key: str, *, integer: bool = False) -> Any:
-    value = info.get(key)
-    kinds = (int,) if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kinds) or value < 0:
-        raise ProtocolError(f"reply info {key!r} is {value!r}, expected a non-negative number")
-    return value
-
-
-# ---- results <-> reply payloads ------------------------------------------------------------
-
-
-def train_reply_parts(result: TrainResult) -> tuple[dict[str, Any], State]:
-    info = {
-        "n_samples": result.n_samples,
-        "n_steps": result.n_steps,
-        "loss_sum": result.loss_sum,
-        "n_samples_seen": result.n_samples_seen,
-        "seconds": result.seconds,
-    }
-    if result.sample_epsilon is not None:
-        info["sample_epsilon"] = result.sample_epsilon
-    payload: State = {
-        "partial": summable_state(result.partial),
-        "aux_vars": {k: summable_state(v) for k, v in result.aux_vars.items()},
-    }
-    if result.masked is not None:  # secure aggregation: the update masked, partial empty
-        payload["masked"] = result.masked.masked
-    return info, payload
-
-
-def train_result_from(info: Mapping[str, Any], payload: State) -> TrainResult:
-    return TrainResult(
-        partial=summable_from(payload.get("partial"), "partial"),
-        aux_vars=summables_from(payload.get("aux_vars", {}), "aux_vars"),
-        n_samples=number(info, "n_samples", integer=True),
-        n_steps=number(info, "n_steps", integer=True),
-        loss_sum=float(number(info, "loss_sum")),
-        n_samples_seen=number(info, "n_samples_seen", integer=True),
-        seconds=float(number(info, "seconds")),
-        sample_epsilon=(
-            float(number(info, "sample_epsilon")) if "sample_epsilon" in info else None
-        ),
-    )
-
-
-def eval_reply_parts(result: EvalResult) -> tuple[dict[str, Any], State]:
-    info = {"n_samples": result.n_samples, "seconds": result.seconds}
-    return info, {"metrics": {k: summable_state(v) for k, v in result.metrics.items()}}
-
-
-def eval_result_from(info: Mapping[str, Any], payload: State) -> EvalResult:
-    return EvalResult(
-        metrics=summables_from(payload.get("metrics", {}), "metrics"),
-        n_samples=number(info, "n_samples", integer=True),
-        seconds=float(number(info, "seconds")),
-    )
-
-
-def task_state(weights: Vector, aux_vars: Mapping[str, Summable]) -> State:
-    return {"weights": weights, "aux_vars": {k: summable_state(v) for k, v in aux_vars.items()}}
-
-
-def weights_from(payload: State) -> Vector:
-    weights = payload.get("weights")
-    if not isinstance(weights, Vector):
-        raise ProtocolError("task payload has no 'weights' Vector")
-    return weights

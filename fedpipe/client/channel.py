@@ -1,0 +1,32 @@
+"""The client's gRPC channel to the server: the ``Session`` method (from the generated
+descriptor) and the channel options of the client's end."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fedpipe.common.protocol import MAX_CONTROL_BYTES
+from fedpipe.proto.fedpipe.v1 import federation_pb2 as pb
+
+__all__ = ["SESSION_METHOD", "channel_options"]
+
+_SERVICE = pb.DESCRIPTOR.services_by_name["Federation"]
+#: The bidirectional stream of one client session: ``/fedpipe.v1.Federation/Session``.
+SESSION_METHOD = f"/{_SERVICE.full_name}/{_SERVICE.methods_by_name['Session'].name}"
+
+
+def channel_options(chunk_bytes: int) -> list[tuple[str, Any]]:
+    """gRPC options of the client: message limits above the protocol's largest control
+    message and two chunks, and keepalive pings the server accepts (the server's own are
+    ``fedpipe.server.transports.grpc.service.channel_options``, kept equal by a test)."""
+    limit = max(MAX_CONTROL_BYTES, 2 * chunk_bytes + (1 << 20))
+    return [
+        ("grpc.max_send_message_length", limit),
+        ("grpc.max_receive_message_length", limit),
+        ("grpc.keepalive_time_ms", 20_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
+        ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+    ]
