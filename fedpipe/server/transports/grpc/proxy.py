@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from fedpipe.common.codec import dtype_to_enum
 from fedpipe.common.config import ServerConfig
-from fedpipe.common.framing import Received, payload_frames
+from fedpipe.common.framing import Received, announced_bytes, payload_frames
 from fedpipe.common.payload import EncodedPayload, encode_payload
 from fedpipe.common.protocol import ProtocolError
 from fedpipe.common.records import (
