@@ -233,17 +233,7 @@ class LocalTrainer:
             end = model.get_weights(copy=False).coefs  # read as the reply streams
             partial, deferred = staged.prepared(end, self.aggregator, work.n_samples, work.n_steps)
         else:
-            if self.train_fn is None:
-                work = self._local_steps(data, seed)
-                updates = initial.sub_(model.get_weights(copy=False))  # start - end
-            else:
-                work = self._user_training(self.train_fn, data, client, round_number, seed)
-                updates = optimizer.run_modules(initial.sub_(model.get_weights(copy=False)))
-            if dp:
-                updates = privatize_update(updates, dp, self._dp_rng)
-            partial = self.aggregator.prepare(
-                updates, n_samples=work.n_samples, n_steps=work.n_steps
-            )
+            work, partial = self._train_from(initial, data, client, round_number, seed, dp)
         self.buffers = model.get_buffers()
         replied = optimizer.collect_aux_var()
         if self.buffer_mode == "average" and len(self.buffers):
@@ -259,6 +249,29 @@ class LocalTrainer:
             sample_epsilon=self.dp_sgd.epsilon() if self.dp_sgd is not None else None,
             deferred=deferred,
         )
+
+    def _train_from(
+        self,
+        initial: Vector,
+        data: ClientData,
+        client: str,
+        round_number: int,
+        seed: int,
+        dp: Mapping[str, Any] | None,
+    ) -> tuple[_Work, Summable]:
+        """Train from ``initial`` (the start weights' copy, turned into the update in place);
+        the work done and the prepared update."""
+        model, optimizer = self.model, self.optimizer
+        if self.train_fn is None:
+            work = self._local_steps(data, seed)
+            updates = initial.sub_(model.get_weights(copy=False))  # start - end
+        else:
+            work = self._user_training(self.train_fn, data, client, round_number, seed)
+            updates = optimizer.run_modules(initial.sub_(model.get_weights(copy=False)))
+        if dp:
+            updates = privatize_update(updates, dp, self._dp_rng)
+        partial = self.aggregator.prepare(updates, n_samples=work.n_samples, n_steps=work.n_steps)
+        return work, partial
 
     def _staged_start(
         self, start_dir: str | Path | None, dp: Mapping[str, Any] | None
