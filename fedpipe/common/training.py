@@ -277,7 +277,8 @@ class LocalTrainer:
         self, start_dir: str | Path | None, dp: Mapping[str, Any] | None
     ) -> StagedStart | None:
         """The model's weights (the round's start) written to a file in ``start_dir``; None
-        (with one log line per reason) where the start must stay in memory."""
+        (with one log line per reason) where the start must stay in memory, or where the
+        file cannot be written."""
         why: str | None
         if self.train_fn is not None:
             why = "the train_fn's update goes through the modules whole"
@@ -291,7 +292,11 @@ class LocalTrainer:
                 self._kept_reasons.add(why)
                 log.info("the round's start weights stay in memory: %s", why)
             return None
-        return StagedStart(self.model.get_weights(copy=False).coefs, start_dir)
+        try:
+            return StagedStart(self.model.get_weights(copy=False).coefs, start_dir)
+        except OSError as exc:  # a full disk, say: the round goes on with the start in memory
+            log.warning("the round's start weights stay in memory: writing them failed: %s", exc)
+            return None
 
     def _load_buffers(self, aux_vars: Mapping[str, Summable]) -> dict[str, Summable]:
         """Put the task's global buffers (``model.buffers = "average"``), else this client's

@@ -222,6 +222,21 @@ def test_a_start_file_that_fails_to_write_leaves_no_file(
     assert os.listdir(tmp_path) == []
 
 
+async def test_a_start_file_that_cannot_be_written_keeps_the_start_in_memory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    expected, _ = await staged_and_kept_replies(setup_task(SOFTMAX), tmp_path)
+
+    def full(fd: int, data: Any, offset: int) -> int:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "pwrite", full)
+    with caplog.at_level(logging.WARNING, logger="fedpipe.common.training"):
+        replies, streamed = await staged_and_kept_replies(setup_task(SOFTMAX), tmp_path)
+    assert replies == expected and streamed == [False] * 4
+    assert "start weights stay in memory: writing them failed: [Errno 28]" in caplog.text
+
+
 def test_a_reply_cut_short_leaves_no_start_file(tmp_path: Path) -> None:
     staged = StagedStart({"w": np.arange(10, dtype=np.float32)}, tmp_path)
     end = {"w": np.zeros(10, np.float32)}
