@@ -8,7 +8,7 @@ import functools
 import logging
 import random
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import grpc
 import numpy as np
@@ -100,6 +100,10 @@ class ClientDaemon:
         self.staging = HostStaging()
         #: Secure aggregation's round under way (the secagg extra: created at its first task).
         self.secure: SecureSession | None = None
+        #: A round's start weights wait on disk (in ``state_dir``, else the system's temporary
+        #: folder) while the model trains, where the pipeline allows it
+        #: (:mod:`fedpipe.common.staged_start`): one model-sized array less in memory.
+        self.stage_start = True
 
     async def run(self) -> int:
         """Take part in the run until the server says it is over; the process exit code
@@ -265,6 +269,8 @@ class ClientDaemon:
                     client=self.name,
                     round_number=task.round,
                     dp=settings.get("dp"),
+                    stage_start=self.stage_start and task.kind == pb.TASK_KIND_TRAIN,
+                    start_dir=self.config.state_dir,
                 )
                 base = settings.get("base_round")
                 result = await asyncio.to_thread(self.states.train, trainer, base, task.round, work)
@@ -272,6 +278,8 @@ class ClientDaemon:
                     mask = self._secure().mask
                     result = await asyncio.to_thread(mask, task, trainer.aggregator, result)
                 info, state = train_reply_parts(result)
+                # the update's Vectors, streamed from the model's arrays (where none, as is)
+                cast(dict[str, Any], state["partial"]).update(result.deferred)
                 log.info(
                     "round %d: %d steps, train loss %.4f, %.2fs",
                     task.round,

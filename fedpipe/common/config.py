@@ -541,7 +541,8 @@ class ClientConfig(OwnTraining):
     #: client's own config and flags name them: a server cannot make a client import code.
     plugins: Plugins = Field(default_factory=list)
     #: Where this client keeps its module state after each round (one directory per client),
-    #: so that it continues exactly after a crash; None keeps it in memory only.
+    #: so that it continues exactly after a crash; None keeps it in memory only. A round's
+    #: start weights wait there too while the model trains (else in the temporary folder).
     state_dir: Path | None = None
 
     @property

@@ -29,7 +29,7 @@ streams carry their ``Chunk`` at field 15, which :func:`chunk_frame` and
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -56,6 +56,7 @@ from fedpipe.proto.fedpipe.v1 import tensor_pb2 as pb
 
 __all__ = [
     "CHUNK_FIELD",
+    "DeferredVector",
     "EncodedPayload",
     "PayloadAssembler",
     "chunk_frame",
@@ -74,15 +75,48 @@ MAX_TENSORS = 1 << 20
 
 
 @dataclass(frozen=True)
+class DeferredVector:
+    """A Vector of a state whose values are made chunk by chunk while the payload streams,
+    never whole: ``values(name, start, stop)`` gives the flat elements ``[start, stop)`` of
+    array ``name`` (a new array of ``specs[name]``'s dtype). Encoded as a Vector would be."""
+
+    specs: Mapping[str, ArraySpec]
+    values: Callable[[str, int, int], np.ndarray]
+
+
+@dataclass(frozen=True)
+class _Deferred:
+    """One array of a :class:`DeferredVector` in a payload's tensor table."""
+
+    vector: DeferredVector
+    name: str
+
+    @property
+    def nbytes(self) -> int:
+        return self.vector.specs[self.name].nbytes
+
+    def chunk(self, offset: int, size: int) -> memoryview:
+        """Bytes ``[offset, offset + size)`` of the array, little-endian."""
+        itemsize = numpy_dtype(self.vector.specs[self.name].dtype).itemsize
+        first = offset // itemsize
+        stop = -(-(offset + size) // itemsize)
+        values = self.vector.values(self.name, first, stop)
+        data = little_endian(values, values.dtype.newbyteorder("<")).view(np.uint8)
+        skip = offset - first * itemsize
+        return memoryview(data)[skip : skip + size]  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
 class EncodedPayload:
     """A state ready to stream: its header and the little-endian arrays its chunks slice.
 
     The arrays share memory with the encoded state's arrays whenever these already are
     little-endian and C-contiguous: do not modify them while the payload is being sent.
+    A :class:`DeferredVector`'s arrays are made as their chunks are taken.
     """
 
     header: pb.PayloadHeader
-    arrays: tuple[np.ndarray, ...]
+    arrays: tuple[np.ndarray | _Deferred, ...]
     chunk_size: int
 
     @property
@@ -97,6 +131,11 @@ class EncodedPayload:
         """
         size = self.chunk_size
         for index, array in enumerate(self.arrays):
+            if isinstance(array, _Deferred):
+                total = array.nbytes
+                for offset in range(0, total, size):
+                    yield index, offset, array.chunk(offset, min(size, total - offset))
+                continue
             flat = memoryview(array.reshape(-1).view(np.uint8))  # type: ignore[arg-type]
             for offset in range(0, len(flat), size):
                 yield index, offset, flat[offset : offset + size]
@@ -105,8 +144,19 @@ class EncodedPayload:
 class _PayloadEncoder(StateEncoder):
     def __init__(self, staging: HostStaging | None) -> None:
         self.specs: list[pb.TensorSpec] = []
-        self.arrays: list[np.ndarray] = []
+        self.arrays: list[np.ndarray | _Deferred] = []
         self.staging = staging
+
+    def fill(self, out: pb.Value, value: object, path: str, depth: int) -> None:
+        if not isinstance(value, DeferredVector):
+            super().fill(out, value, path, depth)  # type: ignore[arg-type]
+            return
+        out.vector_ref.SetInParent()
+        for name, spec in value.specs.items():
+            code, _ = wire_dtype(numpy_dtype(spec.dtype), f"{path}[{name!r}]")
+            self.specs.append(pb.TensorSpec(name=name, dtype=code, shape=spec.shape))
+            self.arrays.append(_Deferred(value, name))
+            out.vector_ref.indices.append(len(self.arrays) - 1)
 
     def _add(self, name: str, array: np.ndarray, what: str) -> int:
         if not isinstance(array, np.ndarray):

@@ -11,6 +11,7 @@ import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple, SupportsFloat, TypeAlias
 
 import numpy as np
@@ -28,12 +29,14 @@ from fedpipe.common.privacy.client_update import privatize_update
 from fedpipe.common.privacy.dp_sgd import DpSgd
 from fedpipe.common.privacy.entropy import private_rng, seed_private_noise
 from fedpipe.common.spilled_vector import SpilledVector
+from fedpipe.common.staged_start import StagedStart, why_start_in_memory
 from fedpipe.common.summable import Summable
 from fedpipe.common.train_fn import TrainFn, check_train_fn_setup, run_train_fn
 from fedpipe.common.vector import Vector
 
 if TYPE_CHECKING:  # the torch extra; the secagg extra
     from fedpipe.common.data.torch_loaders import LoaderData
+    from fedpipe.common.payload import DeferredVector
     from fedpipe.common.secagg.messages import MaskedInput
 
 __all__ = ["ClientData", "EvalResult", "LocalTrainer", "RunSetup", "TrainResult", "round_seed"]
@@ -110,6 +113,10 @@ class TrainResult:
     #: On a server that streams replies: the Vector fields of ``partial``, received to disk
     #: (``partial`` holds the numbers only); the round loop folds them chunk by chunk.
     spilled: dict[str, SpilledVector] = field(default_factory=dict)
+    #: On a client whose start weights waited on disk (:mod:`fedpipe.common.staged_start`):
+    #: the Vector fields of ``partial``, made chunk by chunk as the reply streams (``partial``
+    #: holds empty Vectors in their places).
+    deferred: dict[str, DeferredVector] = field(default_factory=dict)
 
     @property
     def mean_loss(self) -> float:
@@ -188,6 +195,7 @@ class LocalTrainer:
         self.buffer_mode = buffer_mode(setup.model)
         #: This client's buffers (a shared model object holds another client's in between).
         self.buffers = self.model.get_buffers()
+        self._kept_reasons: set[str] = set()  # why start weights stayed in memory, logged
 
     def train(
         self,
@@ -198,29 +206,34 @@ class LocalTrainer:
         client: str,
         round_number: int,
         dp: Mapping[str, Any] | None = None,
+        stage_start: bool = False,
+        start_dir: str | Path | None = None,
     ) -> TrainResult:
         """Train from ``weights`` on ``data``; return the prepared update (start minus end,
         through the modules once more with a ``train_fn``), clipped and noised as ``dp``
-        (distributed client-level DP: :mod:`fedpipe.common.privacy.client_update`) says."""
+        (distributed client-level DP: :mod:`fedpipe.common.privacy.client_update`) says.
+
+        With ``stage_start`` the start weights wait in a file in ``start_dir`` rather than in
+        memory where the pipeline allows it (:mod:`fedpipe.common.staged_start`): the update
+        is then in ``deferred``, made from the model's arrays as the reply streams."""
         start = time.perf_counter()
         model, optimizer = self.model, self.optimizer
         aux_vars = self._load_buffers(aux_vars)
         model.set_weights(weights)
-        initial = model.get_weights()  # where the model lives (a torch model's GPU...)
+        staged = self._staged_start(start_dir, dp) if stage_start else None
+        initial = model.get_weights() if staged is None else model.get_weights(copy=False)
         if aux_vars:
             optimizer.process_aux_var(dict(aux_vars))
         optimizer.place_like(initial)
         optimizer.start_round(initial)
         seed = round_seed(self.setup.seed, client, round_number)
-        if self.train_fn is None:
+        deferred: dict[str, DeferredVector] = {}
+        if staged is not None:
             work = self._local_steps(data, seed)
-            updates = initial.sub_(model.get_weights(copy=False))  # start - end
+            end = model.get_weights(copy=False).coefs  # read as the reply streams
+            partial, deferred = staged.prepared(end, self.aggregator, work.n_samples, work.n_steps)
         else:
-            work = self._user_training(self.train_fn, data, client, round_number, seed)
-            updates = optimizer.run_modules(initial.sub_(model.get_weights(copy=False)))
-        if dp:
-            updates = privatize_update(updates, dp, self._dp_rng)
-        partial = self.aggregator.prepare(updates, n_samples=work.n_samples, n_steps=work.n_steps)
+            work, partial = self._train_from(initial, data, client, round_number, seed, dp)
         self.buffers = model.get_buffers()
         replied = optimizer.collect_aux_var()
         if self.buffer_mode == "average" and len(self.buffers):
@@ -234,7 +247,56 @@ class LocalTrainer:
             n_samples_seen=work.n_samples_seen,
             seconds=time.perf_counter() - start,
             sample_epsilon=self.dp_sgd.epsilon() if self.dp_sgd is not None else None,
+            deferred=deferred,
         )
+
+    def _train_from(
+        self,
+        initial: Vector,
+        data: ClientData,
+        client: str,
+        round_number: int,
+        seed: int,
+        dp: Mapping[str, Any] | None,
+    ) -> tuple[_Work, Summable]:
+        """Train from ``initial`` (the start weights' copy, turned into the update in place);
+        the work done and the prepared update."""
+        model, optimizer = self.model, self.optimizer
+        if self.train_fn is None:
+            work = self._local_steps(data, seed)
+            updates = initial.sub_(model.get_weights(copy=False))  # start - end
+        else:
+            work = self._user_training(self.train_fn, data, client, round_number, seed)
+            updates = optimizer.run_modules(initial.sub_(model.get_weights(copy=False)))
+        if dp:
+            updates = privatize_update(updates, dp, self._dp_rng)
+        partial = self.aggregator.prepare(updates, n_samples=work.n_samples, n_steps=work.n_steps)
+        return work, partial
+
+    def _staged_start(
+        self, start_dir: str | Path | None, dp: Mapping[str, Any] | None
+    ) -> StagedStart | None:
+        """The model's weights (the round's start) written to a file in ``start_dir``; None
+        (with one log line per reason) where the start must stay in memory, or where the
+        file cannot be written."""
+        why: str | None
+        if self.train_fn is not None:
+            why = "the train_fn's update goes through the modules whole"
+        elif dp:
+            why = "client-level DP clips the whole update"
+        else:
+            backend = self.model.get_weights(copy=False).backend
+            why = why_start_in_memory(self.aggregator, self.optimizer.regularizers, backend)
+        if why is not None:
+            if why not in self._kept_reasons:
+                self._kept_reasons.add(why)
+                log.info("the round's start weights stay in memory: %s", why)
+            return None
+        try:
+            return StagedStart(self.model.get_weights(copy=False).coefs, start_dir)
+        except OSError as exc:  # a full disk, say: the round goes on with the start in memory
+            log.warning("the round's start weights stay in memory: writing them failed: %s", exc)
+            return None
 
     def _load_buffers(self, aux_vars: Mapping[str, Summable]) -> dict[str, Summable]:
         """Put the task's global buffers (``model.buffers = "average"``), else this client's

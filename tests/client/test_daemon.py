@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import logging
+import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
 from fedpipe.client.daemon import ClientDaemon
+from fedpipe.common.aggregators.averaging import SumAggregator
 from fedpipe.common.codec import wire_dtype
 from fedpipe.common.config import ClientConfig
 from fedpipe.common.data import Dataset
 from fedpipe.common.framing import FrameReceiver, envelope_frames
 from fedpipe.common.payload import encode_payload
 from fedpipe.common.records import settings_data, settings_value, task_state
+from fedpipe.common.staged_start import StagedStart
 from fedpipe.common.training import RunSetup
 from fedpipe.common.vector import Vector
 from fedpipe.proto.fedpipe.v1 import federation_pb2 as pb
@@ -22,13 +27,14 @@ from fedpipe.proto.fedpipe.v1 import tensor_pb2
 IMPORT_PATH = "fedpipe.common.models.linear:SoftmaxRegression"
 
 
-def setup_task(model: dict[str, Any]) -> pb.Task:
+def setup_task(model: dict[str, Any], **changes: Any) -> pb.Task:
     setup = RunSetup(
         model=model,
-        client_optimizer={"lrate": 0.1},
-        aggregator="averaging",
+        client_optimizer=changes.pop("client_optimizer", {"lrate": 0.1}),
+        aggregator=changes.pop("aggregator", "averaging"),
         metrics=["loss"],
         training={"batch_size": 4},
+        **changes,
     )
     task = pb.Task(
         task_id=1, kind=pb.TASK_KIND_INITIALIZE, settings=settings_value(setup.to_data())
@@ -89,10 +95,14 @@ async def test_a_numpy_model_on_a_gpu_client_fails_the_setup_with_a_clear_error(
     assert client.setup_error == reply.error
 
 
-async def train_round(client: ClientDaemon, weights: Vector, into: bool) -> list[bytes]:
+async def train_round(
+    client: ClientDaemon, weights: Vector, into: bool, settings: dict[str, Any] | None = None
+) -> list[bytes]:
     """A train task through the client's frame receiver (receiving into its model or not);
     the reply's frames, its header and chunks byte for byte, its info without the clock."""
-    task = pb.Task(task_id=2, kind=pb.TASK_KIND_TRAIN, round=1, settings=settings_value({}))
+    task = pb.Task(
+        task_id=2, kind=pb.TASK_KIND_TRAIN, round=1, settings=settings_value(settings or {})
+    )
     payload = encode_payload(task_state(weights, {}), 16)
     task.payload.CopyFrom(payload.header)
     receiver = FrameReceiver(pb.ServerMessage, client.max_payload)
@@ -109,6 +119,8 @@ async def train_round(client: ClientDaemon, weights: Vector, into: bool) -> list
     assert reply.error == ""
     info = settings_data(reply.info)
     assert info.pop("seconds") >= 0
+    assert out is not None
+    client.last_arrays = out.arrays  # type: ignore[attr-defined]  # which path made them
     frames = envelope_frames(pb.ClientMessage(reply=pb.Reply(payload=reply.payload)), out)
     return [repr(sorted(info.items())).encode(), *frames]
 
@@ -132,6 +144,105 @@ async def test_weights_received_into_the_model_give_the_same_reply_bytes() -> No
         replies.append(rounds)
     assert replies[0] == replies[1]
     assert len(replies[0][0]) > 3  # info, the reply's envelope and several chunk frames
+
+
+async def staged_and_kept_replies(
+    task: pb.Task, state_dir: Path, settings: dict[str, Any] | None = None
+) -> tuple[list[list[bytes]], list[bool]]:
+    """Two rounds' reply frames with the start weights on disk and in memory; for each,
+    whether the reply was streamed from the model's arrays (no update array in memory)."""
+    rng = np.random.default_rng(1)
+    data = Dataset(rng.normal(size=(8, 4)).astype(np.float32), rng.integers(0, 3, 8))
+    replies, streamed = [], []
+    for stage in (True, False):
+        config = ClientConfig(dataset="digits", name="c", state_dir=state_dir)
+        client = ClientDaemon(config, data, None)
+        client.stage_start = stage
+        assert (await client._handle(task, {}))[0].error == ""
+        rounds = []
+        for seed in (2, 3):
+            draw = np.random.default_rng(seed)
+            global_weights = Vector(
+                {n: draw.normal(size=s).astype(np.float32) for n, s in WEIGHTS.items()}
+            )
+            rounds.append(await train_round(client, global_weights, True, settings))
+            arrays = client.last_arrays  # type: ignore[attr-defined]
+            streamed.append(not any(isinstance(a, np.ndarray) and a.size > 1 for a in arrays))
+        replies.append(rounds)
+        # the client's state file only: the start file never had a name
+        assert [n for n in os.listdir(state_dir) if not n.startswith("state-")] == []
+    return replies, streamed
+
+
+WEIGHTS = {"kernel": (4, 3), "bias": (3,)}
+SOFTMAX = {"name": "softmax-regression", "config": {"n_features": 4, "n_classes": 3}}
+
+
+@pytest.mark.parametrize("aggregator", ["averaging", "sum", "median", "gradient-masked-averaging"])
+async def test_start_weights_on_disk_give_the_same_reply_bytes(
+    aggregator: str, tmp_path: Path
+) -> None:
+    # chunks of 6 bytes cut float32 elements in two: each chunk is made from whole elements
+    optimizer = {"lrate": 0.1, "regularizers": [["fedprox", {"mu": 0.5}]]}
+    task = setup_task(SOFTMAX, aggregator=aggregator, chunk_bytes=6, client_optimizer=optimizer)
+    replies, streamed = await staged_and_kept_replies(task, tmp_path)
+    assert replies[0] == replies[1]
+    assert streamed == [True, True, False, False]
+    assert len(replies[0][0]) > 10  # info, the envelope and many chunk frames
+
+
+async def test_client_level_dp_keeps_the_start_weights_in_memory_and_says_so(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    task = setup_task(SOFTMAX, aggregator="averaging")
+    dp = {"dp": {"clip": 1.0, "noise_std": 0.5}}
+    with caplog.at_level(logging.INFO, logger="fedpipe.common.training"):
+        _, streamed = await staged_and_kept_replies(task, tmp_path, dp)
+    assert streamed == [False] * 4
+    said = [r.getMessage() for r in caplog.records if "start weights" in r.getMessage()]
+    assert said == [
+        "the round's start weights stay in memory: client-level DP clips the whole update"
+    ]
+
+
+def test_a_start_file_that_fails_to_write_leaves_no_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def full(fd: int, data: Any, offset: int) -> int:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "pwrite", full)
+    with pytest.raises(OSError, match="No space left"):
+        StagedStart({"w": np.ones(10, np.float32)}, tmp_path)
+    assert os.listdir(tmp_path) == []
+
+
+async def test_a_start_file_that_cannot_be_written_keeps_the_start_in_memory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    expected, _ = await staged_and_kept_replies(setup_task(SOFTMAX), tmp_path)
+
+    def full(fd: int, data: Any, offset: int) -> int:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "pwrite", full)
+    with caplog.at_level(logging.WARNING, logger="fedpipe.common.training"):
+        replies, streamed = await staged_and_kept_replies(setup_task(SOFTMAX), tmp_path)
+    assert replies == expected and streamed == [False] * 4
+    assert "start weights stay in memory: writing them failed: [Errno 28]" in caplog.text
+
+
+def test_a_reply_cut_short_leaves_no_start_file(tmp_path: Path) -> None:
+    staged = StagedStart({"w": np.arange(10, dtype=np.float32)}, tmp_path)
+    end = {"w": np.zeros(10, np.float32)}
+    partial, deferred = staged.prepared(end, SumAggregator(), n_samples=3, n_steps=1)
+    payload = encode_payload({"partial": {**partial.fields, **deferred}}, 8)
+    chunks = payload.chunks()
+    _, _, first = next(chunks)
+    assert np.frombuffer(first, np.float32).tolist() == [0.0, 1.0]  # start - end
+    assert os.listdir(tmp_path) == []
+    del chunks, payload, deferred, staged
+    assert os.listdir(tmp_path) == []
 
 
 def test_a_refusal_grpc_turned_into_internal_is_explained() -> None:

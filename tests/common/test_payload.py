@@ -21,6 +21,7 @@ from fedpipe.common.codec import (
 )
 from fedpipe.common.payload import (
     CHUNK_FIELD,
+    DeferredVector,
     PayloadAssembler,
     chunk_frame,
     encode_payload,
@@ -450,3 +451,22 @@ def test_corrupted_headers_raise_only_decode_errors(state: State, data: st.DataO
     except DecodeError:
         return
     assert assembler.total_bytes <= MB
+
+
+def test_a_deferred_vector_streams_the_bytes_of_the_vector_it_stands_for() -> None:
+    arrays = {"a": np.arange(7, dtype=np.float32) / 3, "b": np.arange(6, dtype=">f8").reshape(2, 3)}
+    specs = {n: ArraySpec(a.shape, a.dtype.name) for n, a in arrays.items()}
+    calls: list[tuple[str, int, int]] = []
+
+    def values(name: str, start: int, stop: int) -> np.ndarray:
+        calls.append((name, start, stop))
+        return arrays[name].reshape(-1)[start:stop].copy()
+
+    for size in (3, 4, 64):  # chunks cutting elements in two, and whole arrays
+        real = encode_payload({"u": Vector(arrays), "n": 2}, size)
+        deferred = encode_payload({"u": DeferredVector(specs, values), "n": 2}, size)
+        assert deferred.header == real.header
+        assert [(t, o, bytes(d)) for t, o, d in deferred.chunks()] == [
+            (t, o, bytes(d)) for t, o, d in real.chunks()
+        ]
+    assert calls[:2] == [("a", 0, 1), ("a", 0, 2)]  # bytes 0-2, then 3-5: elements 0 and 1
