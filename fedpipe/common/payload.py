@@ -414,7 +414,8 @@ class PayloadAssembler:
         self._spilled_tensors = decoder.spilled_tensors
         if self.spilled:
             _take_spilled(self._state, spill)
-        self._arrays = [a for a in decoder.arrays if a is not None]
+        #: The in-memory arrays, by tensor index (the staged ones are on disk).
+        self._arrays = {i: a for i, a in enumerate(decoder.arrays) if a is not None}
         self._flat = [None if a is None else a.reshape(-1).view(np.uint8) for a in decoder.arrays]
         self._sizes = [spec.nbytes for spec in specs]
         self._received = [0] * len(specs)
@@ -512,7 +513,7 @@ class PayloadAssembler:
                 raise TruncatedError(
                     f"{self._labels[index]}: received {self._received[index]} of {size} bytes"
                 )
-        for index, array in enumerate(self._arrays):
+        for index, array in self._arrays.items():
             check_array_values(array, self._labels[index], allow_nonfinite=True)
         self._finished = True
         return self._state

@@ -70,7 +70,7 @@ class SpilledVector:
         else:
             self._checked[name] = offset + len(data)
         if self.nonfinite is None:
-            os.pwrite(self._file.fileno(), data, self._start[name] + offset)
+            _write_all(self._file.fileno(), data, self._start[name] + offset)
 
     def _check_finite(self, name: str, dtype: np.dtype, data: bytes | memoryview) -> None:
         tail = self._tail.pop(name, b"")
@@ -119,3 +119,14 @@ class SpilledVector:
     def close(self) -> None:
         """Drop the file (idempotent)."""
         self._file.close()
+
+
+def _write_all(fd: int, data: bytes | memoryview, at: int) -> None:
+    """``os.pwrite`` until every byte is written (a short write, e.g. on a nearly full
+    disk, would leave a hole that reads back as zeros); an error raises ``OSError``."""
+    view = memoryview(data).cast("B")
+    while view:
+        written = os.pwrite(fd, view, at)
+        if written <= 0:
+            raise OSError(f"wrote {written} of {len(view)} bytes at {at}")
+        view, at = view[written:], at + written

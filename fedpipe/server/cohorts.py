@@ -27,7 +27,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from fedpipe.common.aggregators import Aggregator
+from fedpipe.common.half import is_float_dtype, numpy_dtype
 from fedpipe.common.summable import Summable
+from fedpipe.common.vector import ArraySpec
 from fedpipe.server.client_log import RoundClients
 from fedpipe.server.clients import ClientProxy, RoundTask
 
@@ -119,8 +121,9 @@ def _fold_reply(
     run: FederatedRun, folded: _Fold, clients: RoundClients, reply: CohortReply, seconds: float
 ) -> None:
     """The reply into the round's sum and records, as the one-by-one fold would put it."""
-    if reply.total is not None:
-        run.aggregator.validate(reply.total, run.specs)
+    if reply.total is not None:  # summed in float32 for a half-precision model, as start does
+        wide = {n: ArraySpec(s.shape, _accumulated(s.dtype)) for n, s in run.specs.items()}
+        run.aggregator.validate(reply.total, wide)
         folded.total = run.aggregator.start(reply.total.accumulator(copy=False))
     folded.names = list(reply.names)
     folded.count = len(reply.names)
@@ -139,3 +142,9 @@ def _fold_reply(
         clients.replied(name, loss_sum / max(seen, 1), n_samples, seen, steps, seconds,
                         reply.seconds)  # fmt: skip
     clients.failed(reply.failures)
+
+
+def _accumulated(dtype: str) -> str:
+    """The dtype a round's sum of arrays of ``dtype`` is kept in."""
+    kind = numpy_dtype(dtype)
+    return "float32" if is_float_dtype(kind) and kind.itemsize < 4 else dtype

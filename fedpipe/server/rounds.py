@@ -529,7 +529,7 @@ class FederatedRun:
         }
         if folded.sample_epsilon is not None:  # the clients' own DP-SGD, as they report it
             record["sample_epsilon_max"] = folded.sample_epsilon
-        if folded.failure:  # secure aggregation could not recover the sum (logged)
+        if folded.failure:  # no usable sum: secure aggregation, a staged reply (logged)
             record["failed"] = folded.failure
         elif folded.count >= cfg.required_results and folded.total is not None:
             record["train_loss"] = folded.loss_sum / max(folded.seen, 1)
@@ -995,9 +995,14 @@ class _Fold:
         if self.total is None:
             self.total = self.aggregator.empty_total(self.specs)
         total, fold = self.total, self.aggregator.fold_chunk
-        for key, spilled in result.spilled.items():
-            for name, start, values in spilled.chunks():
-                fold(total, key, name, start, values, factor)
+        try:
+            for key, spilled in result.spilled.items():
+                for name, start, values in spilled.chunks():
+                    fold(total, key, name, start, values, factor)
+        except BaseException as exc:  # part of the reply is in the sum: it cannot come out
+            self.failure = f"a staged reply failed halfway into the sum ({type(exc).__name__})"
+            log.error("round sum unusable: %s: %s", self.failure, exc)
+            raise
         for key, value in result.partial.fields.items():  # its numbers, admitted
             total.fields[key] = total.number(key) + value
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections.abc import Sequence
 
 import numpy as np
@@ -39,6 +40,9 @@ class StackedCohort(ClientCohort):
     def __init__(self, model: Model, max_clients: int = 1024) -> None:
         super().__init__()
         self.engine = StackedTrainer(model, max_clients)
+        #: One training at a time: a round the deadline cut off goes on on its thread (a
+        #: thread cannot be stopped), and the next round's waits for it to end.
+        self._training = threading.Lock()
 
     async def train_together(
         self, clients: Sequence[ClientProxy], task: RoundTask, aggregator: Aggregator
@@ -48,12 +52,9 @@ class StackedCohort(ClientCohort):
         if reason is not None:
             self.decline(reason)
             return None
-        steps = [job.trainer.optimizer.step for job in jobs]
         try:
             return await asyncio.to_thread(self._train, jobs, task, aggregator)
         except Exception as exc:  # one client's bad data: each trains alone, and fails alone
-            for job, step in zip(jobs, steps, strict=True):
-                job.trainer.optimizer.step = step
             log.warning(
                 "round %d: stacked training of %d client(s) failed (%s: %s); they train one "
                 "after another",
@@ -65,13 +66,21 @@ class StackedCohort(ClientCohort):
             return None
 
     def _train(self, jobs: list[ClientJob], task: RoundTask, aggregator: Aggregator) -> CohortReply:
-        """On a worker thread: every chunk trained, its finite rows added to the sum."""
-        reply, begin = empty_reply(), 0
-        for done in self.engine.train(jobs, task.weights, task.round_number):
-            chunk = jobs[begin : begin + len(done.n_samples)]
-            begin += len(chunk)
-            add_stacked(reply, [job.name for job in chunk], done, aggregator)
-        return reply
+        """On a worker thread: every chunk trained, its finite rows added to the sum; on an
+        error, the optimizers' step counts as they were."""
+        with self._training:
+            steps = [job.trainer.optimizer.step for job in jobs]
+            try:
+                reply, begin = empty_reply(), 0
+                for done in self.engine.train(jobs, task.weights, task.round_number):
+                    chunk = jobs[begin : begin + len(done.n_samples)]
+                    begin += len(chunk)
+                    add_stacked(reply, [job.name for job in chunk], done, aggregator)
+                return reply
+            except Exception:
+                for job, step in zip(jobs, steps, strict=True):
+                    job.trainer.optimizer.step = step
+                raise
 
 
 def _job(client: ClientProxy) -> ClientJob:
@@ -99,12 +108,15 @@ def empty_reply() -> CohortReply:
 def add_stacked(
     reply: CohortReply, names: list[str], done: StackedUpdates, aggregator: Aggregator
 ) -> None:
-    """Add the clients ``names`` (row ``k``: ``names[k]``) whose update and loss are finite
-    to ``reply``; name the others in its failures. ``done.updates`` goes to the aggregator."""
+    """Add the clients ``names`` (row ``k``: ``names[k]``) whose loss and weighted update are
+    finite to ``reply`` (the update as each client's prepare weighs it: one that overflows
+    once weighted is rejected, as its reply would be); name the others in its failures.
+    ``done.updates`` goes to the aggregator."""
+    updates = aggregator.weigh_stacked(done.updates, done.n_samples.tolist())
     finite = np.isfinite(done.loss_sum)
-    for stacked in done.updates.values():
+    for stacked in updates.values():
         finite &= np.isfinite(stacked.reshape(len(names), -1)).all(axis=1)
-    updates, rows = done.updates, np.arange(len(names))
+    rows = np.arange(len(names))
     if not finite.all():
         reply.failures.update(
             (name, NOT_FINITE) for name, ok in zip(names, finite, strict=True) if not ok

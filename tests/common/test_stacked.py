@@ -119,7 +119,9 @@ def test_stacked_training_and_sum_match_the_client_by_client_fold() -> None:
             admitted = aggregator.admit(result.partial)
             expected = admitted if expected is None else expected.add_(admitted)
         for chunk in chunks:
-            total = aggregator.admit_stacked(chunk.updates, chunk.n_samples.tolist(), total)
+            sizes = chunk.n_samples.tolist()
+            weighted = aggregator.weigh_stacked(chunk.updates, sizes)
+            total = aggregator.admit_stacked(weighted, sizes, total)
         assert total is not None and expected is not None
         assert total.number("total_weight") == expected.number("total_weight")
         for n, a in expected.vector("weighted_sum").coefs.items():

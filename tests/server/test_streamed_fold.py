@@ -4,6 +4,7 @@ chunk, to the same bits as whole replies in memory."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -15,6 +16,7 @@ from fedpipe.common.aggregators.gradient_masked import GradientMaskedAveraging
 from fedpipe.common.config import ValidationConfig
 from fedpipe.common.optim import Optimizer
 from fedpipe.common.payload import PayloadAssembler, encode_payload
+from fedpipe.common.spilled_vector import SpilledVector
 from fedpipe.common.summable import Summable
 from fedpipe.common.training import TrainResult
 from fedpipe.common.vector import Vector
@@ -156,3 +158,31 @@ def test_the_outlier_hook_judges_a_spilled_reply_by_its_norm_from_disk() -> None
     assert from_disk.norm() < 2.0 * update(1).norm()
     for name in SPECS:
         np.testing.assert_allclose(from_disk.coefs[name], in_memory.coefs[name], rtol=1e-6)
+
+
+def test_a_reply_that_fails_to_read_back_halfway_fails_the_round_sum(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Half of it is in the running sum and cannot come out: the round's sum is unusable
+    # (the round fails, the global model stays), never silently half a reply.
+    aggregator = SumAggregator()
+    good, broken = reply(aggregator, 1, 3, True), reply(aggregator, 2, 3, True)
+    real = SpilledVector.chunks
+
+    def failing(self: SpilledVector) -> Iterator[tuple[str, int, np.ndarray]]:
+        for i, chunk in enumerate(real(self)):
+            if i == 1:
+                raise OSError(5, "Input/output error")
+            yield chunk
+
+    monkeypatch.setattr(broken.spilled["sum"], "chunks", failing.__get__(broken.spilled["sum"]))
+    folded, _ = fold(aggregator, [good])
+    assert not folded.failure
+
+    async def add_broken() -> None:
+        with pytest.raises(OSError):
+            await folded.add(Named("c1"), broken)  # type: ignore[arg-type]
+
+    asyncio.run(add_broken())
+    assert folded.names == ["c0"]
+    assert folded.failure == "a staged reply failed halfway into the sum (OSError)"

@@ -9,8 +9,9 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from fedpipe.common.aggregators.base import Aggregator, InvalidPartialError
+from fedpipe.common.aggregators.base import Aggregator, InvalidPartialError, overrides_follow
 from fedpipe.common.aggregators.weighting import ClientWeighting, Weighting
+from fedpipe.common.half import is_float_dtype
 from fedpipe.common.spilled_vector import SpilledVector
 from fedpipe.common.summable import Summable
 from fedpipe.common.vector import Vector
@@ -106,22 +107,30 @@ class AveragingAggregator(Aggregator):
 
     @property
     def stacks(self) -> bool:
-        return self.max_norm is None  # a norm bound scales each update by its own norm
+        # A norm bound scales each update by its own norm; a subclass (gradient masking)
+        # that changes prepare, admit or start has no stacked form unless it defines one.
+        stacked = ("weigh_stacked", "admit_stacked")
+        own = overrides_follow(type(self), stacked, ("prepare", "admit", "start"))
+        return own and self.max_norm is None
+
+    def weigh_stacked(
+        self, updates: Mapping[str, Any], n_samples: Sequence[int]
+    ) -> Mapping[str, Any]:
+        """Each row times its client's weight, in place (as each client's prepare)."""
+        weights = [self.weights.weight(n) for n in n_samples]
+        for stacked in updates.values():
+            column = np.array(weights, dtype=stacked.dtype).reshape(-1, *[1] * (stacked.ndim - 1))
+            np.multiply(stacked, column, out=stacked)
+        return updates
 
     def admit_stacked(
-        self, updates: Mapping[str, Any], n_samples: Sequence[int], into: Summable | None = None
+        self, weighted: Mapping[str, Any], n_samples: Sequence[int], into: Summable | None = None
     ) -> Summable:
         """The weighted sum over the client axis."""
-        weights = [self.weights.weight(n) for n in n_samples]
         total_weight = 0.0 if into is None else into.number("total_weight")
-        for weight in weights:  # in client order, as the one-by-one fold adds them
-            total_weight += weight
-        summed = {}
-        for name, stacked in updates.items():
-            column = np.array(weights, dtype=stacked.dtype).reshape(-1, *[1] * (stacked.ndim - 1))
-            summed[name] = _fold_rows(
-                np.multiply(stacked, column, out=stacked), into, "weighted_sum", name
-            )
+        for n in n_samples:  # in client order, as the one-by-one fold adds them
+            total_weight += self.weights.weight(n)
+        summed = {n: _fold_rows(w, into, "weighted_sum", n) for n, w in weighted.items()}
         return Summable({"weighted_sum": Vector(summed), "total_weight": total_weight})
 
     def finalize(self, total: Summable) -> Vector:
@@ -143,14 +152,20 @@ class SumAggregator(Aggregator):
 
     @property
     def stacks(self) -> bool:
-        return True
+        stacked = ("weigh_stacked", "admit_stacked")
+        return overrides_follow(type(self), stacked, ("prepare", "admit", "start"))
+
+    def weigh_stacked(
+        self, updates: Mapping[str, Any], n_samples: Sequence[int]
+    ) -> Mapping[str, Any]:
+        return updates
 
     def admit_stacked(
-        self, updates: Mapping[str, Any], n_samples: Sequence[int], into: Summable | None = None
+        self, weighted: Mapping[str, Any], n_samples: Sequence[int], into: Summable | None = None
     ) -> Summable:
         """The sum over the client axis."""
         return Summable(
-            {"sum": Vector({n: _fold_rows(u, into, "sum", n) for n, u in updates.items()})}
+            {"sum": Vector({n: _fold_rows(u, into, "sum", n) for n, u in weighted.items()})}
         )
 
     def finalize(self, total: Summable) -> Vector:
@@ -158,7 +173,12 @@ class SumAggregator(Aggregator):
 
 
 def _fold_rows(rows: Any, into: Summable | None, field: str, name: str) -> Any:
-    """``into``'s array plus every row, added in row order (``rows`` is reused)."""
+    """``into``'s array plus every row, added one row after the other (``np.add.accumulate``
+    is a left fold whatever the shapes; ``np.add.reduce`` sums pairwise along a contiguous
+    axis), in float32 for half precision as :meth:`Aggregator.start` widens a first reply
+    (``rows`` is reused when it already has that dtype)."""
+    if is_float_dtype(rows.dtype) and rows.dtype.itemsize < 4:
+        rows = rows.astype(np.float32)
     if into is not None:
         rows[0] = into.vector(field).coefs[name] + rows[0]  # a + b == b + a, bit for bit
-    return np.add.reduce(rows, axis=0)
+    return np.add.accumulate(rows, axis=0, out=rows)[-1].copy()

@@ -122,14 +122,29 @@ class Aggregator(Registrable):
         round folds client by client)."""
         return False
 
+    @property
+    def streams(self) -> bool:
+        """Whether a reply may be folded from disk (:meth:`admit_spilled`,
+        :meth:`fold_chunk`): only where those come from the class that last defined
+        :meth:`admit` and :meth:`start`, or a subclass of it. A subclass that changes how a
+        reply is admitted or summed without its streaming twins gets whole replies."""
+        return overrides_follow(type(self), ("admit_spilled", "fold_chunk"), ("admit", "start"))
+
+    def weigh_stacked(
+        self, updates: Mapping[str, Any], n_samples: Sequence[int]
+    ) -> Mapping[str, Any]:
+        """Server side, K clients at once (a stacked simulation): the Vector field each
+        client's :meth:`prepare` would send for the update ``updates[name][k]`` of a client
+        with ``n_samples[k]`` samples, row by row in the update's dtype (the caller checks
+        each row finite, as it checks a reply). ``updates`` belongs to the aggregator."""
+        raise NotImplementedError(f"aggregator {self.name!r} has no stacked form")
+
     def admit_stacked(
-        self, updates: Mapping[str, Any], n_samples: Sequence[int], into: Summable | None = None
+        self, weighted: Mapping[str, Any], n_samples: Sequence[int], into: Summable | None = None
     ) -> Summable:
-        """Server side, K clients at once (a stacked simulation): the admitted partials of
-        the updates ``updates[name][k]`` of clients with ``n_samples[k]`` samples, added up in
-        client order onto ``into`` (the sum of earlier clients, reused) if given: what
-        :meth:`prepare`, :meth:`admit` and ``add_`` give one by one, with the same bits.
-        ``updates`` belongs to the aggregator."""
+        """Server side, K clients at once: the rows of :meth:`weigh_stacked` admitted and added
+        up in client order onto ``into`` (the sum of earlier clients, reused) if given: what
+        :meth:`admit`, :meth:`start` and ``add_`` give one by one, with the same bits."""
         raise NotImplementedError(f"aggregator {self.name!r} has no stacked form")
 
     @abstractmethod
@@ -200,3 +215,13 @@ class Aggregator(Registrable):
                 raise InvalidPartialError(
                     f"field {key!r} is {value}, expected a finite non-negative number"
                 )
+
+
+def overrides_follow(cls: type, twins: Sequence[str], bases: Sequence[str]) -> bool:
+    """Whether every method named in ``twins`` is defined in ``cls``'s MRO no later (no
+    further from ``cls``) than every method named in ``bases``."""
+
+    def depth(name: str) -> int:
+        return next(i for i, owner in enumerate(cls.__mro__) if name in vars(owner))
+
+    return max(map(depth, twins)) <= min(map(depth, bases))
