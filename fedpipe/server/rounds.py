@@ -589,7 +589,7 @@ class FederatedRun:
         # A streaming sum takes each reply from disk once it is complete (the server holds the
         # weights, the sum and the chunks in flight); client-level DP clips whole replies.
         streaming = not isinstance(self.aggregator, BufferedAggregator)
-        task.spill_updates = streaming and self.privacy is None
+        task.spill_updates = streaming and self.privacy is None and self.aggregator.streams
         buffer_specs = self.buffers.specs() if self.buffers is not None else None
         folded = _Fold(
             self.aggregator,

@@ -213,3 +213,18 @@ def test_a_tiny_reported_weight_cannot_blow_the_update_up_to_infinity() -> None:
         agg.admit(liar)
     honest = agg.prepare(UPDATES[0][0].copy(), *UPDATES[0][1:])
     assert agg.admit(honest).vector("weighted_sum")["w"].tolist() == [1.0, 2.0, -1.0]
+
+
+def test_a_subclass_that_changes_admission_gets_no_inherited_stacked_or_streaming_form() -> None:
+    from fedpipe.common.aggregators.averaging import AveragingAggregator
+    from fedpipe.common.aggregators.gradient_masked import GradientMaskedAveraging
+    from fedpipe.common.summable import Summable as _Summable
+
+    class Reweighted(AveragingAggregator):  # a user's plug-in: its own admission only
+        def admit(self, partial: _Summable, scale: float = 1.0) -> _Summable:
+            return super().admit(partial, scale * 0.5)
+
+    assert AveragingAggregator().stacks and AveragingAggregator().streams
+    assert not Reweighted().stacks and not Reweighted().streams
+    masked = GradientMaskedAveraging()
+    assert not masked.stacks and masked.streams  # it has its own streaming twins

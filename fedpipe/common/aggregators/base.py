@@ -124,11 +124,14 @@ class Aggregator(Registrable):
 
     @property
     def streams(self) -> bool:
-        """Whether a reply may be folded from disk (:meth:`admit_spilled`,
-        :meth:`fold_chunk`): only where those come from the class that last defined
-        :meth:`admit` and :meth:`start`, or a subclass of it. A subclass that changes how a
-        reply is admitted or summed without its streaming twins gets whole replies."""
-        return overrides_follow(type(self), ("admit_spilled", "fold_chunk"), ("admit", "start"))
+        """Whether a reply may be folded from disk: only where :meth:`admit_spilled` comes
+        from the class that last defined :meth:`admit` (or a subclass of it), and
+        :meth:`fold_chunk` from the one that last defined :meth:`start`. A subclass that
+        changes how a reply is admitted or summed without its streaming twins gets whole
+        replies."""
+        cls = type(self)
+        admits = overrides_follow(cls, ("admit_spilled",), ("admit",))
+        return admits and overrides_follow(cls, ("fold_chunk",), ("start",))
 
     def weigh_stacked(
         self, updates: Mapping[str, Any], n_samples: Sequence[int]
