@@ -29,6 +29,7 @@ from fedpipe.common.records import (
     eval_reply_parts,
     settings_data,
     settings_value,
+    setup_chunk_bytes,
     summables_from,
     train_reply_parts,
     weights_from,
@@ -98,6 +99,8 @@ class ClientDaemon:
         self.states = ClientStateStore(self.name, config.state_dir)
         #: Host memory each update leaves the device through (pinned, reused every round).
         self.staging = HostStaging()
+        #: The chunk size of the payloads this client sends (the server's, at setup).
+        self.chunk_bytes = CHUNK_BYTES
         #: Secure aggregation's round under way (the secagg extra: created at its first task).
         self.secure: SecureSession | None = None
         #: A round's start weights wait on disk (in ``state_dir``, else the system's temporary
@@ -299,16 +302,16 @@ class ClientDaemon:
             reply.error = f"{type(exc).__name__}: {exc}"
             return reply, None
         # The previous reply's frames are all written: its staging memory may be reused.
-        payload = encode_payload(state, trainer.setup.chunk_bytes, staging=self.staging)
+        payload = encode_payload(state, self.chunk_bytes, staging=self.staging)
         reply.info.CopyFrom(settings_value(info))
         reply.payload.CopyFrom(payload.header)
         return reply, payload
 
     def _initialize(self, task: Any) -> None:
-        setup = RunSetup.from_data(settings_data(task.settings))
+        settings = settings_data(task.settings)
+        setup = RunSetup.from_data(settings)
         specs = {s.name: spec_from_wire(s, f"weight {s.name!r}") for s in task.weight_specs}
-        if not 1 <= setup.chunk_bytes <= 64 << 20:
-            raise ValueError(f"chunk_bytes={setup.chunk_bytes}; expected 1 byte to 64 MiB")
+        chunk_bytes = setup_chunk_bytes(settings, CHUNK_BYTES)
         model = str(setup.model.get("name", ""))
         if ":" in model and model not in self.config.trusted_models:
             # An import path runs code on this machine: only the client's owner may name one.
@@ -330,6 +333,7 @@ class ClientDaemon:
                 f"the model built from the setup does not match the server's: {problem}"
             )
         trainer.check_data(self.train_data)
+        self.chunk_bytes = chunk_bytes
         if self.trainer is not None and self.trainer.setup == setup:
             return  # reconnected to the same run: keep the optimizer's state
         self.trainer, self.specs = trainer, specs

@@ -19,16 +19,23 @@ from fedpipe.common.training import EvalResult, TrainResult
 from fedpipe.common.vector import Vector
 
 __all__ = [
+    "CHUNK_BYTES_KEY",
     "eval_reply_parts",
     "eval_result_from",
     "settings_data",
     "settings_value",
+    "setup_chunk_bytes",
     "summables_from",
     "task_state",
     "train_reply_parts",
     "train_result_from",
     "weights_from",
 ]
+
+
+#: The setup task's key for the chunk size of the payloads a client sends (the gRPC
+#: transport's setting, sent beside the run setup's fields, where clients have always read it).
+CHUNK_BYTES_KEY = "chunk_bytes"
 
 
 def settings_value(data: Mapping[str, Any]) -> Any:
@@ -142,3 +149,20 @@ def weights_from(payload: State) -> Vector:
     if not isinstance(weights, Vector):
         raise ProtocolError("task payload has no 'weights' Vector")
     return weights
+
+
+def setup_chunk_bytes(settings: Mapping[str, Any], default: int) -> int:
+    """The chunk size a setup task's ``settings`` give (:data:`CHUNK_BYTES_KEY`: the
+    transport's setting, not the run setup's), ``default`` without one.
+
+    Raises
+    ------
+    ValueError
+        Not a whole number of bytes from 1 to 64 MiB.
+    """
+    value = settings.get(CHUNK_BYTES_KEY, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value):
+        raise ValueError(f"chunk_bytes={value!r}; expected a whole number of bytes")
+    if not 1 <= int(value) <= 64 << 20:
+        raise ValueError(f"chunk_bytes={int(value)}; expected 1 byte to 64 MiB")
+    return int(value)

@@ -62,7 +62,6 @@ class RunSetup:
     metrics: list[Any]
     training: dict[str, Any]
     seed: int = 0
-    chunk_bytes: int = 4 << 20
     run_id: str = ""
 
     def to_data(self) -> dict[str, Any]:
@@ -73,7 +72,6 @@ class RunSetup:
             "metrics": self.metrics,
             "training": self.training,
             "seed": self.seed,
-            "chunk_bytes": self.chunk_bytes,
             "run_id": self.run_id,
         }
 
@@ -87,7 +85,6 @@ class RunSetup:
                 metrics=list(data["metrics"]),
                 training=dict(data["training"]),
                 seed=int(data.get("seed", 0)),
-                chunk_bytes=int(data.get("chunk_bytes", 4 << 20)),
                 run_id=str(data.get("run_id", "")),
             )
         except (KeyError, TypeError, ValueError) as exc:

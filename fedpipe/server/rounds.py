@@ -155,7 +155,6 @@ class FederatedRun:
             metrics=list(config.metrics),
             training=config.training.model_dump(),
             seed=config.seed,
-            chunk_bytes=config.chunk_bytes,
             run_id=config.run_id,
         )
         try:

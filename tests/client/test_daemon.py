@@ -28,6 +28,7 @@ IMPORT_PATH = "fedpipe.common.models.linear:SoftmaxRegression"
 
 
 def setup_task(model: dict[str, Any], **changes: Any) -> pb.Task:
+    chunk = {"chunk_bytes": changes.pop("chunk_bytes")} if "chunk_bytes" in changes else {}
     setup = RunSetup(
         model=model,
         client_optimizer=changes.pop("client_optimizer", {"lrate": 0.1}),
@@ -37,7 +38,9 @@ def setup_task(model: dict[str, Any], **changes: Any) -> pb.Task:
         **changes,
     )
     task = pb.Task(
-        task_id=1, kind=pb.TASK_KIND_INITIALIZE, settings=settings_value(setup.to_data())
+        task_id=1,
+        kind=pb.TASK_KIND_INITIALIZE,
+        settings=settings_value({**setup.to_data(), **chunk}),
     )
     for name, shape in (("kernel", [4, 3]), ("bias", [3])):
         code = wire_dtype(np.dtype("float32"), name)[0]

@@ -635,7 +635,6 @@ class FakeServer:
             metrics=list(config.metrics),
             training=config.training.model_dump(),
             seed=0,
-            chunk_bytes=1 << 20,
         )
         self.replies: asyncio.Queue[pb.Reply | None] = asyncio.Queue()  # None: no reply
 
@@ -646,7 +645,7 @@ class FakeServer:
         task = pb.Task(
             task_id=1,
             kind=pb.TASK_KIND_INITIALIZE,
-            settings=settings_value(self.setup.to_data()),
+            settings=settings_value({**self.setup.to_data(), "chunk_bytes": 1 << 20}),
         )
         await context.write(pb.ServerMessage(task=task).SerializeToString())
         frame = await context.read()

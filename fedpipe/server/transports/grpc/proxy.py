@@ -16,6 +16,7 @@ from fedpipe.common.framing import Received, announced_bytes, payload_frames
 from fedpipe.common.payload import EncodedPayload, encode_payload
 from fedpipe.common.protocol import ProtocolError
 from fedpipe.common.records import (
+    CHUNK_BYTES_KEY,
     eval_result_from,
     settings_data,
     settings_value,
@@ -130,10 +131,11 @@ class GrpcClient(ClientProxy):
         self.specs = dict(specs)
         self._train_limits = train_reply_limits(specs)
         self._eval_limits = eval_reply_limits(setup.metrics)
+        # The chunk size is this transport's: it rides the setup task, not the run setup.
         await self._request(
             pb.TASK_KIND_INITIALIZE,
             0,
-            setup.to_data(),
+            {**setup.to_data(), CHUNK_BYTES_KEY: self.chunk_bytes},
             None,
             weight_specs=weight_specs,
             limits=SETUP_REPLY,
