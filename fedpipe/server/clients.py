@@ -108,8 +108,23 @@ class ClientProxy(ABC):
     def _no_secagg(self) -> ClientError:
         return ClientError(
             f"client {self.name}: {type(self).__name__} does not carry secure aggregation "
-            "(the in-process and gRPC transports do); refusing to send a plain update instead"
+            "(the in-process, gRPC and Dask transports do); refusing to send a plain update "
+            "instead"
         )
+
+    #: A remote transport's secure aggregation of the round under way: (round, its roster
+    #: once shared); the client's own state machine lives with the client.
+    _secure_stage: tuple[int, Roster | None] | None = None
+
+    def _secagg_round(self) -> int:
+        if self._secure_stage is None:
+            raise ClientError(f"client {self.name}: no secure aggregation session")
+        return self._secure_stage[0]
+
+    def _secagg_roster(self) -> Roster:
+        if self._secure_stage is None or self._secure_stage[1] is None:
+            raise ClientError(f"client {self.name}: no secure aggregation roster")
+        return self._secure_stage[1]
 
     async def release(self) -> None:
         """The round loop is done with this client's last result: free what the transport

@@ -379,7 +379,7 @@ class DaskClient(ClientProxy):
         self.n_eval_samples = len(eval_data) if eval_data is not None else 0
         self.fleet = fleet
         #: This round's secure aggregation: (round, roster once shared).
-        self._secagg: tuple[int, Roster | None] | None = None
+        self._secure_stage: tuple[int, Roster | None] | None = None
 
     async def initialize(self, setup: RunSetup, specs: Mapping[str, ArraySpec]) -> None:
         await self.fleet.submit(self, "init", None)
@@ -407,7 +407,7 @@ class DaskClient(ClientProxy):
     async def secagg_advertise(self, round_number: int) -> AdvertiseKeys:
         from fedpipe.common.secagg.wire import keys_record
 
-        self._secagg = (round_number, None)
+        self._secure_stage = (round_number, None)
         data = await self._stage("secagg_advertise", None, round_number)
         return self._decoded(lambda: keys_record(spb.SecAggKeys.FromString(data), self.name))
 
@@ -415,7 +415,7 @@ class DaskClient(ClientProxy):
         from fedpipe.common.secagg.wire import roster_message, share_keys_record
 
         round_number = self._secagg_round()
-        self._secagg = (round_number, roster)
+        self._secure_stage = (round_number, roster)
         data = await self._stage("secagg_share", roster_message(roster, self.name), round_number)
         message = spb.SecAggShareKeys
         return self._decoded(lambda: share_keys_record(message.FromString(data), self.name, roster))
@@ -436,7 +436,7 @@ class DaskClient(ClientProxy):
         from fedpipe.common.secagg.wire import unmask_request_message, unmask_shares_record
 
         round_number, roster = self._secagg_round(), self._secagg_roster()
-        self._secagg = None  # one reveal per session
+        self._secure_stage = None  # one reveal per session
         data = await self._stage("secagg_unmask", unmask_request_message(request), round_number)
         message = spb.SecAggUnmaskShares
         return self._decoded(
@@ -458,16 +458,6 @@ class DaskClient(ClientProxy):
             return decode()
         except ValueError as exc:  # ProtocolError, and protobuf's DecodeError
             raise ClientError(f"client {self.name}: {exc}") from None
-
-    def _secagg_round(self) -> int:
-        if self._secagg is None:
-            raise ClientError(f"client {self.name}: no secure aggregation session")
-        return self._secagg[0]
-
-    def _secagg_roster(self) -> Roster:
-        if self._secagg is None or self._secagg[1] is None:
-            raise ClientError(f"client {self.name}: no secure aggregation roster")
-        return self._secagg[1]
 
     @staticmethod
     async def _in_turn(task: RoundTask, reply: asyncio.Future[Any]) -> Any:

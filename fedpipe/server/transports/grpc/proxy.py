@@ -114,7 +114,7 @@ class GrpcClient(ClientProxy):
         self.specs: dict[str, ArraySpec] = {}
         self._spilling: set[int] = set()  # tasks whose reply's update is received to disk
         #: This round's secure aggregation session: its round and, from stage 1, its roster.
-        self._secagg: tuple[int, Roster | None] | None = None
+        self._secure_stage: tuple[int, Roster | None] | None = None
 
     # ---- the round loop's side ---------------------------------------------------------------
 
@@ -230,7 +230,7 @@ class GrpcClient(ClientProxy):
     async def secagg_advertise(self, round_number: int) -> AdvertiseKeys:
         from fedpipe.common.secagg.wire import keys_record
 
-        self._secagg = (round_number, None)
+        self._secure_stage = (round_number, None)
         reply = await self._stage(pb.TASK_KIND_SECAGG_ADVERTISE, round_number, None, "keys")
         return self._stage_record(lambda: keys_record(reply.keys, self.name))
 
@@ -238,7 +238,7 @@ class GrpcClient(ClientProxy):
         from fedpipe.common.secagg.wire import roster_message, share_keys_record
 
         round_number = self._secagg_round()
-        self._secagg = (round_number, roster)
+        self._secure_stage = (round_number, roster)
         stage = ("roster", roster_message(roster, self.name))
         reply = await self._stage(pb.TASK_KIND_SECAGG_SHARE, round_number, stage, "share_keys")
         return self._stage_record(lambda: share_keys_record(reply.share_keys, self.name, roster))
@@ -268,7 +268,7 @@ class GrpcClient(ClientProxy):
         from fedpipe.common.secagg.wire import unmask_request_message, unmask_shares_record
 
         round_number, roster = self._secagg_round(), self._secagg_roster()
-        self._secagg = None  # one reveal per session
+        self._secure_stage = None  # one reveal per session
         stage = ("unmask_request", unmask_request_message(request))
         reply = await self._stage(pb.TASK_KIND_SECAGG_UNMASK, round_number, stage, "unmask_shares")
         return self._stage_record(
@@ -292,16 +292,6 @@ class GrpcClient(ClientProxy):
         except ProtocolError as exc:
             self._rejected("undecodable")
             raise ClientError(f"client {self.name}: {exc}") from None
-
-    def _secagg_round(self) -> int:
-        if self._secagg is None:
-            raise ClientError(f"client {self.name}: no secure aggregation session")
-        return self._secagg[0]
-
-    def _secagg_roster(self) -> Roster:
-        if self._secagg is None or self._secagg[1] is None:
-            raise ClientError(f"client {self.name}: no secure aggregation roster")
-        return self._secagg[1]
 
     async def _request(
         self,
