@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING, Any, cast
 import grpc
 import numpy as np
 
-from fedpipe.client.channel import SESSION_METHOD, channel_options
 from fedpipe.client.state_store import ClientStateStore
 from fedpipe.client.tls_errors import explain_connection_failure
 from fedpipe.common.codec import spec_from_wire
@@ -38,6 +37,7 @@ from fedpipe.common.tls_files import check_client_files
 from fedpipe.common.train_fn import load_train_fn
 from fedpipe.common.training import ClientData, LocalTrainer, RunSetup
 from fedpipe.common.vector import ArraySpec, describe_spec_mismatch
+from fedpipe.grpc_channel import SESSION_METHOD, channel_options
 from fedpipe.proto.fedpipe.v1 import federation_pb2 as pb
 
 if TYPE_CHECKING:  # the secagg extra

@@ -17,8 +17,8 @@ from fedpipe.common.framing import FrameReceiver, envelope_frames
 from fedpipe.common.payload import encode_payload
 from fedpipe.common.records import settings_value, weights_from
 from fedpipe.common.tokens import hash_token
+from fedpipe.grpc_channel import SESSION_METHOD
 from fedpipe.proto.fedpipe.v1 import federation_pb2 as pb
-from fedpipe.server.transports.grpc.service import SESSION_METHOD
 from tests.faults.conftest import server_config, spawn_server, wait_for_line
 from tests.faults.test_identity import (
     Session,

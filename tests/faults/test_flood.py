@@ -14,8 +14,8 @@ from pathlib import Path
 import grpc
 
 from fedpipe.common.outcome import ExitCode
+from fedpipe.grpc_channel import SESSION_METHOD
 from fedpipe.server.transports.grpc import admission
-from fedpipe.server.transports.grpc.service import SESSION_METHOD
 from tests.faults.conftest import finish, server_config, spawn_client, spawn_server
 from tests.faults.test_identity import server_log, wait_for_log
 

@@ -19,8 +19,8 @@ import pytest
 from fedpipe.common.outcome import ExitCode
 from fedpipe.common.protocol import PROTOCOL_VERSION
 from fedpipe.common.tokens import hash_token, verify_token
+from fedpipe.grpc_channel import SESSION_METHOD
 from fedpipe.proto.fedpipe.v1 import federation_pb2 as pb
-from fedpipe.server.transports.grpc.service import SESSION_METHOD
 from tests.faults.conftest import finish, server_config, spawn_server, wait_for_line
 from tests.integration.test_tls import openssl, pki  # noqa: F401 (pki: a fixture)
 

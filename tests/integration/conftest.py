@@ -18,11 +18,11 @@ import pytest
 from fedpipe.common.config import ServerConfig
 from fedpipe.common.data import load_builtin, partition, save_partitions
 from fedpipe.common.protocol import PROTOCOL_VERSION
+from fedpipe.grpc_channel import SESSION_METHOD
 from fedpipe.proto.fedpipe.v1 import federation_pb2 as pb
 from fedpipe.server.rounds import RunSummary
 from fedpipe.server.simulation import free_port
 from fedpipe.server.transports.grpc.server import serve
-from fedpipe.server.transports.grpc.service import SESSION_METHOD
 
 
 @pytest.fixture(scope="session")

@@ -17,12 +17,12 @@ from fedpipe.common.config import ServerConfig
 from fedpipe.common.outcome import RunError
 from fedpipe.common.plugins import import_plugins
 from fedpipe.common.tls_files import check_server_files
+from fedpipe.grpc_channel import SERVICE_NAME, channel_options
 from fedpipe.server.clients import ClientPool
 from fedpipe.server.monitoring import Monitoring
 from fedpipe.server.rounds import FederatedRun, RunSummary
 from fedpipe.server.transports.grpc.admission import server_options
 from fedpipe.server.transports.grpc.receive_budget import ReceiveBudget
-from fedpipe.server.transports.grpc.service import SERVICE_NAME, channel_options
 from fedpipe.server.transports.grpc.session import FederationServicer
 
 __all__ = ["serve"]

@@ -19,13 +19,13 @@ from fedpipe.common.reply_limits import (
     RejectedReply,
     check_reply_header,
 )
+from fedpipe.grpc_channel import SERVICE_NAME, SESSION_METHOD
 from fedpipe.proto.fedpipe.v1 import federation_pb2 as pb
 from fedpipe.server.clients import ClientPool
 from fedpipe.server.monitor import ServerMonitor
 from fedpipe.server.transports.grpc.admission import Credentials, PendingStreams, Refused, peer_host
 from fedpipe.server.transports.grpc.proxy import GrpcClient
 from fedpipe.server.transports.grpc.receive_budget import ReceiveBudget, TransferFloor
-from fedpipe.server.transports.grpc.service import SERVICE_NAME, SESSION_METHOD
 
 __all__ = ["FederationServicer"]
 

@@ -1,5 +1,7 @@
-"""The ``fedpipe.v1.Federation`` service as gRPC serves it: its name and ``Session`` method
-(from the generated descriptor), and the channel options of the server's end."""
+"""The gRPC channel a client daemon and the server's gRPC transport open between them: the
+``fedpipe.v1.Federation`` service's name and ``Session`` method (from the generated
+descriptor) and the channel options of both ends. Outside ``fedpipe.common``, which knows
+no transport; it imports no grpc itself (the options are plain pairs)."""
 
 from __future__ import annotations
 
@@ -18,9 +20,9 @@ SESSION_METHOD = f"/{SERVICE_NAME}/{_SERVICE.methods_by_name['Session'].name}"
 
 
 def channel_options(chunk_bytes: int) -> list[tuple[str, Any]]:
-    """gRPC options of the server: message limits above the protocol's largest control
-    message and two chunks, and keepalive (the client's own are
-    :func:`fedpipe.client.channel.channel_options`, kept equal by a test)."""
+    """gRPC options of both ends: message limits above the protocol's largest control
+    message and two chunks, and keepalive pings (the client's no more often than the
+    server accepts them)."""
     limit = max(MAX_CONTROL_BYTES, 2 * chunk_bytes + (1 << 20))
     return [
         ("grpc.max_send_message_length", limit),
