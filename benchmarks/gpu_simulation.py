@@ -43,6 +43,7 @@ import numpy as np
 import torch
 from torch.func import functional_call, grad, vmap
 
+from fedpipe.common.aggregators import Aggregator
 from fedpipe.common.data import Dataset
 from fedpipe.common.models.torch_adapter import TorchModel
 from fedpipe.common.summable import Summable
@@ -215,18 +216,35 @@ async def _simulated_rounds(
             sync(args.device)
             start = time.perf_counter()
             task = RoundTask(round_number, weights)
-            total: Summable | None = None
-            replies = [asyncio.ensure_future(c.train(task)) for c in clients]  # as the loop
-            for reply in replies:
-                partial = (await reply).partial
-                total = partial if total is None else total.add_(partial)
-            assert total is not None
+            total = await _round_total(clients, task, aggregator)
             weights = weights - aggregator.finalize(total).to_numpy()
             sync(args.device)
             seconds.append(time.perf_counter() - start)
     finally:
         models.close()
     return seconds, weights
+
+
+async def _round_total(
+    clients: list[InProcessClient], task: RoundTask, aggregator: Aggregator
+) -> Summable:
+    """The round's admitted sum, as the round loop gets it: from the clients' cohort when they
+    train as one (the vectorized mode on one device: summed on the device), else reply by
+    reply in client order."""
+    cohort = clients[0].cohort()
+    if cohort is not None:
+        reply = await cohort.train_together(clients, task, aggregator)
+        if reply is not None:
+            if reply.failures or reply.total is None:
+                raise RuntimeError(f"round {task.round_number}: clients failed: {reply.failures}")
+            return reply.total
+    total: Summable | None = None
+    replies = [asyncio.ensure_future(c.train(task)) for c in clients]  # as the loop
+    for reply_ in replies:
+        partial = (await reply_).partial
+        total = partial if total is None else total.add_(partial)
+    assert total is not None
+    return total
 
 
 def report(args: argparse.Namespace, seconds: dict[str, list[float]]) -> dict[str, Any]:

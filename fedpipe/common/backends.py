@@ -16,7 +16,7 @@ imported only when a torch tensor is seen.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import cache
 from typing import Any, Protocol, cast
 
@@ -74,6 +74,21 @@ class ArrayOps(Protocol):
     def to_numpy(self, array: Any) -> np.ndarray: ...
     def clip_norm(self, arrays: dict[str, Any], max_norm: float, per_array: bool) -> dict: ...
     def normal_like(self, array: Any, rng: np.random.Generator) -> Any: ...
+
+    # ---- stacked arrays: a leading client axis, one row per client ----------------------------
+
+    def scale_rows_(self, stacked: Any, factors: Sequence[float]) -> None:
+        """Row ``k`` times ``factors[k]``, in place."""
+        ...
+
+    def finite_rows(self, stacked: Any) -> np.ndarray:
+        """Whether each row holds only finite values (host booleans)."""
+        ...
+
+    def sum_rows(self, stacked: Any, start: Any | None) -> Any:
+        """``start`` (or zero) plus every row, in float32 for half precision (``stacked`` may
+        be overwritten)."""
+        ...
 
 
 class _NumpyOps:
@@ -167,6 +182,23 @@ class _NumpyOps:
         if array.dtype in (np.float32, np.float64):
             return rng.standard_normal(array.shape, dtype=array.dtype)
         return rng.standard_normal(array.shape).astype(array.dtype)
+
+    def scale_rows_(self, stacked: np.ndarray, factors: Sequence[float]) -> None:
+        column = np.array(factors, dtype=stacked.dtype).reshape(-1, *[1] * (stacked.ndim - 1))
+        np.multiply(stacked, column, out=stacked)
+
+    def finite_rows(self, stacked: np.ndarray) -> np.ndarray:
+        return np.isfinite(stacked.reshape(len(stacked), -1)).all(axis=1)
+
+    def sum_rows(self, stacked: np.ndarray, start: np.ndarray | None) -> np.ndarray:
+        # One row added after the other, as the one-by-one fold adds replies: bit-equal to it
+        # (np.add.accumulate is a left fold whatever the shapes; np.add.reduce sums pairwise
+        # along a contiguous axis).
+        if is_float_dtype(stacked.dtype) and stacked.dtype.itemsize < 4:
+            stacked = stacked.astype(np.float32)
+        if start is not None:
+            stacked[0] = start + stacked[0]  # a + b == b + a, bit for bit
+        return np.add.accumulate(stacked, axis=0, out=stacked)[-1].copy()
 
 
 @cache

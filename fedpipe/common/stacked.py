@@ -25,6 +25,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -46,7 +47,8 @@ Arrays = dict[str, np.ndarray]
 class StackedUpdates:
     """What K clients' local training did, row ``k`` for ``jobs[k]``."""
 
-    updates: Arrays  # start minus end weights, a leading client axis
+    updates: dict[str, Any]  # start minus end weights, a leading client axis (numpy, or
+    # torch tensors on their device from the vectorized torch engine)
     n_samples: np.ndarray  # local dataset sizes (int64)
     n_steps: np.ndarray  # (int64)
     loss_sum: np.ndarray  # sum of per-sample training losses (float64)

@@ -9,6 +9,7 @@ same noise on either backend.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import cache
 from typing import Any
 
@@ -208,3 +209,20 @@ class TorchOps:
             return torch.from_numpy(draw).to(array.device)
         draw = rng.standard_normal(tuple(array.shape))
         return torch.from_numpy(draw).to(device=array.device, dtype=array.dtype)
+
+    def scale_rows_(self, stacked: torch.Tensor, factors: Sequence[float]) -> None:
+        if len(set(factors)) == 1:  # one weight for all (clients of one size): no host copy
+            stacked.mul_(factors[0])
+            return
+        column = torch.tensor(factors, dtype=stacked.dtype, device=stacked.device)
+        stacked.mul_(column.view(-1, *[1] * (stacked.dim() - 1)))
+
+    def finite_rows(self, stacked: torch.Tensor) -> np.ndarray:
+        return torch.isfinite(stacked.reshape(len(stacked), -1)).all(dim=1).cpu().numpy()
+
+    def sum_rows(self, stacked: torch.Tensor, start: torch.Tensor | None) -> torch.Tensor:
+        # One reduction kernel over the client axis (a row-by-row left fold would launch one
+        # kernel per client): the same sum as the one-by-one fold to float rounding.
+        wide = torch.float32 if stacked.is_floating_point() and stacked.element_size() < 4 else None
+        total = stacked.sum(dim=0, dtype=wide)
+        return total if start is None else total.add_(start)

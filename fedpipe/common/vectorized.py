@@ -40,6 +40,7 @@ from fedpipe.common.client_job import (
 )
 from fedpipe.common.data import Dataset
 from fedpipe.common.models.torch_adapter import TorchModel
+from fedpipe.common.stacked import StackedUpdates
 from fedpipe.common.training import TrainResult
 from fedpipe.common.vector import Vector
 from fedpipe.common.vectorized_pipeline import ClientOptimizers
@@ -90,12 +91,38 @@ class VectorizedTrainer:
         ``max_clients`` at a time (the caller folds them as they come)."""
         for start in range(0, len(jobs), self.max_clients):
             chunk = jobs[start : start + self.max_clients]
-            if not self._checked:
-                self._check(chunk, round_number)
-            if self.fallback is not None:
+            if self.unfit(chunk, round_number) is not None:
                 yield from self._sequential(chunk, weights, round_number)
             else:
-                yield from self._chunk(chunk, weights, round_number)
+                yield from self._results(chunk, *self._trained(chunk, weights, round_number))
+
+    def train_stacked(
+        self, jobs: Sequence[ClientJob], weights: Vector, round_number: int
+    ) -> Iterator[StackedUpdates]:
+        """Train every job (each fit: :meth:`unfit` is None) from ``weights``,
+        ``max_clients`` at a time: one result per chunk, row ``k`` for the chunk's ``k``-th
+        job, its updates (start minus end weights, a leading client axis) left on the
+        device for the caller to add up there."""
+        for start in range(0, len(jobs), self.max_clients):
+            chunk = jobs[start : start + self.max_clients]
+            schedules, deltas, loss_sum, began = self._trained(chunk, weights, round_number)
+            yield StackedUpdates(
+                updates=deltas,
+                n_samples=np.array([len(job.data) for job in chunk], dtype=np.int64),
+                n_steps=np.array([len(s) for s in schedules], dtype=np.int64),
+                loss_sum=loss_sum.cpu().numpy(),
+                n_samples_seen=np.array(
+                    [sum(len(r) for r in s) for s in schedules], dtype=np.int64
+                ),
+                seconds=(time.perf_counter() - began) / len(chunk),
+            )
+
+    def unfit(self, jobs: Sequence[ClientJob], round_number: int) -> str | None:
+        """Why ``jobs`` cannot train vectorized (they train one after another); None when
+        they can. The first call checks that the model runs inside vmap."""
+        if not self._checked:
+            self._check(jobs, round_number)
+        return self.fallback
 
     # ---- fallback ----------------------------------------------------------------------------
 
@@ -141,9 +168,9 @@ class VectorizedTrainer:
 
     # ---- vectorized --------------------------------------------------------------------------
 
-    def _chunk(
-        self, jobs: Sequence[ClientJob], weights: Vector, round_number: int
-    ) -> Iterator[TrainResult]:
+    def _trained(self, jobs: Sequence[ClientJob], weights: Vector, round_number: int) -> _Trained:
+        """Every job trained from ``weights``: the schedules, each client's update (a row of
+        start minus end weights, on the device), its loss sum, and when training began."""
         start = time.perf_counter()
         for job in jobs:
             if job.aux_vars:
@@ -170,7 +197,8 @@ class VectorizedTrainer:
             optimizers.restore()  # the caller trains these clients again, one by one
             raise
         optimizers.finish([len(s) for s in schedules])
-        yield from self._results(jobs, schedules, start_w, params, loss_sum, start)
+        deltas = {n: p.neg_().add_(start_w[n]) for n, p in params.items()}
+        return schedules, deltas, loss_sum, start
 
     def _step(
         self,
@@ -201,13 +229,11 @@ class VectorizedTrainer:
         self,
         jobs: Sequence[ClientJob],
         schedules: list[list[np.ndarray]],
-        start_w: Tensors,
-        params: Tensors,
+        deltas: Tensors,
         loss_sum: torch.Tensor,
         start: float,
     ) -> Iterator[TrainResult]:
-        # start - end for every client at once; each update is a row, left on the device
-        deltas = {n: p.neg_().add_(start_w[n]) for n, p in params.items()}
+        """Each client's result: its update a row of ``deltas``, left on the device."""
         losses = loss_sum.cpu().numpy()
         seconds = (time.perf_counter() - start) / len(jobs)
         for k, job in enumerate(jobs):
@@ -262,6 +288,8 @@ class VectorizedTrainer:
 
 
 _Step = tuple[int, list[int], torch.Tensor, torch.Tensor]
+#: What a chunk's training gives: the batch schedules, the updates, the loss sums, its start.
+_Trained = tuple[list[list[np.ndarray]], Tensors, torch.Tensor, float]
 
 
 def _step_plan(schedules: list[list[np.ndarray]], device: torch.device) -> list[_Step]:

@@ -15,19 +15,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
 from fedpipe.common.aggregators import Aggregator
+from fedpipe.common.backends import ops_of
 from fedpipe.common.client_job import ClientJob
 from fedpipe.common.data import Dataset
 from fedpipe.common.models import Model
-from fedpipe.common.stacked import StackedTrainer, StackedUpdates, stacked_unfit
+from fedpipe.common.stacked import StackedUpdates, stacked_unfit
 from fedpipe.server.clients import ClientProxy, RoundTask
 from fedpipe.server.cohorts import ClientCohort, CohortReply
 
-__all__ = ["StackedCohort", "add_stacked", "cohort_unfit", "empty_reply"]
+__all__ = ["StackedCohort", "add_stacked", "cohort_unfit", "empty_reply", "round_unfit"]
 
 log = logging.getLogger(__name__)
 
@@ -35,11 +37,13 @@ NOT_FINITE = "rejected reply: field 'weighted_sum' holds NaN or infinite values"
 
 
 class StackedCohort(ClientCohort):
-    """The in-process clients of one run setup, on one numpy model."""
+    """The in-process clients of one run setup, trained by ``engine`` (a
+    :class:`StackedTrainer` on one numpy model; a subclass brings another engine and overrides
+    :meth:`unfit`, :meth:`offload` and :meth:`chunks`)."""
 
-    def __init__(self, model: Model, max_clients: int = 1024) -> None:
+    def __init__(self, engine: Any) -> None:
         super().__init__()
-        self.engine = StackedTrainer(model, max_clients)
+        self.engine = engine
         #: One training at a time: a round the deadline cut off goes on on its thread (a
         #: thread cannot be stopped), and the next round's waits for it to end.
         self._training = threading.Lock()
@@ -48,12 +52,12 @@ class StackedCohort(ClientCohort):
         self, clients: Sequence[ClientProxy], task: RoundTask, aggregator: Aggregator
     ) -> CohortReply | None:
         jobs = [_job(client) for client in clients]
-        reason = cohort_unfit(self.engine.model, jobs, bool(task.settings.get("dp")))
+        reason = self.unfit(jobs, task)
         if reason is not None:
             self.decline(reason)
             return None
         try:
-            return await asyncio.to_thread(self._train, jobs, task, aggregator)
+            return await self.offload(lambda: self._train(jobs, task, aggregator))
         except Exception as exc:  # one client's bad data: each trains alone, and fails alone
             log.warning(
                 "round %d: stacked training of %d client(s) failed (%s: %s); they train one "
@@ -65,17 +69,32 @@ class StackedCohort(ClientCohort):
             )
             return None
 
+    def unfit(self, jobs: list[ClientJob], task: RoundTask) -> str | None:
+        """Why ``jobs`` cannot train together on ``task``; None when they can."""
+        return cohort_unfit(self.engine.model, jobs, bool(task.settings.get("dp")))
+
+    async def offload(self, work: Callable[[], CohortReply]) -> CohortReply:
+        """``work`` off the event loop (which stays free for the round deadline)."""
+        return await asyncio.to_thread(work)
+
+    def chunks(self, jobs: list[ClientJob], task: RoundTask) -> Iterator[StackedUpdates]:
+        """``jobs`` trained from the task's weights, one result per chunk of clients."""
+        return self.engine.train(jobs, task.weights, task.round_number)
+
     def _train(self, jobs: list[ClientJob], task: RoundTask, aggregator: Aggregator) -> CohortReply:
-        """On a worker thread: every chunk trained, its finite rows added to the sum; on an
-        error, the optimizers' step counts as they were."""
+        """On a worker thread: every chunk trained, its finite rows added to the sum (on the
+        engine's device, then brought to the host); on an error, the optimizers' step counts
+        as they were."""
         with self._training:
             steps = [job.trainer.optimizer.step for job in jobs]
             try:
                 reply, begin = empty_reply(), 0
-                for done in self.engine.train(jobs, task.weights, task.round_number):
+                for done in self.chunks(jobs, task):
                     chunk = jobs[begin : begin + len(done.n_samples)]
                     begin += len(chunk)
                     add_stacked(reply, [job.name for job in chunk], done, aggregator)
+                if reply.total is not None:
+                    reply.total = reply.total.to_numpy()
                 return reply
             except Exception:
                 for job, step in zip(jobs, steps, strict=True):
@@ -92,11 +111,16 @@ def _job(client: ClientProxy) -> ClientJob:
 
 def cohort_unfit(model: Model, jobs: list[ClientJob], distributed_dp: bool) -> str | None:
     """Why ``jobs`` cannot train stacked on ``model`` this round; None when they can."""
+    return round_unfit(jobs, distributed_dp) or stacked_unfit(model, jobs[0])
+
+
+def round_unfit(jobs: list[ClientJob], distributed_dp: bool) -> str | None:
+    """Why ``jobs`` cannot train together this round, whatever the engine; None when they can."""
     if distributed_dp:
         return "distributed DP noise is added client by client"
     if not all(isinstance(job.data, Dataset) for job in jobs):
         return "the clients train on their own loaders"
-    return stacked_unfit(model, jobs[0])
+    return None
 
 
 def empty_reply() -> CohortReply:
@@ -115,14 +139,14 @@ def add_stacked(
     updates = aggregator.weigh_stacked(done.updates, done.n_samples.tolist())
     finite = np.isfinite(done.loss_sum)
     for stacked in updates.values():
-        finite &= np.isfinite(stacked.reshape(len(names), -1)).all(axis=1)
+        finite &= ops_of(stacked).finite_rows(stacked)
     rows = np.arange(len(names))
     if not finite.all():
         reply.failures.update(
             (name, NOT_FINITE) for name, ok in zip(names, finite, strict=True) if not ok
         )
         rows = np.flatnonzero(finite)
-        updates = {name: stacked[rows] for name, stacked in updates.items()}
+        updates = {name: stacked[_on(rows, stacked)] for name, stacked in updates.items()}
     if len(rows):
         reply.total = aggregator.admit_stacked(updates, done.n_samples[rows].tolist(), reply.total)
     reply.names += [names[k] for k in rows.tolist()]
@@ -131,3 +155,8 @@ def add_stacked(
     reply.loss_sum = np.concatenate([reply.loss_sum, done.loss_sum[rows]])
     reply.n_samples_seen = np.concatenate([reply.n_samples_seen, done.n_samples_seen[rows]])
     reply.seconds = done.seconds
+
+
+def _on(rows: np.ndarray, stacked: Any) -> Any:
+    """Row positions to index ``stacked`` with (a tensor on its device for torch)."""
+    return rows if isinstance(stacked, np.ndarray) else ops_of(stacked).asarray(rows, stacked)

@@ -3,6 +3,7 @@ device slot train in one engine call, with the results of the sequential mode.""
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from collections.abc import Iterator
@@ -43,14 +44,19 @@ def assert_same_run(vectorized: RunSummary, sequential: RunSummary) -> None:
 def engine_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int, list[str]]]:
     """Each engine call: its thread, its round and its clients."""
     calls: list[tuple[str, int, list[str]]] = []
-    train = VectorizedTrainer.train
-
-    def spy(self: VectorizedTrainer, jobs: list[ClientJob], *args: Any) -> Iterator[Any]:
-        calls.append((threading.current_thread().name, args[1], [j.name for j in jobs]))
-        return train(self, jobs, *args)
-
-    monkeypatch.setattr(VectorizedTrainer, "train", spy)
+    for method in ("train", "train_stacked"):  # reply by reply, or the round as one cohort
+        spy = _spied(getattr(VectorizedTrainer, method), method, calls)
+        monkeypatch.setattr(VectorizedTrainer, method, spy)
     return calls
+
+
+def _spied(train: Any, method: str, calls: list[tuple[str, int, list[str]]]) -> Any:
+    def spy(self: VectorizedTrainer, jobs: list[ClientJob], *args: Any) -> Iterator[Any]:
+        thread = threading.current_thread().name
+        calls.append((f"{method}@{thread}", args[1], [j.name for j in jobs]))
+        return train(self, jobs, *args)  # type: ignore[no-any-return]
+
+    return spy
 
 
 def test_one_engine_call_per_round_trains_every_client_as_the_sequential_mode(
@@ -58,7 +64,9 @@ def test_one_engine_call_per_round_trains_every_client_as_the_sequential_mode(
 ) -> None:
     vectorized = run(tmp_path, "vectorized")
     names = [f"client-{i}" for i in range(CLIENTS)]
-    assert engine_calls == [("fedpipe-sim-0_0", r, names) for r in range(1, ROUNDS + 1)]
+    # one device: the round trains as one cohort, summed on the device, on its thread
+    on_device = "train_stacked@fedpipe-sim-0_0"
+    assert engine_calls == [(on_device, r, names) for r in range(1, ROUNDS + 1)]
     sequential = run(tmp_path, "sequential")
     assert_same_run(vectorized, sequential)
     # The digits MLP after 3 rounds of 4 steps (momentum 0.9): both modes, same accuracy.
@@ -69,8 +77,9 @@ def test_two_slots_batch_their_own_clients_and_match_the_sequential_mode(
     tmp_path: Path, engine_calls: list[tuple[str, int, list[str]]]
 ) -> None:
     vectorized = run(tmp_path, "vectorized", ["cpu", "cpu"])
-    slot0 = ("fedpipe-sim-0_0", ["client-0", "client-2", "client-4"])
-    slot1 = ("fedpipe-sim-1_0", ["client-1", "client-3"])
+    # several devices: one batch per device slot, replies folded one by one in client order
+    slot0 = ("train@fedpipe-sim-0_0", ["client-0", "client-2", "client-4"])
+    slot1 = ("train@fedpipe-sim-1_0", ["client-1", "client-3"])
     assert sorted((t, r, n) for t, r, n in engine_calls) == sorted(
         (t, r, n) for r in range(1, ROUNDS + 1) for t, n in (slot0, slot1)
     )
@@ -81,13 +90,13 @@ def test_stack_clients_bounds_the_clients_stacked_at_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     stacked: list[int] = []
-    chunk = VectorizedTrainer._chunk
+    chunk = VectorizedTrainer._trained
 
-    def spy(self: VectorizedTrainer, jobs: list[ClientJob], *args: Any) -> Iterator[Any]:
+    def spy(self: VectorizedTrainer, jobs: list[ClientJob], *args: Any) -> Any:
         stacked.append(len(jobs))
         return chunk(self, jobs, *args)
 
-    monkeypatch.setattr(VectorizedTrainer, "_chunk", spy)
+    monkeypatch.setattr(VectorizedTrainer, "_trained", spy)
     vectorized = run(tmp_path, "vectorized", sim={"stack_clients": 2})
     assert stacked == [2, 2, 1] * ROUNDS
     assert_same_run(vectorized, run(tmp_path, "sequential"))
@@ -134,6 +143,37 @@ def test_a_failing_client_fails_alone(
     )
     assert retried[0].endswith("they train one after another")
     assert_same_run(vectorized, run(tmp_path, "sequential"))
+
+
+@pytest.fixture
+def poisoned(monkeypatch: pytest.MonkeyPatch) -> None:
+    """client-3's training inputs hold a NaN: its loss and update are not finite."""
+    partition = simulation.client_datasets
+
+    def broken(*args: Any) -> list[tuple[str, Dataset, Dataset | None]]:
+        clients = partition(*args)
+        name, train, test = clients[3]
+        x = np.array(train.x, copy=True)
+        x[:, 0] = np.nan
+        clients[3] = (name, Dataset(x, train.y), test)
+        return clients
+
+    monkeypatch.setattr(simulation, "client_datasets", broken)
+
+
+def test_a_non_finite_client_is_left_out_of_the_device_sum_as_one_by_one(
+    tmp_path: Path, poisoned: None, engine_calls: list[tuple[str, int, list[str]]]
+) -> None:
+    vectorized = run(tmp_path, "vectorized")
+    assert {method for method, _, _ in engine_calls} == {"train_stacked@fedpipe-sim-0_0"}
+    sequential = run(tmp_path, "sequential")
+    assert_same_run(vectorized, sequential)
+    others = [f"client-{i}" for i in range(CLIENTS) if i != 3]
+    assert [r["clients"] for r in vectorized.history] == [others] * ROUNDS
+    for mode in ("vectorized", "sequential"):
+        lines = (tmp_path / mode / "run" / "clients.jsonl").read_text().splitlines()
+        errors = {json.loads(line).get("error") for line in lines if '"client-3"' in line}
+        assert errors == {"rejected reply: field 'weighted_sum' holds NaN or infinite values"}
 
 
 def test_the_readme_documents_the_vectorized_mode() -> None:

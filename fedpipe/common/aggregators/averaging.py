@@ -7,11 +7,9 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
-import numpy as np
-
 from fedpipe.common.aggregators.base import Aggregator, InvalidPartialError, overrides_follow
 from fedpipe.common.aggregators.weighting import ClientWeighting, Weighting
-from fedpipe.common.half import is_float_dtype
+from fedpipe.common.backends import ops_of
 from fedpipe.common.spilled_vector import SpilledVector
 from fedpipe.common.summable import Summable
 from fedpipe.common.vector import Vector
@@ -119,8 +117,7 @@ class AveragingAggregator(Aggregator):
         """Each row times its client's weight, in place (as each client's prepare)."""
         weights = [self.weights.weight(n) for n in n_samples]
         for stacked in updates.values():
-            column = np.array(weights, dtype=stacked.dtype).reshape(-1, *[1] * (stacked.ndim - 1))
-            np.multiply(stacked, column, out=stacked)
+            ops_of(stacked).scale_rows_(stacked, weights)
         return updates
 
     def admit_stacked(
@@ -173,12 +170,7 @@ class SumAggregator(Aggregator):
 
 
 def _fold_rows(rows: Any, into: Summable | None, field: str, name: str) -> Any:
-    """``into``'s array plus every row, added one row after the other (``np.add.accumulate``
-    is a left fold whatever the shapes; ``np.add.reduce`` sums pairwise along a contiguous
-    axis), in float32 for half precision as :meth:`Aggregator.start` widens a first reply
-    (``rows`` is reused when it already has that dtype)."""
-    if is_float_dtype(rows.dtype) and rows.dtype.itemsize < 4:
-        rows = rows.astype(np.float32)
-    if into is not None:
-        rows[0] = into.vector(field).coefs[name] + rows[0]  # a + b == b + a, bit for bit
-    return np.add.accumulate(rows, axis=0, out=rows)[-1].copy()
+    """``into``'s array plus every row (:meth:`~fedpipe.common.backends.ArrayOps.sum_rows`:
+    a left fold in numpy, bit-equal to adding the replies one by one)."""
+    start = None if into is None else into.vector(field).coefs[name]
+    return ops_of(rows).sum_rows(rows, start)

@@ -15,13 +15,15 @@ several devices, client ``i`` trains on device ``i % n`` in that device's worker
 devices work at once; replies come back in task order, which keeps the run bit-identical to a
 one-device run.
 
-Vectorized mode, torch model: the clients of a round that share a device slot train in one
-call of that slot's :class:`~fedpipe.common.vectorized.VectorizedTrainer` (``max_clients``
-stacked at once), on the slot's worker thread (:mod:`fedpipe.server.slot_batches`); replies
-come back in task order too. Vectorized mode, numpy model: the clients form one
+Vectorized mode, numpy model: the clients form one
 :class:`~fedpipe.server.stacked_cohort.StackedCohort` and a round's clients train stacked,
-answering the round loop as one (:mod:`fedpipe.server.cohorts`). Evaluation stays client by
-client.
+answering the round loop as one (:mod:`fedpipe.server.cohorts`). Vectorized mode, torch model
+on one device: the same with a :class:`~fedpipe.server.torch_cohort.TorchCohort`, whose sum
+is taken on the device. Where a round needs each reply on its own (or with several devices),
+the clients of a round that share a device slot train in one call of that slot's
+:class:`~fedpipe.common.vectorized.VectorizedTrainer` (``max_clients`` stacked at once), on
+the slot's worker thread (:mod:`fedpipe.server.slot_batches`), and reply one by one, in task
+order. Evaluation stays client by client.
 """
 
 from __future__ import annotations
@@ -133,18 +135,27 @@ class SharedModels:
         return self._models[key]
 
     def cohort(self, setup: RunSetup) -> StackedCohort | None:
-        """The cohort of a numpy model's clients (None: a torch model, or the sequential
-        mode), built on first use."""
+        """The cohort of ``setup``'s clients, built on first use: a numpy model's (modes auto
+        and vectorized), a torch model's on one device (mode vectorized; several devices
+        keep one batch per device slot); None otherwise (the sequential mode)."""
         if self.mode == "sequential":
             return None
         if id(setup) not in self._cohorts:
-            from fedpipe.server.stacked_cohort import StackedCohort
-
-            model = self.get(setup)
-            self._cohorts[id(setup)] = (
-                None if _is_torch(model) else StackedCohort(model, self.max_clients)
-            )
+            self._cohorts[id(setup)] = self._new_cohort(setup)
         return self._cohorts[id(setup)]
+
+    def _new_cohort(self, setup: RunSetup) -> StackedCohort | None:
+        from fedpipe.common.stacked import StackedTrainer
+        from fedpipe.server.stacked_cohort import StackedCohort
+
+        model = self.get(setup)
+        if not _is_torch(model):
+            return StackedCohort(StackedTrainer(model, self.max_clients))
+        if self.mode != "vectorized" or len(self.devices) > 1 or self.workers is None:
+            return None
+        from fedpipe.server.torch_cohort import TorchCohort  # torch: only for a torch model
+
+        return TorchCohort(self.engine(setup, 0), self.workers, 0)
 
     def engine(self, setup: RunSetup, slot: int) -> VectorizedTrainer:
         """The vectorized engine of ``slot``'s model for ``setup``, built on first use."""
