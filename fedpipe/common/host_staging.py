@@ -50,6 +50,7 @@ class HostStaging:
         self._buffer: Any = None  # a flat uint8 torch tensor, allocated on first use
         self._used = 0
         self.allocations = 0  # how many buffers were allocated (tests, diagnostics)
+        self.host_copies = 0  # arrays copied into the buffer by to_device (tests, diagnostics)
 
     @property
     def capacity(self) -> int:
@@ -85,9 +86,25 @@ class HostStaging:
         to_numpy = torch_ops().to_numpy
         return Vector({name: to_numpy(slot) for name, slot in slots.items()})
 
+    def landing(self, targets: Mapping[str, Any]) -> dict[str, np.ndarray] | None:
+        """Host arrays to receive the next :meth:`to_device` of ``targets``' values into (device
+        tensors, in that order): numpy views of the buffer, which that call then copies to the
+        device without a host copy. Valid until the next :meth:`begin` (which
+        :meth:`to_device` calls: it finds the same memory). None when a dtype has no numpy
+        form or a target is on the CPU (CPU tensors are received into their own memory)."""
+        if any(t.device.type == "cpu" for t in targets.values()):
+            return None
+        self.begin()
+        slots = self._slots(targets)
+        try:
+            return {name: torch_ops().to_numpy(slot) for name, slot in slots.items()}
+        except TypeError:  # a torch-only dtype
+            return None
+
     def to_device(self, arrays: Mapping[str, np.ndarray], targets: Mapping[str, Any]) -> None:
         """Copy host ``arrays`` into the torch tensors ``targets`` (same names, shapes, dtypes):
-        straight in for CPU tensors, through the buffer (one wait for all) for device tensors."""
+        straight in for CPU tensors, through the buffer (one wait for all) for device tensors;
+        arrays given by :meth:`landing` are in the buffer already (no host copy)."""
         import torch
 
         self.begin()
@@ -99,7 +116,9 @@ class HostStaging:
                 if name not in slots:
                     _copy_to_cpu_tensor(target, arrays[name])
                     continue
-                np.copyto(ops.to_numpy(slots[name]), arrays[name])
+                if not _same_memory(arrays[name], slots[name]):
+                    np.copyto(ops.to_numpy(slots[name]), arrays[name])
+                    self.host_copies += 1
                 target.copy_(slots[name], non_blocking=True)
         for device in {str(t.device) for t in on_device.values()}:
             _wait(device)
@@ -140,6 +159,17 @@ def _copy_to_cpu_tensor(target: Any, array: np.ndarray) -> None:
         np.copyto(ops.to_numpy(target), array)  # the tensor's own memory: one copy
     except TypeError:  # a torch-only dtype (bfloat16): through torch
         ops.assign(target, ops.asarray(array, target))
+
+
+def _same_memory(array: np.ndarray, slot: Any) -> bool:
+    """Whether ``array`` is ``slot``'s memory (an array :meth:`HostStaging.landing` gave)."""
+    return bool(
+        array.size == 0
+        or (
+            array.ctypes.data == slot.data_ptr()
+            and array.nbytes == slot.numel() * slot.element_size()
+        )
+    )
 
 
 def _wait(device: str) -> None:

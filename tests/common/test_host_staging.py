@@ -118,3 +118,40 @@ def test_cuda_weights_arrive_through_the_pinned_buffer_in_one_transfer() -> None
         for name, target in targets.items():
             np.testing.assert_array_equal(target.cpu().numpy(), arrays[name])
     assert staging.pinned and staging.allocations == 1
+
+
+def test_weights_received_into_the_landing_cross_with_no_host_copy() -> None:
+    # "meta" tensors stand in for a device's: not on the CPU, so they go through the buffer
+    staging = HostStaging(pin=False)
+    targets = {n: torch.empty_like(t, device="meta") for n, t in tensors(0).coefs.items()}
+    for round_number in range(2):
+        landing = staging.landing(targets)
+        assert landing is not None and staging.allocations == 1
+        buffer = staging._buffer.numpy()
+        for name, array in landing.items():  # a receiver writes the payload here
+            assert array.size == 0 or np.shares_memory(array, buffer)
+            np.copyto(array, tensors(round_number).to_numpy().coefs[name])
+        staging.to_device(landing, targets)
+        assert staging.host_copies == 0
+    staging.to_device(tensors(2).to_numpy().coefs, targets)  # arrays of their own: copied
+    assert staging.host_copies == 3  # "empty" holds nothing to copy
+
+
+def test_cpu_targets_have_no_landing() -> None:
+    assert HostStaging(pin=False).landing(tensors(0).coefs) is None
+
+
+@pytest.mark.cuda
+@cuda
+def test_a_cuda_model_receives_weights_into_pinned_memory() -> None:
+    from fedpipe.common.models.torch_adapter import TorchModel
+
+    model = TorchModel(torch.nn.Linear(4, 3), torch.nn.CrossEntropyLoss(), device="cuda")
+    landing = model.host_weights()
+    assert landing is not None
+    for name, array in landing.items():
+        array[...] = np.arange(array.size, dtype=array.dtype).reshape(array.shape)
+    model.set_weights(Vector(landing))
+    assert model._staging.pinned and model._staging.host_copies == 0
+    for name, tensor in model.get_weights().coefs.items():
+        np.testing.assert_array_equal(tensor.cpu().numpy(), landing[name])

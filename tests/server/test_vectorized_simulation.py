@@ -180,3 +180,16 @@ def test_the_readme_documents_the_vectorized_mode() -> None:
     text = README.read_text()
     section = text[text.index("### On GPUs") : text.index("## From Python")]
     assert 'mode = "vectorized"' in section and "stack_clients = " in section
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_a_gpu_the_cohort_sums_on_the_device_as_the_sequential_mode(
+    tmp_path: Path, engine_calls: list[tuple[str, int, list[str]]]
+) -> None:
+    vectorized = run(tmp_path, "vectorized", "cuda:0")
+    assert {method for method, _, _ in engine_calls} == {"train_stacked@fedpipe-sim-0_0"}
+    sequential = run(tmp_path, "sequential", "cuda:0")
+    assert vectorized.status == sequential.status == "completed"
+    assert vectorized.weights.allclose(sequential.weights, rtol=0, atol=1e-4)
+    assert [r["replied"] for r in vectorized.history] == [CLIENTS] * ROUNDS

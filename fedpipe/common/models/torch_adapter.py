@@ -100,9 +100,12 @@ class TorchModel(Model, register_name=False):
         return Vector(dict(self._weights))
 
     def host_weights(self) -> dict[str, np.ndarray] | None:
-        """Numpy views of the parameters on the CPU (the same memory); None on a device."""
+        """Numpy views of the parameters on the CPU (the same memory); on a device, of the
+        (pinned) host buffer that :meth:`set_weights` copies to the device from, so that
+        weights received there cross to the device with no host copy. Valid until the next
+        :meth:`set_weights`."""
         if self.device.type != "cpu":
-            return None
+            return self._staging.landing(self._weights)
         try:
             return {n: _OPS.to_numpy(t) for n, t in self._weights.items()}
         except TypeError:  # a dtype numpy cannot hold
