@@ -240,9 +240,10 @@ async def _round_total(
             return reply.total
     total: Summable | None = None
     replies = [asyncio.ensure_future(c.train(task)) for c in clients]  # as the loop
-    for reply_ in replies:
+    for client, reply_ in zip(clients, replies, strict=True):
         partial = (await reply_).partial
         total = partial if total is None else total.add_(partial)
+        await client.release()  # folded: as the round loop, free the client's turn
     assert total is not None
     return total
 

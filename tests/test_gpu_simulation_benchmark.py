@@ -40,3 +40,23 @@ def test_gpu_simulation_small_runs_every_mode_and_agrees(tmp_path: Path) -> None
     # same seed, same batches: the engine 3 clients at once and 1 at a time agree
     assert result["max_abs_diff_vectorized_sequential"] < 1e-5
     assert "fedpipe vectorized" in proc.stdout and "target >= 450" in proc.stdout
+
+
+def test_the_sequential_mode_frees_each_clients_turn_as_the_round_loop_does(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Two inline turns for 3 clients: a benchmark that never releases a folded reply's turn
+    # waits forever for the third client (as it did with more than 30 clients of the CNN).
+    import asyncio
+
+    from fedpipe.server.transports import inprocess
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import gpu_simulation
+
+    monkeypatch.setattr(inprocess, "INLINE_REPLY_BYTES", 1)
+    args = gpu_simulation.parse_args(["--small", "--device", "cpu"])
+    x, y = (t.numpy() for t in gpu_simulation.synthetic(args))
+    rounds = gpu_simulation._simulated_rounds(args, x, y, "sequential")
+    seconds, weights = asyncio.run(asyncio.wait_for(rounds, timeout=60))
+    assert len(seconds) == args.rounds and weights.is_finite()
