@@ -63,10 +63,15 @@ class DaskCohort(ClientCohort):
     ) -> CohortReply | None:
         if self.declined is not None:
             return None
-        # The weights leave while the live workers are asked (a failed scatter fails each
-        # worker's task, where it is awaited again).
+        # The live workers are asked only when a client is to be placed (a worker that left
+        # since fails its task through the scheduler's event, :meth:`DaskFleet._lost`); the
+        # weights leave meanwhile (a failed scatter fails each worker's task, where it is
+        # awaited again).
+        placed = self.fleet.workers and all(c.name in self.fleet.owners for c in clients)
         refreshed, _ = await asyncio.gather(
-            self.fleet.refreshed(task), self.fleet.shared(task, "train"), return_exceptions=True
+            _done() if placed else self.fleet.refreshed(task),
+            self.fleet.shared(task, "train"),
+            return_exceptions=True,
         )
         if isinstance(refreshed, Exception):  # placed on the workers known so far
             log.warning("round %d: the Dask scheduler did not list its workers (%s: %s)",
@@ -103,6 +108,10 @@ class DaskCohort(ClientCohort):
             return _checked(answer, jobs, task)
         except ClientError as exc:
             return {"names": [], "failures": {name: str(exc) for name, _, _ in jobs}}
+
+
+async def _done() -> None:
+    """Nothing to wait for."""
 
 
 def _checked(answer: Any, jobs: list[Job], task: RoundTask) -> dict[str, Any]:
