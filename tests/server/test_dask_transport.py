@@ -102,6 +102,30 @@ def test_dask_trains_like_in_process_on_loopback_only(
     assert outside == []
 
 
+def test_weights_too_large_to_ride_in_the_task_are_scattered_with_the_same_bits(
+    cluster: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fedpipe.server.transports.dask import proxy
+
+    scattered: list[Any] = []
+    scatter = distributed.Client.scatter
+
+    def counted(self: Any, *args: Any, **kwargs: Any) -> Any:
+        scattered.append(kwargs.get("broadcast"))
+        return scatter(self, *args, **kwargs)
+
+    monkeypatch.setattr(proxy, "INLINE_BYTES", 0)  # every payload is "large"
+    monkeypatch.setattr(distributed.Client, "scatter", counted)
+    reference = simulate(config(tmp_path, "inprocess"))
+    sim = config(tmp_path, "dask", transport="dask", dask={"scheduler": cluster.scheduler_address})
+    summary = simulate(sim)
+
+    assert summary.status == reference.status == "completed"
+    for name, array in reference.weights.coefs.items():
+        assert np.array_equal(summary.weights.coefs[name], array), name
+    assert len(scattered) >= 3 and all(scattered)  # each round once at least, to every worker
+
+
 def killing(
     cluster: Any, tmp_path: Path, server: dict[str, Any] | None = None, **changes: Any
 ) -> SimulationConfig:

@@ -6,20 +6,21 @@ has the fleet's :class:`DaskCohort`, and the round loop hands it the whole round
 (:mod:`fedpipe.server.cohorts`). It places the clients as the fleet places them (data sent
 once, with a client's first task), sends each worker ONE task with its clients in task order
 (:func:`~.worker.train_stacked`: the worker's own
-:class:`~fedpipe.common.stacked.StackedTrainer`, kept from round to round) and the round's
-weights scattered once, and gets back plain arrays with a leading client axis. It puts every
-worker's rows back in the task's client order and adds them up as the in-process
+:class:`~fedpipe.common.stacked.StackedTrainer`, kept from round to round) with the round's
+weights (:meth:`~.proxy.DaskFleet.shared`), and gets back the engine's chunks of plain arrays
+with a leading client axis (not joined on the worker: it holds its clients' updates once). It
+puts every worker's rows back in the task's client order and adds them up as the in-process
 :class:`~fedpipe.server.stacked_cohort.StackedCohort` does
 (:func:`~fedpipe.server.stacked_cohort.add_stacked`): the same bits as in-process, stacked or
 one by one.
 
-A worker that dies mid-round fails its clients (they are placed afresh next round); the
-others fold. When the workers answer that the clients cannot train stacked (a client
-optimizer module, a model with no stacked gradients such as a torch model...), nothing was
-trained: the cohort declines, once for the run, and rounds go client by client
-(:mod:`.proxy`). The server never builds the model to ask itself: the first round asks the
-workers, which hold it. A worker whose engine raises (a client's bad data) trains its
-clients one at a time through it, so that only that client fails.
+A worker that dies mid-round fails its clients (they are placed afresh next round); the others
+fold. When the workers answer that the clients cannot train stacked (a client optimizer module,
+a model with no stacked gradients such as a torch model...), nothing was trained: the cohort
+declines, once for the run, and rounds go client by client (:mod:`.proxy`). The server never
+builds the model to ask itself: the first round asks the workers, which hold it. A worker whose
+engine raises (a client's bad data) trains its clients one at a time through it, so that only
+that client fails.
 """
 
 from __future__ import annotations
@@ -62,10 +63,15 @@ class DaskCohort(ClientCohort):
     ) -> CohortReply | None:
         if self.declined is not None:
             return None
-        # The weights leave while the live workers are asked (a failed scatter fails each
-        # worker's task, where it is awaited again).
+        # The live workers are asked only when a client is to be placed (a worker that left
+        # since fails its task through the scheduler's event, :meth:`DaskFleet._lost`); the
+        # weights leave meanwhile (a failed scatter fails each worker's task, where it is
+        # awaited again).
+        placed = self.fleet.workers and all(c.name in self.fleet.owners for c in clients)
         refreshed, _ = await asyncio.gather(
-            self.fleet.refreshed(task), self.fleet.shared(task, "train"), return_exceptions=True
+            _done() if placed else self.fleet.refreshed(task),
+            self.fleet.shared(task, "train"),
+            return_exceptions=True,
         )
         if isinstance(refreshed, Exception):  # placed on the workers known so far
             log.warning("round %d: the Dask scheduler did not list its workers (%s: %s)",
@@ -104,6 +110,10 @@ class DaskCohort(ClientCohort):
             return {"names": [], "failures": {name: str(exc) for name, _, _ in jobs}}
 
 
+async def _done() -> None:
+    """Nothing to wait for."""
+
+
 def _checked(answer: Any, jobs: list[Job], task: RoundTask) -> dict[str, Any]:
     """``answer`` when it has the shape :func:`~.worker.train_stacked` gives."""
     sent = {name for name, _, _ in jobs}
@@ -116,22 +126,32 @@ def _checked(answer: Any, jobs: list[Job], task: RoundTask) -> dict[str, Any]:
     names = answer.get("names")
     if not isinstance(names, list) or not set(names) <= sent or len(set(names)) != len(names):
         raise ClientError("a worker's stacked answer names clients it was not sent")
-    if not names:
-        return answer
-    rows = [answer.get(key) for key in ROWS]
-    if not all(isinstance(a, np.ndarray) and a.shape == (len(names),) for a in rows):
-        raise ClientError(f"a worker's stacked answer has no {len(names)} rows of {ROWS}")
-    updates, weights = answer.get("updates"), task.weights.coefs
+    chunks = answer.get("chunks")
+    if not isinstance(chunks, list) or not all(isinstance(c, dict) for c in chunks):
+        raise ClientError("a worker's stacked answer has no list of chunks")
+    if sum(_rows(chunk, task) for chunk in chunks) != len(names):
+        raise ClientError(f"a worker's stacked answer has no {len(names)} rows in its chunks")
+    return answer
+
+
+def _rows(chunk: dict[str, Any], task: RoundTask) -> int:
+    """The rows of one chunk of a worker's answer, when it has the fields of
+    :class:`~fedpipe.common.stacked.StackedUpdates` with one leading client axis."""
+    rows = [chunk.get(key) for key in ROWS]
+    size: tuple[int, ...] = rows[0].shape if isinstance(rows[0], np.ndarray) else ()
+    if not all(isinstance(a, np.ndarray) and a.ndim == 1 and a.shape == size for a in rows):
+        raise ClientError(f"a worker's stacked answer has no rows of {ROWS}")
+    updates, weights = chunk.get("updates"), task.weights.coefs
     if (
         not isinstance(updates, dict)
         or set(updates) != set(weights)
         or not all(
-            isinstance(updates[n], np.ndarray) and updates[n].shape == (len(names), *np.shape(w))
+            isinstance(updates[n], np.ndarray) and updates[n].shape == (*size, *np.shape(w))
             for n, w in weights.items()
         )
     ):
-        raise ClientError(f"a worker's stacked updates are not {len(names)} rows of the weights")
-    return answer
+        raise ClientError("a worker's stacked updates are not rows of the weights")
+    return int(size[0])
 
 
 def _in_task_order(
@@ -142,23 +162,24 @@ def _in_task_order(
     if not answers:
         return [], None
     names = [name for answer in answers for name in answer["names"]]
+    chunks = [chunk for answer in answers for chunk in answer["chunks"]]
     ranks = np.empty(len(names), np.int64)  # row k of the joined answers goes to ranks[k]
     ranks[np.argsort([order[name] for name in names], kind="stable")] = np.arange(len(names))
-    bounds = np.cumsum([0] + [len(answer["names"]) for answer in answers])
+    bounds = np.cumsum([0] + [len(chunk["n_samples"]) for chunk in chunks])
 
     def joined(field: str, name: str | None = None) -> np.ndarray:
-        arrays = [a[field] if name is None else a[field][name] for a in answers]
+        arrays = [c[field] if name is None else c[field][name] for c in chunks]
         out = np.empty((len(names), *arrays[0].shape[1:]), np.result_type(*arrays))
         for array, begin, end in zip(arrays, bounds[:-1], bounds[1:], strict=True):
             out[ranks[begin:end]] = array
         return out
 
-    seconds = sum(float(a["seconds"]) * len(a["names"]) for a in answers)
+    seconds = sum(float(c["seconds"]) * len(c["n_samples"]) for c in chunks)
     in_order = [""] * len(names)
     for name, rank in zip(names, ranks.tolist(), strict=True):
         in_order[rank] = name
     return in_order, StackedUpdates(
-        updates={name: joined("updates", name) for name in answers[0]["updates"]},
+        updates={name: joined("updates", name) for name in chunks[0]["updates"]},
         n_samples=joined("n_samples"),
         n_steps=joined("n_steps"),
         loss_sum=joined("loss_sum"),

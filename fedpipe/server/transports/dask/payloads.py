@@ -19,11 +19,14 @@ from fedpipe.common.vector import Vector
 from fedpipe.server.clients import ClientError
 
 __all__ = [
+    "PackedInits",
     "PlainData",
     "PlainSummable",
     "PlainVector",
     "dataset_from",
     "eval_from_plain",
+    "inits_from",
+    "packed_inits",
     "plain_dataset",
     "plain_eval",
     "plain_summable",
@@ -38,6 +41,8 @@ PlainVector = dict[str, np.ndarray]
 PlainSummable = dict[str, PlainVector | float | int]
 #: A dataset's ``(x, y)`` arrays.
 PlainData = tuple[np.ndarray, np.ndarray]
+#: The data of the clients a worker builds (:func:`packed_inits`).
+PackedInits = dict[str, Any]
 
 
 def plain_vector(vector: Vector) -> PlainVector:
@@ -129,3 +134,45 @@ def plain_dataset(data: Dataset | None) -> PlainData | None:
 
 def dataset_from(data: PlainData | None) -> Dataset | None:
     return None if data is None else Dataset(*data)
+
+
+def packed_inits(inits: dict[str, dict[str, Any]]) -> PackedInits:
+    """The data of the clients ``inits`` names (each ``{"train": PlainData, "eval":
+    PlainData | None, ...}``: its other keys plain data) as a few arrays: the arrays of one
+    dtype and trailing shape joined along their first axis, so that the thousands of clients
+    of a worker travel as one buffer each, not as thousands of small ones (Dask frames each
+    array on its own)."""
+    names = list(inits)
+    slots = [(name, part) for name in names for part in ("train", "eval")]
+    arrays = [a for name, part in slots for a in (inits[name][part] or ())]
+    groups: dict[tuple[str, tuple[int, ...]], list[int]] = {}
+    for k, array in enumerate(arrays):
+        groups.setdefault((array.dtype.str, array.shape[1:]), []).append(k)
+    where = np.zeros((len(arrays), 3), np.int64)  # group, first row, end row
+    joined = []
+    for g, members in enumerate(groups.values()):
+        sizes = np.array([len(arrays[k]) for k in members], np.int64)
+        where[members, 0], where[members, 2] = g, np.cumsum(sizes)
+        where[members, 1] = where[members, 2] - sizes
+        joined.append(np.concatenate([arrays[k] for k in members]))
+    return {
+        "names": np.array(names, dtype=str),
+        "has_eval": np.array([inits[n]["eval"] is not None for n in names], bool),
+        "arrays": joined,
+        "where": where,
+        "extra": {
+            n: {k: v for k, v in inits[n].items() if k not in ("train", "eval")} for n in names
+        },
+    }
+
+
+def inits_from(packed: PackedInits) -> dict[str, dict[str, Any]]:
+    """:func:`packed_inits`' clients back, each array a view of the joined ones."""
+    where, arrays = packed["where"].tolist(), packed["arrays"]
+    views = iter([arrays[g][begin:end] for g, begin, end in where])
+    inits = {}
+    for name, has_eval in zip(packed["names"].tolist(), packed["has_eval"].tolist(), strict=True):
+        train = (next(views), next(views))
+        evaluation = (next(views), next(views)) if has_eval else None
+        inits[name] = {"train": train, "eval": evaluation, **packed["extra"][name]}
+    return inits

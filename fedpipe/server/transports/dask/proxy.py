@@ -1,18 +1,21 @@
 """The server side of the Dask transport: client proxies whose clients live on Dask workers.
 
-:class:`DaskFleet` places each client on a worker (round robin at first: client ``i`` of
-``n`` workers on worker ``i % n``) and keeps it there: its data goes once, with its first task,
-and its state stays in the worker's registry (:mod:`.worker`). The clients a round sends to one
+:class:`DaskFleet` places each client on a worker (round robin at first: client ``i`` of ``n``
+workers on worker ``i % n``) and keeps it there: its data goes once, with its first task, and
+its state stays in the worker's registry (:mod:`.worker`). The clients a round sends to one
 worker go in one Dask task per worker and phase (init, train, evaluate), batched the way the
-in-process vectorized mode batches a device slot's clients (:mod:`fedpipe.server.slot_batches`):
-the first client of a round task on a worker opens the batch and schedules its flush with
-``loop.call_soon``, after every sampled client has submitted. The round's weights and aux vars
-are scattered once per round task to every worker (``broadcast=True``), not sent per client;
-replies come back as numpy arrays in plain containers (:mod:`.payloads`) and are handed to the
-round loop in task order, so that its running sum adds them in the order the in-process
-transport does: same seed, bit-identical weights. When the clients train stacked (the mode
-``"auto"`` and a numpy model), a round's training goes through the fleet's
-:class:`~.cohort.DaskCohort` instead: one task per worker, one reply for the round.
+in-process vectorized mode batches a device slot's clients
+(:mod:`fedpipe.server.slot_batches`): the first client of a round task on a worker opens the
+batch and schedules its flush with ``loop.call_soon``, after every sampled client has
+submitted. A task carries the data of the clients its worker has yet to build joined into a few
+arrays (:func:`~.payloads.packed_inits`: one buffer per dtype, not two per client), and the
+round's weights and aux vars once per worker, not per client: in the task itself when small
+(:data:`INLINE_BYTES`), else scattered to every worker first (``broadcast=True``); replies come
+back as numpy arrays in plain containers (:mod:`.payloads`) and are handed to the round loop in
+task order, so that its running sum adds them in the order the in-process transport does: same
+seed, bit-identical weights. When the clients train stacked (the mode ``"auto"`` and a numpy
+model), a round's training goes through the fleet's :class:`~.cohort.DaskCohort` instead: one
+task per worker, one reply for the round.
 
 A worker that dies (the scheduler's ``remove-worker`` event) fails the replies it owed: its
 clients leave the round like clients past the deadline, and the round goes on if
@@ -20,9 +23,9 @@ clients leave the round like clients past the deadline, and the round goes on if
 their next task, with their data, and start from a fresh state there: module states and aux
 vars are re-initialized, as a client process that lost its state directory would be. Not its
 DP-SGD accountant: each train reply brings the client's record back (the steps it ran, plain
-numbers the run's settings already tell), and a client placed afresh gets it with its data,
-so that its ε keeps counting every step its replies carried; steps of a reply that died with
-its worker never left it.
+numbers the run's settings already tell), and a client placed afresh gets it with its data, so
+that its ε keeps counting every step its replies carried; steps of a reply that died with its
+worker never left it.
 """
 
 from __future__ import annotations
@@ -47,7 +50,9 @@ from fedpipe.server.clients import ClientError, ClientProxy, RoundTask, RunOutco
 from fedpipe.server.devices import DeviceWorkers
 from fedpipe.server.transports.dask.cohort import DaskCohort
 from fedpipe.server.transports.dask.payloads import (
+    PackedInits,
     eval_from_plain,
+    packed_inits,
     plain_dataset,
     plain_summable,
     plain_vector,
@@ -78,6 +83,9 @@ if TYPE_CHECKING:  # the secagg extra
 __all__ = ["DaskClient", "DaskFleet"]
 
 T = TypeVar("T")
+#: The largest round payload (weights, aux vars) sent within each worker's task; a larger one
+#: is scattered to the workers first (one more round trip, each worker's copy sent once).
+INLINE_BYTES = 1 << 20
 
 log = logging.getLogger(__name__)
 
@@ -283,8 +291,7 @@ class DaskFleet:
         [reply] = batch.replies
         try:
             shared = await self.shared(task, "train")
-            names = np.array([name for name, _, _ in batch.jobs])
-            inits = {name: init for name, init, _ in batch.jobs if init is not None}
+            names, _, inits = _wire_jobs(batch.jobs)
             answer = await self._run(batch, train_stacked, names, inits, shared, batch.round_number)
             failed = set(answer.get("failures", {})) if isinstance(answer, dict) else set()
         except Exception as exc:  # the Dask task's failure is each of its clients' failure
@@ -317,7 +324,7 @@ class DaskFleet:
     async def _dispatch(self, batch: _Batch, task: RoundTask | None) -> None:
         try:
             shared = None if task is None else await self.shared(task, batch.op)
-            args = (batch.op, batch.jobs, shared, batch.round_number)
+            args = (batch.op, *_wire_jobs(batch.jobs), shared, batch.round_number)
             outcomes: list[Outcome] = await self._run(batch, run_jobs, *args)
             if not isinstance(outcomes, list) or len(outcomes) != len(batch.jobs):
                 raise ClientError(f"a worker answered {len(batch.jobs)} jobs with {outcomes!r}")
@@ -349,7 +356,9 @@ class DaskFleet:
 
     async def shared(self, task: RoundTask, op: Op) -> Any:
         """The task's weights and aux vars (an evaluation's: the global buffers, when they
-        travel), scattered once to every worker."""
+        travel): up to :data:`INLINE_BYTES`, the payload itself, which travels in each
+        worker's task (no round trip before the tasks leave); else scattered once to every
+        worker, each task naming the scattered copy."""
         key = f"dask/shared/{op}"
         scattered: asyncio.Future[Any] | None = task.cache.get(key)
         if scattered is None:
@@ -359,11 +368,32 @@ class DaskFleet:
             }
             if op != "evaluate" and task.settings.get("dp"):  # distributed DP: clients noise
                 payload["dp"] = dict(task.settings["dp"])
+            if _nbytes(payload) <= INLINE_BYTES:
+                return payload
             scattered = task.cache[key] = asyncio.ensure_future(
                 self.client.scatter([payload], broadcast=True, hash=False)
             )
         [future] = await asyncio.shield(scattered)
         return future
+
+
+def _nbytes(payload: Any) -> int:
+    """The bytes of the arrays in ``payload`` (nested dicts)."""
+    if isinstance(payload, np.ndarray):
+        return payload.nbytes
+    if isinstance(payload, dict):
+        return sum(_nbytes(v) for v in payload.values())
+    return 0
+
+
+def _wire_jobs(jobs: list[Job]) -> tuple[np.ndarray, list[bytes | None] | None, PackedInits]:
+    """``jobs`` as a task sends them: the names as an array of str, the stage messages
+    (None: no job has one) and the data of the clients to build, packed
+    (:func:`~.payloads.packed_inits`)."""
+    names = np.array([name for name, _, _ in jobs], dtype=str)
+    messages = [data for _, _, data in jobs]
+    inits = {name: init for name, init, _ in jobs if init is not None}
+    return names, None if all(m is None for m in messages) else messages, packed_inits(inits)
 
 
 class DaskClient(ClientProxy):

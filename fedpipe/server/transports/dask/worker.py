@@ -38,7 +38,9 @@ from fedpipe.common.vector import Vector
 from fedpipe.server.devices import resolve_devices
 from fedpipe.server.stacked_cohort import cohort_unfit
 from fedpipe.server.transports.dask.payloads import (
+    PackedInits,
     dataset_from,
+    inits_from,
     plain_eval,
     plain_train,
     plain_vector,
@@ -168,13 +170,27 @@ class WorkerClients(WorkerPlugin):
 
 
 def run_jobs(
-    plugin: str, op: Op, jobs: list[Job], shared: dict[str, Any] | None, round_number: int
+    plugin: str,
+    op: Op,
+    names: np.ndarray,
+    messages: list[bytes | None] | None,
+    inits: PackedInits,
+    shared: dict[str, Any] | None,
+    round_number: int,
 ) -> list[Outcome]:
-    """A Dask task: ``op`` for each job's client on this worker, in order; ``shared`` holds the
-    round's ``weights``, ``aux_vars`` and ``dp`` settings (distributed client-level DP: each
-    client clips and noises its update), scattered once per round; ``None`` for ``init``."""
+    """A Dask task: ``op`` for each client of ``names`` (an array of str: Dask does not walk
+    it, as it walks a list of thousands) on this worker, in order, with its ``messages`` entry
+    (a secure aggregation stage's; None: no client has one), those in ``inits``
+    (:func:`~.payloads.packed_inits`) built first; ``shared`` holds the round's ``weights``,
+    ``aux_vars`` and ``dp`` settings (distributed client-level DP: each client clips and
+    noises its update), sent once per worker and round; ``None`` for ``init``."""
     worker = get_worker()
     state = worker.plugins[plugin].state(worker)  # type: ignore[attr-defined]
+    built = inits_from(inits)
+    jobs = [
+        (name, built.get(name), None if messages is None else messages[k])
+        for k, name in enumerate(names.tolist())
+    ]
     with state.lock:
         weights: Vector | None = None
         aux_vars: dict[str, Summable] = {}
@@ -240,25 +256,27 @@ def _run(
 def train_stacked(
     plugin: str,
     names: np.ndarray,
-    inits: dict[str, dict[str, Any]],
+    inits: PackedInits,
     shared: dict[str, Any],
     round_number: int,
 ) -> dict[str, Any]:
-    """A Dask task: the clients ``names`` (an array of str: Dask does not walk it, as it walks
-    a list of thousands of jobs) trained at once on this worker from the round's ``shared``
-    weights, those in ``inits`` built first from their data. Its answer: ``names``, the
-    clients trained, in that order, and their rows
-    (:class:`~fedpipe.common.stacked.StackedUpdates`' fields as arrays, a leading client
-    axis; ``seconds``, per client), ``failures`` (client name -> why); or ``declined`` (why
-    they cannot train stacked: nothing was trained) and ``failures``."""
+    """A Dask task: the clients ``names`` (an array of str) trained at once on this worker
+    from the round's ``shared`` weights, those in ``inits`` (:func:`~.payloads.packed_inits`)
+    built first from their data. Its answer: ``names``, the clients trained, in that order,
+    and their rows as the engine's ``chunks`` (each
+    :class:`~fedpipe.common.stacked.StackedUpdates`' fields as arrays, a leading client axis,
+    ``seconds`` per client; not joined here, so that the worker holds its clients' updates
+    once), ``failures`` (client name -> why); or ``declined`` (why they cannot train stacked:
+    nothing was trained) and ``failures``."""
     worker = get_worker()
     state: _WorkerState = worker.plugins[plugin].state(worker)  # type: ignore[attr-defined]
+    built = inits_from(inits)
     with state.lock:
         failures: dict[str, str] = {}
         jobs_here: list[ClientJob] = []
         for name in names.tolist():
             try:
-                client = _client(state, name, inits.get(name))
+                client = _client(state, name, built.get(name))
             except Exception as exc:  # its placement failed: this client's failure alone
                 failures[name] = f"{type(exc).__name__}: {exc}"
                 continue
@@ -275,11 +293,8 @@ def train_stacked(
             return {"declined": reason, "failures": failures}
         like = engine.model.get_weights(copy=False)
         weights = vector_from(shared["weights"], "weights").like(like)
-        trained, done = _stacked(engine, jobs_here, weights, round_number, failures)
-        answer: dict[str, Any] = {"names": trained, "failures": failures}
-        if done is not None:
-            answer.update(vars(done))
-        return answer
+        trained, chunks = _stacked(engine, jobs_here, weights, round_number, failures)
+        return {"names": trained, "failures": failures, "chunks": [vars(c) for c in chunks]}
 
 
 def _stacked(
@@ -288,12 +303,12 @@ def _stacked(
     weights: Vector,
     round_number: int,
     failures: dict[str, str],
-) -> tuple[list[str], StackedUpdates | None]:
-    """The clients trained and their rows; when the engine raises (a client's bad data),
-    each client alone through it, and those that raise in ``failures``."""
+) -> tuple[list[str], list[StackedUpdates]]:
+    """The clients trained and their rows, chunk by chunk; when the engine raises (a client's
+    bad data), each client alone through it, and those that raise in ``failures``."""
     steps = [job.trainer.optimizer.step for job in jobs]
     try:
-        return [job.name for job in jobs], _joined(list(engine.train(jobs, weights, round_number)))
+        return [job.name for job in jobs], list(engine.train(jobs, weights, round_number))
     except Exception as exc:
         log.warning("round %d: stacked training of %d client(s) failed (%s: %s); they train "
                     "one at a time", round_number, len(jobs), type(exc).__name__, exc)  # fmt: skip
@@ -307,24 +322,7 @@ def _stacked(
         except Exception as exc:
             job.trainer.optimizer.step = step
             failures[job.name] = f"{type(exc).__name__}: {exc}"
-    return names, _joined(chunks)
-
-
-def _joined(chunks: list[StackedUpdates]) -> StackedUpdates | None:
-    """The chunks' rows one after another (None: no chunk); ``seconds``, per client."""
-    if not chunks:
-        return None
-    if len(chunks) == 1:
-        return chunks[0]
-    counts = [len(chunk.n_samples) for chunk in chunks]
-    return StackedUpdates(
-        updates={n: np.concatenate([c.updates[n] for c in chunks]) for n in chunks[0].updates},
-        n_samples=np.concatenate([c.n_samples for c in chunks]),
-        n_steps=np.concatenate([c.n_steps for c in chunks]),
-        loss_sum=np.concatenate([c.loss_sum for c in chunks]),
-        n_samples_seen=np.concatenate([c.n_samples_seen for c in chunks]),
-        seconds=sum(c.seconds * k for c, k in zip(chunks, counts, strict=True)) / sum(counts),
-    )
+    return names, chunks
 
 
 def _client(state: _WorkerState, name: str, init: dict[str, Any] | None) -> _Client | None:
