@@ -149,7 +149,7 @@ def test_a_cuda_model_receives_weights_into_pinned_memory() -> None:
     model = TorchModel(torch.nn.Linear(4, 3), torch.nn.CrossEntropyLoss(), device="cuda")
     landing = model.host_weights()
     assert landing is not None
-    for name, array in landing.items():
+    for array in landing.values():
         array[...] = np.arange(array.size, dtype=array.dtype).reshape(array.shape)
     model.set_weights(Vector(landing))
     assert model._staging.pinned and model._staging.host_copies == 0
