@@ -324,9 +324,9 @@ class LocalTrainer:
         steps, seen = 0, 0
         loss_sum: Any = 0.0  # a torch model's losses add up on its device: read once, below
         for _ in range(cfg.epochs):
-            if isinstance(data, Dataset):
-                batches = data.batches(
-                    cfg.batch_size, shuffle=True, seed=rng, drop_remainder=cfg.drop_remainder
+            if isinstance(data, Dataset):  # a torch model draws them on its device
+                batches = self.model.batches(
+                    data, cfg.batch_size, seed=rng, drop_remainder=cfg.drop_remainder
                 )
             else:
                 batches = data.batches()  # a DataLoader batches and shuffles itself
