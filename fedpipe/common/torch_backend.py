@@ -199,6 +199,9 @@ class TorchOps:
             return host.view(torch.int16).numpy().view(dtype)
         return host.numpy()
 
+    def stack(self, arrays: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack(arrays)
+
     def clip_norm(
         self, arrays: dict[str, torch.Tensor], max_norm: float, per_array: bool
     ) -> dict[str, torch.Tensor]:

@@ -179,8 +179,8 @@ class TorchModel(Model, register_name=False):
         )
 
     def compute_batch_gradients(self, x: Any, y: Any) -> tuple[Vector, torch.Tensor]:
-        """Gradients of the mean loss (tensors on the model's device) and that loss, a float64
-        0-d tensor there too (reading it would wait for the device at every batch)."""
+        """Gradients of the mean loss (tensors on the model's device) and that loss, a 0-d
+        tensor there too (reading it would wait for the device at every batch)."""
         if not self.module.training:  # after an evaluation (train() walks every submodule)
             self.module.train()
         for param in self._params.values():  # frozen parameters never get a gradient
@@ -190,7 +190,7 @@ class TorchModel(Model, register_name=False):
         # backward allocates fresh .grad tensors after they were set to None: the optimizer
         # may consume (modify) them in place
         grads = {n: _grad(p) for n, p in self._params.items()}
-        return Vector(grads), loss.detach().to(torch.float64)
+        return Vector(grads), loss.detach()
 
     def compute_sample_gradients(self, x: Any, y: Any) -> tuple[Vector, torch.Tensor]:
         """Per-sample gradients of the trainable parameters (a leading sample axis, on the

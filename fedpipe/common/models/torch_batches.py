@@ -65,6 +65,15 @@ class DeviceBatches:
             return data.batches(batch_size, seed=seed, drop_remainder=drop_remainder)
         return self._drawn(data, batch_size, seed, drop_remainder, place)
 
+    def __len__(self) -> int:
+        """How many clients' data are kept."""
+        return len(self._kept)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of data kept on the device."""
+        return self._bytes
+
     def clear(self) -> None:
         """Forget every client's data (the model moved, say)."""
         self._kept.clear()
