@@ -141,7 +141,7 @@ def loop_floor(args: argparse.Namespace, x: torch.Tensor, y: torch.Tensor) -> li
             with torch.no_grad():
                 for p, w in zip(params, global_w, strict=True):
                     p.copy_(w)
-            opt = torch.optim.SGD(params, lr=LR)
+            opt = torch.optim.SGD(params, lr=LR, foreach=True)  # as on a GPU, on a CPU too
             order = torch.randperm(args.samples, generator=gen, device=args.device)
             for idx in order.split(args.batch):
                 opt.zero_grad(set_to_none=True)
