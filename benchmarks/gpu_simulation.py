@@ -25,7 +25,10 @@ is left out when there are several.
 
 Usage: ``python benchmarks/gpu_simulation.py [--device cuda] [--clients 100] [--samples 512]
 [--batch 32] [--rounds 3] [--max-clients 1024] [--modes loop,vmap,vectorized,sequential]
-[--small] [--json out.json]``
+[--small] [--tiny] [--json out.json]``
+
+CPU proxy of the per-step host cost (what bounds both sequential paths on a GPU at this size):
+``--device cpu --tiny --modes loop,sequential --clients 20``.
 """
 
 from __future__ import annotations
@@ -68,6 +71,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-clients", type=int, default=1024, help="clients stacked at once")
     parser.add_argument("--modes", default=",".join(MODES), help="comma-separated subset")
     parser.add_argument("--small", action="store_true", help="CPU-sized: 3 x 40, 2 rounds")
+    parser.add_argument(
+        "--tiny",
+        action="store_true",
+        help="the CNN's layers with 2 channels and 4 hidden units on 3x8x8 inputs: next to no "
+        "compute, so that on a CPU the per-step host cost of each mode dominates (a proxy "
+        "for a GPU)",
+    )
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)
     if args.small:
@@ -79,20 +89,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def cnn() -> torch.nn.Module:
-    """2 conv + 2 linear, 545,098 parameters."""
+def cnn(tiny: bool = False) -> torch.nn.Module:
+    """2 conv + 2 linear on 3x32x32 inputs, 545,098 parameters (``tiny``: the same layers on
+    3x8x8 inputs, 2 channels and 4 hidden units, 180 parameters)."""
+    c1, c2, hidden = (2, 2, 4) if tiny else (32, 64, 128)
+    side = 8 if tiny else 32
     return torch.nn.Sequential(
-        torch.nn.Conv2d(3, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
-        torch.nn.Conv2d(32, 64, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
-        torch.nn.Flatten(), torch.nn.Linear(64 * 8 * 8, 128), torch.nn.ReLU(),
-        torch.nn.Linear(128, 10),
+        torch.nn.Conv2d(3, c1, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+        torch.nn.Conv2d(c1, c2, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+        torch.nn.Flatten(), torch.nn.Linear(c2 * (side // 4) ** 2, hidden), torch.nn.ReLU(),
+        torch.nn.Linear(hidden, 10),
     )  # fmt: skip
 
 
 def synthetic(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
-    """``x [clients, samples, 3, 32, 32]``, ``y [clients, samples]`` on the device."""
+    """``x [clients, samples, 3, side, side]``, ``y [clients, samples]`` on the device (side
+    32, or 8 with ``--tiny``)."""
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn((args.clients, args.samples, 3, 32, 32), generator=gen)
+    side = 8 if args.tiny else 32
+    x = torch.randn((args.clients, args.samples, 3, side, side), generator=gen)
     y = torch.randint(0, 10, (args.clients, args.samples), generator=gen)
     return x.to(args.device), y.to(args.device)
 
@@ -115,7 +130,7 @@ def timed_rounds(args: argparse.Namespace, one_round: Callable[[], None]) -> lis
 
 def loop_floor(args: argparse.Namespace, x: torch.Tensor, y: torch.Tensor) -> list[float]:
     """Plain torch, one client after another: the per-client simulation loop."""
-    net = cnn().to(args.device)
+    net = cnn(args.tiny).to(args.device)
     params = list(net.parameters())
     global_w = [p.detach().clone() for p in params]
     loss_fn = torch.nn.CrossEntropyLoss()
@@ -127,7 +142,7 @@ def loop_floor(args: argparse.Namespace, x: torch.Tensor, y: torch.Tensor) -> li
             with torch.no_grad():
                 for p, w in zip(params, global_w, strict=True):
                     p.copy_(w)
-            opt = torch.optim.SGD(params, lr=LR)
+            opt = torch.optim.SGD(params, lr=LR, foreach=True)  # as on a GPU, on a CPU too
             order = torch.randperm(args.samples, generator=gen, device=args.device)
             for idx in order.split(args.batch):
                 opt.zero_grad(set_to_none=True)
@@ -145,7 +160,7 @@ def loop_floor(args: argparse.Namespace, x: torch.Tensor, y: torch.Tensor) -> li
 
 def vmap_floor(args: argparse.Namespace, x: torch.Tensor, y: torch.Tensor) -> list[float]:
     """Plain torch, ``--max-clients`` clients at once with functional_call + vmap + grad."""
-    net = cnn().to(args.device)
+    net = cnn(args.tiny).to(args.device)
     global_w = {n: p.detach().clone() for n, p in net.named_parameters()}
     loss_fn = torch.nn.CrossEntropyLoss()
 
@@ -175,10 +190,10 @@ def vmap_floor(args: argparse.Namespace, x: torch.Tensor, y: torch.Tensor) -> li
     return timed_rounds(args, one_round)
 
 
-def cnn_model() -> TorchModel:
+def cnn_model(tiny: bool = False) -> TorchModel:
     """The CNN as fedpipe's model factory, seeded: both fedpipe modes start equal."""
     torch.manual_seed(0)
-    return TorchModel(cnn(), torch.nn.CrossEntropyLoss())
+    return TorchModel(cnn(tiny), torch.nn.CrossEntropyLoss())
 
 
 def fedpipe_rounds(
@@ -194,7 +209,7 @@ async def _simulated_rounds(
 ) -> tuple[list[float], Vector]:
     setup = RunSetup(
         # run as a script, this folder is on sys.path: the module is importable by its stem
-        model={"name": f"{Path(__file__).stem}:cnn_model", "config": {}},
+        model={"name": f"{Path(__file__).stem}:cnn_model", "config": {"tiny": args.tiny}},
         client_optimizer={"lrate": LR},
         aggregator="averaging",
         metrics=["loss"],
@@ -285,7 +300,8 @@ def report(args: argparse.Namespace, seconds: dict[str, list[float]]) -> dict[st
         "samples": args.samples,
         "batch": args.batch,
         "rounds": args.rounds,
-        "params": sum(p.numel() for p in cnn().parameters()),
+        "tiny": args.tiny,
+        "params": sum(p.numel() for p in cnn(args.tiny).parameters()),
         "seconds": seconds,
         "s_per_round": per_round,
         "updates_per_s": rate,
@@ -299,7 +315,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.manual_seed(0)
     np.random.seed(0)
     print(
-        f"gpu_simulation: CNN {sum(p.numel() for p in cnn().parameters()):,} params, "
+        f"gpu_simulation: CNN {sum(p.numel() for p in cnn(args.tiny).parameters()):,} params, "
         f"{args.clients} clients x {args.samples} samples, batch {args.batch}, 1 epoch, SGD, "
         f"FedAvg, {args.rounds} rounds, device {args.device}",
         flush=True,

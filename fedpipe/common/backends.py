@@ -72,6 +72,7 @@ class ArrayOps(Protocol):
         ...
 
     def to_numpy(self, array: Any) -> np.ndarray: ...
+    def stack(self, arrays: list[Any]) -> Any: ...
     def clip_norm(self, arrays: dict[str, Any], max_norm: float, per_array: bool) -> dict: ...
     def normal_like(self, array: Any, rng: np.random.Generator) -> Any: ...
 
@@ -166,6 +167,9 @@ class _NumpyOps:
 
     def to_numpy(self, array: np.ndarray) -> np.ndarray:
         return array
+
+    def stack(self, arrays: list[np.ndarray]) -> np.ndarray:
+        return np.stack(arrays)
 
     def clip_norm(
         self, arrays: dict[str, np.ndarray], max_norm: float, per_array: bool

@@ -57,6 +57,10 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+_COMMUTATIVE = (torch.add, torch.mul)
+_FULL_FLOATS = (torch.float32, torch.float64)
+
+
 def _scalar(value: float | int, like: torch.Tensor) -> torch.Tensor:
     dtype = torch.float64 if isinstance(value, float) else torch.int64
     return torch.tensor(value, dtype=dtype, device=like.device)
@@ -101,8 +105,13 @@ class TorchOps:
 
     def binary_arrays(self, op: Any, left: Any, right: Any) -> torch.Tensor:
         # Some torch functions take no Python scalar in some positions: such a scalar becomes
-        # a 0-d tensor, which type promotion treats like numpy's "weak" Python scalars.
+        # a 0-d tensor, which type promotion treats like numpy's "weak" Python scalars. On a
+        # GPU making it is a host-to-device copy, which waits for the device: a scalar times
+        # (or plus) a float32 or float64 array, a module's every step, swaps sides instead
+        # (the same bits; a half-precision array would see the scalar unrounded).
         if not isinstance(left, torch.Tensor):
+            if op in _COMMUTATIVE and right.dtype in _FULL_FLOATS:
+                return op(right, left)
             left = _scalar(left, right)
         elif not isinstance(right, torch.Tensor):
             if op in (torch.minimum, torch.maximum):
@@ -190,6 +199,9 @@ class TorchOps:
         if array.dtype == torch.bfloat16:  # the same 16-bit words, never through float32
             return host.view(torch.int16).numpy().view(dtype)
         return host.numpy()
+
+    def stack(self, arrays: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack(arrays)
 
     def clip_norm(
         self, arrays: dict[str, torch.Tensor], max_norm: float, per_array: bool

@@ -18,10 +18,10 @@ import numpy as np
 
 from fedpipe.common import registry
 from fedpipe.common.aggregators import Aggregator
-from fedpipe.common.backends import is_array, ops_of
 from fedpipe.common.buffers import BUFFERS_AUX, buffer_mode, buffers_share, split_buffers
 from fedpipe.common.config import DpSgdConfig, OptimizerConfig, TrainingConfig
 from fedpipe.common.data import Dataset
+from fedpipe.common.loss_sum import LossSum
 from fedpipe.common.metrics import MetricSet
 from fedpipe.common.models import Model, load_model
 from fedpipe.common.optim import Optimizer
@@ -322,11 +322,11 @@ class LocalTrainer:
         rng = np.random.default_rng(seed)  # a fresh shuffle per epoch, from the round's seed
         max_steps = cfg.max_steps or -1  # None: every batch of every epoch
         steps, seen = 0, 0
-        loss_sum: Any = 0.0  # a torch model's losses add up on its device: read once, below
+        loss_sum = LossSum()  # a torch model's losses stay on its device: read once, below
         for _ in range(cfg.epochs):
-            if isinstance(data, Dataset):
-                batches = data.batches(
-                    cfg.batch_size, shuffle=True, seed=rng, drop_remainder=cfg.drop_remainder
+            if isinstance(data, Dataset):  # a torch model draws them on its device
+                batches = self.model.batches(
+                    data, cfg.batch_size, seed=rng, drop_remainder=cfg.drop_remainder
                 )
             else:
                 batches = data.batches()  # a DataLoader batches and shuffles itself
@@ -334,10 +334,10 @@ class LocalTrainer:
                 loss = self._step(x, y)
                 steps += 1
                 seen += len(x)
-                loss_sum = _add_loss(loss_sum, loss, len(x))
+                loss_sum.add(loss, len(x))
                 if steps == max_steps:
-                    return _Work(len(data), steps, float(loss_sum), seen)
-        return _Work(len(data), steps, float(loss_sum), seen)
+                    return _Work(len(data), steps, loss_sum.value(), seen)
+        return _Work(len(data), steps, loss_sum.value(), seen)
 
     def _step(self, x: Any, y: Any) -> SupportsFloat:
         """One optimizer step on a batch; its loss. The step's model-sized gradients are gone
@@ -415,14 +415,6 @@ class LocalTrainer:
             loss, predictions = self.model.evaluate(x, y)
             metrics.update(y, predictions, loss)
         return EvalResult(metrics.state(), len(data), time.perf_counter() - start)
-
-
-def _add_loss(total: Any, loss: SupportsFloat, n: int) -> Any:
-    """``total + loss * n`` in float64; an array's loss (a torch model's, on its device) is
-    added where it is, so that no batch waits for the device to read it."""
-    if is_array(loss):
-        return total + ops_of(loss).cast(loss, "float64") * n
-    return total + float(loss) * n
 
 
 def build_model(setup: RunSetup) -> Model:

@@ -11,11 +11,12 @@ pre-activations ``z``, they compute the mean loss, its gradient w.r.t. ``z`` and
 from __future__ import annotations
 
 from abc import abstractmethod
-from collections.abc import Mapping
-from typing import ClassVar, Literal, SupportsFloat
+from collections.abc import Iterator, Mapping
+from typing import Any, ClassVar, Literal, SupportsFloat
 
 import numpy as np
 
+from fedpipe.common.data import Dataset
 from fedpipe.common.registry import Registrable, declare_family
 from fedpipe.common.vector import ArraySpec, Vector, VectorSpecs, dtype_name
 
@@ -107,6 +108,14 @@ class Model(Registrable):
         buffers.check_specs(self.get_buffers().specs(), f"buffers for model {self.name!r}")
 
     # ---- training and inference ------------------------------------------------------------
+
+    def batches(
+        self, data: Dataset, batch_size: int, *, seed: np.random.Generator, drop_remainder: bool
+    ) -> Iterator[tuple[Any, Any]]:
+        """One epoch of ``data`` in batches shuffled by ``seed``, as
+        :meth:`compute_batch_gradients` takes them (here: ``Dataset.batches``' numpy arrays;
+        a torch model draws them on its device)."""
+        return data.batches(batch_size, shuffle=True, seed=seed, drop_remainder=drop_remainder)
 
     @abstractmethod
     def compute_batch_gradients(self, x: np.ndarray, y: np.ndarray) -> tuple[Vector, SupportsFloat]:

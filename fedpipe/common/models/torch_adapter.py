@@ -19,14 +19,16 @@ the device (``device = "cuda:0"`` in its own config, or :meth:`TorchModel.to`).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
+from fedpipe.common.data import Dataset
 from fedpipe.common.host_staging import HostStaging
 from fedpipe.common.models.base import TASKS, Model
+from fedpipe.common.models.torch_batches import DeviceBatches
 from fedpipe.common.torch_backend import TorchOps
 from fedpipe.common.vector import ArraySpec, Vector, VectorSpecs
 
@@ -74,6 +76,7 @@ class TorchModel(Model, register_name=False):
             raise ValueError(f"the module's trainable parameters are on several devices {devices}")
         self._params = trainable
         self._staging = HostStaging()  # incoming weights' way to the device, reused
+        self._batches = DeviceBatches()  # clients' training data on the device, kept
         self.to(device if device is not None else devices.pop())
 
     def to(self, device: str | torch.device) -> None:
@@ -83,6 +86,7 @@ class TorchModel(Model, register_name=False):
         # tensors sharing the parameters' storage: updates land in the module directly
         self._weights = {n: p.detach() for n, p in self._params.items()}
         self.device = next(iter(self._params.values())).device
+        self._batches.clear()
 
     def get_config(self) -> dict[str, Any]:
         return {"module": type(self.module).__name__, "task": self.task}
@@ -156,16 +160,30 @@ class TorchModel(Model, register_name=False):
         array = np.ascontiguousarray(values)
         return torch.from_numpy(array).to(self.device, dtype, non_blocking=True)
 
+    def _target_dtype(self) -> torch.dtype:
+        return torch.int64 if self.task == "multiclass" else self.dtype
+
     def _targets(self, y: Any) -> torch.Tensor:
-        return self._tensor(y, torch.int64 if self.task == "multiclass" else self.dtype)
+        return self._tensor(y, self._target_dtype())
 
     def _outputs(self, x: Any) -> torch.Tensor:
         out = self.module(self._tensor(x, self.dtype))
         return out.reshape(-1) if self.task == "binary" else out
 
+    def batches(
+        self, data: Dataset, batch_size: int, *, seed: np.random.Generator, drop_remainder: bool
+    ) -> Iterator[tuple[Any, Any]]:
+        """One epoch of ``data`` in shuffled batches drawn on the model's device, the data and
+        the epoch's sample order copied there once (:mod:`~fedpipe.common.models.torch_batches`);
+        the same samples as ``Dataset.batches``."""
+        place = (self.device, self.dtype, self._target_dtype())
+        return self._batches.batches(
+            data, batch_size, seed=seed, drop_remainder=drop_remainder, place=place
+        )
+
     def compute_batch_gradients(self, x: Any, y: Any) -> tuple[Vector, torch.Tensor]:
-        """Gradients of the mean loss (tensors on the model's device) and that loss, a float64
-        0-d tensor there too (reading it would wait for the device at every batch)."""
+        """Gradients of the mean loss (tensors on the model's device) and that loss, a 0-d
+        tensor there too (reading it would wait for the device at every batch)."""
         if not self.module.training:  # after an evaluation (train() walks every submodule)
             self.module.train()
         for param in self._params.values():  # frozen parameters never get a gradient
@@ -175,7 +193,7 @@ class TorchModel(Model, register_name=False):
         # backward allocates fresh .grad tensors after they were set to None: the optimizer
         # may consume (modify) them in place
         grads = {n: _grad(p) for n, p in self._params.items()}
-        return Vector(grads), loss.detach().to(torch.float64)
+        return Vector(grads), loss.detach()
 
     def compute_sample_gradients(self, x: Any, y: Any) -> tuple[Vector, torch.Tensor]:
         """Per-sample gradients of the trainable parameters (a leading sample axis, on the

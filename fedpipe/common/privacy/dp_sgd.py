@@ -26,6 +26,7 @@ import numpy as np
 
 from fedpipe.common.config import DpSgdConfig, TrainingConfig
 from fedpipe.common.data import Dataset
+from fedpipe.common.loss_sum import LossSum
 from fedpipe.common.models import Model
 from fedpipe.common.optim import Optimizer
 from fedpipe.common.privacy.accountant import PrivacyAccountant, RoundEvent
@@ -111,15 +112,15 @@ class DpSgd:
                     f"{after:.4g} > max_epsilon={self.config.max_epsilon}; the client "
                     "refuses to train further in this run"
                 )
-        loss_sum, seen = 0.0, 0
+        loss_sum, seen = LossSum(), 0  # a torch model's losses read once, not at every step
         for _ in range(steps):
             chosen = np.flatnonzero(self.rng.random(len(data)) < q)
             gradients, loss = self.gradients(model, data.x[chosen], data.y[chosen], q * len(data))
             optimizer.apply(model, gradients, consume=True)
-            loss_sum += float(loss) * len(chosen)
+            loss_sum.add(loss, len(chosen))
             seen += len(chosen)
         self.accountant.spend(event, steps)
-        return DpSgdWork(steps, loss_sum, seen)
+        return DpSgdWork(steps, loss_sum.value(), seen)
 
     def gradients(self, model: Model, x: Any, y: Any, expected_batch: float) -> tuple[Vector, Any]:
         """The noised mean of the clipped per-sample gradients of the batch ``(x, y)``, and
