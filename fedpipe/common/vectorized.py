@@ -261,20 +261,11 @@ class VectorizedTrainer:
 
     def _stacked_data(self, jobs: Sequence[ClientJob]) -> tuple[torch.Tensor, torch.Tensor]:
         """Every client's data on the device, ``[K, n_max, ...]`` (zero-padded)."""
-        n_max = max(len(job.data) for job in jobs)
-        first = jobs[0].data
-        x_all = torch.zeros(
-            (len(jobs), n_max, *first.x.shape[1:]), dtype=self.dtype, device=self.device
-        )
-        target = torch.int64 if self.model.task == "multiclass" else self.dtype
-        y_all = torch.zeros(
-            (len(jobs), n_max, *first.y.shape[1:]), dtype=target, device=self.device
-        )
-        for k, job in enumerate(jobs):
-            x, y = self._cached_data(job)
-            x_all[k, : len(x)] = x
-            y_all[k, : len(y)] = y
-        return x_all, y_all
+        xs, ys = zip(*(self._cached_data(job) for job in jobs), strict=True)
+        if len({len(x) for x in xs}) == 1:  # one batched copy kernel for many clients
+            return torch.stack(xs), torch.stack(ys)
+        pad = torch.nn.utils.rnn.pad_sequence
+        return pad(list(xs), batch_first=True), pad(list(ys), batch_first=True)
 
     def _cached_data(self, job: ClientJob) -> tuple[torch.Tensor, torch.Tensor]:
         """The client's data on the device, copied there once per run (not per round)."""

@@ -86,6 +86,8 @@ def _pipeline_state(optimizer: Optimizer) -> State:
 
 def _static_reason(optimizers: Sequence[Optimizer]) -> str | None:
     first = optimizers[0]
+    if not first.modules and not first.regularizers:  # one run setup: the same pipeline
+        return None
     for part in [*first.modules, *first.regularizers]:
         if getattr(part, "aux_name", None) is not None:
             return f"module {part.name} exchanges auxiliary variables"
@@ -129,7 +131,15 @@ class ClientOptimizers:
         self._out: Any = None
         self._steps = [optimizer.step for optimizer in self.optimizers]  # see restore()
         self._saved: list[State] | None = None
+        #: No module and no regularizer: no state but the step counts, which updates() moves
+        #: (nothing to flatten per client, nothing to give back in finish()).
+        self.stateless = not self.optimizers[0].modules and not self.optimizers[0].regularizers
         if self.reason is not None:
+            return
+        if self.stateless:
+            self.skeletons[0] = _flatten(_pipeline_state(self.optimizers[0]), "", {})
+            self.template = copy.deepcopy(self.optimizers[0])
+            self.template.lrate = 1.0
             return
         per_client: list[Tensors] = [{} for _ in self.optimizers]
         for optimizer, leaves in zip(self.optimizers, per_client, strict=True):
@@ -222,7 +232,7 @@ class ClientOptimizers:
 
     def finish(self, steps: Sequence[int]) -> None:
         """Give each client its slice of the stacked state, as it was after its last step."""
-        if self.reason is not None:
+        if self.reason is not None or self.stateless:
             return
         for k, optimizer in enumerate(self.optimizers):
             skeleton = self.skeletons[steps[k]]
