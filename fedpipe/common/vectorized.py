@@ -24,7 +24,9 @@ engine logs one line saying why and trains clients one after another with their
 from __future__ import annotations
 
 import logging
+import sys
 import time
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -62,9 +64,16 @@ class VectorizedTrainer:
         the device. Its weights are not changed.
     max_clients:
         Clients stacked at once (bounds device memory: ~3 model copies per client).
+    data_budget:
+        Bytes of client data kept on a non-CPU device from round to round (least recently
+        used out first; a chunk's own data always fits). Default: a quarter of the device's
+        memory on CUDA, unbounded elsewhere (on the CPU the tensors share the datasets'
+        memory).
     """
 
-    def __init__(self, model: TorchModel, max_clients: int = 1024) -> None:
+    def __init__(
+        self, model: TorchModel, max_clients: int = 1024, data_budget: int | None = None
+    ) -> None:
         if max_clients < 1:
             raise ValueError(f"max_clients={max_clients}; expected at least 1")
         self.model, self.max_clients = model, max_clients
@@ -74,7 +83,9 @@ class VectorizedTrainer:
         self._checked = False
         self._logged: set[str] = set()
         self._grad = vmap(grad_and_value(self._loss), in_dims=(0, None, 0, 0))
-        self._data: dict[str, tuple[Dataset, torch.Tensor, torch.Tensor]] = {}
+        self._data: OrderedDict[str, tuple[Dataset, torch.Tensor, torch.Tensor]] = OrderedDict()
+        self._data_bytes = 0
+        self.data_budget = _default_budget(self.device) if data_budget is None else data_budget
 
     def _loss(
         self, params: Tensors, buffers: Tensors, x: torch.Tensor, y: torch.Tensor
@@ -262,17 +273,30 @@ class VectorizedTrainer:
     def _stacked_data(self, jobs: Sequence[ClientJob]) -> tuple[torch.Tensor, torch.Tensor]:
         """Every client's data on the device, ``[K, n_max, ...]`` (zero-padded)."""
         xs, ys = zip(*(self._cached_data(job) for job in jobs), strict=True)
+        self._evict(keep=len(jobs))
         if len({len(x) for x in xs}) == 1:  # one batched copy kernel for many clients
             return torch.stack(xs), torch.stack(ys)
         pad = torch.nn.utils.rnn.pad_sequence
         return pad(list(xs), batch_first=True), pad(list(ys), batch_first=True)
 
     def _cached_data(self, job: ClientJob) -> tuple[torch.Tensor, torch.Tensor]:
-        """The client's data on the device, copied there once per run (not per round)."""
+        """The client's data on the device, copied there once and kept from round to round
+        (within :attr:`data_budget`), now the most recently used."""
         cached = self._data.get(job.name)
         if cached is None or cached[0] is not job.data:
+            if cached is not None:
+                self._data_bytes -= _nbytes(cached)
             cached = self._data[job.name] = (job.data, *self._device_data(job.data))
+            self._data_bytes += _nbytes(cached)
+        self._data.move_to_end(job.name)
         return cached[1], cached[2]
+
+    def _evict(self, keep: int) -> None:
+        """Drop the least recently used clients' data over the budget, but never the ``keep``
+        most recent (the chunk being trained)."""
+        while self._data_bytes > self.data_budget and len(self._data) > keep:
+            _, dropped = self._data.popitem(last=False)
+            self._data_bytes -= _nbytes(dropped)
 
     def _buffers(self) -> Tensors:
         return dict(self.model.module.named_buffers())
@@ -302,3 +326,15 @@ def _step_plan(schedules: list[list[np.ndarray]], device: torch.device) -> list[
         plan.append((t, members, sel, on_device[at : at + rows.size].view(rows.shape)))
         at += rows.size
     return plan
+
+
+def _nbytes(cached: tuple[Dataset, torch.Tensor, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in cached[1:])
+
+
+def _default_budget(device: torch.device) -> int:
+    """A quarter of a CUDA device's memory; no bound elsewhere (CPU tensors share the
+    datasets' memory; other devices do not say how much they have)."""
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory // 4)
+    return sys.maxsize

@@ -102,6 +102,25 @@ def test_vectorized_equals_sequential(optimizer: dict[str, Any]) -> None:
             assert vu.allclose(su, rtol=1e-4, atol=1e-5), (su - vu).abs().norms()
 
 
+def test_client_data_kept_on_the_device_stays_within_its_budget() -> None:
+    run, data = setup(SGD), client_data()
+    weights = mlp().get_weights(copy=True)
+    kept = []
+    bounded = VectorizedTrainer(mlp(), max_clients=2, data_budget=1)  # no client fits
+    unbounded = VectorizedTrainer(mlp(), max_clients=2)
+    jobs, free_jobs = jobs_for(run, bounded.model, data), jobs_for(run, unbounded.model, data)
+    for round_number in (1, 2):
+        got = list(bounded.train(jobs, weights, round_number))
+        kept.append(sorted(bounded._data))
+        free = list(unbounded.train(free_jobs, weights, round_number))
+        for a, b in zip(got, free, strict=True):
+            assert updates_of(a).allclose(updates_of(b), rtol=0, atol=0)
+    # only the last chunk's clients are left (a chunk's own data always stays while it trains)
+    assert kept == [["c4", "c5"], ["c4", "c5"]]
+    assert sorted(unbounded._data) == [f"c{i}" for i in range(len(SIZES))]
+    assert bounded._data_bytes == sum(d.x.size * 4 + d.y.size * 8 for d in data[4:])  # f32, i64
+
+
 def test_steps_follow_local_trainer_schedule() -> None:
     """Client sizes 37 and 9 with batch 16, 2 epochs: 3+3 and 1+1 steps, last batches 5, 9."""
     run, data = setup(SGD), client_data()
