@@ -325,8 +325,9 @@ class ServerConfig(_Strict):
     chunk_mib: float = Field(default=4.0, gt=0, le=32)
     max_payload_mib: float = Field(default=16384.0, gt=0)
     #: Reply bytes assembled at once across clients (at least one model's worth): bounds the
-    #: server's memory when many clients answer together.
-    receive_budget_mib: float = Field(default=256.0, gt=0)
+    #: server's memory when many clients answer together (the others wait in their senders:
+    #: a 4 MiB model's replies arrive 8 at a time).
+    receive_budget_mib: float = Field(default=32.0, gt=0)
     #: Bytes of replies a buffered aggregator (median, Krum...) keeps in memory in a round;
     #: later replies are spilled to memory-mapped files in the run directory until it ends.
     aggregation_memory_bytes: int = Field(default=1 << 30, ge=0)

@@ -48,6 +48,7 @@ from fedpipe.server.client_log import ClientLog, RoundClients
 from fedpipe.server.clients import ClientError, ClientPool, ClientProxy, RoundTask, RunOutcome
 from fedpipe.server.cohorts import train_cohort
 from fedpipe.server.history import EarlyStopping, History
+from fedpipe.server.malloc_heap import release_free_heap
 from fedpipe.server.privacy.client_level import (
     BudgetSpent,
     ClientLevelDP,
@@ -556,6 +557,7 @@ class FederatedRun:
         self.round = round_number
         record["seconds"] = round(time.perf_counter() - start, 6)
         self._persist(record, clients)
+        release_free_heap()  # this round's freed chunks must not add to the next one's peak
         return record
 
     def _buffers_aux(self) -> dict[str, Summable]:
@@ -992,6 +994,7 @@ class _Fold:
     def _fold_spilled(self, result: TrainResult, factor: float) -> None:
         """Fold a complete, admitted reply from disk, chunk by chunk, times ``factor``."""
         if self.total is None:
+            release_free_heap()  # the transfers' freed chunks, before a model-sized sum
             self.total = self.aggregator.empty_total(self.specs)
         total, fold = self.total, self.aggregator.fold_chunk
         try:

@@ -19,6 +19,7 @@ from fedpipe.common.plugins import import_plugins
 from fedpipe.common.tls_files import check_server_files
 from fedpipe.grpc_channel import SERVICE_NAME, channel_options
 from fedpipe.server.clients import ClientPool
+from fedpipe.server.malloc_heap import limit_arenas
 from fedpipe.server.monitoring import Monitoring
 from fedpipe.server.rounds import FederatedRun, RunSummary
 from fedpipe.server.transports.grpc.admission import server_options
@@ -46,6 +47,7 @@ async def serve(
     or ``overwrite`` (replace it) is set.
     """
     import_plugins(config.plugins)  # the server owner's modules, before any name is built
+    limit_arenas()  # before gRPC's threads start: they share the freed chunks
     pool = ClientPool()
     stop_event = asyncio.Event()
     # Build the run first: a bad model or optimizer config, or a run directory in use,

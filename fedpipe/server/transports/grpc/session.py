@@ -113,6 +113,7 @@ class FederationServicer:
                     break
                 writing.result()
                 self.monitor.sent(len(out))
+                del out, writing  # nor the last frame sent (a chunk of a large model's)
             if proxy.told:
                 # A client busy with a task reads its stop task only once it has replied:
                 # keep the stream until it closes its side, or the grace passes.
@@ -192,6 +193,9 @@ class FederationServicer:
                     got = receiver.feed(frame)  # one bounded copy into a preallocated array
                     if got is None and floor is not None:
                         self._keep_or_drop(proxy, receiver, floor)
+                # Not held through the next read: a session would keep its last chunk (up to
+                # chunk_mib) from one round to the next.
+                del frame
                 if got is not None:
                     reserved, floor = floor is not None and floor.reserved, None
                     await proxy.deliver(got, reserved)  # the budget goes with the reply
