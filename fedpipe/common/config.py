@@ -328,6 +328,11 @@ class ServerConfig(_Strict):
     #: server's memory when many clients answer together (the others wait in their senders:
     #: a 4 MiB model's replies arrive 8 at a time).
     receive_budget_mib: float = Field(default=32.0, gt=0)
+    #: Each client stream's HTTP/2 receive window (KiB), fixed: what a client may send
+    #: before the server reads it (a reply waiting for the receive budget waits in its
+    #: sender beyond this). It bounds one upload's pace to about window / round-trip time
+    #: (1 MiB over 50 ms: 20 MB/s); raise it for clients far away on fast links.
+    stream_window_kib: int = Field(default=1024, ge=64, le=1 << 20)
     #: Bytes of replies a buffered aggregator (median, Krum...) keeps in memory in a round;
     #: later replies are spilled to memory-mapped files in the run directory until it ends.
     aggregation_memory_bytes: int = Field(default=1 << 30, ge=0)

@@ -67,10 +67,12 @@ def server_options(config: ServerConfig) -> tuple[list[tuple[str, Any]], int]:
         # gRPC sets SO_REUSEPORT by default: a second server on the same port would then
         # share it (and this run's clients) instead of failing to start.
         ("grpc.so_reuseport", 0),
-        # Receive windows stay at HTTP/2's 64 KiB instead of growing with the measured
-        # bandwidth-delay product (to megabytes on loopback): a reply waiting for the
-        # receive budget waits in its sender, not in this process's memory.
+        # Receive windows stay fixed at stream_window_kib (as grpc-java and grpc-go run
+        # theirs, at 1 MiB) instead of growing with the measured bandwidth-delay product (to
+        # megabytes per stream on loopback): a reply waiting for the receive budget waits in
+        # its sender, not in this process's memory.
         ("grpc.http2.bdp_probe", 0),
+        ("grpc.http2.lookahead_bytes", config.stream_window_kib << 10),
     ]
     # Room for every session twice (a reconnecting client's old session may not have ended)
     # and every pending stream: the pending caps bite first, never gRPC's global limit.
