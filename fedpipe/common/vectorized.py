@@ -83,7 +83,7 @@ class VectorizedTrainer:
         self._checked = False
         self._logged: set[str] = set()
         self._grad = vmap(grad_and_value(self._loss), in_dims=(0, None, 0, 0))
-        self._data: OrderedDict[str, tuple[Dataset, torch.Tensor, torch.Tensor]] = OrderedDict()
+        self._data: OrderedDict[str, _Kept] = OrderedDict()
         self._data_bytes = 0
         self.data_budget = _default_budget(self.device) if data_budget is None else data_budget
 
@@ -282,14 +282,14 @@ class VectorizedTrainer:
     def _cached_data(self, job: ClientJob) -> tuple[torch.Tensor, torch.Tensor]:
         """The client's data on the device, copied there once and kept from round to round
         (within :attr:`data_budget`), now the most recently used."""
-        cached = self._data.get(job.name)
-        if cached is None or cached[0] is not job.data:
+        cached, data = self._data.get(job.name), job.data
+        if cached is None or cached[0] is not data.x or cached[1] is not data.y:
             if cached is not None:
                 self._data_bytes -= _nbytes(cached)
-            cached = self._data[job.name] = (job.data, *self._device_data(job.data))
+            cached = self._data[job.name] = (data.x, data.y, *self._device_data(data))
             self._data_bytes += _nbytes(cached)
         self._data.move_to_end(job.name)
-        return cached[1], cached[2]
+        return cached[2], cached[3]
 
     def _evict(self, keep: int) -> None:
         """Drop the least recently used clients' data over the budget, but never the ``keep``
@@ -303,6 +303,9 @@ class VectorizedTrainer:
 
 
 _Step = tuple[int, list[int], torch.Tensor, torch.Tensor]
+#: A client's data kept on the device: its arrays (the ones copied: a Dataset given new
+#: arrays is copied again) and their tensors.
+_Kept = tuple[np.ndarray, np.ndarray, torch.Tensor, torch.Tensor]
 #: What a chunk's training gives: the batch schedules, the updates, the loss sums, its start.
 _Trained = tuple[list[list[np.ndarray]], Tensors, torch.Tensor, float]
 
@@ -328,8 +331,8 @@ def _step_plan(schedules: list[list[np.ndarray]], device: torch.device) -> list[
     return plan
 
 
-def _nbytes(cached: tuple[Dataset, torch.Tensor, torch.Tensor]) -> int:
-    return sum(t.numel() * t.element_size() for t in cached[1:])
+def _nbytes(cached: _Kept) -> int:
+    return sum(t.numel() * t.element_size() for t in cached[2:])
 
 
 def _default_budget(device: torch.device) -> int:
