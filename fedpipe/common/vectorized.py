@@ -183,13 +183,16 @@ class VectorizedTrainer:
         """Every job trained from ``weights``: the schedules, each client's update (a row of
         start minus end weights, on the device), its loss sum, and when training began."""
         start = time.perf_counter()
+        # on the device, once (the cohort's are the round's numpy weights: bfloat16 ones are
+        # ml_dtypes arrays, which torch.as_tensor refuses)
+        weights = weights.like(self.model.get_weights(copy=False))
         for job in jobs:
             if job.aux_vars:
                 job.trainer.optimizer.process_aux_var(dict(job.aux_vars))
             job.trainer.optimizer.start_round(weights)
         schedules = batch_schedules(jobs, round_number)
         x_all, y_all = self._stacked_data(jobs)
-        start_w = {n: torch.as_tensor(a).to(self.device) for n, a in weights.coefs.items()}
+        start_w = dict(weights.coefs)  # read only: the updates are start minus end
         params = {n: w.unsqueeze(0).repeat(len(jobs), *([1] * w.dim())) for n, w in start_w.items()}
         optimizers = ClientOptimizers([job.trainer.optimizer for job in jobs], params)
         if optimizers.reason is not None and optimizers.reason not in self._logged:

@@ -267,3 +267,22 @@ def test_a_dataset_given_new_arrays_trains_on_them_not_on_the_kept_copy() -> Non
     assert got.n_samples.tolist() == want.n_samples.tolist() == [len(other), len(data[1])]
     for name, rows in want.updates.items():
         assert torch.equal(got.updates[name], rows)
+
+
+def test_half_precision_numpy_weights_train_as_the_same_weights_on_the_device() -> None:
+    # the torch cohort hands the engine the round's numpy weights: bfloat16 ones are
+    # ml_dtypes arrays, which torch.as_tensor refuses (every round fell back, with a warning)
+    pytest.importorskip("ml_dtypes")
+    run, data = setup(MOMENTUM), client_data()[:3]
+    model = mlp()
+    model.module.to(torch.bfloat16)
+    model.to("cpu")
+    on_device = model.get_weights(copy=True)
+    on_host = on_device.to_numpy()
+    assert str(on_host.coefs["0.weight"].dtype) == "bfloat16"
+    engine = VectorizedTrainer(model)
+    got = next(engine.train_stacked(jobs_for(run, model, data), on_host, 1))
+    want = next(engine.train_stacked(jobs_for(run, model, data), on_device, 1))
+    for name, rows in want.updates.items():
+        assert rows.dtype == torch.bfloat16 and torch.equal(got.updates[name], rows)
+    np.testing.assert_array_equal(got.loss_sum, want.loss_sum)
