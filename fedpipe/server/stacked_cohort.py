@@ -7,7 +7,9 @@ With ``mode = "vectorized"`` and a numpy model, the simulated clients share one
 free for the round deadline) and adds their admitted partials up over the client axis.
 A client whose update or loss is not finite is left out with the reason the one-by-one fold
 gives. When the round cannot train stacked (:func:`~fedpipe.common.stacked.stacked_unfit`)
-or the engine raises, it declines and the clients train one after another, unchanged.
+or the engine's first chunk raises, it declines and the clients train one after another,
+unchanged; a later chunk that raises trains its clients one at a time through the engine (the
+chunks before it were trained: their clients' optimizers moved on), each failing alone.
 """
 
 from __future__ import annotations
