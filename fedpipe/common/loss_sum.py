@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, SupportsFloat
 
 from fedpipe.common.backends import is_array, ops_of
@@ -25,11 +26,15 @@ class LossSum:
         self._sizes: list[int] = []
 
     def add(self, loss: SupportsFloat, n: int) -> None:
-        """Add batch loss ``loss`` (a mean) of ``n`` samples."""
+        """Add batch loss ``loss`` (a mean: a number, or an array holding one) of ``n``
+        samples."""
         if not is_array(loss):
             self._read()
             self._total += float(loss) * n
             return
+        shape = tuple(getattr(loss, "shape", ()))  # known without reading the device
+        if math.prod(shape) != 1:
+            raise ValueError(f"batch loss of shape {shape}; expected one number")
         self._held.append(loss)
         self._sizes.append(n)
         if len(self._held) >= CHUNK:
@@ -44,7 +49,8 @@ class LossSum:
         if not self._held:
             return
         ops = ops_of(self._held[0])
-        values = ops.to_numpy(ops.stack(self._held)).tolist()  # one copy from the device
+        held = ops.stack(self._held)  # shape [k] or [k, 1, ...]: one number per batch
+        values = ops.to_numpy(held).reshape(-1).tolist()  # one copy from the device
         total = self._total
         for value, n in zip(values, self._sizes, strict=True):
             total += value * n

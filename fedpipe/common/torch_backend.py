@@ -223,11 +223,13 @@ class TorchOps:
         return torch.from_numpy(draw).to(device=array.device, dtype=array.dtype)
 
     def scale_rows_(self, stacked: torch.Tensor, factors: Sequence[float]) -> None:
-        if len(set(factors)) == 1:  # one weight for all (clients of one size): no host copy
-            stacked.mul_(factors[0])
+        # The kernels of a client's own Vector.mul_ (a Python scalar, no host-to-device copy):
+        # the same bits as its prepare, half precision included (torch.mul_ by a scalar
+        # rounds a bfloat16 product differently from _foreach_mul_ on a CPU).
+        if len(set(factors)) == 1:  # one weight for all (clients of one size)
+            self.mul_all_([stacked], factors[0])
             return
-        column = torch.tensor(factors, dtype=stacked.dtype, device=stacked.device)
-        stacked.mul_(column.view(-1, *[1] * (stacked.dim() - 1)))
+        torch._foreach_mul_(list(stacked.unbind(0)), list(factors))
 
     def finite_rows(self, stacked: torch.Tensor) -> np.ndarray:
         return torch.isfinite(stacked.reshape(len(stacked), -1)).all(dim=1).cpu().numpy()

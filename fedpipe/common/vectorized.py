@@ -83,7 +83,7 @@ class VectorizedTrainer:
         self._checked = False
         self._logged: set[str] = set()
         self._grad = vmap(grad_and_value(self._loss), in_dims=(0, None, 0, 0))
-        self._data: OrderedDict[str, tuple[Dataset, torch.Tensor, torch.Tensor]] = OrderedDict()
+        self._data: OrderedDict[str, _Kept] = OrderedDict()
         self._data_bytes = 0
         self.data_budget = _default_budget(self.device) if data_budget is None else data_budget
 
@@ -183,13 +183,16 @@ class VectorizedTrainer:
         """Every job trained from ``weights``: the schedules, each client's update (a row of
         start minus end weights, on the device), its loss sum, and when training began."""
         start = time.perf_counter()
+        # on the device, once (the cohort's are the round's numpy weights: bfloat16 ones are
+        # ml_dtypes arrays, which torch.as_tensor refuses)
+        weights = weights.like(self.model.get_weights(copy=False))
         for job in jobs:
             if job.aux_vars:
                 job.trainer.optimizer.process_aux_var(dict(job.aux_vars))
             job.trainer.optimizer.start_round(weights)
         schedules = batch_schedules(jobs, round_number)
         x_all, y_all = self._stacked_data(jobs)
-        start_w = {n: torch.as_tensor(a).to(self.device) for n, a in weights.coefs.items()}
+        start_w = dict(weights.coefs)  # read only: the updates are start minus end
         params = {n: w.unsqueeze(0).repeat(len(jobs), *([1] * w.dim())) for n, w in start_w.items()}
         optimizers = ClientOptimizers([job.trainer.optimizer for job in jobs], params)
         if optimizers.reason is not None and optimizers.reason not in self._logged:
@@ -282,14 +285,14 @@ class VectorizedTrainer:
     def _cached_data(self, job: ClientJob) -> tuple[torch.Tensor, torch.Tensor]:
         """The client's data on the device, copied there once and kept from round to round
         (within :attr:`data_budget`), now the most recently used."""
-        cached = self._data.get(job.name)
-        if cached is None or cached[0] is not job.data:
+        cached, data = self._data.get(job.name), job.data
+        if cached is None or cached[0] is not data.x or cached[1] is not data.y:
             if cached is not None:
                 self._data_bytes -= _nbytes(cached)
-            cached = self._data[job.name] = (job.data, *self._device_data(job.data))
+            cached = self._data[job.name] = (data.x, data.y, *self._device_data(data))
             self._data_bytes += _nbytes(cached)
         self._data.move_to_end(job.name)
-        return cached[1], cached[2]
+        return cached[2], cached[3]
 
     def _evict(self, keep: int) -> None:
         """Drop the least recently used clients' data over the budget, but never the ``keep``
@@ -303,6 +306,9 @@ class VectorizedTrainer:
 
 
 _Step = tuple[int, list[int], torch.Tensor, torch.Tensor]
+#: A client's data kept on the device: its arrays (the ones copied: a Dataset given new
+#: arrays is copied again) and their tensors.
+_Kept = tuple[np.ndarray, np.ndarray, torch.Tensor, torch.Tensor]
 #: What a chunk's training gives: the batch schedules, the updates, the loss sums, its start.
 _Trained = tuple[list[list[np.ndarray]], Tensors, torch.Tensor, float]
 
@@ -328,8 +334,8 @@ def _step_plan(schedules: list[list[np.ndarray]], device: torch.device) -> list[
     return plan
 
 
-def _nbytes(cached: tuple[Dataset, torch.Tensor, torch.Tensor]) -> int:
-    return sum(t.numel() * t.element_size() for t in cached[1:])
+def _nbytes(cached: _Kept) -> int:
+    return sum(t.numel() * t.element_size() for t in cached[2:])
 
 
 def _default_budget(device: torch.device) -> int:

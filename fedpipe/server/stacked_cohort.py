@@ -7,7 +7,9 @@ With ``mode = "vectorized"`` and a numpy model, the simulated clients share one
 free for the round deadline) and adds their admitted partials up over the client axis.
 A client whose update or loss is not finite is left out with the reason the one-by-one fold
 gives. When the round cannot train stacked (:func:`~fedpipe.common.stacked.stacked_unfit`)
-or the engine raises, it declines and the clients train one after another, unchanged.
+or the engine's first chunk raises, it declines and the clients train one after another,
+unchanged; a later chunk that raises trains its clients one at a time through the engine (the
+chunks before it were trained: their clients' optimizers moved on), each failing alone.
 """
 
 from __future__ import annotations
@@ -83,23 +85,48 @@ class StackedCohort(ClientCohort):
 
     def _train(self, jobs: list[ClientJob], task: RoundTask, aggregator: Aggregator) -> CohortReply:
         """On a worker thread: every chunk trained, its finite rows added to the sum (on the
-        engine's device, then brought to the host); on an error, the optimizers' step counts
-        as they were."""
+        engine's device, then brought to the host). A chunk that raises (a client's bad data)
+        after others were trained trains one client at a time, each failing alone, and the
+        chunks after it go on: the clients trained before keep their rows (their optimizers
+        moved on, momentum included). When the first chunk raises, nothing changed (the
+        optimizers' step counts as they were): it raises, and the clients train one by one."""
         with self._training:
             steps = [job.trainer.optimizer.step for job in jobs]
+            reply, begin = empty_reply(), 0
+            while begin < len(jobs):
+                try:
+                    for done in self.chunks(jobs[begin:], task):
+                        chunk = jobs[begin : begin + len(done.n_samples)]
+                        add_stacked(reply, [job.name for job in chunk], done, aggregator)
+                        begin += len(chunk)
+                except Exception as exc:
+                    failing = slice(begin, begin + self.engine.max_clients)
+                    for job, step in zip(jobs[failing], steps[failing], strict=True):
+                        job.trainer.optimizer.step = step
+                    if begin == 0:
+                        raise
+                    log.warning("round %d: stacked training of %d client(s) failed (%s: %s); "
+                                "they train one at a time", task.round_number,
+                                len(jobs[failing]), type(exc).__name__, exc)  # fmt: skip
+                    self._one_at_a_time(reply, jobs[failing], task, aggregator)
+                    begin += len(jobs[failing])
+            if reply.total is not None:
+                reply.total = reply.total.to_numpy()
+            return reply
+
+    def _one_at_a_time(
+        self, reply: CohortReply, jobs: list[ClientJob], task: RoundTask, aggregator: Aggregator
+    ) -> None:
+        """Each of ``jobs`` trained alone through the engine, added to ``reply``; one that
+        raises is named in its failures, as the round loop names a client that raised."""
+        for job in jobs:
+            step = job.trainer.optimizer.step
             try:
-                reply, begin = empty_reply(), 0
-                for done in self.chunks(jobs, task):
-                    chunk = jobs[begin : begin + len(done.n_samples)]
-                    begin += len(chunk)
-                    add_stacked(reply, [job.name for job in chunk], done, aggregator)
-                if reply.total is not None:
-                    reply.total = reply.total.to_numpy()
-                return reply
-            except Exception:
-                for job, step in zip(jobs, steps, strict=True):
-                    job.trainer.optimizer.step = step
-                raise
+                for done in self.chunks([job], task):
+                    add_stacked(reply, [job.name], done, aggregator)
+            except Exception as exc:
+                job.trainer.optimizer.step = step
+                reply.failures[job.name] = str(exc)
 
 
 def _job(client: ClientProxy) -> ClientJob:

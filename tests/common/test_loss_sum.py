@@ -50,3 +50,18 @@ def test_torch_losses_are_held_until_read() -> None:
         want = want + value * n
     assert total.value() == want
     assert total._held == []
+
+
+def test_one_element_device_losses_add_as_numbers() -> None:
+    # a torch loss_fn may return shape [1] (a .mean(0) over [N, 1] outputs): a number
+    torch = pytest.importorskip("torch")
+    total = LossSum()
+    for loss, n in zip(LOSSES, SIZES, strict=True):
+        total.add(torch.tensor([loss], dtype=torch.float64), n)
+    assert total.value() == _fold()
+
+
+def test_a_batch_loss_of_several_numbers_is_refused() -> None:
+    torch = pytest.importorskip("torch")
+    with pytest.raises(ValueError, match=r"batch loss of shape \(2,\); expected one number"):
+        LossSum().add(torch.zeros(2), 4)

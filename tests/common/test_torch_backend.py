@@ -15,6 +15,7 @@ from fedpipe.common.codec import state_from_bytes, state_to_bytes  # noqa: E402
 from fedpipe.common.optim import BareWeights, Optimizer  # noqa: E402
 from fedpipe.common.state import StateValue  # noqa: E402
 from fedpipe.common.summable import Summable  # noqa: E402
+from fedpipe.common.torch_backend import TorchOps  # noqa: E402
 from fedpipe.common.vector import SpecMismatchError, Vector  # noqa: E402
 from tests.common.test_registry_wide import build, registered  # noqa: E402
 
@@ -310,3 +311,18 @@ def test_in_place_vector_ops_run_under_vmap() -> None:
     kernel, bias = torch.func.vmap(step)(kernels, biases)
     torch.testing.assert_close(kernel, kernels * 3)
     torch.testing.assert_close(bias, biases * 3)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("factors", [[257.0, 257.0], [257.0, 3001.0]])
+def test_scale_rows_weighs_each_row_as_a_clients_prepare_does(
+    dtype: torch.dtype, factors: list[float]
+) -> None:
+    # the stacked form of AveragingAggregator.prepare (Vector.mul_ by the client's weight),
+    # whether the clients' weights are all equal or not
+    torch.manual_seed(0)
+    rows = (torch.randn(2, 300) * 3).to(dtype)
+    one_by_one = [Vector({"w": rows[k].clone()}).mul_(f).coefs["w"] for k, f in enumerate(factors)]
+    stacked = rows.clone()
+    TorchOps().scale_rows_(stacked, factors)
+    assert torch.equal(stacked, torch.stack(one_by_one))

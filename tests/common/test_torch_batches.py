@@ -66,3 +66,19 @@ def test_moving_the_model_forgets_the_kept_data() -> None:
     assert len(model._batches) == 1
     model.to("cpu")
     assert (len(model._batches), model._batches.nbytes) == (0, 0)
+
+
+def test_a_dataset_given_new_arrays_is_copied_to_the_device_again() -> None:
+    # Dataset.x and .y are plain attributes: a client whose data grew between rounds keeps
+    # its Dataset object, and must not be trained on its old arrays (nor index past them)
+    cache = DeviceBatches(budget=1 << 20)
+    data = _data(10)
+    list(cache.batches(data, 4, seed=np.random.default_rng(0), drop_remainder=False, place=META))
+    grown = _data(20, seed=5)
+    data.x, data.y = grown.x, grown.y
+    batches = list(
+        cache.batches(data, 4, seed=np.random.default_rng(0), drop_remainder=False, place=META)
+    )
+    assert [len(x) for x, _ in batches] == [4, 4, 4, 4, 4]
+    assert [t.shape[0] for t in cache._kept[id(data)][2:]] == [20, 20]
+    assert (len(cache), cache.nbytes) == (1, 20 * (6 * 4 + 8))

@@ -249,3 +249,40 @@ def test_the_step_plan_holds_every_clients_batches_in_one_device_array() -> None
     storage = {sel.untyped_storage().data_ptr() for _, _, sel, _ in plan}
     storage |= {index.untyped_storage().data_ptr() for _, _, _, index in plan}
     assert len(storage) == 1
+
+
+def test_a_dataset_given_new_arrays_trains_on_them_not_on_the_kept_copy() -> None:
+    # a client whose data changed between rounds (Dataset.x and .y are plain attributes)
+    run, data = setup(SGD), client_data()[:2]
+    model = mlp()
+    weights = model.get_weights(copy=True)
+    engine = VectorizedTrainer(model)
+    jobs = jobs_for(run, model, [Dataset(d.x, d.y) for d in data])
+    list(engine.train_stacked(jobs, weights, 1))
+    other = client_data()[4]
+    jobs[0].data.x, jobs[0].data.y = other.x, other.y
+    got = next(engine.train_stacked(jobs, weights, 2))
+    fresh_jobs = jobs_for(run, mlp(), [other, data[1]])
+    want = next(VectorizedTrainer(mlp()).train_stacked(fresh_jobs, weights, 2))
+    assert got.n_samples.tolist() == want.n_samples.tolist() == [len(other), len(data[1])]
+    for name, rows in want.updates.items():
+        assert torch.equal(got.updates[name], rows)
+
+
+def test_half_precision_numpy_weights_train_as_the_same_weights_on_the_device() -> None:
+    # the torch cohort hands the engine the round's numpy weights: bfloat16 ones are
+    # ml_dtypes arrays, which torch.as_tensor refuses (every round fell back, with a warning)
+    pytest.importorskip("ml_dtypes")
+    run, data = setup(MOMENTUM), client_data()[:3]
+    model = mlp()
+    model.module.to(torch.bfloat16)
+    model.to("cpu")
+    on_device = model.get_weights(copy=True)
+    on_host = on_device.to_numpy()
+    assert str(on_host.coefs["0.weight"].dtype) == "bfloat16"
+    engine = VectorizedTrainer(model)
+    got = next(engine.train_stacked(jobs_for(run, model, data), on_host, 1))
+    want = next(engine.train_stacked(jobs_for(run, model, data), on_device, 1))
+    for name, rows in want.updates.items():
+        assert rows.dtype == torch.bfloat16 and torch.equal(got.updates[name], rows)
+    np.testing.assert_array_equal(got.loss_sum, want.loss_sum)

@@ -193,3 +193,22 @@ def test_on_a_gpu_the_cohort_sums_on_the_device_as_the_sequential_mode(
     assert vectorized.status == sequential.status == "completed"
     assert vectorized.weights.allclose(sequential.weights, rtol=0, atol=1e-4)
     assert [r["replied"] for r in vectorized.history] == [CLIENTS] * ROUNDS
+
+
+def test_a_chunk_failing_after_another_trains_its_clients_one_at_a_time_in_the_cohort(
+    tmp_path: Path, bad_labels: None, engine_calls: list[tuple[str, int, list[str]]]
+) -> None:
+    # client-2 fails in the second chunk of three: the first chunk, trained (its momentum
+    # moved on), keeps its rows; the failing chunk's clients train alone, then the last
+    vectorized = run(tmp_path, "vectorized", sim={"stack_clients": 2})
+    assert {method for method, _, _ in engine_calls} == {"train_stacked@fedpipe-sim-0_0"}
+    names = [f"client-{i}" for i in range(CLIENTS)]
+    alone = [["client-2"], ["client-3"], ["client-4"]]  # the failing chunk, then the rest
+    assert [n for _, r, n in engine_calls if r == 1] == [names, *alone]
+    others = [name for name in names if name != "client-2"]
+    assert [r["clients"] for r in vectorized.history] == [others] * ROUNDS
+    assert_same_run(vectorized, run(tmp_path, "sequential"))
+    for mode in ("vectorized", "sequential"):  # the engine's words for the same error
+        lines = (tmp_path / mode / "run" / "clients.jsonl").read_text().splitlines()
+        errors = [json.loads(line).get("error", "") for line in lines if '"client-2"' in line]
+        assert len(errors) == ROUNDS and all("99" in e and "out of bounds" in e for e in errors)

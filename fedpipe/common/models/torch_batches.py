@@ -11,7 +11,8 @@ hold the same samples in the same order.
 
 On a CPU nothing is kept (``x`` is used in place when it already has the model's dtype). Data
 larger than the budget is batched on the host, as before. Arrays are taken as they are when
-first seen: a Dataset changed in place afterwards is not seen again on a device.
+first seen: a Dataset given new arrays (``data.x = ...``) is copied again, but arrays changed
+in place afterwards are not seen again on a device.
 """
 
 from __future__ import annotations
@@ -45,7 +46,9 @@ class DeviceBatches:
 
     def __init__(self, budget: int = DEVICE_DATA_BYTES) -> None:
         self.budget = budget
-        self._kept: OrderedDict[int, tuple[Dataset, torch.Tensor, torch.Tensor]] = OrderedDict()
+        #: By the Dataset's id: its arrays (the ones copied) and their tensors on the device.
+        self._kept: OrderedDict[int, tuple[np.ndarray, np.ndarray, torch.Tensor, torch.Tensor]]
+        self._kept = OrderedDict()
         self._bytes = 0
 
     def batches(
@@ -101,21 +104,22 @@ class DeviceBatches:
             return _tensors(data, place)
         key = id(data)
         kept = self._kept.get(key)
-        if kept is not None and kept[0] is data and _placed(kept[1], kept[2]) == place:
+        fresh = kept is not None and kept[0] is data.x and kept[1] is data.y
+        if kept is not None and fresh and _placed(kept[2], kept[3]) == place:
             self._kept.move_to_end(key)
-            return kept[1], kept[2]
+            return kept[2], kept[3]
         if kept is not None:
             self._drop(key)
         x, y = _tensors(data, place)
         size = _bytes(x) + _bytes(y)
         while self._kept and self._bytes + size > self.budget:
             self._drop(next(iter(self._kept)))
-        self._kept[key] = (data, x, y)  # the Dataset itself: its id is not reused meanwhile
+        self._kept[key] = (data.x, data.y, x, y)  # held: another Dataset's arrays differ
         self._bytes += size
         return x, y
 
     def _drop(self, key: int) -> None:
-        _, x, y = self._kept.pop(key)
+        _, _, x, y = self._kept.pop(key)
         self._bytes -= _bytes(x) + _bytes(y)
 
 
