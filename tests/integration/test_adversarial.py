@@ -10,6 +10,7 @@ The same goes for a client facing a hostile server: it never runs code the serve
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import subprocess
 import sys
@@ -480,7 +481,10 @@ async def test_a_session_that_never_says_hello_is_closed(
         peers = peers_of(config.port)
         mute = [peers.new(f"mute-{i}") for i in range(20)]
         for peer in mute:
-            await peer.call.wait_for_connection()
+            # beyond PENDING_PER_PEER waiting at once the server refuses the stream
+            # (RESOURCE_EXHAUSTED), which a loaded machine can show before it is awaited here
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                await peer.call.wait_for_connection()
         ended = await asyncio.gather(*(peer.stream_ended(3.0) for peer in mute))
     assert all(ended), f"{ended.count(False)} of {len(mute)} silent sessions still open"
 
