@@ -98,3 +98,23 @@ def test_invalid_encodings_are_explained(
 ) -> None:
     with pytest.raises(ValueError, match=message):
         FixedPoint(bits, clip, clients)
+
+
+@pytest.mark.parametrize(("bits", "clients"), [(32, 1), (32, 2), (48, 1), (16, 3)])
+def test_the_encoding_reaches_every_level_exactly(bits: int, clients: int) -> None:
+    """Both ends of [-clip, clip] and the middle, in separate arrays laid out in name order:
+    the top level of one client is 2**bits - 1, which a signed word of 32 bits cannot hold."""
+    encoding = FixedPoint(bits, 1.0, clients)
+    vector = Vector({"top": np.array([1.0, 0.0]), "bottom": np.array([[-1.0]], np.float32)})
+    encoded = encoding.encode(vector)
+    assert encoded.coefs["top"].tolist() == [encoding.levels, round(encoding.levels / 2)]
+    assert encoded.coefs["bottom"].tolist() == [[0]]
+    assert encoded.coefs["secagg/weight"].tolist() == [1]
+    assert list(encoded.coefs) == ["secagg/weight", "top", "bottom"]
+    assert encoding.levels == (2**bits - 1) // clients
+
+
+def test_a_value_not_finite_is_refused_naming_its_array() -> None:
+    vector = Vector({"a": np.zeros(3), "b": np.array([0.0, np.nan]), "c": np.array([np.inf])})
+    with pytest.raises(ValueError, match="array 'b': not finite"):
+        FixedPoint(32, 1.0, 2).encode(vector)

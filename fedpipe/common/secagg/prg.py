@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import numpy as np
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.ciphers import Cipher, CipherContext, algorithms, modes
 
 from fedpipe.common.secagg.keys import KEY_BYTES
 from fedpipe.common.vector import Vector
@@ -23,30 +23,27 @@ __all__ = ["add_masks", "expand_mask"]
 #: safe; the 128-bit counter never wraps within one mask.
 _COUNTER = bytes(16)
 
-#: The keystream is written in chunks of this many bytes: the zero source stays small.
-_CHUNK_BYTES = 1 << 20
+#: The keystream is written, and folded into its target, in chunks of this many bytes: the
+#: chunk of keystream stays in cache between the cipher and the addition, and the zero source
+#: (shared, read-only) stays small.
+_CHUNK_BYTES = 1 << 16
+_ZEROS = memoryview(bytes(_CHUNK_BYTES))
 
 
-def _keystream_into(seed: bytes, out: np.ndarray, zeros: bytes) -> None:
-    """Overwrite ``out`` (a contiguous array) with the keystream of ``seed``, encrypting
-    ``zeros`` (zero bytes, a multiple of the 16-byte block) chunk after chunk."""
+def _encryptor(seed: bytes) -> CipherContext:
+    """The AES-256-CTR encryptor of ``seed`` at counter 0."""
     if len(seed) != KEY_BYTES:
         raise ValueError(f"seed: {len(seed)} bytes, expected {KEY_BYTES}")
-    encryptor = Cipher(algorithms.AES(seed), modes.CTR(_COUNTER)).encryptor()
-    view, source = out.data.cast("B"), memoryview(zeros)
-    for start in range(0, len(view), len(source)):
-        part = view[start : start + len(source)]
-        encryptor.update_into(source[: len(part)], part)
-
-
-def _zeros(nbytes: int) -> bytes:
-    return bytes(min(nbytes, _CHUNK_BYTES) or 16)
+    return Cipher(algorithms.AES(seed), modes.CTR(_COUNTER)).encryptor()
 
 
 def expand_mask(seed: bytes, size: int, dtype: np.dtype) -> np.ndarray:
     """``size`` uniformly random words of the unsigned ``dtype`` from ``seed``."""
     out = np.empty(size, dtype=dtype)
-    _keystream_into(seed, out, _zeros(out.nbytes))
+    encryptor, view = _encryptor(seed), out.data.cast("B")
+    for start in range(0, len(view), _CHUNK_BYTES):
+        part = view[start : start + _CHUNK_BYTES]
+        encryptor.update_into(_ZEROS[: len(part)], part)
     return out
 
 
@@ -57,17 +54,54 @@ def add_masks(target: Vector, added: Iterable[bytes], subtracted: Iterable[bytes
 
     ``target`` holds numpy arrays of one unsigned dtype; reduce modulo ``2**bits`` afterwards
     (the words' own wrap-around is modulo a multiple of it). The seeds are consumed lazily,
-    so a caller may derive each one as it is needed.
+    so a caller may derive each one as it is needed. Arrays laid out as views of one buffer
+    in name order (an encoded input's) are masked in place; others are gathered and scattered
+    back.
     """
     names = sorted(target.coefs)
-    dtype = target.coefs[names[0]].dtype if names else np.dtype(np.uint32)
-    scratch = np.empty(target.size, dtype=dtype)
-    zeros = _zeros(scratch.nbytes)  # a read-only source: cheaper than zeroing scratch per mask
+    flat = _one_buffer(target, names)
+    gathered = flat is None
+    if flat is None:
+        arrays = [np.ravel(target.coefs[n]) for n in names]
+        flat = np.concatenate(arrays) if arrays else np.empty(0, np.uint32)
+    scratch = np.empty(max(1, min(flat.size, _CHUNK_BYTES // flat.itemsize)), flat.dtype)
     for seeds, fold in ((added, np.add), (subtracted, np.subtract)):
         for seed in seeds:
-            _keystream_into(seed, scratch, zeros)
-            start = 0
-            for name in names:
-                array = target.coefs[name]
-                fold(array, scratch[start : start + array.size].reshape(array.shape), out=array)
-                start += array.size
+            _fold_keystream(_encryptor(seed), flat, scratch, fold)
+    if gathered:
+        start = 0
+        for name in names:
+            array = target.coefs[name]
+            array[...] = flat[start : start + array.size].reshape(array.shape)
+            start += array.size
+
+
+def _fold_keystream(
+    encryptor: CipherContext, flat: np.ndarray, scratch: np.ndarray, fold: np.ufunc
+) -> None:
+    """``fold(flat, keystream, out=flat)``, a chunk of ``scratch``'s size at a time."""
+    view = scratch.data.cast("B")
+    for start in range(0, flat.size, scratch.size):
+        part = flat[start : start + scratch.size]
+        encryptor.update_into(_ZEROS[: part.nbytes], view[: part.nbytes])
+        fold(part, scratch[: part.size], out=part)
+
+
+def _one_buffer(target: Vector, names: list[str]) -> np.ndarray | None:
+    """The flat buffer whose consecutive views are ``target``'s arrays in ``names`` order
+    (as :meth:`~fedpipe.common.secagg.quantization.FixedPoint.encode` lays them out), or None
+    when they are separate arrays."""
+    base = target.coefs[names[0]].base if names else None
+    if not isinstance(base, np.ndarray) or base.ndim != 1 or base.size != target.size:
+        return None
+    if base.dtype != target.coefs[names[0]].dtype:
+        return None
+    address = base.__array_interface__["data"][0]
+    for name in names:
+        array = target.coefs[name]
+        if array.base is not base or not array.flags.c_contiguous:
+            return None
+        if array.__array_interface__["data"][0] != address:
+            return None
+        address += array.nbytes
+    return base

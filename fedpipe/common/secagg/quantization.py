@@ -19,6 +19,7 @@ terms). Values beyond ``clip`` are clipped first, an error the bound does not co
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -82,31 +83,63 @@ class FixedPoint:
 
     def encode(self, vector: Vector, weight: int = 1) -> Vector:
         """``vector`` (any backend) as ring elements, clipped to ``[-clip, clip]`` first, times
-        ``weight``; the weight is the array :data:`WEIGHT`."""
+        ``weight``; the weight is the array :data:`WEIGHT`.
+
+        The arrays are views of one contiguous buffer in sorted name order, the order in which
+        :func:`~fedpipe.common.secagg.prg.add_masks` lays a mask over them, so a mask is added
+        in one pass; the float64 work runs in place on one scratch buffer.
+        """
         if isinstance(weight, bool) or not isinstance(weight, int):
             raise TypeError(f"weight: {weight!r}, expected an int")
         if not 1 <= weight <= self.max_weight:
             raise ValueError(f"weight: {weight}, expected an integer in [1, {self.max_weight}]")
         if WEIGHT in vector.coefs:
             raise ValueError(f"array name {WEIGHT!r} is reserved for the weight")
-        factor = self.dtype.type(weight)
-        out, clipped = {WEIGHT: np.array([weight], self.dtype)}, 0
-        for name, array in vector.to_numpy().coefs.items():
-            values = np.asarray(array, dtype=np.float64)
-            if not np.isfinite(values).all():
-                raise ValueError(f"array {name!r}: not finite, cannot be encoded")
-            clipped += int(np.count_nonzero(np.abs(values) > self.clip))
-            shifted = (np.clip(values, -self.clip, self.clip) + self.clip) * self.scale
-            out[name] = np.rint(shifted).astype(self.dtype) * factor
-        if clipped:
-            logger.warning(
-                "secure aggregation clipped %d of %d values to [-%g, %g]: the sum is biased",
-                clipped,
-                vector.size,
-                self.clip,
-                self.clip,
-            )
-        return Vector(out)
+        arrays = vector.to_numpy().coefs
+        shapes = {WEIGHT: (1,), **{n: np.shape(a) for n, a in arrays.items()}}
+        size = sum(math.prod(s) for s in shapes.values())
+        values = np.empty(size, np.float64)
+        views = _laid_out(values, shapes)
+        views[WEIGHT][0] = 0.0  # in range; its word is set below
+        for name, array in arrays.items():
+            np.copyto(views[name], array, "unsafe")
+        self._check_and_clip(values, arrays, vector.size)
+        values += self.clip
+        values *= self.scale
+        np.rint(values, out=values)
+        ring = np.empty(size, self.dtype)
+        # Every value is an integer in [0, levels]: below 2**(8 * itemsize - 1), the signed
+        # words of the same size hold it exactly, and float64 converts to them several times
+        # faster than to unsigned ones.
+        signed = self.levels < 2 ** (8 * ring.itemsize - 1)
+        np.copyto(ring.view(f"i{ring.itemsize}") if signed else ring, values, "unsafe")
+        out = _laid_out(ring, shapes)
+        out[WEIGHT][0] = 1
+        np.multiply(ring, self.dtype.type(weight), out=ring)
+        return Vector.of_numpy(out)
+
+    def _check_and_clip(self, values: np.ndarray, arrays: dict[str, np.ndarray], size: int) -> None:
+        """Raise ValueError naming the first array with a value not finite; clip ``values``
+        (the ``size`` values of ``arrays``, flat, and values within range) in place to
+        ``[-clip, clip]``, warning if any was beyond."""
+        if not values.size:
+            return
+        low, high = values.min(), values.max()  # NaN propagates through both
+        if not (np.isfinite(low) and np.isfinite(high)):
+            for name, array in arrays.items():
+                if not np.isfinite(np.asarray(array, dtype=np.float64)).all():
+                    raise ValueError(f"array {name!r}: not finite, cannot be encoded")
+        if low >= -self.clip and high <= self.clip:
+            return
+        clipped = int(np.count_nonzero(np.abs(values) > self.clip))
+        np.clip(values, -self.clip, self.clip, out=values)
+        logger.warning(
+            "secure aggregation clipped %d of %d values to [-%g, %g]: the sum is biased",
+            clipped,
+            size,
+            self.clip,
+            self.clip,
+        )
 
     def decode(self, total: Vector) -> tuple[Vector, int]:
         """The weighted sum of the inputs (float64 arrays) and the sum of their weights, from
@@ -123,3 +156,14 @@ class FixedPoint:
             ),
             total_weight,
         )
+
+
+def _laid_out(flat: np.ndarray, shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+    """Arrays of ``shapes`` (in that key order) that are consecutive views of ``flat`` in
+    sorted name order."""
+    views, start = {}, 0
+    for name in sorted(shapes):
+        size = math.prod(shapes[name])
+        views[name] = flat[start : start + size].reshape(shapes[name])
+        start += size
+    return {name: views[name] for name in shapes}
