@@ -118,3 +118,18 @@ def test_a_value_not_finite_is_refused_naming_its_array() -> None:
     vector = Vector({"a": np.zeros(3), "b": np.array([0.0, np.nan]), "c": np.array([np.inf])})
     with pytest.raises(ValueError, match="array 'b': not finite"):
         FixedPoint(32, 1.0, 2).encode(vector)
+
+
+def test_clipped_values_are_counted_across_chunks_and_a_later_nan_still_refused(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    values = np.zeros(20_000)  # more than one chunk of conversion
+    values[[5, 9_000, 19_999]] = [2.0, -3.0, 1.5]
+    encoding = FixedPoint(32, 1.0, 2)
+    with caplog.at_level(logging.WARNING):
+        encoded = encoding.encode(Vector({"w": values}))
+    assert "clipped 3 of 20000 values" in caplog.text
+    assert encoded.coefs["w"][[5, 9_000, 19_999]].tolist() == [encoding.levels, 0, encoding.levels]
+    values[19_000] = np.nan
+    with pytest.raises(ValueError, match="array 'w': not finite"):
+        encoding.encode(Vector({"w": values}))

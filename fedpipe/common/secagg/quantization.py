@@ -34,6 +34,9 @@ MIN_BITS = 8
 #: Above 48 bits the float64 encoding, not the quantization step, would bound the error.
 MAX_BITS = 48
 
+#: Values converted at a time (128 KiB of float64): the chunk stays in cache through every step.
+_CHUNK_VALUES = 16384
+
 #: The name of the array that carries a client's weight in an encoded (masked) input.
 WEIGHT = "secagg/weight"
 
@@ -87,7 +90,7 @@ class FixedPoint:
 
         The arrays are views of one contiguous buffer in sorted name order, the order in which
         :func:`~fedpipe.common.secagg.prg.add_masks` lays a mask over them, so a mask is added
-        in one pass; the float64 work runs in place on one scratch buffer.
+        in one pass. The float64 work runs in place, a cache-sized chunk at a time.
         """
         if isinstance(weight, bool) or not isinstance(weight, int):
             raise TypeError(f"weight: {weight!r}, expected an int")
@@ -97,49 +100,52 @@ class FixedPoint:
             raise ValueError(f"array name {WEIGHT!r} is reserved for the weight")
         arrays = vector.to_numpy().coefs
         shapes = {WEIGHT: (1,), **{n: np.shape(a) for n, a in arrays.items()}}
-        size = sum(math.prod(s) for s in shapes.values())
-        values = np.empty(size, np.float64)
-        views = _laid_out(values, shapes)
-        views[WEIGHT][0] = 0.0  # in range; its word is set below
+        ring = np.empty(sum(math.prod(s) for s in shapes.values()), self.dtype)
+        out = _laid_out(ring, shapes)
+        out[WEIGHT][0] = weight
+        scratch, clipped = np.empty(_CHUNK_VALUES, np.float64), 0
         for name, array in arrays.items():
-            np.copyto(views[name], array, "unsafe")
-        self._check_and_clip(values, arrays, vector.size)
+            source, target = np.ravel(array), out[name].reshape(-1)
+            for start in range(0, source.size, _CHUNK_VALUES):
+                end = start + _CHUNK_VALUES
+                count = self._quantize(source[start:end], target[start:end], scratch, weight)
+                if count < 0:
+                    _raise_not_finite(arrays)
+                clipped += count
+        if clipped:
+            logger.warning(
+                "secure aggregation clipped %d of %d values to [-%g, %g]: the sum is biased",
+                clipped,
+                vector.size,
+                self.clip,
+                self.clip,
+            )
+        return Vector.of_numpy(out)
+
+    def _quantize(
+        self, source: np.ndarray, target: np.ndarray, scratch: np.ndarray, weight: int
+    ) -> int:
+        """``target = rint((clip(source) + clip) * scale) * weight`` (a 1-D chunk, through
+        ``scratch``); how many values were clipped, or -1 if one is not finite."""
+        values = scratch[: source.size]
+        np.copyto(values, source, "unsafe")
+        low, high = values.min(), values.max()  # NaN propagates through both
+        if not (np.isfinite(low) and np.isfinite(high)):
+            return -1
+        clipped = 0
+        if low < -self.clip or high > self.clip:
+            clipped = int(np.count_nonzero(np.abs(values) > self.clip))
+            np.clip(values, -self.clip, self.clip, out=values)
         values += self.clip
         values *= self.scale
         np.rint(values, out=values)
-        ring = np.empty(size, self.dtype)
         # Every value is an integer in [0, levels]: below 2**(8 * itemsize - 1), the signed
         # words of the same size hold it exactly, and float64 converts to them several times
         # faster than to unsigned ones.
-        signed = self.levels < 2 ** (8 * ring.itemsize - 1)
-        np.copyto(ring.view(f"i{ring.itemsize}") if signed else ring, values, "unsafe")
-        out = _laid_out(ring, shapes)
-        out[WEIGHT][0] = 1
-        np.multiply(ring, self.dtype.type(weight), out=ring)
-        return Vector.of_numpy(out)
-
-    def _check_and_clip(self, values: np.ndarray, arrays: dict[str, np.ndarray], size: int) -> None:
-        """Raise ValueError naming the first array with a value not finite; clip ``values``
-        (the ``size`` values of ``arrays``, flat, and values within range) in place to
-        ``[-clip, clip]``, warning if any was beyond."""
-        if not values.size:
-            return
-        low, high = values.min(), values.max()  # NaN propagates through both
-        if not (np.isfinite(low) and np.isfinite(high)):
-            for name, array in arrays.items():
-                if not np.isfinite(np.asarray(array, dtype=np.float64)).all():
-                    raise ValueError(f"array {name!r}: not finite, cannot be encoded")
-        if low >= -self.clip and high <= self.clip:
-            return
-        clipped = int(np.count_nonzero(np.abs(values) > self.clip))
-        np.clip(values, -self.clip, self.clip, out=values)
-        logger.warning(
-            "secure aggregation clipped %d of %d values to [-%g, %g]: the sum is biased",
-            clipped,
-            size,
-            self.clip,
-            self.clip,
-        )
+        signed = self.levels < 2 ** (8 * target.itemsize - 1)
+        np.copyto(target.view(f"i{target.itemsize}") if signed else target, values, "unsafe")
+        np.multiply(target, target.dtype.type(weight), out=target)
+        return clipped
 
     def decode(self, total: Vector) -> tuple[Vector, int]:
         """The weighted sum of the inputs (float64 arrays) and the sum of their weights, from
@@ -167,3 +173,10 @@ def _laid_out(flat: np.ndarray, shapes: dict[str, tuple[int, ...]]) -> dict[str,
         views[name] = flat[start : start + size].reshape(shapes[name])
         start += size
     return {name: views[name] for name in shapes}
+
+
+def _raise_not_finite(arrays: dict[str, np.ndarray]) -> None:
+    """Raise ValueError naming the first of ``arrays`` with a value not finite."""
+    for name, array in arrays.items():
+        if not np.isfinite(np.asarray(array, dtype=np.float64)).all():
+            raise ValueError(f"array {name!r}: not finite, cannot be encoded")
