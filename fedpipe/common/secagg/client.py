@@ -41,7 +41,7 @@ from fedpipe.common.secagg.messages import (
     commit_share,
     pair_label,
 )
-from fedpipe.common.secagg.prg import add_masks
+from fedpipe.common.secagg.prg import MaskStreams
 from fedpipe.common.vector import Vector
 
 __all__ = ["SecAggClient", "pairwise_seed"]
@@ -129,7 +129,6 @@ class SecAggClient:
                 f"expected at least the threshold {roster.threshold}, self included"
             )
         self._received = dict(shares.ciphertexts)
-        masked = roster.encoding.encode(update, weight)
         mine, own = roster.index(self.name), self._mask_key
         peers = [o for o in self._received if o != self.name]
         # The lower-indexed client of a pair adds their mask, the other subtracts it.
@@ -137,8 +136,8 @@ class SecAggClient:
         subtracted = (
             pairwise_seed(roster, own, self.name, o) for o in peers if roster.index(o) < mine
         )
-        add_masks(masked, [self._self_seed, *added], subtracted)
-        return MaskedInput(self.name, masked)
+        masks = MaskStreams([self._self_seed, *added], subtracted, roster.encoding.dtype)
+        return MaskedInput(self.name, roster.encoding.encode(update, weight, masks))
 
     def unmask(self, request: UnmaskRequest) -> UnmaskShares:
         """Stage 3: shares of the self-mask seeds of survivors, of the mask keys of the

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, CipherContext, algori
 from fedpipe.common.secagg.keys import KEY_BYTES
 from fedpipe.common.vector import Vector
 
-__all__ = ["add_masks", "expand_mask"]
+__all__ = ["MaskStreams", "add_masks", "expand_mask"]
 
 #: The seeds are single-use (derived per session and purpose), so one fixed counter block is
 #: safe; the 128-bit counter never wraps within one mask.
@@ -48,55 +48,49 @@ def expand_mask(seed: bytes, size: int, dtype: np.dtype) -> np.ndarray:
     return out
 
 
+class MaskStreams:
+    """The masks of ``added`` and ``subtracted`` seeds (:func:`expand_mask`), folded into
+    consecutive chunks of ring words: :meth:`fold` adds the next ``chunk.size`` words of every
+    added mask to ``chunk`` and subtracts those of every subtracted one, in place, wrapping
+    around (reduce modulo ``2**bits`` afterwards).
+
+    Folding a whole input in small chunks, each while it is in cache, reads it from memory once
+    for every mask; :meth:`~fedpipe.common.secagg.quantization.FixedPoint.encode` folds each
+    chunk as soon as it has encoded it.
+    """
+
+    def __init__(self, added: Iterable[bytes], subtracted: Iterable[bytes], dtype: np.dtype):
+        self._streams: list[tuple[CipherContext, np.ufunc]] = [
+            (_encryptor(s), np.add) for s in added
+        ]
+        self._streams += [(_encryptor(s), np.subtract) for s in subtracted]
+        self._scratch = np.empty(_CHUNK_BYTES // dtype.itemsize, dtype)
+        self._view = self._scratch.data.cast("B")
+
+    def fold(self, chunk: np.ndarray) -> None:
+        """Fold the masks' next words into ``chunk`` (1-D, contiguous, of the masks' dtype)."""
+        for start in range(0, chunk.size, self._scratch.size):
+            part = chunk[start : start + self._scratch.size]
+            keystream = self._scratch[: part.size]
+            for encryptor, fold in self._streams:
+                encryptor.update_into(_ZEROS[: part.nbytes], self._view[: part.nbytes])
+                fold(part, keystream, out=part)
+
+
 def add_masks(target: Vector, added: Iterable[bytes], subtracted: Iterable[bytes] = ()) -> None:
     """In place: ``target += sum(mask(s) for s in added) - sum(mask(s) for s in subtracted)``,
     wrapping around, where ``mask(s)`` is :func:`expand_mask` of ``s`` laid over the arrays
     in sorted name order.
 
     ``target`` holds numpy arrays of one unsigned dtype; reduce modulo ``2**bits`` afterwards
-    (the words' own wrap-around is modulo a multiple of it). Arrays laid out as views of one
-    buffer in name order (an encoded input's) are masked in place; others are gathered and
-    scattered back.
+    (the words' own wrap-around is modulo a multiple of it).
     """
     names = sorted(target.coefs)
-    flat = _one_buffer(target, names)
-    gathered = flat is None
-    if flat is None:
-        arrays = [np.ravel(target.coefs[n]) for n in names]
-        flat = np.concatenate(arrays) if arrays else np.empty(0, np.uint32)
-    streams: list[tuple[CipherContext, np.ufunc]] = [(_encryptor(s), np.add) for s in added]
-    streams += [(_encryptor(s), np.subtract) for s in subtracted]
-    scratch = np.empty(max(1, min(flat.size, _CHUNK_BYTES // flat.itemsize)), flat.dtype)
-    view = scratch.data.cast("B")
-    # Chunk by chunk of the target, every mask in turn: the chunk stays in cache.
-    for start in range(0, flat.size, scratch.size):
-        part = flat[start : start + scratch.size]
-        for encryptor, fold in streams:
-            encryptor.update_into(_ZEROS[: part.nbytes], view[: part.nbytes])
-            fold(part, scratch[: part.size], out=part)
-    if gathered:
-        start = 0
-        for name in names:
-            array = target.coefs[name]
-            array[...] = flat[start : start + array.size].reshape(array.shape)
-            start += array.size
-
-
-def _one_buffer(target: Vector, names: list[str]) -> np.ndarray | None:
-    """The flat buffer whose consecutive views are ``target``'s arrays in ``names`` order
-    (as :meth:`~fedpipe.common.secagg.quantization.FixedPoint.encode` lays them out), or None
-    when they are separate arrays."""
-    base = target.coefs[names[0]].base if names else None
-    if not isinstance(base, np.ndarray) or base.ndim != 1 or base.size != target.size:
-        return None
-    if base.dtype != target.coefs[names[0]].dtype:
-        return None
-    address = base.__array_interface__["data"][0]
+    arrays = [np.ravel(target.coefs[n]) for n in names]
+    flat = np.concatenate(arrays) if arrays else np.empty(0, np.uint32)
+    MaskStreams(added, subtracted, flat.dtype).fold(flat)
+    start = 0
     for name in names:
         array = target.coefs[name]
-        if array.base is not base or not array.flags.c_contiguous:
-            return None
-        if array.__array_interface__["data"][0] != address:
-            return None
-        address += array.nbytes
-    return base
+        array[...] = flat[start : start + array.size].reshape(array.shape)
+        start += array.size

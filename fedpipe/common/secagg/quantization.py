@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fedpipe.common.secagg.prg import MaskStreams
 from fedpipe.common.vector import Vector
 
 __all__ = ["MAX_BITS", "MIN_BITS", "WEIGHT", "FixedPoint"]
@@ -84,13 +85,15 @@ class FixedPoint:
         ``[-clip, clip]`` whose weights add up to ``total_weight``."""
         return total_weight * ((0.5 + self.levels * 2.0**-51) / self.scale + self.clip * 2.0**-50)
 
-    def encode(self, vector: Vector, weight: int = 1) -> Vector:
+    def encode(self, vector: Vector, weight: int = 1, masks: MaskStreams | None = None) -> Vector:
         """``vector`` (any backend) as ring elements, clipped to ``[-clip, clip]`` first, times
-        ``weight``; the weight is the array :data:`WEIGHT`.
+        ``weight``; the weight is the array :data:`WEIGHT`. ``masks`` are folded in (laid
+        over the arrays in sorted name order, as :func:`~fedpipe.common.secagg.prg.add_masks`
+        does).
 
-        The arrays are views of one contiguous buffer in sorted name order, the order in which
-        :func:`~fedpipe.common.secagg.prg.add_masks` lays a mask over them, so a mask is added
-        in one pass. The float64 work runs in place, a cache-sized chunk at a time.
+        The arrays are encoded in sorted name order, a cache-sized chunk at a time, each chunk
+        masked as soon as it is encoded: the input is read from memory once. They are views of
+        one buffer.
         """
         if isinstance(weight, bool) or not isinstance(weight, int):
             raise TypeError(f"weight: {weight!r}, expected an int")
@@ -104,14 +107,20 @@ class FixedPoint:
         out = _laid_out(ring, shapes)
         out[WEIGHT][0] = weight
         scratch, clipped = np.empty(_CHUNK_VALUES, np.float64), 0
-        for name, array in arrays.items():
-            source, target = np.ravel(array), out[name].reshape(-1)
-            for start in range(0, source.size, _CHUNK_VALUES):
-                end = start + _CHUNK_VALUES
-                count = self._quantize(source[start:end], target[start:end], scratch, weight)
-                if count < 0:
-                    _raise_not_finite(arrays)
-                clipped += count
+        for name in sorted(shapes):
+            target = out[name].reshape(-1)
+            source = np.ravel(arrays[name]) if name != WEIGHT else None
+            for start in range(0, target.size, _CHUNK_VALUES):
+                chunk = target[start : start + _CHUNK_VALUES]
+                if source is not None:
+                    count = self._quantize(
+                        source[start : start + chunk.size], chunk, scratch, weight
+                    )
+                    if count < 0:
+                        _raise_not_finite(arrays)
+                    clipped += count
+                if masks is not None:
+                    masks.fold(chunk)
         if clipped:
             logger.warning(
                 "secure aggregation clipped %d of %d values to [-%g, %g]: the sum is biased",
