@@ -133,3 +133,18 @@ def test_clipped_values_are_counted_across_chunks_and_a_later_nan_still_refused(
     values[19_000] = np.nan
     with pytest.raises(ValueError, match="array 'w': not finite"):
         encoding.encode(Vector({"w": values}))
+
+
+def test_a_weighted_sum_encodes_as_its_update_divided_in_float64() -> None:
+    """FedAvg's partial (the float32 update times the sample count) is divided back by the
+    encoding itself: the same words as dividing it first, to the bit."""
+    rng = np.random.default_rng(4)
+    encoding = FixedPoint(32, 0.5, 20, max_weight=700)
+    for weight in (1, 3, 697):
+        update = rng.uniform(-0.6, 0.6, (40, 500)).astype(np.float32)
+        summed = Vector({"w": update * np.float32(weight), "b": np.float32(weight) * update[0]})
+        divided = summed.apply(lambda a: np.asarray(a, np.float64) / weight)  # noqa: B023
+        expected = encoding.encode(divided, weight)
+        encoded = encoding.encode(summed, weight, weighted=True)
+        for name, words in expected.coefs.items():
+            assert np.array_equal(encoded.coefs[name], words), (weight, name)

@@ -110,10 +110,13 @@ class SecAggClient:
             )
         return ShareKeys(self.name, ciphertexts, commitments)
 
-    def masked_input(self, shares: ForwardedShares, update: Vector, weight: int = 1) -> MaskedInput:
+    def masked_input(
+        self, shares: ForwardedShares, update: Vector, weight: int = 1, *, weighted: bool = False
+    ) -> MaskedInput:
         """Stage 2: ``update`` encoded with its integer ``weight`` (see
-        :class:`~fedpipe.common.secagg.quantization.FixedPoint`), plus the self mask and the
-        pairwise masks shared with every neighbour that sent shares."""
+        :class:`~fedpipe.common.secagg.quantization.FixedPoint`; ``weighted``: ``update`` is
+        already times ``weight``), plus the self mask and the pairwise masks shared with every
+        neighbour that sent shares."""
         self._advance(_Stage.MASK, _Stage.UNMASK)
         roster = self._require_roster()
         holders = set(roster.holders(self.name))
@@ -137,7 +140,9 @@ class SecAggClient:
             pairwise_seed(roster, own, self.name, o) for o in peers if roster.index(o) < mine
         )
         masks = MaskStreams([self._self_seed, *added], subtracted, roster.encoding.dtype)
-        return MaskedInput(self.name, roster.encoding.encode(update, weight, masks))
+        return MaskedInput(
+            self.name, roster.encoding.encode(update, weight, masks, weighted=weighted)
+        )
 
     def unmask(self, request: UnmaskRequest) -> UnmaskShares:
         """Stage 3: shares of the self-mask seeds of survivors, of the mask keys of the

@@ -85,11 +85,19 @@ class FixedPoint:
         ``[-clip, clip]`` whose weights add up to ``total_weight``."""
         return total_weight * ((0.5 + self.levels * 2.0**-51) / self.scale + self.clip * 2.0**-50)
 
-    def encode(self, vector: Vector, weight: int = 1, masks: MaskStreams | None = None) -> Vector:
+    def encode(
+        self,
+        vector: Vector,
+        weight: int = 1,
+        masks: MaskStreams | None = None,
+        *,
+        weighted: bool = False,
+    ) -> Vector:
         """``vector`` (any backend) as ring elements, clipped to ``[-clip, clip]`` first, times
-        ``weight``; the weight is the array :data:`WEIGHT`. ``masks`` are folded in (laid
-        over the arrays in sorted name order, as :func:`~fedpipe.common.secagg.prg.add_masks`
-        does).
+        ``weight``; the weight is the array :data:`WEIGHT`. ``weighted``: ``vector`` is the
+        input already times ``weight`` (a FedAvg weighted sum), divided by it in float64 first.
+        ``masks`` are folded in (laid over the arrays in sorted name order, as
+        :func:`~fedpipe.common.secagg.prg.add_masks` does).
 
         The arrays are encoded in sorted name order, a cache-sized chunk at a time, each chunk
         masked as soon as it is encoded: the input is read from memory once. They are views of
@@ -113,9 +121,8 @@ class FixedPoint:
             for start in range(0, target.size, _CHUNK_VALUES):
                 chunk = target[start : start + _CHUNK_VALUES]
                 if source is not None:
-                    count = self._quantize(
-                        source[start : start + chunk.size], chunk, scratch, weight
-                    )
+                    part = source[start : start + chunk.size]
+                    count = self._quantize(part, chunk, scratch, weight, weighted)
                     if count < 0:
                         _raise_not_finite(arrays)
                     clipped += count
@@ -132,12 +139,20 @@ class FixedPoint:
         return Vector.of_numpy(out)
 
     def _quantize(
-        self, source: np.ndarray, target: np.ndarray, scratch: np.ndarray, weight: int
+        self,
+        source: np.ndarray,
+        target: np.ndarray,
+        scratch: np.ndarray,
+        weight: int,
+        weighted: bool,
     ) -> int:
-        """``target = rint((clip(source) + clip) * scale) * weight`` (a 1-D chunk, through
-        ``scratch``); how many values were clipped, or -1 if one is not finite."""
+        """``target = rint((clip(x) + clip) * scale) * weight`` for ``x`` the chunk ``source``
+        in float64 (divided by ``weight`` if ``weighted``), through ``scratch``; how many values
+        were clipped, or -1 if one is not finite."""
         values = scratch[: source.size]
         np.copyto(values, source, "unsafe")
+        if weighted:
+            values /= weight
         low, high = values.min(), values.max()  # NaN propagates through both
         if not (np.isfinite(low) and np.isfinite(high)):
             return -1
