@@ -21,11 +21,14 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, NoReturn
 
 import numpy as np
 
-from fedpipe.common.secagg.prg import MaskStreams
 from fedpipe.common.vector import Vector
+
+if TYPE_CHECKING:  # the encoding itself needs no cryptography
+    from fedpipe.common.secagg.prg import MaskStreams
 
 __all__ = ["MAX_BITS", "MIN_BITS", "WEIGHT", "FixedPoint"]
 
@@ -199,8 +202,9 @@ def _laid_out(flat: np.ndarray, shapes: dict[str, tuple[int, ...]]) -> dict[str,
     return {name: views[name] for name in shapes}
 
 
-def _raise_not_finite(arrays: dict[str, np.ndarray]) -> None:
+def _raise_not_finite(arrays: dict[str, np.ndarray]) -> NoReturn:
     """Raise ValueError naming the first of ``arrays`` with a value not finite."""
     for name, array in arrays.items():
         if not np.isfinite(np.asarray(array, dtype=np.float64)).all():
             raise ValueError(f"array {name!r}: not finite, cannot be encoded")
+    raise ValueError("a value is not finite once divided by the weight, cannot be encoded")
