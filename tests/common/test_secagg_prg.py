@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from fedpipe.common.secagg.prg import add_masks, expand_mask
+from fedpipe.common.secagg.prg import MaskStreams, add_masks, expand_mask
+from fedpipe.common.secagg.quantization import FixedPoint
 from fedpipe.common.vector import Vector
 
 SEEDS = [bytes([i]) * 32 for i in range(4)]
@@ -55,3 +56,19 @@ def test_a_mask_longer_than_one_chunk_continues_the_counter() -> None:
     expected = np.frombuffer(encryptor.update(blocks), dtype=np.uint32)
     assert np.array_equal(expand_mask(SEEDS[2], words, np.dtype(np.uint32)), expected)
     assert expand_mask(SEEDS[2], 0, np.dtype(np.uint32)).size == 0
+
+
+def test_masks_folded_while_encoding_equal_masks_added_after_it() -> None:
+    """The client's path (each chunk masked as it is encoded, arrays in name order, over
+    several chunks and a lone weight word) gives the words of encoding, then add_masks."""
+    rng = np.random.default_rng(1)
+    vector = Vector({"z": rng.normal(0, 1, (150, 301)), "a": rng.normal(0, 1, 7)})
+    for encoding in (FixedPoint(32, 1.0, 10, max_weight=9), FixedPoint(40, 1.0, 10)):
+        weight = encoding.max_weight
+        separate = encoding.encode(vector, weight)
+        add_masks(separate, SEEDS[:3], SEEDS[3:])
+        masks = MaskStreams(SEEDS[:3], SEEDS[3:], encoding.dtype)
+        fused = encoding.encode(vector, weight, masks)
+        assert list(fused.coefs) == list(separate.coefs)
+        for name, words in separate.coefs.items():
+            assert np.array_equal(fused.coefs[name], words), name

@@ -98,3 +98,53 @@ def test_invalid_encodings_are_explained(
 ) -> None:
     with pytest.raises(ValueError, match=message):
         FixedPoint(bits, clip, clients)
+
+
+@pytest.mark.parametrize(("bits", "clients"), [(32, 1), (32, 2), (48, 1), (16, 3)])
+def test_the_encoding_reaches_every_level_exactly(bits: int, clients: int) -> None:
+    """Both ends of [-clip, clip] and the middle, in separate arrays laid out in name order:
+    the top level of one client is 2**bits - 1, which a signed word of 32 bits cannot hold."""
+    encoding = FixedPoint(bits, 1.0, clients)
+    vector = Vector({"top": np.array([1.0, 0.0]), "bottom": np.array([[-1.0]], np.float32)})
+    encoded = encoding.encode(vector)
+    assert encoded.coefs["top"].tolist() == [encoding.levels, round(encoding.levels / 2)]
+    assert encoded.coefs["bottom"].tolist() == [[0]]
+    assert encoded.coefs["secagg/weight"].tolist() == [1]
+    assert list(encoded.coefs) == ["secagg/weight", "top", "bottom"]
+    assert encoding.levels == (2**bits - 1) // clients
+
+
+def test_a_value_not_finite_is_refused_naming_its_array() -> None:
+    vector = Vector({"a": np.zeros(3), "b": np.array([0.0, np.nan]), "c": np.array([np.inf])})
+    with pytest.raises(ValueError, match="array 'b': not finite"):
+        FixedPoint(32, 1.0, 2).encode(vector)
+
+
+def test_clipped_values_are_counted_across_chunks_and_a_later_nan_still_refused(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    values = np.zeros(20_000)  # more than one chunk of conversion
+    values[[5, 9_000, 19_999]] = [2.0, -3.0, 1.5]
+    encoding = FixedPoint(32, 1.0, 2)
+    with caplog.at_level(logging.WARNING):
+        encoded = encoding.encode(Vector({"w": values}))
+    assert "clipped 3 of 20000 values" in caplog.text
+    assert encoded.coefs["w"][[5, 9_000, 19_999]].tolist() == [encoding.levels, 0, encoding.levels]
+    values[19_000] = np.nan
+    with pytest.raises(ValueError, match="array 'w': not finite"):
+        encoding.encode(Vector({"w": values}))
+
+
+def test_a_weighted_sum_encodes_as_its_update_divided_in_float64() -> None:
+    """FedAvg's partial (the float32 update times the sample count) is divided back by the
+    encoding itself: the same words as dividing it first, to the bit."""
+    rng = np.random.default_rng(4)
+    encoding = FixedPoint(32, 0.5, 20, max_weight=700)
+    for weight in (1, 3, 697):
+        update = rng.uniform(-0.6, 0.6, (40, 500)).astype(np.float32)
+        summed = Vector({"w": update * np.float32(weight), "b": np.float32(weight) * update[0]})
+        divided = summed.apply(lambda a: np.asarray(a, np.float64) / weight)  # noqa: B023
+        expected = encoding.encode(divided, weight)
+        encoded = encoding.encode(summed, weight, weighted=True)
+        for name, words in expected.coefs.items():
+            assert np.array_equal(encoded.coefs[name], words), (weight, name)

@@ -41,7 +41,7 @@ from fedpipe.common.secagg.messages import (
     commit_share,
     pair_label,
 )
-from fedpipe.common.secagg.prg import add_masks
+from fedpipe.common.secagg.prg import MaskStreams
 from fedpipe.common.vector import Vector
 
 __all__ = ["SecAggClient", "pairwise_seed"]
@@ -110,10 +110,13 @@ class SecAggClient:
             )
         return ShareKeys(self.name, ciphertexts, commitments)
 
-    def masked_input(self, shares: ForwardedShares, update: Vector, weight: int = 1) -> MaskedInput:
+    def masked_input(
+        self, shares: ForwardedShares, update: Vector, weight: int = 1, *, weighted: bool = False
+    ) -> MaskedInput:
         """Stage 2: ``update`` encoded with its integer ``weight`` (see
-        :class:`~fedpipe.common.secagg.quantization.FixedPoint`), plus the self mask and the
-        pairwise masks shared with every neighbour that sent shares."""
+        :class:`~fedpipe.common.secagg.quantization.FixedPoint`; ``weighted``: ``update`` is
+        already times ``weight``), plus the self mask and the pairwise masks shared with every
+        neighbour that sent shares."""
         self._advance(_Stage.MASK, _Stage.UNMASK)
         roster = self._require_roster()
         holders = set(roster.holders(self.name))
@@ -129,7 +132,6 @@ class SecAggClient:
                 f"expected at least the threshold {roster.threshold}, self included"
             )
         self._received = dict(shares.ciphertexts)
-        masked = roster.encoding.encode(update, weight)
         mine, own = roster.index(self.name), self._mask_key
         peers = [o for o in self._received if o != self.name]
         # The lower-indexed client of a pair adds their mask, the other subtracts it.
@@ -137,8 +139,10 @@ class SecAggClient:
         subtracted = (
             pairwise_seed(roster, own, self.name, o) for o in peers if roster.index(o) < mine
         )
-        add_masks(masked, [self._self_seed, *added], subtracted)
-        return MaskedInput(self.name, masked)
+        masks = MaskStreams([self._self_seed, *added], subtracted, roster.encoding.dtype)
+        return MaskedInput(
+            self.name, roster.encoding.encode(update, weight, masks, weighted=weighted)
+        )
 
     def unmask(self, request: UnmaskRequest) -> UnmaskShares:
         """Stage 3: shares of the self-mask seeds of survivors, of the mask keys of the

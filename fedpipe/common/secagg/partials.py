@@ -39,19 +39,20 @@ def check_aggregator(aggregator: Aggregator) -> None:
         )
 
 
-def secure_input(aggregator: Aggregator, partial: Summable) -> tuple[Vector, int]:
-    """The update (float64, numpy) and the integer weight a client masks for ``partial``."""
+def secure_input(aggregator: Aggregator, partial: Summable) -> tuple[Vector, int, bool]:
+    """What a client masks for ``partial``: a vector (numpy), its integer weight, and whether
+    the vector is the update already times the weight (FedAvg's weighted sum; the encoding
+    divides it back, in float64)."""
     check_aggregator(aggregator)
     if not isinstance(aggregator, AveragingAggregator):
-        return partial.vector("sum").to_numpy().apply(lambda a: np.asarray(a, np.float64)), 1
+        return partial.vector("sum").to_numpy(), 1, False
     weight = partial.number("total_weight")
     if weight < 1 or weight != int(weight):
         raise ValueError(
             f"client weight {weight} (weighting={aggregator.weights.weighting!r}): "
             "secure aggregation needs an integer weight >= 1"
         )
-    summed = partial.vector("weighted_sum").to_numpy()
-    return summed.apply(lambda a: np.asarray(a, np.float64) / weight), int(weight)
+    return partial.vector("weighted_sum").to_numpy(), int(weight), True
 
 
 def masked_result(
@@ -64,9 +65,9 @@ def masked_result(
     ValueError
         The update cannot be encoded (a weight above ``max_weight``, a value not finite).
     """
-    update, weight = secure_input(aggregator, result.partial)
+    update, weight, weighted = secure_input(aggregator, result.partial)
     try:
-        masked = client.masked_input(shares, update, weight)
+        masked = client.masked_input(shares, update, weight, weighted=weighted)
     except ValueError as exc:  # the encoding's bounds: say which setting to change
         raise ValueError(
             f"cannot encode its update: {exc} (see secure_aggregation.max_weight and bits)"
