@@ -330,9 +330,11 @@ class ServerConfig(_Strict):
     receive_budget_mib: float = Field(default=32.0, gt=0)
     #: Each client stream's HTTP/2 receive window (KiB), fixed: what a client may send
     #: before the server reads it (a reply waiting for the receive budget waits in its
-    #: sender beyond this). It bounds one upload's pace to about window / round-trip time
-    #: (1 MiB over 50 ms: 20 MB/s); raise it for clients far away on fast links.
-    stream_window_kib: int = Field(default=1024, ge=64, le=1 << 20)
+    #: sender beyond this: at 32 clients replying at once, 512 KiB kept the server within
+    #: 1.3-1.4x its 8-client peak, 1 MiB 1.4-1.6x). It bounds one upload's pace to about
+    #: window / round-trip time (512 KiB over 50 ms: 10 MB/s); raise it for clients far away
+    #: on fast links.
+    stream_window_kib: int = Field(default=512, ge=64, le=1 << 20)
     #: Bytes of replies a buffered aggregator (median, Krum...) keeps in memory in a round;
     #: later replies are spilled to memory-mapped files in the run directory until it ends.
     aggregation_memory_bytes: int = Field(default=1 << 30, ge=0)

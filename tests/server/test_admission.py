@@ -77,7 +77,7 @@ def test_server_options_follow_the_config() -> None:
     assert ("grpc.so_reuseport", 0) in options
     # a fixed receive window per stream, not one grown by bandwidth probing
     assert ("grpc.http2.bdp_probe", 0) in options
-    assert dict(options)["grpc.http2.lookahead_bytes"] == 1 << 20
+    assert dict(options)["grpc.http2.lookahead_bytes"] == 512 << 10
     wide, _ = server_options(ServerConfig(stream_window_kib=8192))
     assert dict(wide)["grpc.http2.lookahead_bytes"] == 8 << 20
 

@@ -67,8 +67,8 @@ def server_options(config: ServerConfig) -> tuple[list[tuple[str, Any]], int]:
         # gRPC sets SO_REUSEPORT by default: a second server on the same port would then
         # share it (and this run's clients) instead of failing to start.
         ("grpc.so_reuseport", 0),
-        # Receive windows stay fixed at stream_window_kib (as grpc-java and grpc-go run
-        # theirs, at 1 MiB) instead of growing with the measured bandwidth-delay product (to
+        # Receive windows stay fixed at stream_window_kib (as grpc-java and grpc-go keep
+        # theirs fixed, at 1 MiB) instead of growing with the measured bandwidth-delay product (to
         # megabytes per stream on loopback): a reply waiting for the receive budget waits in
         # its sender, not in this process's memory.
         ("grpc.http2.bdp_probe", 0),
