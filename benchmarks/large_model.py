@@ -56,6 +56,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-checkpoint", action="store_true", help="checkpoint=false")
     parser.add_argument("--no-floors", action="store_true")
     parser.add_argument(
+        "--aggregator", default="averaging", help="e.g. median (buffered: replies kept)"
+    )
+    parser.add_argument(
         "--profile", type=Path, help="py-spy server and client-0 into this folder (raw stacks)"
     )
     parser.add_argument(
@@ -110,6 +113,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "config": {"n_features": n_features, "n_outputs": n_outputs},
         },
         "client_optimizer": {"lrate": 0.001},
+        "aggregator": args.aggregator,
         "training": {"epochs": 1, "max_steps": 1, "batch_size": args.samples},
         "metrics": ["loss"],
         "checkpoint": not args.no_checkpoint,
