@@ -387,6 +387,18 @@ class ServerConfig(_Strict):
         return data
 
     @model_validator(mode="after")
+    def _downweight_has_an_effect(self) -> Self:
+        name = self.aggregator if isinstance(self.aggregator, str) else self.aggregator[0]
+        if self.validation is not None and self.validation.action == "downweight":
+            if name == "fltrust":
+                raise ValueError(
+                    "validation.action='downweight' would do nothing with aggregator 'fltrust' "
+                    "(it rescales every update to the norm of the server's own): use "
+                    "action='reject', or leave validation out (FLTrust already bounds norms)"
+                )
+        return self
+
+    @model_validator(mode="after")
     def _results_within_clients(self) -> Self:
         if self.min_results is not None and self.min_results > self.min_clients:
             raise ValueError(

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pydantic
 import pytest
 
 from fedpipe.common.aggregators.replies import ReplyBuffer
@@ -181,3 +182,15 @@ def test_validation_at_a_buffered_rounds_close_refuses_what_it_could_not_take_ba
         ConfigError, match=re.escape(f"validation (aggregator 'median') with {what}")
     ):
         FederatedRun(config, ClientPool())
+
+
+def test_downweighting_under_fltrust_is_refused_since_it_would_do_nothing() -> None:
+    from fedpipe.common.config import ServerConfig
+
+    fltrust = ["fltrust", {"dataset": "digits", "samples": 50}]
+    with pytest.raises(
+        pydantic.ValidationError, match="would do nothing with aggregator 'fltrust'"
+    ):
+        ServerConfig.model_validate({"aggregator": fltrust, "validation": {"action": "downweight"}})
+    ServerConfig.model_validate({"aggregator": fltrust, "validation": {"action": "reject"}})
+    ServerConfig.model_validate({"aggregator": "median", "validation": {"action": "downweight"}})
