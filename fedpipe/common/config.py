@@ -388,7 +388,8 @@ class ServerConfig(_Strict):
 
     @model_validator(mode="after")
     def _downweight_has_an_effect(self) -> Self:
-        name = self.aggregator if isinstance(self.aggregator, str) else self.aggregator[0]
+        spec = self.aggregator  # a name, a [name, config] pair, or worse (the builder's)
+        name = spec if isinstance(spec, str) else next(iter(spec), None)
         if self.validation is not None and self.validation.action == "downweight":
             if name == "fltrust":
                 raise ValueError(

@@ -190,6 +190,21 @@ def test_max_norm_bounds_each_client_update_before_averaging(name: str) -> None:
     assert clipped.number("total_weight") == 30.0
 
 
+@pytest.mark.parametrize("name", ["averaging", "gradient-masked-averaging"])
+@pytest.mark.parametrize(("scale", "expected"), [(0.03, 3.0), (0.2, 5.0)])
+def test_max_norm_bounds_a_down_weighted_update_by_its_scaled_norm(
+    name: str, scale: float, expected: float
+) -> None:
+    """An update of norm 100 down-weighted by validation, bounded at 5: norm min(100 * scale,
+    5), not both factors taken from the unscaled norm (0.15 for scale 0.03)."""
+    config = {"max_norm": 5.0, "threshold": 0.0} if name != "averaging" else {"max_norm": 5.0}
+    agg = registry.build("aggregator", name, config)
+    update = Vector({"w": np.array([60.0, 80.0])})  # norm 100
+    admitted = agg.admit(agg.prepare(update, 4, 1), scale)
+    assert agg.update_norm(admitted) == pytest.approx(expected, rel=1e-12)
+    assert admitted.number("total_weight") == 4.0
+
+
 def test_max_norm_must_be_positive() -> None:
     with pytest.raises(ValueError, match=r"averaging: max_norm=0\.0; expected a number > 0"):
         registry.build("aggregator", "averaging", {"max_norm": 0.0})

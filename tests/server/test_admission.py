@@ -82,6 +82,43 @@ def test_server_options_follow_the_config() -> None:
     assert dict(wide)["grpc.http2.lookahead_bytes"] == 8 << 20
 
 
+async def _echo_chunks(config: ServerConfig, count: int) -> list[bytes]:
+    """``count`` chunk-sized messages through a server with ``config``'s options, each echoed
+    back with its first 16 bytes appended (replies larger than a chunk, too)."""
+    import grpc
+
+    from fedpipe.grpc_channel import channel_options
+
+    options, _ = server_options(config)
+    server = grpc.aio.server(options=channel_options(config.chunk_bytes) + options)
+
+    async def echo(requests: Any, context: Any) -> Any:
+        async for message in requests:
+            yield message + message[:16]
+
+    method = grpc.stream_stream_rpc_method_handler(echo)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("t.T", {"E": method}),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        target, client_options = f"127.0.0.1:{port}", channel_options(config.chunk_bytes)
+        async with grpc.aio.insecure_channel(target, options=client_options) as channel:
+            sent = [bytes([i]) * config.chunk_bytes for i in range(count)]
+            call = channel.stream_stream("/t.T/E")(iter(sent), timeout=30)
+            return [reply async for reply in call]
+    finally:
+        await server.stop(0)
+
+
+def test_messages_larger_than_the_stream_window_flow_both_ways() -> None:
+    """A chunk of 4 MiB (chunk_mib's default) crosses a 64 KiB receive window: HTTP/2 flow
+    control moves it in window-sized steps, it is not stuck nor refused."""
+    config = ServerConfig(stream_window_kib=64, chunk_mib=4)
+    assert config.chunk_bytes == 64 * (config.stream_window_kib << 10)  # 64 windows a chunk
+    replies = asyncio.run(asyncio.wait_for(_echo_chunks(config, 3), 60))
+    assert replies == [bytes([i]) * config.chunk_bytes + bytes([i]) * 16 for i in range(3)]
+
+
 @pytest.mark.parametrize("token", ["guess", ""])
 def test_every_name_costs_one_scrypt_so_timing_reveals_no_name(
     monkeypatch: pytest.MonkeyPatch, token: str

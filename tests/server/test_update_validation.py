@@ -194,3 +194,22 @@ def test_downweighting_under_fltrust_is_refused_since_it_would_do_nothing() -> N
         ServerConfig.model_validate({"aggregator": fltrust, "validation": {"action": "downweight"}})
     ServerConfig.model_validate({"aggregator": fltrust, "validation": {"action": "reject"}})
     ServerConfig.model_validate({"aggregator": "median", "validation": {"action": "downweight"}})
+
+
+def test_an_aggregator_spec_without_a_name_is_left_to_the_builder(tmp_path: Path) -> None:
+    """The downweight check reads the spec's name: an empty list is the builder's to refuse,
+    not an IndexError out of the config's validation."""
+    from fedpipe.common.config import ConfigError
+    from fedpipe.server.clients import ClientPool
+    from fedpipe.server.rounds import FederatedRun
+
+    config = ServerConfig.model_validate(
+        {
+            "aggregator": [],
+            "model": {"name": "softmax-regression", "config": MODEL_CONFIG},
+            "validation": {"action": "downweight"},
+            "output_dir": str(tmp_path / "run"),
+        }
+    )
+    with pytest.raises(ConfigError, match=re.escape("cannot build a aggregator from []")):
+        FederatedRun(config, ClientPool())

@@ -90,8 +90,8 @@ class AveragingAggregator(Aggregator):
         reported = partial.number("total_weight")
         counted = self.weights.weight(reported) if reported > 0 else 0.0
         factor = scale * counted / reported if reported > 0 else 0.0
-        if self.max_norm is not None:
-            update = norm() / reported if reported > 0 else 0.0
+        if self.max_norm is not None:  # bounds the update as scaled (a down-weighted outlier)
+            update = scale * norm() / reported if reported > 0 else 0.0
             factor *= min(1.0, self.max_norm / update) if update > 0 else 1.0
         partial.fields["total_weight"] = counted
         return factor
