@@ -26,7 +26,6 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -42,6 +41,7 @@ from fedpipe.common.client_job import (
 )
 from fedpipe.common.data import Dataset
 from fedpipe.common.models.torch_adapter import TorchModel
+from fedpipe.common.models.torch_batches import DeviceBatches
 from fedpipe.common.stacked import StackedUpdates
 from fedpipe.common.training import TrainResult
 from fedpipe.common.vector import Vector
@@ -83,9 +83,11 @@ class VectorizedTrainer:
         self._checked = False
         self._logged: set[str] = set()
         self._grad = vmap(grad_and_value(self._loss), in_dims=(0, None, 0, 0))
-        self._data: OrderedDict[str, _Kept] = OrderedDict()
-        self._data_bytes = 0
-        self.data_budget = _default_budget(self.device) if data_budget is None else data_budget
+        budget = _default_budget(self.device) if data_budget is None else data_budget
+        #: Clients' data on the device (kept on a CPU too: made in the model's dtype once).
+        self.data = DeviceBatches(budget, keep_on_cpu=True)
+        target = torch.int64 if model.task == "multiclass" else self.dtype
+        self._place = (self.device, self.dtype, target)
 
     def _loss(
         self, params: Tensors, buffers: Tensors, x: torch.Tensor, y: torch.Tensor
@@ -268,47 +270,22 @@ class VectorizedTrainer:
     # ---- data --------------------------------------------------------------------------------
 
     def _device_data(self, data: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
-        x = torch.as_tensor(np.ascontiguousarray(data.x), dtype=self.dtype)
-        target = torch.int64 if self.model.task == "multiclass" else self.dtype
-        y = torch.as_tensor(np.asarray(data.y), dtype=target)
-        return x.to(self.device), y.to(self.device)
+        return self.data.tensors([data], self._place)[0]
 
     def _stacked_data(self, jobs: Sequence[ClientJob]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every client's data on the device, ``[K, n_max, ...]`` (zero-padded)."""
-        xs, ys = zip(*(self._cached_data(job) for job in jobs), strict=True)
-        self._evict(keep=len(jobs))
+        """Every client's data on the device, ``[K, n_max, ...]`` (zero-padded), each copied
+        there once and kept from round to round within the data budget (:attr:`data`)."""
+        xs, ys = zip(*self.data.tensors([job.data for job in jobs], self._place), strict=True)
         if len({len(x) for x in xs}) == 1:  # one batched copy kernel for many clients
             return torch.stack(xs), torch.stack(ys)
         pad = torch.nn.utils.rnn.pad_sequence
         return pad(list(xs), batch_first=True), pad(list(ys), batch_first=True)
-
-    def _cached_data(self, job: ClientJob) -> tuple[torch.Tensor, torch.Tensor]:
-        """The client's data on the device, copied there once and kept from round to round
-        (within :attr:`data_budget`), now the most recently used."""
-        cached, data = self._data.get(job.name), job.data
-        if cached is None or cached[0] is not data.x or cached[1] is not data.y:
-            if cached is not None:
-                self._data_bytes -= _nbytes(cached)
-            cached = self._data[job.name] = (data.x, data.y, *self._device_data(data))
-            self._data_bytes += _nbytes(cached)
-        self._data.move_to_end(job.name)
-        return cached[2], cached[3]
-
-    def _evict(self, keep: int) -> None:
-        """Drop the least recently used clients' data over the budget, but never the ``keep``
-        most recent (the chunk being trained)."""
-        while self._data_bytes > self.data_budget and len(self._data) > keep:
-            _, dropped = self._data.popitem(last=False)
-            self._data_bytes -= _nbytes(dropped)
 
     def _buffers(self) -> Tensors:
         return dict(self.model.module.named_buffers())
 
 
 _Step = tuple[int, list[int], torch.Tensor, torch.Tensor]
-#: A client's data kept on the device: its arrays (the ones copied: a Dataset given new
-#: arrays is copied again) and their tensors.
-_Kept = tuple[np.ndarray, np.ndarray, torch.Tensor, torch.Tensor]
 #: What a chunk's training gives: the batch schedules, the updates, the loss sums, its start.
 _Trained = tuple[list[list[np.ndarray]], Tensors, torch.Tensor, float]
 
@@ -332,10 +309,6 @@ def _step_plan(schedules: list[list[np.ndarray]], device: torch.device) -> list[
         plan.append((t, members, sel, on_device[at : at + rows.size].view(rows.shape)))
         at += rows.size
     return plan
-
-
-def _nbytes(cached: _Kept) -> int:
-    return sum(t.numel() * t.element_size() for t in cached[2:])
 
 
 def _default_budget(device: torch.device) -> int:

@@ -111,14 +111,16 @@ def test_client_data_kept_on_the_device_stays_within_its_budget() -> None:
     jobs, free_jobs = jobs_for(run, bounded.model, data), jobs_for(run, unbounded.model, data)
     for round_number in (1, 2):
         got = list(bounded.train(jobs, weights, round_number))
-        kept.append(sorted(bounded._data))
+        kept.append(sorted(job.name for job in jobs if job.data in bounded.data))
         free = list(unbounded.train(free_jobs, weights, round_number))
         for a, b in zip(got, free, strict=True):
             assert updates_of(a).allclose(updates_of(b), rtol=0, atol=0)
     # only the last chunk's clients are left (a chunk's own data always stays while it trains)
     assert kept == [["c4", "c5"], ["c4", "c5"]]
-    assert sorted(unbounded._data) == [f"c{i}" for i in range(len(SIZES))]
-    assert bounded._data_bytes == sum(d.x.size * 4 + d.y.size * 8 for d in data[4:])  # f32, i64
+    assert [job.name for job in free_jobs if job.data in unbounded.data] == [
+        f"c{i}" for i in range(len(SIZES))
+    ]
+    assert bounded.data.nbytes == sum(d.x.size * 4 + d.y.size * 8 for d in data[4:])  # f32, i64
 
 
 def test_steps_follow_local_trainer_schedule() -> None:

@@ -18,7 +18,7 @@ in place afterwards are not seen again on a device.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -42,10 +42,12 @@ class DeviceBatches:
     ----------
     budget:
         Bytes of data kept on a non-CPU device (and the largest client data drawn there).
+    keep_on_cpu:
+        Keep tensors on a CPU too (made in the model's dtypes once, not per call).
     """
 
-    def __init__(self, budget: int = DEVICE_DATA_BYTES) -> None:
-        self.budget = budget
+    def __init__(self, budget: int = DEVICE_DATA_BYTES, keep_on_cpu: bool = False) -> None:
+        self.budget, self.keep_on_cpu = budget, keep_on_cpu
         #: By the Dataset's id: its arrays (the ones copied) and their tensors on the device.
         self._kept: OrderedDict[int, tuple[np.ndarray, np.ndarray, torch.Tensor, torch.Tensor]]
         self._kept = OrderedDict()
@@ -100,22 +102,35 @@ class DeviceBatches:
 
     def _on_device(self, data: Dataset, place: _Place) -> _Tensors:
         """``data`` as tensors on ``place``: kept on a device, made afresh on a CPU."""
-        if place[0].type == "cpu":
-            return _tensors(data, place)
+        return self.tensors([data], place)[0]
+
+    def tensors(self, datas: Sequence[Dataset], place: _Place) -> list[_Tensors]:
+        """Each of ``datas`` as tensors on ``place``, copied there once and kept (on a CPU
+        only with ``keep_on_cpu``): the least recently used out past the budget, but never
+        one of those asked for together here (a vectorized chunk trains on all of them)."""
+        if place[0].type == "cpu" and not self.keep_on_cpu:
+            return [_tensors(data, place) for data in datas]
+        out = [self._kept_tensors(data, place) for data in datas]
+        while self._bytes > self.budget and len(self._kept) > len(datas):
+            self._drop(next(iter(self._kept)))
+        return out
+
+    def __contains__(self, data: Dataset) -> bool:
+        """Whether ``data``'s current arrays are kept."""
+        kept = self._kept.get(id(data))
+        return kept is not None and kept[0] is data.x and kept[1] is data.y
+
+    def _kept_tensors(self, data: Dataset, place: _Place) -> _Tensors:
         key = id(data)
         kept = self._kept.get(key)
-        fresh = kept is not None and kept[0] is data.x and kept[1] is data.y
-        if kept is not None and fresh and _placed(kept[2], kept[3]) == place:
+        if kept is not None and data in self and _placed(kept[2], kept[3]) == place:
             self._kept.move_to_end(key)
             return kept[2], kept[3]
         if kept is not None:
             self._drop(key)
         x, y = _tensors(data, place)
-        size = _bytes(x) + _bytes(y)
-        while self._kept and self._bytes + size > self.budget:
-            self._drop(next(iter(self._kept)))
         self._kept[key] = (data.x, data.y, x, y)  # held: another Dataset's arrays differ
-        self._bytes += size
+        self._bytes += _bytes(x) + _bytes(y)
         return x, y
 
     def _drop(self, key: int) -> None:
