@@ -38,7 +38,7 @@ from fedpipe.common.data import Dataset
 from fedpipe.common.models import Model
 from fedpipe.common.vector import Vector
 
-__all__ = ["StackedTrainer", "StackedUpdates", "stacked_unfit"]
+__all__ = ["StackedTrainer", "StackedUpdates", "per_client_training", "stacked_unfit"]
 
 Arrays = dict[str, np.ndarray]
 
@@ -56,17 +56,26 @@ class StackedUpdates:
     seconds: float  # training time per client (the batch's time over K)
 
 
+def per_client_training(job: ClientJob) -> str | None:
+    """Why ``job``'s training cannot be stacked whatever the engine (its own training
+    function, DP-SGD, its own loaders); None when nothing stands in the way."""
+    if job.trainer.train_fn is not None:
+        return "the clients train with their own train_fn"
+    if job.trainer.dp_sgd is not None:
+        return "dp_sgd clips per-sample gradients client by client"
+    if not isinstance(job.data, Dataset):
+        return "the clients train on their own loaders"
+    return None
+
+
 def stacked_unfit(model: Model, job: ClientJob) -> str | None:
     """Why ``job`` cannot train stacked on ``model``; None when it can."""
     if type(model).compute_stacked_gradients is Model.compute_stacked_gradients:
         return f"model {model.name!r} computes no stacked gradients"
-    trainer, optimizer = job.trainer, job.trainer.optimizer
-    if trainer.train_fn is not None:
-        return "the clients train with their own train_fn"
-    if trainer.dp_sgd is not None:
-        return "dp_sgd clips per-sample gradients client by client"
-    if not isinstance(job.data, Dataset):
-        return "the clients train on their own loaders"
+    reason = per_client_training(job)
+    if reason is not None:
+        return reason
+    optimizer = job.trainer.optimizer
     if optimizer.modules:
         return f"client optimizer module {optimizer.modules[0].name!r} runs client by client"
     if optimizer.regularizers:

@@ -27,7 +27,7 @@ from fedpipe.common.backends import ops_of
 from fedpipe.common.client_job import ClientJob
 from fedpipe.common.data import Dataset
 from fedpipe.common.models import Model
-from fedpipe.common.stacked import StackedUpdates, stacked_unfit
+from fedpipe.common.stacked import StackedUpdates, per_client_training, stacked_unfit
 from fedpipe.server.clients import ClientProxy, RoundTask
 from fedpipe.server.cohorts import ClientCohort, CohortReply
 
@@ -147,7 +147,7 @@ def round_unfit(jobs: list[ClientJob], distributed_dp: bool) -> str | None:
         return "distributed DP noise is added client by client"
     if not all(isinstance(job.data, Dataset) for job in jobs):
         return "the clients train on their own loaders"
-    return None
+    return per_client_training(jobs[0])  # one run setup: every trainer configured alike
 
 
 def empty_reply() -> CohortReply:

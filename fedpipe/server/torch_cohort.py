@@ -46,12 +46,8 @@ class TorchCohort(StackedCohort):
         reason = round_unfit(jobs, bool(task.settings.get("dp")))
         if reason is not None:
             return reason
-        job = jobs[0]  # one run setup: every client's trainer is configured alike
-        if job.trainer.train_fn is not None:
-            return "the clients train with their own train_fn"
-        if job.trainer.dp_sgd is not None:
-            return "dp_sgd clips per-sample gradients client by client"
-        senders = [m.name for m in job.trainer.optimizer.modules if m.aux_name is not None]
+        modules = jobs[0].trainer.optimizer.modules  # one run setup: configured alike
+        senders = [m.name for m in modules if m.aux_name is not None]
         if senders:
             return f"client optimizer module {senders[0]!r} sends aux vars"
         return self.torch_engine.unfit(jobs, task.round_number)
