@@ -86,9 +86,14 @@ class DeviceWorkers:
         async def started() -> R:
             if k >= n:
                 await asyncio.wait({turns[k - n]})  # never cancels the other client's turn
-            return await asyncio.get_running_loop().run_in_executor(self._pools[slot], work)
+            return await self.call(slot, work)
 
         return await self.in_turn(turns, started())
+
+    async def call(self, slot: int, work: Callable[[], R]) -> R:
+        """Run ``work`` on ``slot``'s thread, after the work queued there; its result or
+        error (a cancelled caller stops waiting: the thread finishes the work)."""
+        return await asyncio.get_running_loop().run_in_executor(self._pools[slot], work)
 
     @staticmethod
     async def in_turn(turns: list[asyncio.Future[None]], reply: Awaitable[R]) -> R:

@@ -19,8 +19,6 @@ client-by-client path of :mod:`fedpipe.server.slot_batches` instead, saying why 
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from collections.abc import Callable, Iterator
 
 from fedpipe.common.client_job import ClientJob
@@ -54,27 +52,7 @@ class TorchCohort(StackedCohort):
 
     async def offload(self, work: Callable[[], CohortReply]) -> CohortReply:
         """``work`` on the device's worker thread, after what is queued there."""
-        loop = asyncio.get_running_loop()
-        done: asyncio.Future[CohortReply] = loop.create_future()
-
-        def settle(outcome: CohortReply | BaseException) -> None:
-            if done.done():
-                return
-            if isinstance(outcome, BaseException):
-                done.set_exception(outcome)
-            else:
-                done.set_result(outcome)
-
-        def handed(outcome: CohortReply | BaseException) -> None:
-            # the loop is closed when the run ended while this thread trained: nobody awaits
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(settle, outcome)
-
-        def run() -> None:
-            handed(work())
-
-        self.workers.start(self.slot, run, handed)
-        return await done
+        return await self.workers.call(self.slot, work)
 
     def chunks(self, jobs: list[ClientJob], task: RoundTask) -> Iterator[StackedUpdates]:
         return self.torch_engine.train_stacked(jobs, task.weights, task.round_number)
