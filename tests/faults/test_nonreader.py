@@ -8,7 +8,9 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -95,3 +97,85 @@ async def test_a_client_that_stops_reading_is_closed_and_pins_no_payload(
     assert all(r["sampled"] == 1 for r in records[gone + 1 :])  # out of the pool for good
     summary = json.loads((Path(config.output_dir) / "summary.json").read_text())
     assert summary["status"] == "completed"
+
+
+# A 64 -> 65536 -> 10 MLP: a 19.5 MiB model, sent in 1 MiB chunks. A server that kept a copy
+# of the download per stalled session would grow by ~19.5 MiB per session.
+STALL_HIDDEN = 65536
+STALL_CHUNK_MIB = 1.0
+#: The most the server's peak RSS may grow per stalled session: its frames in flight, which
+#: are chunks (a few MiB), never the model.
+STALL_BOUND_MIB = 5.0
+
+
+async def _peak_rss_with_stalled(
+    tmp_path: Path, stalled: int, data: Path, procs: list[subprocess.Popen[str]]
+) -> tuple[float, str, list[dict[str, object]]]:
+    """The server's peak RSS over a 2-round run with one honest client and ``stalled``
+    sessions that accept the setup and are then SIGSTOPped (nothing drains their sockets);
+    its log and its progress records."""
+    config = server_config(
+        tmp_path,
+        rounds=2,
+        min_clients=stalled + 1,
+        min_results=1,
+        round_timeout=10.0,
+        eval_every=0,
+        chunk_mib=STALL_CHUNK_MIB,
+        model={
+            "name": "mlp",
+            "config": {"n_features": 64, "n_classes": 10, "hidden": [STALL_HIDDEN]},
+        },
+        training={"epochs": 1, "batch_size": 64},
+    )
+    server = spawn_server(config)
+    procs.append(server)
+    log = server_log(config)
+    await asyncio.to_thread(wait_for_log, log, "listening on", 30)
+    command = ["-m", "tests.faults.nonreading_sessions", str(config.port), str(stalled)]
+    holder = subprocess.Popen([sys.executable, *command], stdout=subprocess.PIPE, text=True)
+    procs.extend([holder, spawn_client(config.port, "honest", data)])
+    assert holder.stdout is not None
+    assert await asyncio.to_thread(holder.stdout.readline) == "ready\n"
+    holder.send_signal(signal.SIGSTOP)
+    peak, deadline = 0.0, time.monotonic() + 60
+    while server.poll() is None and time.monotonic() < deadline:
+        rss = rss_mib(server.pid)
+        if rss is None:
+            break
+        peak = max(peak, rss)
+        await asyncio.sleep(0.1)
+    rc, out = await asyncio.to_thread(finish, server, 30)
+    assert rc == ExitCode.OK, out
+    records = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    return peak, log.read_text(), records
+
+
+async def test_stalled_downloads_hold_chunks_not_model_copies(
+    tmp_path: Path, procs: list[subprocess.Popen[str]], client_data: list[Path]
+) -> None:
+    """Eight SIGSTOPped sessions cost the server at most a few chunks each, not a model copy
+    each; they miss round 1 like late clients, are closed with their cause before round 2,
+    and the honest client's run completes."""
+    few, many = 1, 9
+    (peak_few, _, _), (peak_many, text, records) = await asyncio.gather(
+        _peak_rss_with_stalled(tmp_path / "few", few, client_data[0], procs),
+        _peak_rss_with_stalled(tmp_path / "many", many, client_data[1], procs),
+    )
+    per_session = (peak_many - peak_few) / (many - few)
+    print(f"server peak RSS (MiB): {peak_few:.0f} with {few}, {peak_many:.0f} with {many} stalled")
+    assert per_session < STALL_BOUND_MIB, (peak_few, peak_many)
+    # Round 2 samples them too: they are closed when its tasks go out.
+    assert [(r["round"], r["sampled"], r["replied"]) for r in records] == [
+        (1, many + 1, 1),
+        (2, many + 1, 1),
+    ]
+    assert f"no reply from: {', '.join(f'stalled-{i}' for i in range(many))}" in text
+    for i in range(many):
+        closed = re.search(
+            rf"client stalled-{i} is not reading: (\d+) bytes of round 1 still unsent "
+            r"\(before its next task\); closing its session",
+            text,
+        )
+        assert closed and int(closed[1]) > 1 << 20, text  # most of the model never went out
+        assert f"client stalled-{i} left (not reading:" in text
