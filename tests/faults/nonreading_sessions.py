@@ -11,17 +11,18 @@ from fedpipe.proto.fedpipe.v1 import federation_pb2 as pb
 from tests.integration.conftest import RawClient
 
 
-async def accept_setup(port: int, name: str) -> RawClient:
-    """A session that has accepted the run setup, as a client about to train would."""
-    client = RawClient(port)
-    await client.hello(name)
+async def accept_setup(client: RawClient) -> None:
+    """Accept the run setup, as a client about to train would."""
     setup = await asyncio.wait_for(client.next_task(), 60)
     await client.send(pb.ClientMessage(reply=pb.Reply(task_id=setup.task_id)).SerializeToString())
-    return client
 
 
 async def main(port: int, count: int) -> None:
-    clients = await asyncio.gather(*(accept_setup(port, f"stalled-{i}") for i in range(count)))
+    clients = []
+    for i in range(count):  # one at a time: a peer may hold 4 streams awaiting admission
+        clients.append(RawClient(port))  # its stream opens here
+        await clients[-1].hello(f"stalled-{i}")
+    await asyncio.gather(*(accept_setup(client) for client in clients))
     print("ready", flush=True)
     await asyncio.sleep(600)  # bounded: the test stops and kills this process long before
     for client in clients:
