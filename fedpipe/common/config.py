@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal, Self, TypeVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from fedpipe.common.client_name import check_client_name
 from fedpipe.common.tokens import is_hashed, parse_hashed
 
 __all__ = [
@@ -81,6 +82,15 @@ _device_name = _matching(
 #: A device: ``"cuda"`` is every visible GPU for a simulation and the first for a client;
 #: ``"auto"`` the GPU(s) when torch sees one, else the CPU.
 DeviceName = Annotated[str, AfterValidator(_device_name)]
+
+
+def _client_name_or_unset(value: str) -> str:
+    return check_client_name(value) if value else value
+
+
+#: A client's name: "" (unset: the command line picks one) or what :func:`check_client_name`
+#: accepts.
+ClientName = Annotated[str, AfterValidator(_client_name_or_unset)]
 
 
 #: Modules to import before the config's names are looked up (see fedpipe.common.plugins).
@@ -427,6 +437,7 @@ class ServerConfig(_Strict):
                 "the run could never start"
             )
         for name, stored in self.tokens.items():
+            check_client_name(name, "tokens key")  # a name no hello could bring
             if not stored:
                 raise ValueError(f"tokens.{name} is empty: give each client a secret")
             if is_hashed(stored):
@@ -533,7 +544,7 @@ class ClientConfig(OwnTraining):
     """A client process: where the server is, who it is, where its private data lives."""
 
     server: str = "127.0.0.1:50051"
-    name: str = ""
+    name: ClientName = ""
     #: The admission token; prefer ``token_file`` or $FEDPIPE_TOKEN (argv is visible in ps).
     token: str = ""
     token_file: Path | None = None

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from fedpipe.common.client_name import check_client_name
 from fedpipe.common.outcome import RunOutcome
 from fedpipe.common.summable import Summable
 from fedpipe.common.training import EvalResult, RunSetup, TrainResult
@@ -152,7 +153,14 @@ class ClientPool:
         return self._clients.get(name)
 
     async def add(self, proxy: ClientProxy) -> ClientProxy | None:
-        """Add ``proxy``; return the proxy it replaces (same name, reconnecting), if any."""
+        """Add ``proxy``; return the proxy it replaces (same name, reconnecting), if any.
+
+        Raises
+        ------
+        BadClientName
+            ``proxy.name`` breaks the one rule of client names (a simulation's client list).
+        """
+        check_client_name(proxy.name)
         async with self._changed:
             previous = self._clients.get(proxy.name)
             self._clients[proxy.name] = proxy

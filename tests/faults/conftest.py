@@ -38,8 +38,10 @@ def spawn_server(
     name: str = "server",
     verbose: bool = True,
     log_dir: Path | None = None,
+    module: str = "fedpipe",
 ) -> subprocess.Popen[str]:
-    """A real ``fedpipe server`` process with ``config`` (written as JSON next to its run).
+    """A real ``fedpipe server`` process with ``config`` (written as JSON next to its run);
+    ``python -m module``: fedpipe's command line.
 
     Its stdout carries one JSON object per round (``--progress json``); its log goes to
     ``<log_dir or output_dir/..>/<name>.log``.
@@ -53,7 +55,7 @@ def spawn_server(
         [
             sys.executable,
             "-m",
-            "fedpipe",
+            module,
             *(["-v"] if verbose else []),
             "server",
             "--config",

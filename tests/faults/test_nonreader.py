@@ -8,7 +8,9 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -16,6 +18,7 @@ import pytest
 
 from fedpipe.common.outcome import ExitCode
 from fedpipe.proto.fedpipe.v1 import federation_pb2 as pb
+from fedpipe.server.transports.grpc.proxy import OUTBOX_FRAMES
 from tests.faults.conftest import finish, server_config, spawn_client, spawn_server
 from tests.faults.test_identity import server_log, wait_for_log
 from tests.integration.conftest import RawClient
@@ -95,3 +98,92 @@ async def test_a_client_that_stops_reading_is_closed_and_pins_no_payload(
     assert all(r["sampled"] == 1 for r in records[gone + 1 :])  # out of the pool for good
     summary = json.loads((Path(config.output_dir) / "summary.json").read_text())
     assert summary["status"] == "completed"
+
+
+# A 64 -> 65536 -> 10 MLP: a 19.5 MiB model, sent in 1 MiB chunks. A server that kept a copy
+# of the download per stalled session would grow by ~19.5 MiB per session.
+STALL_HIDDEN = 65536
+STALL_CHUNK_MIB = 1.0
+#: The most the server's peak RSS may grow per stalled session, in chunks: its frames in
+#: flight, never the model. A round's frames are shared by its clients up to
+#: FRAME_CACHE_BYTES (then a session holds gRPC's copy of the frame it writes: measured 1.2);
+#: past it each session builds its own and holds its outbox's too (measured 6.0).
+STALL_BOUNDS = {
+    "shared-frames": ("fedpipe", 3),
+    "own-frames": ("tests.faults.unshared_frames_server", OUTBOX_FRAMES + 4),
+}
+
+
+async def _peak_rss_with_stalled(
+    tmp_path: Path, stalled: int, data: Path, procs: list[subprocess.Popen[str]], module: str
+) -> tuple[float, str, list[dict[str, object]]]:
+    """The server's peak RSS over a 2-round run with one honest client and ``stalled``
+    sessions that accept the setup and are then SIGSTOPped (nothing drains their sockets);
+    its log and its progress records."""
+    config = server_config(
+        tmp_path,
+        rounds=2,
+        min_clients=stalled + 1,
+        min_results=1,
+        round_timeout=10.0,
+        eval_every=0,
+        chunk_mib=STALL_CHUNK_MIB,
+        model={
+            "name": "mlp",
+            "config": {"n_features": 64, "n_classes": 10, "hidden": [STALL_HIDDEN]},
+        },
+        training={"epochs": 1, "max_steps": 1, "batch_size": 16},  # the honest client is quick
+    )
+    server = spawn_server(config, module=module)
+    procs.append(server)
+    log = server_log(config)
+    await asyncio.to_thread(wait_for_log, log, "listening on", 30)
+    command = ["-m", "tests.faults.nonreading_sessions", str(config.port), str(stalled)]
+    holder = subprocess.Popen([sys.executable, *command], stdout=subprocess.PIPE, text=True)
+    procs.extend([holder, spawn_client(config.port, "honest", data)])
+    assert holder.stdout is not None
+    assert await asyncio.to_thread(holder.stdout.readline) == "ready\n"
+    holder.send_signal(signal.SIGSTOP)
+    peak, deadline = 0.0, time.monotonic() + 60
+    while server.poll() is None and time.monotonic() < deadline:
+        rss = rss_mib(server.pid)
+        if rss is None:
+            break
+        peak = max(peak, rss)
+        await asyncio.sleep(0.1)
+    rc, out = await asyncio.to_thread(finish, server, 30)
+    assert rc == ExitCode.OK, out
+    records = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    return peak, log.read_text(), records
+
+
+@pytest.mark.parametrize("frames", STALL_BOUNDS)
+async def test_stalled_downloads_hold_chunks_not_model_copies(
+    tmp_path: Path, procs: list[subprocess.Popen[str]], client_data: list[Path], frames: str
+) -> None:
+    """Eight more SIGSTOPped sessions cost the server a few chunks each, not a model copy
+    each; they miss round 1 like late clients, are closed with their cause before round 2,
+    and the honest client's run completes."""
+    module, bound = STALL_BOUNDS[frames]
+    few, many = 1, 9
+    (peak_few, _, _), (peak_many, text, records) = await asyncio.gather(
+        _peak_rss_with_stalled(tmp_path / "few", few, client_data[0], procs, module),
+        _peak_rss_with_stalled(tmp_path / "many", many, client_data[1], procs, module),
+    )
+    per_session = (peak_many - peak_few) / (many - few) / STALL_CHUNK_MIB
+    print(f"server peak RSS (MiB): {peak_few:.0f} with {few}, {peak_many:.0f} with {many} stalled")
+    assert per_session < bound, (peak_few, peak_many)
+    # Round 2 samples them too: they are closed when its tasks go out.
+    assert [(r["round"], r["sampled"], r["replied"]) for r in records] == [
+        (1, many + 1, 1),
+        (2, many + 1, 1),
+    ]
+    assert f"no reply from: {', '.join(f'stalled-{i}' for i in range(many))}" in text
+    for i in range(many):
+        closed = re.search(
+            rf"client stalled-{i} is not reading: (\d+) bytes of round 1 still unsent "
+            r"\(before its next task\); closing its session",
+            text,
+        )
+        assert closed and int(closed[1]) > 1 << 20, text  # most of the model never went out
+        assert f"client stalled-{i} left (not reading:" in text

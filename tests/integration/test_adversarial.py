@@ -609,7 +609,9 @@ async def test_malformed_replies_are_each_logged_and_the_round_keeps_the_honest_
 
 
 @pytest.mark.parametrize(
-    "name", ["", "x" * (10 << 20), "line\nbreak", "x" * 129], ids=["empty", "10MB", "nl", "129"]
+    "name",
+    ["", "x" * (10 << 20), "line\nbreak", "x" * 129, "c1\x00"],
+    ids=["empty", "10MB", "nl", "129", "nul"],
 )
 async def test_bad_client_names_are_refused(tmp_path: Path, name: str) -> None:
     config = server_config(tmp_path, rounds=1, min_clients=1)

@@ -23,6 +23,7 @@ import pytest
 distributed = pytest.importorskip("dask.distributed")
 psutil = pytest.importorskip("psutil")
 
+from fedpipe.common.client_name import BadClientName  # noqa: E402
 from fedpipe.common.config import DaskConfig, SimulationConfig  # noqa: E402
 from fedpipe.common.data import Dataset  # noqa: E402
 from fedpipe.common.privacy.accountant import PrivacyAccountant, RoundEvent  # noqa: E402
@@ -391,3 +392,29 @@ def test_a_client_whose_data_the_stacked_engine_rejects_fails_alone_like_in_proc
             row["error"] = f"ValueError: {row['error']}"
     assert rows == expected
     assert "integer class ids" in rows[4]["error"]
+
+
+@pytest.mark.parametrize("transport", ["inprocess", "dask"])
+def test_a_client_name_ending_in_nul_is_refused_before_any_round(
+    cluster: Any, tmp_path: Path, transport: str
+) -> None:
+    # A worker keeps its clients' names in a numpy string array, which drops a trailing
+    # "\x00": "c1\x00" came back as "c1" (a KeyError on the worker). Every transport refuses
+    # such a name up front, by the rule a gRPC hello and a client config follow.
+    rng = np.random.default_rng(2)
+    data: list[tuple[str, Dataset, Dataset | None]] = [
+        (name, Dataset(rng.standard_normal((8, 6)).astype(np.float32), np.arange(8) % 3), None)
+        for name in ("c0", "c1\x00")
+    ]
+    model = {"name": "softmax-regression", "config": {"n_features": 6, "n_classes": 3}}
+    server = {"model": model, "min_clients": 2, "eval_every": 0}
+    dask = {"scheduler": cluster.scheduler_address}
+    sim = config(tmp_path, transport, transport=transport, dask=dask, server=server)
+    run = simulate_dask if transport == "dask" else simulate_inprocess
+    with pytest.raises(BadClientName) as refused:
+        asyncio.run(run(sim, data))
+    assert str(refused.value) == (
+        "client name 'c1\\x00' must be 1-128 printable characters "
+        "(no control characters such as '\\x00' or line breaks)"
+    )
+    assert not (tmp_path / transport).exists()  # no round ran, no run directory

@@ -13,6 +13,7 @@ import math
 from collections.abc import Collection, Iterable
 from typing import Any
 
+from fedpipe.common.client_name import MAX_NAME_LENGTH, BadClientName, check_client_name
 from fedpipe.common.protocol import ProtocolError
 from fedpipe.common.secagg import shamir
 from fedpipe.common.secagg.keys import KEY_BYTES, SEALED_OVERHEAD
@@ -50,7 +51,6 @@ MAX_ROSTER = 1 << 16
 CIPHERTEXT_BYTES = 2 * shamir.SHARE_BYTES + SEALED_OVERHEAD
 COMMITMENT_BYTES = 32  # SHA-256
 MAX_SESSION_BYTES = 64
-MAX_NAME_LENGTH = 128
 
 
 # ---- stage 0: keys ------------------------------------------------------------------------
@@ -245,18 +245,17 @@ def _counted(count: int, most: int, what: str) -> None:
 
 
 def _names(names: Iterable[str], what: str, allowed: Collection[str] | None = None) -> list[str]:
-    """``names`` as a list, checked: distinct, 1-128 printable characters, among ``allowed``."""
+    """``names`` as a list, checked: distinct, client names (:func:`check_client_name`), among
+    ``allowed``."""
     allowed = None if allowed is None else frozenset(allowed)
     out: list[str] = []
     for name in names:
         if allowed is not None and name not in allowed:
             raise ProtocolError(f"{what} {name[:MAX_NAME_LENGTH]!r} is not on the roster")
-        if not 0 < len(name) <= MAX_NAME_LENGTH or not name.isprintable():
-            raise ProtocolError(
-                f"{what} name {name[:MAX_NAME_LENGTH]!r}: expected 1-{MAX_NAME_LENGTH} "
-                "printable characters"
-            )
-        out.append(name)
+        try:
+            out.append(check_client_name(name, f"{what} name"))
+        except BadClientName as exc:
+            raise ProtocolError(str(exc)) from None
         if allowed is not None and len(out) > len(allowed):
             break
     if len(set(out)) != len(out):

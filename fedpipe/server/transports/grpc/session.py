@@ -12,6 +12,7 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError as ProtobufDecodeError
 
+from fedpipe.common.client_name import BadClientName, check_client_name
 from fedpipe.common.config import ServerConfig
 from fedpipe.common.framing import FrameReceiver, announced_bytes, is_chunk_frame
 from fedpipe.common.protocol import PROTOCOL_VERSION, ProtocolError
@@ -33,7 +34,6 @@ log = logging.getLogger(__name__)
 
 #: Seconds a stopped session stays open for a client still busy with its last task.
 STOP_GRACE = 5.0
-MAX_NAME_LENGTH = 128
 #: Refusals that mean a credential was checked and did not prove the name.
 AUTH_FAILURES = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
 
@@ -337,11 +337,8 @@ class FederationServicer:
                 f"protocol version {hello.protocol_version} is not supported; "
                 f"this server speaks version {PROTOCOL_VERSION}",
             )
-        name = hello.client_name
-        if not name or len(name) > MAX_NAME_LENGTH or not name.isprintable():
-            raise Refused(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"client name {name[:MAX_NAME_LENGTH]!r} must be 1-{MAX_NAME_LENGTH} "
-                "printable characters",
-            )
+        try:
+            check_client_name(hello.client_name)
+        except BadClientName as exc:
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
         return hello
