@@ -33,7 +33,7 @@ import torch
 from torch.func import vmap
 
 from fedpipe.common.modules.base import OptiModule
-from fedpipe.common.optim import BareWeights, Optimizer
+from fedpipe.common.optim import Optimizer
 from fedpipe.common.regularizers.base import Regularizer
 from fedpipe.common.state import State, copy_state
 from fedpipe.common.vector import Vector
@@ -77,6 +77,22 @@ def _unflatten(skeleton: Any, leaves: Tensors) -> Any:
     if isinstance(skeleton, list):
         return [_unflatten(v, leaves) for v in skeleton]
     return skeleton
+
+
+class _ClientWeights:
+    """A client's weights as its optimizer sees them in :class:`LocalTrainer`'s training: in
+    the model's dtypes. Not :class:`~fedpipe.common.optim.BareWeights`, the server's, whose
+    regularizers and weight decay see a float32 master copy of half-precision weights (a
+    bfloat16 FedProx anchor minus float32 weights is refused)."""
+
+    def __init__(self, weights: Vector) -> None:
+        self.weights = weights
+
+    def get_weights(self, copy: bool = False) -> Vector:
+        return self.weights.copy() if copy else self.weights
+
+    def apply_updates(self, updates: Vector) -> None:
+        self.weights.add_(updates)
 
 
 def _pipeline_state(optimizer: Optimizer) -> State:
@@ -171,7 +187,7 @@ class ClientOptimizers:
     def _run_fn(self, skeleton: Any) -> Any:
         def run(grads: Tensors, params: Tensors, leaves: Tensors) -> tuple[Tensors, Tensors]:
             self.template.set_state({**_unflatten(skeleton, leaves), "step": 0})
-            model = BareWeights(Vector(params))
+            model = _ClientWeights(Vector(params))
             updates = self.template.compute_updates(model, Vector(grads), consume=True)
             new_leaves: Tensors = {}
             self._out = _flatten(_pipeline_state(self.template), "", new_leaves)
@@ -213,7 +229,7 @@ class ClientOptimizers:
         for i, k in enumerate(members):
             optimizer = self.optimizers[k]
             gradients = Vector({n: g[i] for n, g in grads.items()})
-            weights = BareWeights(Vector({n: p[i] for n, p in params.items()}))
+            weights = _ClientWeights(Vector({n: p[i] for n, p in params.items()}))
             result = optimizer.compute_updates(weights, gradients, consume=True)
             for name, out in outs.items():
                 out.append(torch.as_tensor(result[name]).to(grads[name].device))

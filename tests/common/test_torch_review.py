@@ -69,7 +69,7 @@ def test_local_training_reads_the_loss_back_once_per_round(monkeypatch: Any) -> 
 
 
 DECAY = {"lrate": ["exponential-decay", {"initial": 0.2, "decay_rate": 0.9}]}
-NOISY = {"lrate": 0.1, "modules": [["gaussian-noise", {"std": 0.0}], "momentum"]}
+NOISY = {"lrate": 0.1, "modules": [["gaussian-noise", {"std": 0.1}], "momentum"]}
 
 
 @pytest.mark.parametrize("optimizer", [DECAY, NOISY], ids=["stacked", "client-by-client"])
@@ -77,8 +77,10 @@ def test_a_failed_vectorized_batch_leaves_each_client_state_as_it_was(
     optimizer: dict[str, Any],
 ) -> None:
     # slot_batches retries a failed batch client by client: each must train from its state
-    # of before the failed attempt (step count, module state), not from a half-done one
+    # of before the failed attempt (step count, module state: the noise generator's too, so
+    # that the retried client draws the noise a client never batched draws), not a half-done one
     from fedpipe.common.models.torch_adapter import TorchModel
+    from fedpipe.common.privacy.entropy import seed_private_noise
     from fedpipe.common.state import copy_state
     from fedpipe.common.vector import Vector
     from fedpipe.common.vectorized import ClientJob, VectorizedTrainer
@@ -97,6 +99,8 @@ def test_a_failed_vectorized_batch_leaves_each_client_state_as_it_was(
     model = trainers[0].model
     assert isinstance(model, TorchModel)
     trainers[1].model = model
+    for name, trainer in zip(("c0", "c1"), trainers, strict=True):
+        seed_private_noise(trainer.optimizer.modules, 5, name)
     weights = Vector(model.get_weights().coefs)
     before = [copy_state(t.optimizer.get_state()) for t in trainers]
     engine = VectorizedTrainer(model)
@@ -106,7 +110,9 @@ def test_a_failed_vectorized_batch_leaves_each_client_state_as_it_was(
         list(engine.train(jobs, weights, 1))
     after = [t.optimizer.get_state() for t in trainers]
     assert [s["step"] for s in after] == [s["step"] for s in before] == [0, 0]
-    fresh = LocalTrainer(run, model=model).train(good, weights, {}, client="c0", round_number=1)
+    alone = LocalTrainer(run, model=model)
+    seed_private_noise(alone.optimizer.modules, 5, "c0")
+    fresh = alone.train(good, weights, {}, client="c0", round_number=1)
     retried = trainers[0].train(good, weights, {}, client="c0", round_number=1)
     assert retried.partial.fields.keys() == fresh.partial.fields.keys()
     for key, value in fresh.partial.fields.items():

@@ -73,6 +73,46 @@ def test_one_engine_call_per_round_trains_every_client_as_the_sequential_mode(
     assert vectorized.history[-1]["accuracy"] == pytest.approx(0.49, abs=0.01)
 
 
+BF16_ADAM_PROX: dict[str, Any] = {
+    "model": {
+        "name": "tests.common.torch_models:build",
+        "config": {"hidden": 16, "dtype": "bfloat16"},
+    },
+    "client_optimizer": {
+        "lrate": 0.01,
+        "modules": ["adam"],
+        "regularizers": [["fedprox", {"mu": 0.1}]],
+    },
+}
+
+
+def test_a_bfloat16_model_with_fedprox_and_adam_trains_as_one_cohort(
+    tmp_path: Path,
+    engine_calls: list[tuple[str, int, list[str]]],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # the clients' FedProx anchors are bfloat16: their weights were once a float32 copy (the
+    # server's master of half weights), every round failed and trained one after another
+    with caplog.at_level(logging.INFO, logger="fedpipe"):
+        vectorized = run(tmp_path, "vectorized", **BF16_ADAM_PROX)
+    names = [f"client-{i}" for i in range(CLIENTS)]
+    on_device = "train_stacked@fedpipe-sim-0_0"
+    assert engine_calls == [(on_device, r, names) for r in range(1, ROUNDS + 1)]
+    quiet = (
+        "fedpipe.common.vectorized",
+        "fedpipe.server.stacked_cohort",
+        "fedpipe.server.slot_batches",
+    )
+    assert [r.getMessage() for r in caplog.records if r.name in quiet] == []
+    sequential = run(tmp_path, "sequential", **BF16_ADAM_PROX)
+    assert vectorized.status == sequential.status == "completed"
+    assert str(vectorized.weights.coefs["0.weight"].dtype) == "bfloat16"
+    # bfloat16 rounds the gradients, and Adam makes a near-zero one's last bit a full step
+    # (the learning rate) of either sign: the engine test pins the maths (test_vectorized_dtypes)
+    assert vectorized.weights.allclose(sequential.weights, rtol=0, atol=0.01)
+    assert [r["replied"] for r in vectorized.history] == [CLIENTS] * ROUNDS
+
+
 def test_two_slots_batch_their_own_clients_and_match_the_sequential_mode(
     tmp_path: Path, engine_calls: list[tuple[str, int, list[str]]]
 ) -> None:
