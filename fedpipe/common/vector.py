@@ -13,6 +13,7 @@ accumulation (:meth:`Vector.add_`) keeps the accumulator's backend.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import cache
@@ -46,7 +47,7 @@ class ArraySpec:
 
     @property
     def size(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64))
+        return math.prod(self.shape)  # exact: a hostile shape cannot overflow int64
 
     @property
     def nbytes(self) -> int:
