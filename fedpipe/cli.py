@@ -653,6 +653,8 @@ def main(argv: list[str] | None = None) -> int:
     base = logging.INFO if args.command in ("server", "client") else logging.WARNING
     level = min(max(base + 10 * (args.quiet - args.verbose), logging.DEBUG), logging.ERROR)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if level > logging.INFO:  # Dask's cluster start and shutdown (~30 INFO lines): with -v
+        os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", logging.getLevelName(level).lower())
     try:
         return int(args.func(args))
     except (ConfigError, UnknownNameError) as exc:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -129,3 +132,18 @@ def test_a_missing_data_file_is_one_line_and_exit_2(
     err = capsys.readouterr().err
     assert code == 2
     assert err == f"fedpipe client: no dataset at {missing}\n"
+
+
+def test_simulate_on_dask_shows_rounds_not_the_clusters_log(tmp_path: Path) -> None:
+    """Dask logs its cluster's start, connections and shutdown at INFO (some 30 lines); a
+    ``fedpipe simulate`` without ``-v`` shows its round lines and none of those."""
+    pytest.importorskip("dask.distributed")
+    command = [sys.executable, "-m", "fedpipe", "simulate", "--rounds", "1", "--clients", "2"]
+    command += ["--output-dir", str(tmp_path), "--set", 'transport="dask"']
+    command += ["--set", "dask.workers=1"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DASK_")}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=180, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "round   1/1  clients 2/2" in done.stdout
+    # (A loaded machine may still see Dask's warnings, "event loop was unresponsive"...)
+    assert " INFO distributed." not in done.stderr, done.stderr[-2000:]
