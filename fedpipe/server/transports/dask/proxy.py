@@ -200,8 +200,10 @@ class DaskFleet:
             self._lost(worker)
 
     def _lost(self, worker: str) -> None:
-        """``worker`` is gone: fail what it owed this round, free its clients for others."""
-        if worker in self.workers:
+        """``worker`` is gone: fail what it owed this round, free its clients for others
+        (said once: a call that could not reach it and the scheduler's event both tell)."""
+        live = worker in self.workers
+        if live:
             self.workers.remove(worker)
         self._actors.pop(worker, None)
         if worker in self._followed:
@@ -211,15 +213,12 @@ class DaskFleet:
         for name in gone:
             del self.owners[name]
         del self.load[worker]
-        log.warning(
-            "Dask worker %s left; its %d client(s) leave this round and start again from a "
-            "fresh state on another worker",
-            worker,
-            len(gone),
-        )
+        if live or gone:
+            log.warning("Dask worker %s left; its %d client(s) leave this round and start again "
+                        "from a fresh state on another worker", worker, len(gone))  # fmt: skip
         error = ClientError(f"its Dask worker {worker} died")
         for batch in self._pending.pop(worker, set()):
-            if batch.runner is not None:
+            if batch.runner is not None and batch.runner is not asyncio.current_task():
                 batch.runner.cancel()
             for reply in batch.replies:
                 if not reply.done():
@@ -332,8 +331,9 @@ class DaskFleet:
                 WorkerCalls, self.plugin, workers=[worker], allow_other_workers=False,
                 pure=False, actor=True,
             )  # fmt: skip
-        except BaseException:
-            self._actors.pop(worker, None)
+        except Exception:  # the next call tries afresh
+            if self._actors.get(worker) is asyncio.current_task():
+                del self._actors[worker]
             raise
 
     async def _dispatch(self, batch: _Batch, task: RoundTask | None) -> None:
