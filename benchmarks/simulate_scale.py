@@ -3,7 +3,7 @@ and the Dask transport (a local cluster, one worker process per core), at 100 an
 clients (10,000 with ``--large``), ``softmax-regression`` 100 -> 10 (Linear(100, 10)), 5
 rounds, one local step of 32 samples per client, no evaluation. Each transport in its default
 mode (``mode = "auto"``): a numpy model's clients train stacked
-(:mod:`fedpipe.common.stacked`), in-process in one cohort, on Dask one task per worker
+(:mod:`fedpipe.common.stacked`), in-process in one cohort, on Dask one call per worker
 (:mod:`fedpipe.server.transports.dask.cohort`).
 
 Each point runs in its own process, so that its peak memory is its own: the sum of the RSS of

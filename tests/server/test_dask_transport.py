@@ -75,7 +75,7 @@ STACKING_OFF = "stacked training off"
 def test_dask_trains_like_in_process_on_loopback_only(
     cluster: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    # Both train stacked (mode "auto", a numpy model): one Dask task per worker and round.
+    # Both train stacked (mode "auto", a numpy model): one call per worker and round.
     reference = simulate(config(tmp_path, "inprocess"))
     seen: list[tuple[int, str, Any, Any]] = []
     sim = config(tmp_path, "dask", transport="dask", dask={"scheduler": cluster.scheduler_address})
@@ -103,28 +103,39 @@ def test_dask_trains_like_in_process_on_loopback_only(
     assert outside == []
 
 
-def test_weights_too_large_to_ride_in_the_task_are_scattered_with_the_same_bits(
+def test_each_worker_is_called_through_one_actor_not_a_task_per_round(
     cluster: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from fedpipe.server.transports.dask import proxy
+    # The scheduler sees one task per worker and run (its actor's creation): every round's
+    # init, training and evaluation calls go from the server straight to the workers, not
+    # relayed by the scheduler (ProxyRPC).
+    from fedpipe.server.transports.dask.worker import WorkerCalls
 
-    scattered: list[Any] = []
-    scatter = distributed.Client.scatter
+    submitted: list[tuple[Any, Any, tuple[str, ...]]] = []
+    submit = distributed.Client.submit
 
-    def counted(self: Any, *args: Any, **kwargs: Any) -> Any:
-        scattered.append(kwargs.get("broadcast"))
-        return scatter(self, *args, **kwargs)
+    def counted(self: Any, func: Any, *args: Any, **kwargs: Any) -> Any:
+        submitted.append((func, kwargs.get("actor"), tuple(kwargs.get("workers") or ())))
+        return submit(self, func, *args, **kwargs)
 
-    monkeypatch.setattr(proxy, "INLINE_BYTES", 0)  # every payload is "large"
-    monkeypatch.setattr(distributed.Client, "scatter", counted)
-    reference = simulate(config(tmp_path, "inprocess"))
+    relayed: list[Any] = []
+    relay = distributed.actor.ProxyRPC
+
+    def through_the_scheduler(*args: Any) -> Any:
+        relayed.append(args)
+        return relay(*args)
+
+    monkeypatch.setattr(distributed.Client, "submit", counted)
+    monkeypatch.setattr(distributed.actor, "ProxyRPC", through_the_scheduler)
     sim = config(tmp_path, "dask", transport="dask", dask={"scheduler": cluster.scheduler_address})
     summary = simulate(sim)
 
-    assert summary.status == reference.status == "completed"
-    for name, array in reference.weights.coefs.items():
-        assert np.array_equal(summary.weights.coefs[name], array), name
-    assert len(scattered) >= 3 and all(scattered)  # each round once at least, to every worker
+    assert summary.status == "completed"
+    assert [r["replied"] for r in summary.history] == [10, 10, 10]
+    assert all("accuracy" in r for r in summary.history)  # evaluated each round too
+    assert [(func, actor) for func, actor, _ in submitted] == [(WorkerCalls, True)] * 2
+    assert {workers for _, _, workers in submitted} == {(w,) for w in cluster.scheduler.workers}
+    assert relayed == []
 
 
 def killing(
@@ -192,7 +203,7 @@ def test_dask_clients_that_cannot_train_stacked_train_one_by_one_like_in_process
 
 
 def test_a_worker_killed_mid_round_drops_only_its_clients(cluster: Any, tmp_path: Path) -> None:
-    # Stacked: the worker dies in its one task of round 2, all its clients' steps at once.
+    # Stacked: the worker dies in its one call of round 2, all its clients' steps at once.
     summary = simulate(killing(cluster, tmp_path))
 
     assert (tmp_path / "killed").exists()

@@ -1,10 +1,10 @@
-"""A round's clients on Dask workers trained stacked: one Dask task per worker, one reply.
+"""A round's clients on Dask workers trained stacked: one call per worker, one reply.
 
 When the simulation's mode stacks (``mode = "auto"``, a numpy model: see
 :func:`fedpipe.server.simulation.training_mode`), every :class:`~.proxy.DaskClient` of a run
 has the fleet's :class:`DaskCohort`, and the round loop hands it the whole round
 (:mod:`fedpipe.server.cohorts`). It places the clients as the fleet places them (data sent
-once, with a client's first task), sends each worker ONE task with its clients in task order
+once, with a client's first task), sends each worker ONE call with its clients in task order
 (:func:`~.worker.train_stacked`: the worker's own
 :class:`~fedpipe.common.stacked.StackedTrainer`, kept from round to round) with the round's
 weights (:meth:`~.proxy.DaskFleet.shared`), and gets back the engine's chunks of plain arrays
@@ -64,18 +64,14 @@ class DaskCohort(ClientCohort):
         if self.declined is not None:
             return None
         # The live workers are asked only when a client is to be placed (a worker that left
-        # since fails its task through the scheduler's event, :meth:`DaskFleet._lost`); the
-        # weights leave meanwhile (a failed scatter fails each worker's task, where it is
-        # awaited again).
+        # since fails its call through the scheduler's event, :meth:`DaskFleet._lost`).
         placed = self.fleet.workers and all(c.name in self.fleet.owners for c in clients)
-        refreshed, _ = await asyncio.gather(
-            _done() if placed else self.fleet.refreshed(task),
-            self.fleet.shared(task, "train"),
-            return_exceptions=True,
-        )
-        if isinstance(refreshed, Exception):  # placed on the workers known so far
+        try:
+            if not placed:
+                await self.fleet.refreshed(task)
+        except Exception as exc:  # placed on the workers known so far
             log.warning("round %d: the Dask scheduler did not list its workers (%s: %s)",
-                        task.round_number, type(refreshed).__name__, refreshed)  # fmt: skip
+                        task.round_number, type(exc).__name__, exc)  # fmt: skip
         failures: dict[str, str] = {}
         jobs: dict[str, list[Job]] = {}
         for client in clients:
@@ -108,10 +104,6 @@ class DaskCohort(ClientCohort):
             return _checked(answer, jobs, task)
         except ClientError as exc:
             return {"names": [], "failures": {name: str(exc) for name, _, _ in jobs}}
-
-
-async def _done() -> None:
-    """Nothing to wait for."""
 
 
 def _checked(answer: Any, jobs: list[Job], task: RoundTask) -> dict[str, Any]:

@@ -2,22 +2,26 @@
 
 :class:`DaskFleet` places each client on a worker (round robin at first: client ``i`` of ``n``
 workers on worker ``i % n``) and keeps it there: its data goes once, with its first task, and
-its state stays in the worker's registry (:mod:`.worker`). The clients a round sends to one
-worker go in one Dask task per worker and phase (init, train, evaluate), batched the way the
+its state stays in the worker's registry (:mod:`.worker`). The server calls each worker
+through one Dask actor of the run (:class:`~.worker.WorkerCalls`, created on first use): after
+its creation, a call goes from the server straight to the worker and its answer straight back,
+not through the scheduler (the client connects to the workers directly, :mod:`.run`). The
+clients a round sends to one worker go in one call per worker and phase (init, train,
+evaluate), batched the way the
 in-process vectorized mode batches a device slot's clients
 (:mod:`fedpipe.server.slot_batches`): the first client of a round task on a worker opens the
 batch and schedules its flush with ``loop.call_soon``, after every sampled client has
-submitted. A task carries the data of the clients its worker has yet to build joined into a few
-arrays (:func:`~.payloads.packed_inits`: one buffer per dtype, not two per client), and the
-round's weights and aux vars once per worker, not per client: in the task itself when small
-(:data:`INLINE_BYTES`), else scattered to every worker first (``broadcast=True``); replies come
-back as numpy arrays in plain containers (:mod:`.payloads`) and are handed to the round loop in
+submitted. A call carries the data of the clients its worker has yet to build joined into a
+few arrays (:func:`~.payloads.packed_inits`: one buffer per dtype, not two per client), and the
+round's weights and aux vars once per worker, not per client; replies come back as numpy
+arrays in plain containers (:mod:`.payloads`) and are handed to the round loop in
 task order, so that its running sum adds them in the order the in-process transport does: same
 seed, bit-identical weights. When the clients train stacked (the mode ``"auto"`` and a numpy
 model), a round's training goes through the fleet's :class:`~.cohort.DaskCohort` instead: one
-task per worker, one reply for the round.
+call per worker, one reply for the round.
 
-A worker that dies (the scheduler's ``remove-worker`` event) fails the replies it owed: its
+A worker that dies (the scheduler's ``remove-worker`` event, or a call that cannot reach it)
+fails the replies it owed: its
 clients leave the round like clients past the deadline, and the round goes on if
 ``min_results`` others replied. Its clients go to the live workers with the fewest clients at
 their next task, with their data, and start from a fresh state there: module states and aux
@@ -65,9 +69,8 @@ from fedpipe.server.transports.dask.worker import (
     Job,
     Op,
     Outcome,
+    WorkerCalls,
     WorkerClients,
-    run_jobs,
-    train_stacked,
 )
 
 if TYPE_CHECKING:  # the secagg extra
@@ -83,9 +86,6 @@ if TYPE_CHECKING:  # the secagg extra
 __all__ = ["DaskClient", "DaskFleet"]
 
 T = TypeVar("T")
-#: The largest round payload (weights, aux vars) sent within each worker's task; a larger one
-#: is scattered to the workers first (one more round trip, each worker's copy sent once).
-INLINE_BYTES = 1 << 20
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ class _Batch:
 
 
 class DaskFleet:
-    """Which Dask worker owns each simulated client, and one Dask task per worker and phase.
+    """Which Dask worker owns each simulated client, and one call per worker and phase.
 
     Parameters
     ----------
@@ -144,6 +144,7 @@ class DaskFleet:
         self.owners: dict[str, str] = {}  # client name -> its worker
         self.load: Counter[str] = Counter()
         self._pending: dict[str, set[_Batch]] = {}
+        self._actors: dict[str, asyncio.Future[Any]] = {}  # worker -> its WorkerCalls actor
         self._init_cache: dict[str, Any] = {}
         self._started = False
         self._followed: set[str] = set()  # workers whose events this fleet follows
@@ -168,6 +169,7 @@ class DaskFleet:
             return
         for worker in self._followed:
             self.client.unsubscribe_topic(worker)
+        self._actors.clear()  # released: each worker drops its actor
         await self.client.unregister_worker_plugin(self.plugin)
 
     async def refreshed(self, task: RoundTask) -> None:
@@ -198,9 +200,12 @@ class DaskFleet:
             self._lost(worker)
 
     def _lost(self, worker: str) -> None:
-        """``worker`` is gone: fail what it owed this round, free its clients for others."""
-        if worker in self.workers:
+        """``worker`` is gone: fail what it owed this round, free its clients for others
+        (said once: a call that could not reach it and the scheduler's event both tell)."""
+        live = worker in self.workers
+        if live:
             self.workers.remove(worker)
+        self._actors.pop(worker, None)
         if worker in self._followed:
             self._followed.discard(worker)
             self.client.unsubscribe_topic(worker)
@@ -208,15 +213,12 @@ class DaskFleet:
         for name in gone:
             del self.owners[name]
         del self.load[worker]
-        log.warning(
-            "Dask worker %s left; its %d client(s) leave this round and start again from a "
-            "fresh state on another worker",
-            worker,
-            len(gone),
-        )
+        if live or gone:
+            log.warning("Dask worker %s left; its %d client(s) leave this round and start again "
+                        "from a fresh state on another worker", worker, len(gone))  # fmt: skip
         error = ClientError(f"its Dask worker {worker} died")
         for batch in self._pending.pop(worker, set()):
-            if batch.runner is not None:
+            if batch.runner is not None and batch.runner is not asyncio.current_task():
                 batch.runner.cancel()
             for reply in batch.replies:
                 if not reply.done():
@@ -275,9 +277,9 @@ class DaskFleet:
         batch.runner = asyncio.ensure_future(self._dispatch(batch, task))
 
     def submit_stacked(self, worker: str, jobs: list[Job], task: RoundTask) -> asyncio.Future[Any]:
-        """One Dask task: ``jobs``' clients trained stacked on ``worker``
+        """One call: ``jobs``' clients trained stacked on ``worker``
         (:func:`~.worker.train_stacked`); the future gets its plain answer, or a
-        :class:`ClientError` (the worker died, the task failed)."""
+        :class:`ClientError` (the worker died, the call failed)."""
         reply: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         batch = _Batch("train_stacked", worker, task.round_number, jobs, [reply])
         self._pending.setdefault(worker, set()).add(batch)
@@ -290,13 +292,13 @@ class DaskFleet:
     async def _dispatch_stacked(self, batch: _Batch, task: RoundTask) -> None:
         [reply] = batch.replies
         try:
-            shared = await self.shared(task, "train")
             names, _, inits = _wire_jobs(batch.jobs)
-            answer = await self._run(batch, train_stacked, names, inits, shared, batch.round_number)
+            shared, number = self.shared(task, "train"), batch.round_number
+            answer = await self._call(batch.worker, "train_stacked", names, inits, shared, number)
             failed = set(answer.get("failures", {})) if isinstance(answer, dict) else set()
-        except Exception as exc:  # the Dask task's failure is each of its clients' failure
-            log.warning("Dask task on %s failed: %s: %s", batch.worker, type(exc).__name__, exc)
-            answer = ClientError(f"Dask task failed: {type(exc).__name__}: {exc}")
+        except Exception as exc:  # the call's failure is each of its clients' failure
+            log.warning("Dask call to %s failed: %s: %s", batch.worker, type(exc).__name__, exc)
+            answer = ClientError(f"Dask call failed: {type(exc).__name__}: {exc}")
             failed = {name for name, _, _ in batch.jobs}
         finally:
             self._pending.get(batch.worker, set()).discard(batch)
@@ -309,28 +311,41 @@ class DaskFleet:
             else:
                 reply.set_result(answer)
 
-    def _run(self, batch: _Batch, task: Callable[..., Any], *args: Any) -> Any:
-        """``task(plugin, *args)`` on the batch's worker, as a Dask future."""
-        return self.client.submit(
-            task,
-            self.plugin,
-            *args,
-            workers=[batch.worker],
-            allow_other_workers=False,
-            resources=self.resources or None,
-            pure=False,
-        )
+    async def _call(self, worker: str, method: str, *args: Any) -> Any:
+        """``method(*args)`` of ``worker``'s :class:`~.worker.WorkerCalls` (created on first
+        use); a worker this server cannot reach is lost (:meth:`_lost`)."""
+        actor = self._actors.get(worker)
+        if actor is None:
+            actor = self._actors[worker] = asyncio.ensure_future(self._actor(worker))
+        try:
+            calls = await asyncio.shield(actor)
+            return await getattr(calls, method)(*args)
+        except OSError:  # Dask's "Unable to contact Actor's worker", a closed connection
+            self._lost(worker)
+            raise
+
+    async def _actor(self, worker: str) -> Any:
+        """A new :class:`~.worker.WorkerCalls` on ``worker``; none kept when it fails."""
+        try:
+            return await self.client.submit(
+                WorkerCalls, self.plugin, workers=[worker], allow_other_workers=False,
+                pure=False, actor=True,
+            )  # fmt: skip
+        except Exception:  # the next call tries afresh
+            if self._actors.get(worker) is asyncio.current_task():
+                del self._actors[worker]
+            raise
 
     async def _dispatch(self, batch: _Batch, task: RoundTask | None) -> None:
         try:
-            shared = None if task is None else await self.shared(task, batch.op)
+            shared = None if task is None else self.shared(task, batch.op)
             args = (batch.op, *_wire_jobs(batch.jobs), shared, batch.round_number)
-            outcomes: list[Outcome] = await self._run(batch, run_jobs, *args)
+            outcomes: list[Outcome] = await self._call(batch.worker, "run_jobs", *args)
             if not isinstance(outcomes, list) or len(outcomes) != len(batch.jobs):
                 raise ClientError(f"a worker answered {len(batch.jobs)} jobs with {outcomes!r}")
-        except Exception as exc:  # the Dask task's failure is each of its clients' failure
-            log.warning("Dask task on %s failed: %s: %s", batch.worker, type(exc).__name__, exc)
-            outcomes = [("error", f"Dask task failed: {type(exc).__name__}: {exc}")] * len(
+        except Exception as exc:  # the call's failure is each of its clients' failure
+            log.warning("Dask call to %s failed: %s: %s", batch.worker, type(exc).__name__, exc)
+            outcomes = [("error", f"Dask call failed: {type(exc).__name__}: {exc}")] * len(
                 batch.jobs
             )
         finally:
@@ -354,36 +369,20 @@ class DaskFleet:
         if owner is not None:
             self.load[owner] -= 1
 
-    async def shared(self, task: RoundTask, op: Op) -> Any:
+    def shared(self, task: RoundTask, op: Op) -> dict[str, Any]:
         """The task's weights and aux vars (an evaluation's: the global buffers, when they
-        travel): up to :data:`INLINE_BYTES`, the payload itself, which travels in each
-        worker's task (no round trip before the tasks leave); else scattered once to every
-        worker, each task naming the scattered copy."""
+        travel) as plain data, built once per task and phase: each worker's call carries
+        them."""
         key = f"dask/shared/{op}"
-        scattered: asyncio.Future[Any] | None = task.cache.get(key)
-        if scattered is None:
-            payload = {
+        payload: dict[str, Any] | None = task.cache.get(key)
+        if payload is None:
+            payload = task.cache[key] = {
                 "weights": plain_vector(task.weights),
                 "aux_vars": {k: plain_summable(v) for k, v in task.aux_vars.items()},
             }
             if op != "evaluate" and task.settings.get("dp"):  # distributed DP: clients noise
                 payload["dp"] = dict(task.settings["dp"])
-            if _nbytes(payload) <= INLINE_BYTES:
-                return payload
-            scattered = task.cache[key] = asyncio.ensure_future(
-                self.client.scatter([payload], broadcast=True, hash=False)
-            )
-        [future] = await asyncio.shield(scattered)
-        return future
-
-
-def _nbytes(payload: Any) -> int:
-    """The bytes of the arrays in ``payload`` (nested dicts)."""
-    if isinstance(payload, np.ndarray):
-        return payload.nbytes
-    if isinstance(payload, dict):
-        return sum(_nbytes(v) for v in payload.values())
-    return 0
+        return payload
 
 
 def _wire_jobs(jobs: list[Job]) -> tuple[np.ndarray, list[bytes | None] | None, PackedInits]:

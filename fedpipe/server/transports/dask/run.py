@@ -37,7 +37,9 @@ def local_cluster_options(config: DaskConfig) -> dict[str, Any]:
 @contextlib.asynccontextmanager
 async def dask_client(config: DaskConfig) -> AsyncIterator[Any]:
     """An asynchronous Dask client on ``config.scheduler``, or on a local cluster
-    (:func:`local_cluster_options`) that ends with it.
+    (:func:`local_cluster_options`) that ends with it; it connects to the workers directly
+    (``direct_to_workers``), so that a call to a worker's actor (:mod:`.proxy`) and its answer
+    do not go through the scheduler.
 
     Raises
     ------
@@ -52,13 +54,13 @@ async def dask_client(config: DaskConfig) -> AsyncIterator[Any]:
             "(pip install 'fedpipe[dask]')"
         ) from None
     if config.scheduler is not None:
-        async with Client(config.scheduler, asynchronous=True) as client:
+        async with Client(config.scheduler, asynchronous=True, direct_to_workers=True) as client:
             yield client
         return
     options = local_cluster_options(config)
     async with (
         LocalCluster(**options, asynchronous=True) as cluster,
-        Client(cluster, asynchronous=True) as client,
+        Client(cluster, asynchronous=True, direct_to_workers=True) as client,
     ):
         log.info("local Dask cluster: %d worker(s) on 127.0.0.1", options["n_workers"])
         yield client

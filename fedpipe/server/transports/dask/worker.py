@@ -7,7 +7,10 @@ plain data (the run setup, plugin modules, device), so nothing but fedpipe's own
 reference, is pickled to install it. On each worker it keeps one model object, built by name
 from the run setup on first use (model code never travels), and each client placed there: its
 data and its own :class:`~fedpipe.common.training.LocalTrainer` (module states, aux vars),
-kept from round to round. A task (:func:`run_jobs`) finds it through ``get_worker()``.
+kept from round to round. The server calls each worker through one Dask actor of the run,
+:class:`WorkerCalls` (created by a task on that worker, it finds the registry through
+``get_worker()``): its calls go from the server straight to the worker, not through the
+scheduler, and run one at a time in the worker's actor thread.
 
 A worker trains a round's clients stacked when it can (:func:`train_stacked`, the server's
 :class:`~.cohort.DaskCohort`): one :class:`~fedpipe.common.stacked.StackedTrainer` per worker,
@@ -58,6 +61,7 @@ __all__ = [
     "Job",
     "Op",
     "Outcome",
+    "WorkerCalls",
     "WorkerClients",
     "run_jobs",
     "train_stacked",
@@ -169,8 +173,24 @@ class WorkerClients(WorkerPlugin):
         return self._states[worker.address]
 
 
+class WorkerCalls:
+    """The server's calls to one worker's clients of a run, a Dask actor on that worker
+    (``Client.submit(WorkerCalls, plugin, actor=True)``): :func:`run_jobs` and
+    :func:`train_stacked` on the registry of the plugin named ``plugin``."""
+
+    def __init__(self, plugin: str) -> None:
+        worker = get_worker()
+        self.state: _WorkerState = worker.plugins[plugin].state(worker)  # type: ignore[attr-defined]
+
+    def run_jobs(self, *args: Any) -> list[Outcome]:
+        return run_jobs(self.state, *args)
+
+    def train_stacked(self, *args: Any) -> dict[str, Any]:
+        return train_stacked(self.state, *args)
+
+
 def run_jobs(
-    plugin: str,
+    state: _WorkerState,
     op: Op,
     names: np.ndarray,
     messages: list[bytes | None] | None,
@@ -178,14 +198,12 @@ def run_jobs(
     shared: dict[str, Any] | None,
     round_number: int,
 ) -> list[Outcome]:
-    """A Dask task: ``op`` for each client of ``names`` (an array of str: Dask does not walk
-    it, as it walks a list of thousands) on this worker, in order, with its ``messages`` entry
+    """``op`` for each client of ``names`` (an array of str: Dask does not walk it, as it
+    walks a list of thousands) on the worker of ``state``, in order, with its ``messages`` entry
     (a secure aggregation stage's; None: no client has one), those in ``inits``
     (:func:`~.payloads.packed_inits`) built first; ``shared`` holds the round's ``weights``,
     ``aux_vars`` and ``dp`` settings (distributed client-level DP: each client clips and
     noises its update), sent once per worker and round; ``None`` for ``init``."""
-    worker = get_worker()
-    state = worker.plugins[plugin].state(worker)  # type: ignore[attr-defined]
     built = inits_from(inits)
     jobs = [
         (name, built.get(name), None if messages is None else messages[k])
@@ -254,13 +272,13 @@ def _run(
 
 
 def train_stacked(
-    plugin: str,
+    state: _WorkerState,
     names: np.ndarray,
     inits: PackedInits,
     shared: dict[str, Any],
     round_number: int,
 ) -> dict[str, Any]:
-    """A Dask task: the clients ``names`` (an array of str) trained at once on this worker
+    """The clients ``names`` (an array of str) trained at once on the worker of ``state``
     from the round's ``shared`` weights, those in ``inits`` (:func:`~.payloads.packed_inits`)
     built first from their data. Its answer: ``names``, the clients trained, in that order,
     and their rows as the engine's ``chunks`` (each
@@ -268,8 +286,6 @@ def train_stacked(
     ``seconds`` per client; not joined here, so that the worker holds its clients' updates
     once), ``failures`` (client name -> why); or ``declined`` (why they cannot train stacked:
     nothing was trained) and ``failures``."""
-    worker = get_worker()
-    state: _WorkerState = worker.plugins[plugin].state(worker)  # type: ignore[attr-defined]
     built = inits_from(inits)
     with state.lock:
         failures: dict[str, str] = {}
