@@ -191,10 +191,19 @@ class Optimizer:
     def run_modules(self, gradients: Vector) -> Vector:
         """``gradients`` through the module pipeline alone: no regularizer, learning rate or
         weight decay, and no step counted (a client's own training function uses it on its
-        round's update)."""
+        round's update).
+
+        Half-precision gradients (float16, bfloat16) go through the modules as float32 and
+        come out rounded to their own dtypes, so the modules' state (momentum, Adam's moments)
+        is float32 (Micikevicius et al., 2018, "Mixed Precision Training"): in float16, Adam's
+        ``eps=1e-8`` is 0 and ``(1 - beta_2) g^2`` underflows, and ``m / (sqrt(v) + eps)``
+        turns into inf or NaN. Other dtypes pass through as they are, bit for bit.
+        """
+        wide = gradients.widened()
+        out = wide
         for module in self.modules:
-            gradients = module.run(gradients)
-        return gradients
+            out = module.run(out)
+        return out if wide is gradients else out.astype(gradients.specs())
 
     def apply(self, model: TrainableModel, gradients: Vector, *, consume: bool = False) -> None:
         """One step: compute the updates and add them to ``model``'s weights."""

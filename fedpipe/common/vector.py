@@ -227,9 +227,10 @@ class Vector:
         """Half-precision arrays (float16, bfloat16) as float32 copies, the others shared (or
         copied with ``copy``): what a running sum of such Vectors starts from (see :meth:`add_`).
         """
-        specs = self.specs()
-        if not copy and not any(s.dtype in HALF_DTYPES for s in specs.values()):
+        dtype_of = self.ops.dtype_name  # not specs(): an optimizer step asks every time
+        if not copy and not any(dtype_of(a) in HALF_DTYPES for a in self.coefs.values()):
             return self
+        specs = self.specs()
         out = self.astype(
             {n: ArraySpec(s.shape, accumulator_dtype(s.dtype)) for n, s in specs.items()}
         )
