@@ -18,7 +18,7 @@ from fedpipe.common.regularizers.base import Regularizer
 from fedpipe.common.schedulers.base import Scheduler
 from fedpipe.common.state import State, StateValue
 from fedpipe.common.summable import Summable
-from fedpipe.common.vector import Vector
+from fedpipe.common.vector import Vector, VectorSpecs
 
 __all__ = ["BareWeights", "Optimizer", "TrainableModel"]
 
@@ -252,13 +252,16 @@ class Optimizer:
 
     # ---- auxiliary variables -----------------------------------------------------------------
 
-    def collect_aux_var(self) -> dict[str, Summable]:
-        """Aux vars of the modules that have one to send, keyed by their ``aux_name``."""
+    def collect_aux_var(self, specs: VectorSpecs | None = None) -> dict[str, Summable]:
+        """Aux vars of the modules that have one to send, keyed by their ``aux_name``; with
+        ``specs`` (a client's model's), their Vectors rounded to its dtypes: what travels is
+        in the model's dtype, and the modules of a half-precision model keep float32 state
+        (see :meth:`run_modules`)."""
         collected = {}
         for aux_name, module in self._aux_modules.items():
             aux_var = module.collect_aux_var()
             if aux_var is not None:
-                collected[aux_name] = aux_var
+                collected[aux_name] = aux_var if specs is None else _rounded(aux_var, specs)
         return collected
 
     def process_aux_var(
@@ -282,6 +285,18 @@ class Optimizer:
                 f"known aux-var names: {sorted(self._aux_modules) or 'none'}"
             )
         return module
+
+
+def _rounded(aux_var: Summable, specs: VectorSpecs) -> Summable:
+    """``aux_var`` with its Vectors of ``specs``' names and shapes in ``specs``' dtypes (the
+    others as they are, for the server to reject)."""
+    fields = dict(aux_var.fields)
+    for key, value in fields.items():
+        if isinstance(value, Vector) and all(
+            n in specs and tuple(a.shape) == specs[n].shape for n, a in value.coefs.items()
+        ):
+            fields[key] = value.astype(specs)
+    return Summable(fields)
 
 
 def _placed(value: StateValue, like: Vector) -> StateValue:

@@ -200,3 +200,24 @@ def test_a_float16_clients_float32_state_resumes_bit_identically_across_processe
     assert updates_of(first).norm() > 0
     assert updates_of(got).array_equal(updates_of(want))
 
+
+def test_a_half_clients_scaffold_delta_travels_in_the_models_dtype_and_fits_the_server() -> None:
+    gradients = half_gradients(np.dtype("float16"), steps=2)
+    specs = gradients[0].specs()
+    client = Optimizer(modules=["scaffold-client"])
+    server = Optimizer(lrate=1.0, modules=["scaffold-server"])
+    for step in gradients:
+        client.run_modules(step)
+    aux = client.collect_aux_var(specs)["scaffold"]
+    mean = (gradients[0].widened() + gradients[1].widened()) / 2.0  # c_i, from c = 0
+    assert aux.vector("delta").array_equal(mean.astype(specs))  # rounded once, to float16
+    assert state_dtypes(client.get_state()) == {"float32"}
+    server.run_modules(gradients[0].widened())  # the server steps its float32 master
+    server.check_aux_var({"scaffold": aux})  # a float16 delta fits its float32 sum
+    server.process_aux_var({"scaffold": aux.accumulator()}, senders=["c0"])
+    (global_state,) = server.collect_aux_var().values()
+    client.process_aux_var({"scaffold": global_state})  # c in float32, c_i in float32
+    out = client.run_modules(gradients[0])
+    assert out.specs() == specs
+    want = gradients[0].widened() - mean + mean.astype(specs).widened()  # g - c_i + c
+    assert out.array_equal(want.astype(specs))
