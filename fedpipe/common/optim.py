@@ -9,7 +9,7 @@ al., 2021, "Adaptive Federated Optimization"; Hsu et al., 2019).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol, Self
 
 from fedpipe.common.modules.base import AuxVarError, OptiModule
@@ -229,7 +229,8 @@ class Optimizer:
         for regularizer, reg_state in zip(self.regularizers, reg_states, strict=True):
             regularizer.set_state(reg_state)
         for module, mod_state in zip(self.modules, mod_states, strict=True):
-            module.set_state(mod_state)
+            # float32, as run_modules keeps it, for a half-precision state saved before it did
+            module.set_state(_mapped(mod_state, Vector.widened))  # type: ignore[arg-type]
         self.step = step
 
     def place_like(self, like: Vector) -> None:
@@ -240,7 +241,7 @@ class Optimizer:
         parts: list[Regularizer | OptiModule] = [*self.regularizers, *self.modules]
         for part in parts:
             state = part.get_state()
-            placed = _placed(state, like)
+            placed = _mapped(state, lambda vector: vector.like(like))
             if placed is not state:
                 part.set_state(placed)  # type: ignore[arg-type]
 
@@ -299,15 +300,15 @@ def _rounded(aux_var: Summable, specs: VectorSpecs) -> Summable:
     return Summable(fields)
 
 
-def _placed(value: StateValue, like: Vector) -> StateValue:
-    """``value`` with its Vectors on ``like``'s backend and device (itself if none moved)."""
+def _mapped(value: StateValue, change: Callable[[Vector], Vector]) -> StateValue:
+    """``value`` with ``change`` applied to its Vectors (itself if none changed)."""
     if isinstance(value, Vector):
-        return value.like(like)
+        return change(value)
     if isinstance(value, dict):
-        items = {key: _placed(item, like) for key, item in value.items()}
+        items = {key: _mapped(item, change) for key, item in value.items()}
         return items if any(items[k] is not value[k] for k in value) else value
     if isinstance(value, list):
-        listed = [_placed(item, like) for item in value]
+        listed = [_mapped(item, change) for item in value]
         return listed if any(a is not b for a, b in zip(listed, value, strict=True)) else value
     return value
 

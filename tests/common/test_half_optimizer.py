@@ -221,3 +221,15 @@ def test_a_half_clients_scaffold_delta_travels_in_the_models_dtype_and_fits_the_
     assert out.specs() == specs
     want = gradients[0].widened() - mean + mean.astype(specs).widened()  # g - c_i + c
     assert out.array_equal(want.astype(specs))
+
+
+def test_a_half_precision_module_state_saved_before_float32_state_resumes_widened() -> None:
+    first, second = half_gradients(np.dtype("float16"), steps=2)
+    saved = {"step": 1, "m": first * 0.1, "v": first.square() * 0.001, "v_max": None}
+    old = {"step": 1, "regularizers": [], "modules": [{"name": "adam", "state": saved}]}
+    optimizer, reference = Optimizer(modules=["adam"]), Optimizer(modules=["adam"])
+    optimizer.set_state(old)  # type: ignore[arg-type]
+    reference.modules[0].set_state({**saved, "m": saved["m"].widened(), "v": saved["v"].widened()})
+    assert state_dtypes(optimizer.get_state()) == {"float32"}
+    out = optimizer.run_modules(second)
+    assert out.array_equal(reference.run_modules(second.widened()).astype(second.specs()))
