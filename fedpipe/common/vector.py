@@ -227,8 +227,9 @@ class Vector:
         """Half-precision arrays (float16, bfloat16) as float32 copies, the others shared (or
         copied with ``copy``): what a running sum of such Vectors starts from (see :meth:`add_`).
         """
-        dtype_of = self.ops.dtype_name  # not specs(): an optimizer step asks every time
-        if not copy and not any(dtype_of(a) in HALF_DTYPES for a in self.coefs.values()):
+        # an optimizer step asks every time: each distinct dtype named once, not specs()
+        one_per_dtype = {a.dtype: a for a in self.coefs.values()}.values()
+        if not copy and not any(self.ops.dtype_name(a) in HALF_DTYPES for a in one_per_dtype):
             return self
         specs = self.specs()
         out = self.astype(
