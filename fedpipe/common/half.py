@@ -14,7 +14,11 @@ Sums of half-precision values are formed in float32 (:data:`ACCUMULATOR`): an fp
 many small updates stalls once its ulp exceeds them, and bfloat16 keeps only 8 significant
 bits. Aggregators' running sums, the server optimizer's state and the server's master copy of
 half-precision weights are float32 (Micikevicius et al., 2018, "Mixed Precision Training").
-What travels stays in the model's dtype, partials included: an fp16 weighted sum (update times
+So are a client's module states (momentum, Adam's moments, SCAFFOLD's control variates): its
+modules run on its gradients widened to float32, and their output is rounded to the model's
+dtype once (:meth:`~fedpipe.common.optim.Optimizer.run_modules`); in float16 Adam's default
+``eps=1e-8`` is 0 and ``(1 - beta_2) g^2`` underflows. What travels stays in the model's
+dtype, partials and a client's aux vars included: an fp16 weighted sum (update times
 sample count) overflows past 65504: with fp16 models and clients of very many samples, weight
 ``"uniform"`` or train in bfloat16 (which has float32's range).
 """

@@ -9,7 +9,7 @@ al., 2021, "Adaptive Federated Optimization"; Hsu et al., 2019).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol, Self
 
 from fedpipe.common.modules.base import AuxVarError, OptiModule
@@ -18,7 +18,7 @@ from fedpipe.common.regularizers.base import Regularizer
 from fedpipe.common.schedulers.base import Scheduler
 from fedpipe.common.state import State, StateValue
 from fedpipe.common.summable import Summable
-from fedpipe.common.vector import Vector
+from fedpipe.common.vector import Vector, VectorSpecs
 
 __all__ = ["BareWeights", "Optimizer", "TrainableModel"]
 
@@ -191,10 +191,19 @@ class Optimizer:
     def run_modules(self, gradients: Vector) -> Vector:
         """``gradients`` through the module pipeline alone: no regularizer, learning rate or
         weight decay, and no step counted (a client's own training function uses it on its
-        round's update)."""
+        round's update).
+
+        Half-precision gradients (float16, bfloat16) go through the modules as float32 and
+        come out rounded to their own dtypes, so the modules' state (momentum, Adam's moments)
+        is float32 (Micikevicius et al., 2018, "Mixed Precision Training"): in float16, Adam's
+        ``eps=1e-8`` is 0 and ``(1 - beta_2) g^2`` underflows, and ``m / (sqrt(v) + eps)``
+        turns into inf or NaN. Other dtypes pass through as they are, bit for bit.
+        """
+        wide = gradients.widened()
+        out = wide
         for module in self.modules:
-            gradients = module.run(gradients)
-        return gradients
+            out = module.run(out)
+        return out if wide is gradients else out.astype(gradients.specs())
 
     def apply(self, model: TrainableModel, gradients: Vector, *, consume: bool = False) -> None:
         """One step: compute the updates and add them to ``model``'s weights."""
@@ -220,7 +229,8 @@ class Optimizer:
         for regularizer, reg_state in zip(self.regularizers, reg_states, strict=True):
             regularizer.set_state(reg_state)
         for module, mod_state in zip(self.modules, mod_states, strict=True):
-            module.set_state(mod_state)
+            # float32, as run_modules keeps it, for a half-precision state saved before it did
+            module.set_state(_mapped(mod_state, Vector.widened))  # type: ignore[arg-type]
         self.step = step
 
     def place_like(self, like: Vector) -> None:
@@ -231,7 +241,7 @@ class Optimizer:
         parts: list[Regularizer | OptiModule] = [*self.regularizers, *self.modules]
         for part in parts:
             state = part.get_state()
-            placed = _placed(state, like)
+            placed = _mapped(state, lambda vector: vector.like(like))
             if placed is not state:
                 part.set_state(placed)  # type: ignore[arg-type]
 
@@ -243,13 +253,16 @@ class Optimizer:
 
     # ---- auxiliary variables -----------------------------------------------------------------
 
-    def collect_aux_var(self) -> dict[str, Summable]:
-        """Aux vars of the modules that have one to send, keyed by their ``aux_name``."""
+    def collect_aux_var(self, specs: VectorSpecs | None = None) -> dict[str, Summable]:
+        """Aux vars of the modules that have one to send, keyed by their ``aux_name``; with
+        ``specs`` (a client's model's), their Vectors rounded to its dtypes: what travels is
+        in the model's dtype, and the modules of a half-precision model keep float32 state
+        (see :meth:`run_modules`)."""
         collected = {}
         for aux_name, module in self._aux_modules.items():
             aux_var = module.collect_aux_var()
             if aux_var is not None:
-                collected[aux_name] = aux_var
+                collected[aux_name] = aux_var if specs is None else _rounded(aux_var, specs)
         return collected
 
     def process_aux_var(
@@ -275,15 +288,27 @@ class Optimizer:
         return module
 
 
-def _placed(value: StateValue, like: Vector) -> StateValue:
-    """``value`` with its Vectors on ``like``'s backend and device (itself if none moved)."""
+def _rounded(aux_var: Summable, specs: VectorSpecs) -> Summable:
+    """``aux_var`` with its Vectors of ``specs``' names and shapes in ``specs``' dtypes (the
+    others as they are, for the server to reject)."""
+    fields = dict(aux_var.fields)
+    for key, value in fields.items():
+        if isinstance(value, Vector) and all(
+            n in specs and tuple(a.shape) == specs[n].shape for n, a in value.coefs.items()
+        ):
+            fields[key] = value.astype(specs)
+    return Summable(fields)
+
+
+def _mapped(value: StateValue, change: Callable[[Vector], Vector]) -> StateValue:
+    """``value`` with ``change`` applied to its Vectors (itself if none changed)."""
     if isinstance(value, Vector):
-        return value.like(like)
+        return change(value)
     if isinstance(value, dict):
-        items = {key: _placed(item, like) for key, item in value.items()}
+        items = {key: _mapped(item, change) for key, item in value.items()}
         return items if any(items[k] is not value[k] for k in value) else value
     if isinstance(value, list):
-        listed = [_placed(item, like) for item in value]
+        listed = [_mapped(item, change) for item in value]
         return listed if any(a is not b for a, b in zip(listed, value, strict=True)) else value
     return value
 

@@ -232,7 +232,7 @@ class LocalTrainer:
         else:
             work, partial = self._train_from(initial, data, client, round_number, seed, dp)
         self.buffers = model.get_buffers()
-        replied = optimizer.collect_aux_var()
+        replied = optimizer.collect_aux_var(model.weight_specs())
         if self.buffer_mode == "average" and len(self.buffers):
             replied[BUFFERS_AUX] = buffers_share(self.buffers, work.n_samples)
         return TrainResult(

@@ -228,9 +228,11 @@ class Vector:
         """Half-precision arrays (float16, bfloat16) as float32 copies, the others shared (or
         copied with ``copy``): what a running sum of such Vectors starts from (see :meth:`add_`).
         """
-        specs = self.specs()
-        if not copy and not any(s.dtype in HALF_DTYPES for s in specs.values()):
+        # an optimizer step asks every time: each distinct dtype named once, not specs()
+        one_per_dtype = {a.dtype: a for a in self.coefs.values()}.values()
+        if not copy and not any(self.ops.dtype_name(a) in HALF_DTYPES for a in one_per_dtype):
             return self
+        specs = self.specs()
         out = self.astype(
             {n: ArraySpec(s.shape, accumulator_dtype(s.dtype)) for n, s in specs.items()}
         )

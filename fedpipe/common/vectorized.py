@@ -259,7 +259,7 @@ class VectorizedTrainer:
                 partial=job.trainer.aggregator.prepare(
                     updates, n_samples=len(job.data), n_steps=steps
                 ),
-                aux_vars=job.trainer.optimizer.collect_aux_var(),
+                aux_vars=job.trainer.optimizer.collect_aux_var(self.model.weight_specs()),
                 n_samples=len(job.data),
                 n_steps=steps,
                 loss_sum=float(losses[k]),

@@ -7,9 +7,10 @@ learning rate) turns its slice into updates.
 
 **Stacked** (the default): the pipeline runs inside ``torch.func.vmap``. Every tensor of the
 clients' optimizer states (momentum buffers, Adam moments, FedProx anchors: the Vectors of
-``get_state()``) is stacked on the client axis; at each step one template optimizer gets a
-client's slice with ``set_state``, runs ``compute_updates`` on torch Vectors, and gives the
-new slice back with ``get_state``, for all clients at once. The plain values of the states
+``get_state()``, float32 module states for a half-precision model) is stacked on the client
+axis; at each step one template optimizer gets a client's slice with ``set_state``, runs
+``compute_updates`` on torch Vectors, and gives the new slice back with ``get_state``, for all
+clients at once. The plain values of the states
 (step counters, ``None`` before a first step) must be equal across the clients, which they are
 for clients that started equal and took the same number of steps; the learning rate is each
 client's own (its own step count, scheduler included). Per-client norms (clipping) are per

@@ -14,9 +14,9 @@ from fedpipe.common.models.torch_adapter import TorchModel
 from fedpipe.common.vectorized import VectorizedTrainer
 from tests.common.test_vectorized import client_data, jobs_for, mlp, setup
 
-#: Adam whose output the gradients' rounding cannot blow up: with the default eps (1e-8, 0 in
-#: float16) a near-zero gradient's last bit is a full step of either sign, and with the
-#: default beta_2 float16's second moment ``(1 - beta_2) g^2`` falls among the subnormals.
+#: Adam whose output the gradients' rounding cannot blow up: with the default eps (1e-8) and
+#: beta_2 a near-zero gradient's last bit, which the engine and LocalTrainer may round apart,
+#: is a full step of either sign (test_half_optimizer checks the defaults against float32).
 ADAM = ["adam", {"eps": 1e-2, "beta_2": 0.9}]
 PENALTIES: dict[str, dict[str, Any]] = {
     "fedprox": {"regularizers": [["fedprox", {"mu": 0.1}]]},

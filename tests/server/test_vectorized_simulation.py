@@ -113,6 +113,24 @@ def test_a_bfloat16_model_with_fedprox_and_adam_trains_as_one_cohort(
     assert [r["replied"] for r in vectorized.history] == [CLIENTS] * ROUNDS
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_a_half_precision_model_with_scaffold_federates_in_both_modes(
+    tmp_path: Path, dtype: str
+) -> None:
+    # The clients' control variates are float32 (a half model's module state) and their
+    # deltas travel in the model's dtype; the server sums them in float32 and sends c back in
+    # float32. Every reply was rejected before: a half delta against the server's float32 sum.
+    model = {"name": "tests.common.torch_models:build", "config": {"hidden": 16, "dtype": dtype}}
+    vectorized = run(tmp_path, "vectorized", model=model, **SCAFFOLD)
+    sequential = run(tmp_path, "sequential", model=model, **SCAFFOLD)
+    for summary in (vectorized, sequential):
+        assert summary.status == "completed"
+        assert [r["replied"] for r in summary.history] == [CLIENTS] * ROUNDS
+        assert str(summary.weights.coefs["0.weight"].dtype) == dtype
+    # both modes' gradients round differently in the dtype: a weight's last bit or two
+    assert vectorized.weights.allclose(sequential.weights, rtol=0, atol=0.01)
+
+
 def test_two_slots_batch_their_own_clients_and_match_the_sequential_mode(
     tmp_path: Path, engine_calls: list[tuple[str, int, list[str]]]
 ) -> None:

@@ -24,7 +24,9 @@ class OptiModule(Registrable):
 
     Subclasses set a unique ``name`` (the registry key used in configs) and implement
     :meth:`run`. Stateful modules override :meth:`get_state` / :meth:`set_state`: the state
-    holds everything needed to resume the module or mirror it in another process. Modules
+    holds everything needed to resume the module or mirror it in another process. Its Vectors
+    take the dtypes of the gradients :meth:`run` is given: float32 for a half-precision model
+    (float16, bfloat16), whose gradients the optimizer widens for its modules. Modules
     that talk to their counterpart on the other side (Scaffold) set ``aux_name`` and implement
     :meth:`collect_aux_var` / :meth:`process_aux_var`; client-to-server aux vars are
     :class:`~fedpipe.common.summable.Summable` so the server can add them up as they arrive.

@@ -19,10 +19,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import ClassVar
 
+from fedpipe.common.half import accumulator_dtype
 from fedpipe.common.modules.base import AuxVarError, OptiModule
 from fedpipe.common.state import State, StateValue, state_vector
 from fedpipe.common.summable import Summable
-from fedpipe.common.vector import Vector, VectorSpecs, describe_spec_mismatch
+from fedpipe.common.vector import ArraySpec, Vector, VectorSpecs, describe_spec_mismatch
 
 __all__ = ["ScaffoldClient", "ScaffoldServer"]
 
@@ -40,9 +41,16 @@ def _aux_vector(aux_var: Summable, fields: set[str], key: str, module: str) -> V
 
 
 def _check_aux_specs(value: Vector, specs: VectorSpecs | None, key: str, module: str) -> None:
-    problem = "" if specs is None else describe_spec_mismatch(value.specs(), specs)
+    """Raise unless ``value`` fits ``specs``, a half-precision array its float32 counterpart:
+    what travels is in the model's dtype, a half-precision model's control variates are
+    float32 (see :meth:`~fedpipe.common.optim.Optimizer.run_modules`)."""
+    problem = "" if specs is None else describe_spec_mismatch(_wide(value.specs()), _wide(specs))
     if problem:
         raise AuxVarError(f"{module} aux var field {key!r} does not fit the model: {problem}")
+
+
+def _wide(specs: VectorSpecs) -> VectorSpecs:
+    return {n: ArraySpec(s.shape, accumulator_dtype(s.dtype)) for n, s in specs.items()}
 
 
 def _state_int(state: State, key: str, module: str) -> int:
@@ -109,10 +117,12 @@ class ScaffoldClient(OptiModule):
         value = _aux_vector(aux_var, {"global_state"}, "global_state", self.name)
         known = self.local_state if self.local_state is not None else self.global_state
         _check_aux_specs(value, None if known is None else known.specs(), "global_state", self.name)
-        self.global_state = value.copy()
+        self.global_state = value.widened(copy=True)
         if self.local_state is None:
             # A reported client without c_i lost its state: see on_state_lost.
-            self.local_state = value.copy() if self.reported else value.zeros_like()
+            self.local_state = (
+                self.global_state.copy() if self.reported else self.global_state.zeros_like()
+            )
         self.grad_sum, self.n_steps = None, 0
 
     def get_state(self) -> State:
