@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 from typing import Any
 
 from fedpipe.common.models.linear import SoftmaxRegression
@@ -46,3 +47,24 @@ class DyingSoftmax(SoftmaxRegression):
                 pass  # another worker died already
             else:
                 os.kill(os.getpid(), signal.SIGKILL)
+
+
+class RefusedWeights(Exception):
+    """An exception a process that did not raise it cannot rebuild from its pickle (its
+    ``__init__`` takes two arguments, its ``args`` hold one): a user's exception class."""
+
+    def __init__(self, model: str, why: str) -> None:
+        super().__init__(f"model {model}: {why}")
+
+
+class RefusingSoftmax(SoftmaxRegression):
+    """Softmax regression whose ``get_weights`` raises :class:`RefusedWeights` when a Dask
+    worker's own code asks for its weights (:mod:`fedpipe.server.transports.dask.worker`,
+    outside any one client's training): user code failing in a worker's call, not in a
+    client's."""
+
+    def get_weights(self, copy: bool = True) -> Any:
+        caller = sys._getframe(1).f_globals.get("__name__")
+        if caller == "fedpipe.server.transports.dask.worker":
+            raise RefusedWeights(self.name, "no weights for the worker today")
+        return super().get_weights(copy=copy)

@@ -429,3 +429,26 @@ def test_a_client_name_ending_in_nul_is_refused_before_any_round(
         "(no control characters such as '\\x00' or line breaks)"
     )
     assert not (tmp_path / transport).exists()  # no round ran, no run directory
+
+
+@pytest.mark.parametrize("mode", ["auto", "sequential"])
+def test_user_code_failing_a_workers_call_fails_its_clients_not_the_round_deadline(
+    cluster: Any, tmp_path: Path, mode: str
+) -> None:
+    # The model raises an exception class the server cannot rebuild from its pickle, in the
+    # worker's own code (not one client's training). Dask never resolves an actor call whose
+    # answer the server cannot read: the clients waited for the round deadline, and said so.
+    model = {
+        "name": "tests.dask_models:RefusingSoftmax",
+        "config": {"n_features": 64, "n_classes": 10},
+    }
+    server = {"model": model, "rounds": 1, "eval_every": 0, "round_timeout": 60}
+    dask = {"scheduler": cluster.scheduler_address}
+    sim = config(tmp_path, "dask", transport="dask", dask=dask, server=server, mode=mode)
+    summary = simulate(sim)
+
+    assert summary.status == "failed"
+    rows = client_rows(tmp_path / "dask")
+    assert [row["error"] for row in rows] == [
+        "RefusedWeights: model softmax-regression: no weights for the worker today"
+    ] * 10

@@ -176,17 +176,34 @@ class WorkerClients(WorkerPlugin):
 class WorkerCalls:
     """The server's calls to one worker's clients of a run, a Dask actor on that worker
     (``Client.submit(WorkerCalls, plugin, actor=True)``): :func:`run_jobs` and
-    :func:`train_stacked` on the registry of the plugin named ``plugin``."""
+    :func:`train_stacked` on the registry of the plugin named ``plugin``.
+
+    A call answers, whatever fails: an exception it let out would travel pickled (a user
+    model's exception class, which the server may not rebuild), and Dask never resolves an
+    actor call whose answer the server cannot read; its clients would wait for the round's
+    deadline. What fails the call is each of its clients' failure, as plain text."""
 
     def __init__(self, plugin: str) -> None:
         worker = get_worker()
         self.state: _WorkerState = worker.plugins[plugin].state(worker)  # type: ignore[attr-defined]
 
-    def run_jobs(self, *args: Any) -> list[Outcome]:
-        return run_jobs(self.state, *args)
+    def run_jobs(self, op: Op, names: np.ndarray, *args: Any) -> list[Outcome]:
+        try:
+            return run_jobs(self.state, op, names, *args)
+        except Exception as exc:
+            log.warning(
+                "%s of %d client(s) failed: %s: %s", op, len(names), type(exc).__name__, exc
+            )
+            return [("error", f"{type(exc).__name__}: {exc}")] * len(names)
 
-    def train_stacked(self, *args: Any) -> dict[str, Any]:
-        return train_stacked(self.state, *args)
+    def train_stacked(self, names: np.ndarray, *args: Any) -> dict[str, Any]:
+        try:
+            return train_stacked(self.state, names, *args)
+        except Exception as exc:
+            log.warning("stacked training of %d client(s) failed: %s: %s", len(names),
+                        type(exc).__name__, exc)  # fmt: skip
+            why = f"{type(exc).__name__}: {exc}"
+            return {"names": [], "failures": dict.fromkeys(names.tolist(), why), "chunks": []}
 
 
 def run_jobs(
