@@ -107,10 +107,12 @@ STALL_CHUNK_MIB = 1.0
 #: The most the server's peak RSS may grow per stalled session, in chunks: its frames in
 #: flight, never the model. A round's frames are shared by its clients up to
 #: FRAME_CACHE_BYTES (then a session holds gRPC's copy of the frame it writes: measured 1.2);
-#: past it each session builds its own and holds its outbox's too (measured 6.0).
+#: past it each session builds its own and holds its outbox's too (measured 6.0). Peak RSS
+#: sampled every 0.1 s moves by up to ~29 MiB between runs (3.6 chunks per session over 8): the
+#: bounds leave that margin and stay far below a model copy (19.5 chunks).
 STALL_BOUNDS = {
-    "shared-frames": ("fedpipe", 3),
-    "own-frames": ("tests.faults.unshared_frames_server", OUTBOX_FRAMES + 4),
+    "shared-frames": ("fedpipe", 6),
+    "own-frames": ("tests.faults.unshared_frames_server", OUTBOX_FRAMES + 8),
 }
 
 
