@@ -189,11 +189,16 @@ class DaskFleet:
             for address, worker in info["workers"].items()
             if all(worker.get("resources", {}).get(k, 0) >= v for k, v in self.resources.items())
         ]
-        for worker in set(self.workers) - self._followed:
+        new = set(self.workers) - self._followed
+        for worker in new:
             # A worker's own topic: the scheduler's topic "all" also carries events Dask
             # cannot serialize (its "replicate" event after a broadcast scatter).
             self.client.subscribe_topic(worker, functools.partial(self._on_event, worker))
             self._followed.add(worker)
+        if new:  # one that left before its topic was followed told no one: ask again
+            again = await scheduler.identity(n_workers=-1)
+            for worker in new - set(again["workers"]):
+                self._lost(worker)
 
     def _on_event(self, worker: str, event: tuple[float, dict[str, Any]]) -> None:
         if event[1].get("action") == "remove-worker":
