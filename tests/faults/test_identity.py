@@ -134,6 +134,20 @@ def start_client(
     )
 
 
+def wait_for_output(proc: subprocess.Popen[str], text: str, timeout: float) -> None:
+    """Read ``proc``'s output until a line holds ``text`` (AssertionError at EOF or timeout;
+    the lines read are gone from what :func:`finish` returns)."""
+    assert proc.stdout is not None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        if text in line:
+            return
+    raise AssertionError(f"{text!r} not in the output of {proc.args} within {timeout}s")
+
+
 def server_log(config: Any) -> Path:
     return Path(config.output_dir).parent / "server.log"
 
@@ -318,6 +332,9 @@ async def test_a_client_reconnecting_after_a_network_cut_replaces_its_half_open_
         alice = start_client(tmp_path, "alice", port, client_data[0])
         procs.append(alice)
         await asyncio.to_thread(wait_for_log, log, "client alice joined", 60)
+        # The cut comes once her welcome (its session secret) reached her: a cut before it
+        # leaves her no secret, and the server must then wait out her old session.
+        await asyncio.to_thread(wait_for_output, alice, "joined run", 30)
         proxy.cut()
         # Alice reconnects at once; the server still holds her old session (it cannot know
         # the network is cut for 30 s): her session secret proves the new one is hers.
