@@ -24,7 +24,14 @@ import numpy as np
 from fedpipe.common.backends import NUMPY, ArrayOps, is_array, ops_of
 from fedpipe.common.half import HALF_DTYPES, accumulator_dtype, numpy_dtype
 
-__all__ = ["ArraySpec", "SpecMismatchError", "Vector", "VectorSpecs", "dtype_name"]
+__all__ = [
+    "ArraySpec",
+    "SpecMismatchError",
+    "Vector",
+    "VectorSpecs",
+    "dtype_name",
+    "widened_specs",
+]
 
 
 #: Elements checked at a time by :meth:`Vector.is_finite` (bounds its temporary mask).
@@ -53,8 +60,17 @@ class ArraySpec:
     def nbytes(self) -> int:
         return self.size * numpy_dtype(self.dtype).itemsize
 
+    def widened(self) -> ArraySpec:
+        """This spec with a half-precision dtype's float32 accumulator (others as they are)."""
+        return ArraySpec(self.shape, accumulator_dtype(self.dtype))
+
 
 VectorSpecs = dict[str, ArraySpec]
+
+
+def widened_specs(specs: VectorSpecs) -> VectorSpecs:
+    """``specs`` with half-precision dtypes widened to float32 (:meth:`ArraySpec.widened`)."""
+    return {name: spec.widened() for name, spec in specs.items()}
 
 
 class SpecMismatchError(ValueError):
@@ -138,10 +154,7 @@ class Vector:
         Vector: the same specs, except half-precision arrays meeting float32 arrays of their
         shape (a running sum of half-precision updates, see :meth:`widened`)."""
         own = self.specs()
-        theirs = {
-            n: own[n] if own.get(n) == ArraySpec(s.shape, accumulator_dtype(s.dtype)) else s
-            for n, s in other.specs().items()
-        }
+        theirs = {n: own[n] if own.get(n) == s.widened() else s for n, s in other.specs().items()}
         problem = describe_spec_mismatch(theirs, own)
         if problem:
             raise SpecMismatchError(f"{what}: {problem}")
@@ -232,10 +245,7 @@ class Vector:
         one_per_dtype = {a.dtype: a for a in self.coefs.values()}.values()
         if not copy and not any(self.ops.dtype_name(a) in HALF_DTYPES for a in one_per_dtype):
             return self
-        specs = self.specs()
-        out = self.astype(
-            {n: ArraySpec(s.shape, accumulator_dtype(s.dtype)) for n, s in specs.items()}
-        )
+        out = self.astype(widened_specs(self.specs()))
         if copy:
             out.coefs = {
                 n: self.ops.copy(a) if a is self.coefs[n] else a for n, a in out.coefs.items()

@@ -19,11 +19,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import ClassVar
 
-from fedpipe.common.half import accumulator_dtype
 from fedpipe.common.modules.base import AuxVarError, OptiModule
 from fedpipe.common.state import State, StateValue, state_vector
 from fedpipe.common.summable import Summable
-from fedpipe.common.vector import ArraySpec, Vector, VectorSpecs, describe_spec_mismatch
+from fedpipe.common.vector import Vector, VectorSpecs, describe_spec_mismatch, widened_specs
 
 __all__ = ["ScaffoldClient", "ScaffoldServer"]
 
@@ -44,13 +43,13 @@ def _check_aux_specs(value: Vector, specs: VectorSpecs | None, key: str, module:
     """Raise unless ``value`` fits ``specs``, a half-precision array its float32 counterpart:
     what travels is in the model's dtype, a half-precision model's control variates are
     float32 (see :meth:`~fedpipe.common.optim.Optimizer.run_modules`)."""
-    problem = "" if specs is None else describe_spec_mismatch(_wide(value.specs()), _wide(specs))
+    problem = (
+        ""
+        if specs is None
+        else describe_spec_mismatch(widened_specs(value.specs()), widened_specs(specs))
+    )
     if problem:
         raise AuxVarError(f"{module} aux var field {key!r} does not fit the model: {problem}")
-
-
-def _wide(specs: VectorSpecs) -> VectorSpecs:
-    return {n: ArraySpec(s.shape, accumulator_dtype(s.dtype)) for n, s in specs.items()}
 
 
 def _state_int(state: State, key: str, module: str) -> int:
