@@ -290,11 +290,11 @@ def deployment_run(n: int, rounds: int, neighbours: int | None, secure: bool) ->
     server's seconds per round (median after the first), its CPU seconds and the clients'
     (summed) per round."""
     sim = overhead_config(n, rounds, secure, neighbours)
-    server = complete_model_config(sim.server, client_datasets(sim)[0][1]).model_dump(
+    datasets = [train for _, train, _ in client_datasets(sim)]
+    server = complete_model_config(sim.server, datasets[0]).model_dump(
         mode="json", exclude_none=True
     )
     server.update(round_timeout=600.0, wait_timeout=300.0)
-    datasets = [train for _, train, _ in client_datasets(sim)]
     with tempfile.TemporaryDirectory(prefix="fedpipe-privacy-") as tmp:
         # One math thread per client: n processes share this machine's cores.
         done = run_federation(server, datasets, Path(tmp), client_env=ONE_THREAD)

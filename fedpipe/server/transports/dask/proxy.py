@@ -192,7 +192,7 @@ class DaskFleet:
         new = set(self.workers) - self._followed
         for worker in new:
             # A worker's own topic: the scheduler's topic "all" also carries events Dask
-            # cannot serialize (its "replicate" event after a broadcast scatter).
+            # cannot serialize (a "replicate" event, for one).
             self.client.subscribe_topic(worker, functools.partial(self._on_event, worker))
             self._followed.add(worker)
         if new:  # one that left before its topic was followed told no one: ask again
