@@ -23,10 +23,13 @@ engine logs one line saying why and trains clients one after another with their
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import sys
 import time
 from collections.abc import Iterator, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -116,17 +119,27 @@ class VectorizedTrainer:
         ``max_clients`` at a time: one result per chunk, row ``k`` for the chunk's ``k``-th
         job, its updates (start minus end weights, a leading client axis) left on the
         device for the caller to add up there."""
-        for start in range(0, len(jobs), self.max_clients):
-            chunk = jobs[start : start + self.max_clients]
-            schedules, deltas, loss_sum, began = self._trained(chunk, weights, round_number)
+        weights = weights.like(self.model.get_weights(copy=False))  # on the device, once
+        chunks = [jobs[at : at + self.max_clients] for at in range(0, len(jobs), self.max_clients)]
+        ahead: _Plan | None = None
+        for k, chunk in enumerate(chunks):
+            plan = ahead if ahead is not None else _plan(batch_schedules(chunk, round_number))
+            _, deltas, loss_sum, began = self._trained(chunk, weights, round_number, plan)
+            schedules = plan.schedules
+            n_steps = np.array([len(s) for s in schedules], dtype=np.int64)
+            seen = np.array([sum(len(r) for r in s) for s in schedules], dtype=np.int64)
+            # while the device trains this chunk (nothing above waited for it), the host plans
+            # the next one; a failure there is raised again by that chunk, not by this one
+            ahead = None
+            if k + 1 < len(chunks):
+                with contextlib.suppress(Exception):
+                    ahead = _plan(batch_schedules(chunks[k + 1], round_number))
             yield StackedUpdates(
                 updates=deltas,
                 n_samples=np.array([len(job.data) for job in chunk], dtype=np.int64),
-                n_steps=np.array([len(s) for s in schedules], dtype=np.int64),
-                loss_sum=loss_sum.cpu().numpy(),
-                n_samples_seen=np.array(
-                    [sum(len(r) for r in s) for s in schedules], dtype=np.int64
-                ),
+                n_steps=n_steps,
+                loss_sum=loss_sum.cpu().numpy(),  # the host waits for this chunk here
+                n_samples_seen=seen,
                 seconds=(time.perf_counter() - began) / len(chunk),
             )
 
@@ -181,9 +194,17 @@ class VectorizedTrainer:
 
     # ---- vectorized --------------------------------------------------------------------------
 
-    def _trained(self, jobs: Sequence[ClientJob], weights: Vector, round_number: int) -> _Trained:
-        """Every job trained from ``weights``: the schedules, each client's update (a row of
-        start minus end weights, on the device), its loss sum, and when training began."""
+    def _trained(
+        self,
+        jobs: Sequence[ClientJob],
+        weights: Vector,
+        round_number: int,
+        plan: _Plan | None = None,
+    ) -> _Trained:
+        """Every job trained from ``weights`` (following ``plan``, the jobs' round worked out
+        on the host, when given): the schedules, each client's update (a row of start minus
+        end weights, on the device), its loss sum, and when training began. Nothing here
+        waits for the device (a CUDA one) once its work is queued."""
         start = time.perf_counter()
         # on the device, once (the cohort's are the round's numpy weights: bfloat16 ones are
         # ml_dtypes arrays, which torch.as_tensor refuses)
@@ -192,7 +213,8 @@ class VectorizedTrainer:
             if job.aux_vars:
                 job.trainer.optimizer.process_aux_var(dict(job.aux_vars))
             job.trainer.optimizer.start_round(weights)
-        schedules = batch_schedules(jobs, round_number)
+        if plan is None:
+            plan = _plan(batch_schedules(jobs, round_number))
         x_all, y_all = self._stacked_data(jobs)
         start_w = dict(weights.coefs)  # read only: the updates are start minus end
         params = {n: w.unsqueeze(0).repeat(len(jobs), *([1] * w.dim())) for n, w in start_w.items()}
@@ -206,15 +228,15 @@ class VectorizedTrainer:
         buffers = self._buffers()
         self.model.module.train()
         try:
-            for t, members, sel, index in _step_plan(schedules, self.device):
+            for t, members, sel, index in _on_device(plan, self.device):
                 step = (t, members, sel, index)
                 self._step(step, params, buffers, optimizers, (x_all, y_all), loss_sum)
         except BaseException:
             optimizers.restore()  # the caller trains these clients again, one by one
             raise
-        optimizers.finish([len(s) for s in schedules])
+        optimizers.finish([len(s) for s in plan.schedules])
         deltas = {n: p.neg_().add_(start_w[n]) for n, p in params.items()}
-        return schedules, deltas, loss_sum, start
+        return plan.schedules, deltas, loss_sum, start
 
     def _step(
         self,
@@ -290,25 +312,49 @@ _Step = tuple[int, list[int], torch.Tensor, torch.Tensor]
 _Trained = tuple[list[list[np.ndarray]], Tensors, torch.Tensor, float]
 
 
-def _step_plan(schedules: list[list[np.ndarray]], device: torch.device) -> list[_Step]:
-    """Every local step of the round: ``(t, members, members on the device, their sample
-    indices [len(members), batch] on the device)``. The indices go to the device in one copy
-    per round: one copy per step would make the host wait for the GPU at every step."""
-    steps: list[tuple[int, list[int], np.ndarray]] = []
+class _Plan(NamedTuple):
+    """A chunk's round worked out on the host: each client's batches (``schedules``), and
+    every local step's ``(t, members, shape of its sample indices)``, all of whose members and
+    indices lie in ``flat`` (one copy to the device per chunk: one per step would make the
+    host wait for the GPU at every step)."""
+
+    schedules: list[list[np.ndarray]]
+    steps: list[tuple[int, list[int], tuple[int, ...]]]
+    flat: np.ndarray
+
+
+def _plan(schedules: list[list[np.ndarray]]) -> _Plan:
+    """The steps of ``schedules``: at each ``t``, the clients that have a step ``t`` grouped
+    by batch size."""
+    steps, parts = [], []
     for t in range(max((len(s) for s in schedules), default=0)):
         for members in groups_by_batch_size(schedules, t):
-            steps.append((t, members, np.stack([schedules[k][t] for k in members])))
-    if not steps:
+            rows = np.stack([schedules[k][t] for k in members])
+            steps.append((t, members, rows.shape))
+            parts += [np.asarray(members), rows.ravel()]
+    flat = np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
+    return _Plan(schedules, steps, flat)
+
+
+def _on_device(plan: _Plan, device: torch.device) -> list[_Step]:
+    """Every local step of ``plan``: ``(t, members, members on the device, their sample
+    indices [len(members), batch] on the device)``. On a CUDA device the indices travel from
+    pinned memory, without the host waiting for the work queued before."""
+    if not plan.steps:
         return []
-    flat = np.concatenate([np.concatenate([m, r.ravel()]) for _, m, r in steps])
-    on_device = torch.from_numpy(flat.astype(np.int64)).to(device)
-    plan, at = [], 0
-    for t, members, rows in steps:
+    host = torch.from_numpy(plan.flat)
+    if device.type == "cuda":
+        on_device = host.pin_memory().to(device, non_blocking=True)
+    else:
+        on_device = host.to(device)
+    steps, at = [], 0
+    for t, members, shape in plan.steps:
         sel = on_device[at : at + len(members)]
         at += len(members)
-        plan.append((t, members, sel, on_device[at : at + rows.size].view(rows.shape)))
-        at += rows.size
-    return plan
+        size = math.prod(shape)
+        steps.append((t, members, sel, on_device[at : at + size].view(shape)))
+        at += size
+    return steps
 
 
 def _default_budget(device: torch.device) -> int:

@@ -16,7 +16,13 @@ from fedpipe.common.modules.base import OptiModule
 from fedpipe.common.optim import Optimizer
 from fedpipe.common.training import LocalTrainer, RunSetup, TrainResult
 from fedpipe.common.vector import Vector
-from fedpipe.common.vectorized import ClientJob, VectorizedTrainer, _step_plan, batch_schedule
+from fedpipe.common.vectorized import (
+    ClientJob,
+    VectorizedTrainer,
+    _on_device,
+    _plan,
+    batch_schedule,
+)
 
 SIZES = (37, 64, 100, 150, 9, 64)  # ragged last batches, different step counts
 SGD = {"lrate": 0.1}
@@ -237,7 +243,7 @@ def test_the_step_plan_holds_every_clients_batches_in_one_device_array() -> None
     rng = np.random.default_rng(0)
     sizes = [[4, 4, 2], [4, 4, 4, 1], [4, 4]]
     schedules = [[rng.integers(0, 9, size=b) for b in steps] for steps in sizes]
-    plan = _step_plan(schedules, torch.device("cpu"))
+    plan = _on_device(_plan(schedules), torch.device("cpu"))
     got = [(t, members, sel.tolist(), index.tolist()) for t, members, sel, index in plan]
     want = []
     for t in range(4):
@@ -288,3 +294,59 @@ def test_half_precision_numpy_weights_train_as_the_same_weights_on_the_device() 
     for name, rows in want.updates.items():
         assert rows.dtype == torch.bfloat16 and torch.equal(got.updates[name], rows)
     np.testing.assert_array_equal(got.loss_sum, want.loss_sum)
+
+
+def test_the_next_chunk_is_planned_before_this_chunks_losses_are_read(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # the host's work for chunk k + 1 happens while the device trains chunk k: before the
+    # loss read that waits for chunk k, not after the caller has added chunk k up
+    from fedpipe.common import vectorized
+
+    events: list[str] = []
+    schedules, cpu = vectorized.batch_schedules, torch.Tensor.cpu
+
+    def planned(jobs: list[ClientJob], round_number: int) -> list[list[np.ndarray]]:
+        events.append(f"plan {jobs[0].name}")
+        return schedules(jobs, round_number)
+
+    def read(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if tensor.dtype == torch.float64:  # the chunk's loss sums
+            events.append("read")
+        return cpu(tensor, *args, **kwargs)
+
+    monkeypatch.setattr(vectorized, "batch_schedules", planned)
+    monkeypatch.setattr(torch.Tensor, "cpu", read)
+    run, data = setup(SGD), client_data()
+    model = mlp()
+    engine = VectorizedTrainer(model, max_clients=2)
+    for done in engine.train_stacked(jobs_for(run, model, data), model.get_weights(), 1):
+        events.append(f"chunk of {len(done.n_samples)}")
+    assert events == [
+        "plan c0", "plan c2", "read", "chunk of 2",
+        "plan c4", "read", "chunk of 2",
+        "read", "chunk of 2",
+    ]  # fmt: skip
+
+
+def test_a_chunk_whose_planning_fails_fails_itself_not_the_chunk_before(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from fedpipe.common import vectorized
+
+    schedules = vectorized.batch_schedules
+
+    def planned(jobs: list[ClientJob], round_number: int) -> list[list[np.ndarray]]:
+        if jobs[0].name == "c2":
+            raise ValueError("client c2's data went away")
+        return schedules(jobs, round_number)
+
+    monkeypatch.setattr(vectorized, "batch_schedules", planned)
+    run, data = setup(SGD), client_data()
+    model = mlp()
+    engine = VectorizedTrainer(model, max_clients=2)
+    chunks = engine.train_stacked(jobs_for(run, model, data), model.get_weights(), 1)
+    first = next(chunks)  # its planning ahead of c2's chunk failed: not its failure
+    assert first.n_samples.tolist() == [SIZES[0], SIZES[1]]
+    with pytest.raises(ValueError, match="client c2's data went away"):
+        next(chunks)
