@@ -103,6 +103,39 @@ def test_dask_trains_like_in_process_on_loopback_only(
     assert outside == []
 
 
+def test_a_local_cluster_gets_the_configs_threads_and_resources(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # No scheduler: the transport starts its own cluster (here in this process, so that the
+    # test sees it): 2 workers of 2 threads with {GPU = 1} each, on 127.0.0.1, and the clients
+    # train there to in-process's weights.
+    started: list[Any] = []
+    local = distributed.LocalCluster
+
+    def seen(**options: Any) -> Any:
+        started.append(local(**options))
+        return started[-1]
+
+    monkeypatch.setattr(distributed, "LocalCluster", seen)
+    server = {"rounds": 1, "eval_every": 0}
+    reference = simulate(config(tmp_path, "inprocess", n_clients=4, server=server))
+    dask = {"workers": 2, "threads_per_worker": 2, "processes": False, "resources": {"GPU": 1}}
+    sim = config(tmp_path, "dask", n_clients=4, transport="dask", dask=dask, server=server)
+    workers: list[tuple[str, int, dict[str, float]]] = []
+
+    def listed(_: Any) -> None:  # the scheduler runs in this process
+        [cluster] = started
+        for w in cluster.scheduler.workers.values():
+            workers.append((w.address.rsplit(":", 1)[0], w.nthreads, dict(w.resources)))
+
+    summary = simulate(sim, on_round=listed)
+
+    assert workers == [("tcp://127.0.0.1", 2, {"GPU": 1})] * 2
+    assert summary.status == "completed" and summary.history[-1]["replied"] == 4
+    for name, array in reference.weights.coefs.items():
+        assert np.array_equal(summary.weights.coefs[name], array), name
+
+
 def test_each_worker_is_called_through_one_actor_not_a_task_per_round(
     cluster: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -21,11 +21,13 @@ log = logging.getLogger(__name__)
 def local_cluster_options(config: DaskConfig) -> dict[str, Any]:
     """``LocalCluster`` keyword arguments for ``config``: every listener on 127.0.0.1 (the
     scheduler, the nannies, the workers), no dashboard, ``config.workers`` workers (default:
-    one per core this process may run on)."""
+    one per core this process may run on). TCP even for workers in this process
+    (``processes = false``): Dask's in-process transport takes no host."""
     return {
         "n_workers": config.workers or len(os.sched_getaffinity(0)),
         "threads_per_worker": config.threads_per_worker,
         "processes": config.processes,
+        "protocol": "tcp://",
         "host": "127.0.0.1",
         "dashboard_address": None,
         # No dashboard; the scheduler's health and metrics routes on loopback, any port.
