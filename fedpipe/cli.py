@@ -652,9 +652,13 @@ def main(argv: list[str] | None = None) -> int:
     # Daemons log joins, leaves and rounds by default; one-shot commands only problems.
     base = logging.INFO if args.command in ("server", "client") else logging.WARNING
     level = min(max(base + 10 * (args.quiet - args.verbose), logging.DEBUG), logging.ERROR)
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if level > logging.INFO:  # Dask's cluster start and shutdown (~30 INFO lines): with -v
-        os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", logging.getLevelName(level).lower())
+    # The handler holds the level too: Dask's loggers set their own (INFO: its cluster's start
+    # and shutdown, ~30 lines) and would pass a level set on the root logger alone.
+    handler = logging.StreamHandler()
+    handler.setLevel(level)
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", handlers=[handler]
+    )
     try:
         return int(args.func(args))
     except (ConfigError, UnknownNameError) as exc:

@@ -134,6 +134,35 @@ def test_a_missing_data_file_is_one_line_and_exit_2(
     assert err == f"fedpipe client: no dataset at {missing}\n"
 
 
+def test_a_command_leaves_the_environment_as_it_found_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    # It used to set DASK_LOGGING__DISTRIBUTED for the rest of the calling process.
+    monkeypatch.delenv("DASK_LOGGING__DISTRIBUTED", raising=False)
+    before = dict(os.environ)
+    assert main(["simulate", "--print-config"]) == 0
+    assert dict(os.environ) == before
+
+
+# Dask's import sets its loggers' own level (INFO), as here; they log to the root's handler.
+DASK_LOGS = """
+import logging, sys
+from fedpipe.cli import main
+logging.getLogger("distributed").setLevel(logging.INFO)
+main(sys.argv[1:])
+logging.getLogger("distributed.scheduler").info("State start")
+logging.getLogger("distributed.scheduler").warning("Event loop was unresponsive")
+"""
+
+
+@pytest.mark.parametrize(("verbose", "info_shown"), [([], False), (["-v"], True)])
+def test_dasks_info_lines_show_only_with_verbose(verbose: list[str], info_shown: bool) -> None:
+    command = [sys.executable, "-c", DASK_LOGS, *verbose, "simulate", "--print-config"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DASK_")}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60, env=env)
+    assert done.returncode == 0, done.stderr
+    assert " WARNING distributed.scheduler: Event loop was unresponsive" in done.stderr
+    assert (" INFO distributed.scheduler: State start" in done.stderr) is info_shown
+
+
 def test_simulate_on_dask_shows_rounds_not_the_clusters_log(tmp_path: Path) -> None:
     """Dask logs its cluster's start, connections and shutdown at INFO (some 30 lines); a
     ``fedpipe simulate`` without ``-v`` shows its round lines and none of those."""

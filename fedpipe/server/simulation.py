@@ -71,15 +71,21 @@ def client_datasets(
     p = sim.partition
     parts = partition(data, sim.n_clients, p.scheme, seed=p.seed, alpha=p.alpha)
     clients = []
-    width = len(str(sim.n_clients - 1))
     for i, part in enumerate(parts):
-        name = f"client-{i:0{width}d}"
+        name = position_name(i, sim.n_clients)
         if sim.eval_fraction > 0:
             train, test = part.split(1.0 - sim.eval_fraction, seed=p.seed + i)
             clients.append((name, train, test if len(test) else None))
         else:
             clients.append((name, part, None))
     return clients
+
+
+def position_name(index: int, count: int) -> str:
+    """``client-<index>``, zero-padded to the width of ``count - 1``: the name of a
+    simulation's ``index``-th client, and the name of its files in a gRPC simulation (whose
+    clients' own names may hold ``/`` or ``..``)."""
+    return f"client-{index:0{len(str(count - 1))}d}"
 
 
 def complete_model_config(server: ServerConfig, data: Dataset) -> ServerConfig:
@@ -282,7 +288,8 @@ def simulate_grpc(
     """A real server process and one process per client, over loopback gRPC.
 
     The simulation's owner owns these processes: they import its plugins, and the clients
-    trust its model's import path. Their logs are kept in ``<output_dir>/logs/``.
+    trust its model's import path. Their logs are kept in ``<output_dir>/logs/``:
+    ``server.log``, and ``client-<i>.log`` for the ``i``-th client, whatever its name.
 
     Raises
     ------
@@ -314,12 +321,13 @@ def simulate_grpc(
         client_procs: dict[str, subprocess.Popen[bytes]] = {}
         watcher = _ClientWatcher(server_proc, client_procs)
         try:
-            for name, train, test in clients:
-                client_procs[name] = _spawn_client(name, train, test, work, logs)
+            client_logs = _spawn_clients(clients, work, logs, client_procs)
             watcher.start()
             expired = _follow(server_proc, on_round, timeout)
             summarized = (output_dir / "summary.json").exists
-            _check_processes(server_proc, client_procs, watcher, expired, timeout, logs, summarized)
+            _check_processes(
+                server_proc, client_procs, watcher, expired, timeout, summarized, client_logs, logs
+            )
         finally:
             for proc in [server_proc, *client_procs.values()]:
                 if proc.poll() is None:
@@ -357,14 +365,28 @@ def _client_config(server: ServerConfig, sim: SimulationConfig) -> dict[str, Any
 FEDPIPE = [sys.executable, "-m", "fedpipe"]
 
 
-def _spawn_client(
-    name: str, train: Dataset, test: Dataset | None, work: Path, logs: Path
-) -> subprocess.Popen[bytes]:
-    args = [*FEDPIPE, "client", "--config", str(work / "client.json"), "--name", name]
-    args += ["--data", str(save_dataset(train, work / name / "train"))]
-    if test is not None:
-        args += ["--eval-data", str(save_dataset(test, work / name / "eval"))]
-    return _spawn(args, logs / f"{name}.log")
+def _spawn_clients(
+    clients: list[tuple[str, Dataset, Dataset | None]],
+    work: Path,
+    logs: Path,
+    procs: dict[str, subprocess.Popen[bytes]],
+) -> dict[str, Path]:
+    """Start a process per client into ``procs``, by name; return their log files, by name.
+
+    A name may hold ``/`` or ``..``: the ``i``-th client's files (its data in ``work``, its
+    log in ``logs``) are named by its position (:func:`position_name`), never by its name.
+    """
+    client_logs = {}
+    for i, (name, train, test) in enumerate(clients):
+        folder = work / position_name(i, len(clients))
+        client_logs[name] = logs / f"{folder.name}.log"
+        # "--name=": a name may start with "-".
+        args = [*FEDPIPE, "client", "--config", str(work / "client.json"), f"--name={name}"]
+        args += ["--data", str(save_dataset(train, folder / "train"))]
+        if test is not None:
+            args += ["--eval-data", str(save_dataset(test, folder / "eval"))]
+        procs[name] = _spawn(args, client_logs[name])
+    return client_logs
 
 
 def _spawn(args: list[str], log_path: Path, stdout: int | None = None) -> subprocess.Popen[bytes]:
@@ -412,11 +434,13 @@ def _check_processes(
     watcher: _ClientWatcher,
     expired: bool,
     timeout: float,
-    logs: Path,
     summarized: Callable[[], bool],
+    client_logs: dict[str, Path],
+    logs: Path,
 ) -> None:
     """Raise :class:`SimulationError` unless the server process ended the run and said how
-    (``summary.json``: a run that failed that way is reported by its summary's status)."""
+    (``summary.json``: a run that failed that way is reported by its summary's status);
+    ``client_logs``: each client's log file in ``logs``, by name."""
     code = server.wait(timeout=60)
     if expired:
         reason = f"the run took over {timeout:.0f}s; its processes were stopped"
@@ -428,28 +452,32 @@ def _check_processes(
         for name, proc in clients.items():
             try:
                 if proc.wait(timeout=60) != 0:
-                    log.warning("client %s exited with %d; see %s", name, proc.returncode, logs)
+                    log.warning(
+                        "client %s exited with %d; see %s", name, proc.returncode, client_logs[name]
+                    )
             except subprocess.TimeoutExpired:
                 log.warning("client %s still running after the run ended; stopping it", name)
         return
     failed = [name for name, proc in clients.items() if proc.poll() not in (None, 0)]
-    raise SimulationError(_failure_report(reason, failed or list(clients), logs))
+    shown = {name: client_logs[name] for name in failed or clients}
+    raise SimulationError(_failure_report(reason, logs, shown))
 
 
-def _failure_report(reason: str, clients: list[str], logs: Path, shown: int = 3) -> str:
-    """The reason, then the tails of the server's log and of a few clients' (failed ones)."""
+def _failure_report(reason: str, logs: Path, client_logs: dict[str, Path], shown: int = 3) -> str:
+    """The reason, then the tails of the server's log and of a few clients' (failed ones),
+    each headed by the client's name (its log file is named by its position)."""
     parts = [f"gRPC simulation failed: {reason}", _log_tail(logs / "server.log")]
-    for name in clients[:shown]:
-        parts.append(_log_tail(logs / f"{name}.log"))
-    if len(clients) > shown:
-        parts.append(f"... and {len(clients) - shown} more client log(s)")
+    for name, path in list(client_logs.items())[:shown]:
+        parts.append(_log_tail(path, f"client {name!r}, "))
+    if len(client_logs) > shown:
+        parts.append(f"... and {len(client_logs) - shown} more client log(s)")
     parts.append(f"all logs are in {logs}/")
     return "\n".join(parts)
 
 
-def _log_tail(path: Path, lines: int = 15) -> str:
+def _log_tail(path: Path, who: str = "", lines: int = 15) -> str:
     text = path.read_text(errors="replace").splitlines()[-lines:]
-    return "\n".join([f"--- {path.name} (last {len(text)} lines) ---", *text])
+    return "\n".join([f"--- {path.name} ({who}last {len(text)} lines) ---", *text])
 
 
 def _read_summary(output_dir: Path) -> RunSummary:
