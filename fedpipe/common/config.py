@@ -635,9 +635,9 @@ class DaskConfig(_Strict):
     worker processes (default: one per core) of ``threads_per_worker`` threads, threads of this
     process instead with ``processes = false``. ``resources`` are Dask worker resources (such as
     ``{GPU = 1}``): a local cluster's workers get them, and clients go only to workers that
-    have them. They only choose workers: each worker puts a ``device = "cuda"`` model on the
-    first GPU it sees, so one GPU per worker needs a cluster that gives each worker its own
-    (``CUDA_VISIBLE_DEVICES``).
+    have them. They only choose workers: with ``device = "cuda"``, a local cluster's workers
+    go round the machine's GPUs, and a worker that sees one GPU (``CUDA_VISIBLE_DEVICES``)
+    uses it.
     """
 
     scheduler: str | None = None

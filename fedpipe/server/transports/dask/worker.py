@@ -22,6 +22,7 @@ up on finishes before the next starts).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 from dataclasses import dataclass, field
@@ -129,8 +130,10 @@ class WorkerClients(WorkerPlugin):
     plugins:
         Modules each worker imports first (the simulation's plugins: its models...).
     device:
-        Where each worker puts its model: the first device this names on that worker
-        (``"cuda"``: the worker's first visible GPU); ``None``, where the factory puts it.
+        Where each worker puts its model: one of the devices this names on that worker,
+        spread over the workers (``"cuda"`` on a machine with 2 GPUs: worker 0 on
+        ``cuda:0``, worker 1 on ``cuda:1``, worker 2 on ``cuda:0``...; on a worker that sees
+        one GPU, that one); ``None``, where the factory puts it.
     noise_seed:
         The simulation's client-local seed of privacy noise (each client mixes its name in);
         ``None``: OS entropy.
@@ -156,7 +159,8 @@ class WorkerClients(WorkerPlugin):
 
     def setup(self, worker: Worker) -> None:
         import_plugins(self.plugins)
-        models = SharedModels(resolve_devices(self.device)[:1])
+        devices = resolve_devices(self.device)
+        models = SharedModels(devices[_slot(worker.name, len(devices))] if devices else [])
         setup = RunSetup.from_data(self.setup_data)
         dp_sgd = None if self.dp_sgd is None else DpSgdConfig.model_validate(self.dp_sgd)
         self._states[worker.address] = _WorkerState(
@@ -394,3 +398,15 @@ def _session(client: _Client, name: str) -> WorkerSession:
 
         client.secure = WorkerSession(name)
     return client.secure
+
+
+def _slot(name: object, n_devices: int) -> slice:
+    """The device (as a one-item slice of the ``n_devices`` a worker sees) of the worker
+    ``name``: a local cluster's workers are numbered (``0, 1, ...``) and go round the devices;
+    a named worker's pick is a hash of its name, the same on every run."""
+    if isinstance(name, int) and not isinstance(name, bool):
+        index = name % n_devices
+    else:
+        digest = hashlib.blake2b(str(name).encode(), digest_size=8).digest()
+        index = int.from_bytes(digest, "little") % n_devices
+    return slice(index, index + 1)
