@@ -234,7 +234,7 @@ class VectorizedTrainer:
         except BaseException:
             optimizers.restore()  # the caller trains these clients again, one by one
             raise
-        optimizers.finish([len(s) for s in plan.schedules])
+        optimizers.finish()
         deltas = {n: p.neg_().add_(start_w[n]) for n, p in params.items()}
         return plan.schedules, deltas, loss_sum, start
 

@@ -10,17 +10,21 @@ clients' optimizer states (momentum buffers, Adam moments, FedProx anchors: the 
 ``get_state()``, float32 module states for a half-precision model) is stacked on the client
 axis; at each step one template optimizer gets a client's slice with ``set_state``, runs
 ``compute_updates`` on torch Vectors, and gives the new slice back with ``get_state``, for all
-clients at once. The plain values of the states
-(step counters, ``None`` before a first step) must be equal across the clients, which they are
-for clients that started equal and took the same number of steps; the learning rate is each
-client's own (its own step count, scheduler included). Per-client norms (clipping) are per
-client inside vmap (``Vector.clip_norm``), but a module that turns a tensor into a Python
-number (``float(norm)``, ``if norm > c``) cannot run there.
+clients at once. The plain values of the states (step counters, ``None`` before a first
+step) are each client's own: at each step the clients are **grouped by equal plain values**
+and each group is one vmapped call on its rows (one call for clients that started equal and
+took the same number of steps; after a round of clients of different sizes, or with clients
+that never trained next to ones that did, one call per distinct plain state at that step). A
+tensor that some clients' states hold and others' do not (Adam's moments before a first
+step) is stacked for all, zeros where a client has none, which its plain values never read.
+The learning rate is each client's own (its own step count, scheduler included). Per-client
+norms (clipping) are per client inside vmap (``Vector.clip_norm``), but a module that turns a
+tensor into a Python number (``float(norm)``, ``if norm > c``) cannot run there.
 
 **Client by client** otherwise, through each client's own ``compute_updates`` on Vector views
 of its slice, with one log line saying why: a module that cannot run inside vmap (named),
-that exchanges auxiliary variables (Scaffold), that draws random numbers (each client its
-own noise), or clients whose plain state values differ.
+that exchanges auxiliary variables (Scaffold), or that draws random numbers (each client its
+own noise).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import traceback
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch.func import vmap
 
@@ -103,18 +108,25 @@ def _pipeline_state(optimizer: Optimizer) -> State:
 
 def _static_reason(optimizers: Sequence[Optimizer]) -> str | None:
     first = optimizers[0]
-    if not first.modules and not first.regularizers:  # one run setup: the same pipeline
-        return None
     for part in [*first.modules, *first.regularizers]:
         if getattr(part, "aux_name", None) is not None:
             return f"module {part.name} exchanges auxiliary variables"
         if hasattr(part, "rng"):
             return f"module {part.name} draws random numbers (each client its own)"
-    skeleton = _flatten(_pipeline_state(first), "", {})
-    for other in optimizers[1:]:
-        if _flatten(_pipeline_state(other), "", {}) != skeleton:
-            return "the clients' optimizer states differ in their plain values (step counts)"
     return None
+
+
+def _key(skeleton: Any) -> Any:
+    """A hashable value equal for equal skeletons (types kept apart: ``1``, ``1.0``, ``True``)."""
+    if isinstance(skeleton, dict):
+        return ("dict", tuple((k, _key(v)) for k, v in skeleton.items()))
+    if isinstance(skeleton, list):
+        return ("list", tuple(_key(v) for v in skeleton))
+    if isinstance(skeleton, np.ndarray):
+        return ("array", skeleton.dtype.str, skeleton.shape, skeleton.tobytes())
+    if isinstance(skeleton, float) and skeleton != skeleton:
+        return ("nan",)
+    return (type(skeleton).__name__, skeleton)
 
 
 def _culprit(exc: BaseException) -> str:
@@ -138,13 +150,18 @@ class ClientOptimizers:
         The stacked weights ``[K, ...]`` (their device and shapes; not changed here).
 
     ``reason`` is None when the pipeline runs stacked, else why it runs client by client.
+    Stacked, client ``k``'s state is row ``k`` of every stacked tensor (:attr:`leaves`) and
+    its plain values, ``skeletons[plain[k]]``; the clients of a step are grouped by
+    ``plain[k]``, one vmapped call per group.
     """
 
     def __init__(self, optimizers: Sequence[Optimizer], params: Tensors) -> None:
         self.optimizers = list(optimizers)
         self.reason = _static_reason(self.optimizers)
         self.leaves: Tensors = {}
-        self.skeletons: dict[int, Any] = {}  # the plain state values after t steps
+        self.skeletons: list[Any] = []  # the distinct plain states met, by number
+        self._numbers: dict[Any, int] = {}  # a skeleton's _key: its number
+        self.plain: list[int] = []  # each client's plain state now: a skeleton's number
         self._out: Any = None
         self._steps = [optimizer.step for optimizer in self.optimizers]  # see restore()
         self._saved: list[State] | None = None
@@ -153,28 +170,33 @@ class ClientOptimizers:
         self.stateless = not self.optimizers[0].modules and not self.optimizers[0].regularizers
         if self.reason is not None:
             return
+        self.template = copy.deepcopy(self.optimizers[0])  # user modules need no registry name
+        self.template.lrate = 1.0
         if self.stateless:
-            self.skeletons[0] = _flatten(_pipeline_state(self.optimizers[0]), "", {})
-            self.template = copy.deepcopy(self.optimizers[0])
-            self.template.lrate = 1.0
+            plain = self._number(_flatten(_pipeline_state(self.optimizers[0]), "", {}))
+            self.plain = [plain] * len(self.optimizers)
             return
         per_client: list[Tensors] = [{} for _ in self.optimizers]
         for optimizer, leaves in zip(self.optimizers, per_client, strict=True):
-            self.skeletons[0] = _flatten(_pipeline_state(optimizer), "", leaves)
-        device = next(iter(params.values())).device
-        self.leaves = {
-            key: torch.stack([torch.as_tensor(leaves[key]) for leaves in per_client]).to(device)
-            for key in per_client[0]
-        }
-        self.template = copy.deepcopy(self.optimizers[0])  # user modules need no registry name
-        self.template.lrate = 1.0
+            skeleton = _flatten(_pipeline_state(optimizer), "", leaves)
+            self.plain.append(self._number(skeleton))
+        self.leaves = _stacked(per_client, next(iter(params.values())).device)
         self.reason = self._probe(params)
 
+    def _number(self, skeleton: Any) -> int:
+        """The number of ``skeleton`` in :attr:`skeletons` (added when new)."""
+        key = _key(skeleton)
+        if key not in self._numbers:
+            self._numbers[key] = len(self.skeletons)
+            self.skeletons.append(skeleton)
+        return self._numbers[key]
+
     def _probe(self, params: Tensors) -> str | None:
-        """Two pipeline steps on zero gradients, on copies: does the pipeline run in vmap?"""
+        """Two pipeline steps on zero gradients, on copies of client 0's state: does the
+        pipeline run in vmap?"""
         leaves = {k: v[:1].clone() for k, v in self.leaves.items()}
         weights = {n: p[:1].clone() for n, p in params.items()}
-        skeleton = self.skeletons[0]
+        skeleton = self.skeletons[self.plain[0]]
         try:
             for _ in range(2):
                 grads = {n: torch.zeros_like(w) for n, w in weights.items()}
@@ -207,12 +229,55 @@ class ClientOptimizers:
         rates = [self.optimizers[k].learning_rate() for k in members]
         for k in members:
             self.optimizers[k].step += 1
+        groups: dict[int, list[int]] = {}
+        for i, k in enumerate(members):
+            groups.setdefault(self.plain[k], []).append(i)
+        if len(groups) == 1:
+            updates = self._group(members, sel, grads, params)
+        else:
+            updates = self._by_group(members, sel, list(groups.values()), grads, params)
+        return _scaled(updates, rates)
+
+    def _by_group(
+        self,
+        members: Sequence[int],
+        sel: torch.Tensor,
+        groups: list[list[int]],
+        grads: Tensors,
+        params: Tensors,
+    ) -> Tensors:
+        """The updates of ``members``, one vmapped call per group of positions ``i`` in
+        ``members`` (clients of equal plain state), in ``members`` order."""
+        updates: Tensors = {}
+        for rows in groups:
+            at = torch.tensor(rows, dtype=torch.int64).to(sel.device, non_blocking=True)
+            done = self._group(
+                [members[i] for i in rows],
+                sel.index_select(0, at),
+                {n: g.index_select(0, at) for n, g in grads.items()},
+                {n: p.index_select(0, at) for n, p in params.items()},
+            )
+            for name, value in done.items():
+                if name not in updates:
+                    updates[name] = value.new_empty((len(members), *value.shape[1:]))
+                updates[name].index_copy_(0, at, value)
+        return updates
+
+    def _group(
+        self, members: Sequence[int], sel: torch.Tensor, grads: Tensors, params: Tensors
+    ) -> Tensors:
+        """One vmapped pipeline step of ``members``, all of one plain state: their updates
+        at a learning rate of 1; their rows of :attr:`leaves` and their plain state move on."""
         everyone = len(members) == len(self.optimizers)
         mine = (
             self.leaves if everyone else {k: v.index_select(0, sel) for k, v in self.leaves.items()}
         )
-        updates, new = vmap(self._run_fn(self.skeletons[t]))(grads, params, mine)
-        self.skeletons[t + 1] = self._out
+        updates, new = vmap(self._run_fn(self.skeletons[self.plain[members[0]]]))(
+            grads, params, mine
+        )
+        after = self._number(self._out)
+        for k in members:
+            self.plain[k] = after
         for key, value in new.items():
             if everyone:
                 self.leaves[key] = value
@@ -221,7 +286,7 @@ class ClientOptimizers:
                     shape = (len(self.optimizers), *value.shape[1:])
                     self.leaves[key] = value.new_zeros(shape)
                 self.leaves[key].index_copy_(0, sel, value)
-        return _scaled(updates, rates)
+        return updates
 
     def _client_by_client(self, members: Sequence[int], grads: Tensors, params: Tensors) -> Tensors:
         if self._saved is None:  # before the first step changes them: see restore()
@@ -247,14 +312,28 @@ class ClientOptimizers:
         for optimizer, step in zip(self.optimizers, self._steps, strict=True):
             optimizer.step = step
 
-    def finish(self, steps: Sequence[int]) -> None:
-        """Give each client its slice of the stacked state, as it was after its last step."""
+    def finish(self) -> None:
+        """Give each client its slice of the stacked state and its own plain values."""
         if self.reason is not None or self.stateless:
             return
         for k, optimizer in enumerate(self.optimizers):
-            skeleton = self.skeletons[steps[k]]
+            skeleton = self.skeletons[self.plain[k]]
             mine = {key: value[k].clone() for key, value in self.leaves.items()}
             optimizer.set_state({**_unflatten(skeleton, mine), "step": optimizer.step})
+
+
+def _stacked(per_client: list[Tensors], device: torch.device) -> Tensors:
+    """Each key's tensors of ``per_client`` stacked on a client axis on ``device``; zeros for
+    a client without it (a fresh state next to trained ones: its plain values never read it)."""
+    stacked: Tensors = {}
+    for leaves in per_client:
+        for key, value in leaves.items():
+            if key not in stacked:
+                stacked[key] = value.new_zeros((len(per_client), *value.shape), device=device)
+    for k, leaves in enumerate(per_client):
+        for key, value in leaves.items():
+            stacked[key][k].copy_(value)
+    return stacked
 
 
 def _scaled(updates: Tensors, rates: list[float]) -> Tensors:

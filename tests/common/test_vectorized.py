@@ -30,6 +30,7 @@ MOMENTUM = {"lrate": 0.05, "modules": [["momentum", {"beta": 0.9}]]}
 ADAM_PROX = {"lrate": 0.01, "modules": ["adam"], "regularizers": [["fedprox", {"mu": 0.1}]]}
 CLIPPED = {"lrate": 0.1, "modules": [["l2-global-clipping", {"max_norm": 0.5}], "momentum"]}
 DECAY = {"lrate": ["exponential-decay", {"initial": 0.2, "decay_rate": 0.9}], "w_decay": 0.01}
+YOGI = {"lrate": 0.01, "modules": [["yogi", {"bias_correction": "torch"}]]}
 
 
 def mlp(seed: int = 0, batch_norm: bool = False) -> TorchModel:
@@ -95,6 +96,11 @@ def run_both(
 def test_vectorized_equals_sequential(optimizer: dict[str, Any]) -> None:
     seq, vec, engine = run_both(optimizer)
     assert engine.fallback is None
+    assert_same(seq, vec)
+
+
+def assert_same(seq: list[list[TrainResult]], vec: list[list[TrainResult]]) -> None:
+    """The engine's results are the sequential ones: counts exact, updates to float tolerance."""
     for seq_round, vec_round in zip(seq, vec, strict=True):
         for s, v in zip(seq_round, vec_round, strict=True):
             assert (v.n_samples, v.n_steps, v.n_samples_seen) == (
@@ -185,6 +191,49 @@ def test_pipeline_runs_stacked_inside_vmap(
 ) -> None:
     """No log line: the module pipeline runs inside vmap (clipping with per-client norms)."""
     assert engine_log(optimizer, caplog) == []
+
+
+@pytest.mark.parametrize("optimizer", [ADAM_PROX, YOGI], ids=["adam+fedprox", "yogi"])
+def test_clients_whose_step_counts_differ_train_stacked_round_after_round(
+    optimizer: dict[str, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """After round 1 the six clients' step counters are 6, 8, 14, 20, 2 and 8: from round 2
+    on the pipeline runs one vmapped call per step count (c1 and c5 together), not client
+    by client (which logs a line)."""
+    with caplog.at_level(logging.INFO, logger="fedpipe.common.vectorized"):
+        seq, vec, engine = run_both(optimizer, rounds=3, max_clients=6)
+    assert [r.getMessage() for r in caplog.records] == []
+    assert engine.fallback is None
+    assert_same(seq, vec)
+
+
+def test_a_chunk_of_fresh_and_trained_clients_trains_stacked(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Partial participation: round 1 trains c0, c2 and c4; round 2 all six in one chunk,
+    three of them with Adam's fresh state (no moments yet, step 0). Each client ends with
+    its own state, as trained one by one."""
+    run, data = setup(ADAM_PROX), client_data()
+    seq_model, vec_model = mlp(), mlp()
+    weights = seq_model.get_weights(copy=True)
+    seq_jobs, vec_jobs = jobs_for(run, seq_model, data), jobs_for(run, vec_model, data)
+    engine = VectorizedTrainer(vec_model, max_clients=6)
+    seq, vec = [], []
+    with caplog.at_level(logging.INFO, logger="fedpipe.common.vectorized"):
+        for round_number, picked in ((1, [0, 2, 4]), (2, [0, 1, 2, 3, 4, 5])):
+            seq.append(
+                [seq_jobs[k].trainer.train(data[k], weights, {}, client=f"c{k}",
+                                           round_number=round_number) for k in picked]
+            )  # fmt: skip
+            vec.append(list(engine.train([vec_jobs[k] for k in picked], weights, round_number)))
+    assert [r.getMessage() for r in caplog.records] == []
+    assert_same(seq, vec)
+    adam = [job.trainer.optimizer.modules[0].get_state() for job in vec_jobs]
+    assert [state["step"] for state in adam] == [12, 8, 28, 20, 4, 8]
+    for job, state in zip(seq_jobs, adam, strict=True):
+        want = job.trainer.optimizer.modules[0].get_state()
+        assert state["step"] == want["step"]
+        assert state["m"].allclose(want["m"], rtol=1e-4, atol=1e-6)
 
 
 def test_momentum_state_is_each_clients_own_after_the_round() -> None:
