@@ -14,6 +14,7 @@ from fedpipe.common.data import Dataset, load_builtin
 from fedpipe.common.models.torch_adapter import TorchModel
 from fedpipe.common.modules.base import OptiModule
 from fedpipe.common.optim import Optimizer
+from fedpipe.common.state import copy_state, states_equal
 from fedpipe.common.training import LocalTrainer, RunSetup, TrainResult
 from fedpipe.common.vector import Vector
 from fedpipe.common.vectorized import (
@@ -234,6 +235,25 @@ def test_a_chunk_of_fresh_and_trained_clients_trains_stacked(
         want = job.trainer.optimizer.modules[0].get_state()
         assert state["step"] == want["step"]
         assert state["m"].allclose(want["m"], rtol=1e-4, atol=1e-6)
+
+
+def test_a_chunk_failing_mid_step_gives_every_client_its_state_back() -> None:
+    """Round 2: at step 0 the batch-16 clients (five step counts, five vmapped calls) step,
+    then c4 (9 samples, a batch alone) fails on labels out of range: every client's
+    optimizer is as round 1 left it, for the caller to train them again one by one."""
+    run, data = setup({"lrate": 0.01, "modules": ["adam"]}), client_data()
+    model = mlp()
+    weights = model.get_weights(copy=True)
+    engine = VectorizedTrainer(model, max_clients=6)
+    jobs = jobs_for(run, model, data)
+    list(engine.train(jobs, weights, 1))
+    before = [copy_state(job.trainer.optimizer.get_state()) for job in jobs]
+    jobs[4].data = Dataset(data[4].x, np.full_like(data[4].y, 99))
+    with pytest.raises(RuntimeError, match="index 99 is out of bounds"):
+        list(engine.train(jobs, weights, 2))
+    assert [job.trainer.optimizer.step for job in jobs] == [6, 8, 14, 20, 2, 8]
+    for job, state in zip(jobs, before, strict=True):
+        assert states_equal(job.trainer.optimizer.get_state(), state)
 
 
 def test_momentum_state_is_each_clients_own_after_the_round() -> None:
