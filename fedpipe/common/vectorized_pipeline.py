@@ -266,15 +266,15 @@ class ClientOptimizers:
     def _group(
         self, members: Sequence[int], sel: torch.Tensor, grads: Tensors, params: Tensors
     ) -> Tensors:
-        """One vmapped pipeline step of ``members``, all of one plain state: their updates
-        at a learning rate of 1; their rows of :attr:`leaves` and their plain state move on."""
+        """One pipeline step of ``members``, all of one plain state, vmapped (one client alone
+        runs it on its rows: vmap's cost per call is several plain calls'): their updates at
+        a learning rate of 1; their rows of :attr:`leaves` and their plain state move on."""
         everyone = len(members) == len(self.optimizers)
         mine = (
             self.leaves if everyone else {k: v.index_select(0, sel) for k, v in self.leaves.items()}
         )
-        updates, new = vmap(self._run_fn(self.skeletons[self.plain[members[0]]]))(
-            grads, params, mine
-        )
+        run = self._run_fn(self.skeletons[self.plain[members[0]]])
+        updates, new = (vmap(run) if len(members) > 1 else _alone(run))(grads, params, mine)
         after = self._number(self._out)
         for k in members:
             self.plain[k] = after
@@ -320,6 +320,18 @@ class ClientOptimizers:
             skeleton = self.skeletons[self.plain[k]]
             mine = {key: value[k].clone() for key, value in self.leaves.items()}
             optimizer.set_state({**_unflatten(skeleton, mine), "step": optimizer.step})
+
+
+def _alone(run: Any) -> Any:
+    """``run`` (of :meth:`ClientOptimizers._run_fn`) on stacks of one row, without vmap."""
+
+    def on_row(grads: Tensors, params: Tensors, leaves: Tensors) -> tuple[Tensors, Tensors]:
+        updates, new = run(*({k: v[0] for k, v in d.items()} for d in (grads, params, leaves)))
+        return {k: v.unsqueeze(0) for k, v in updates.items()}, {
+            k: v.unsqueeze(0) for k, v in new.items()
+        }
+
+    return on_row
 
 
 def _stacked(per_client: list[Tensors], device: torch.device) -> Tensors:
