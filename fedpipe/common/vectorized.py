@@ -250,12 +250,12 @@ class VectorizedTrainer:
         """Local step ``t`` of the clients at positions ``members`` (``sel`` on the device),
         all with a batch of ``index.shape[1]`` samples, ``index[i]`` indexing client
         ``members[i]``'s data."""
-        t, members, sel, index = step
+        _t, members, sel, index = step
         everyone = len(members) == len(loss_sum)
         xb, yb = data[0][sel[:, None], index], data[1][sel[:, None], index]
         mine = params if everyone else {n: p.index_select(0, sel) for n, p in params.items()}
         grads, loss = self._grad(mine, buffers, xb, yb)
-        updates = optimizers.updates(t, members, sel, grads, mine)
+        updates = optimizers.updates(members, sel, grads, mine)
         for name, p in params.items():
             if everyone:
                 p.add_(updates[name])

@@ -219,9 +219,9 @@ class ClientOptimizers:
         return run
 
     def updates(
-        self, t: int, members: Sequence[int], sel: torch.Tensor, grads: Tensors, params: Tensors
+        self, members: Sequence[int], sel: torch.Tensor, grads: Tensors, params: Tensors
     ) -> Tensors:
-        """Step ``t`` of the clients at positions ``members`` (``sel``: the same positions on
+        """A step of the clients at positions ``members`` (``sel``: the same positions on
         the device): their updates (to add to ``params``), from ``grads[name][i]`` and
         ``params[name][i]`` of ``members[i]``."""
         if self.reason is not None:
@@ -326,10 +326,9 @@ def _alone(run: Any) -> Any:
     """``run`` (of :meth:`ClientOptimizers._run_fn`) on stacks of one row, without vmap."""
 
     def on_row(grads: Tensors, params: Tensors, leaves: Tensors) -> tuple[Tensors, Tensors]:
-        updates, new = run(*({k: v[0] for k, v in d.items()} for d in (grads, params, leaves)))
-        return {k: v.unsqueeze(0) for k, v in updates.items()}, {
-            k: v.unsqueeze(0) for k, v in new.items()
-        }
+        rows = run(*({k: v[0] for k, v in d.items()} for d in (grads, params, leaves)))
+        updates, new = ({k: v.unsqueeze(0) for k, v in d.items()} for d in rows)
+        return updates, new
 
     return on_row
 
@@ -337,14 +336,15 @@ def _alone(run: Any) -> Any:
 def _stacked(per_client: list[Tensors], device: torch.device) -> Tensors:
     """Each key's tensors of ``per_client`` stacked on a client axis on ``device``; zeros for
     a client without it (a fresh state next to trained ones: its plain values never read it)."""
+    keys = dict.fromkeys(key for leaves in per_client for key in leaves)
     stacked: Tensors = {}
-    for leaves in per_client:
-        for key, value in leaves.items():
-            if key not in stacked:
-                stacked[key] = value.new_zeros((len(per_client), *value.shape), device=device)
-    for k, leaves in enumerate(per_client):
-        for key, value in leaves.items():
-            stacked[key][k].copy_(value)
+    for key in keys:
+        have = [k for k, leaves in enumerate(per_client) if key in leaves]
+        rows = torch.stack([per_client[k][key] for k in have]).to(device)
+        if len(have) < len(per_client):
+            at = torch.tensor(have, dtype=torch.int64, device=device)
+            rows = rows.new_zeros((len(per_client), *rows.shape[1:])).index_copy_(0, at, rows)
+        stacked[key] = rows
     return stacked
 
 
