@@ -10,16 +10,19 @@ clients' optimizer states (momentum buffers, Adam moments, FedProx anchors: the 
 ``get_state()``, float32 module states for a half-precision model) is stacked on the client
 axis; at each step one template optimizer gets a client's slice with ``set_state``, runs
 ``compute_updates`` on torch Vectors, and gives the new slice back with ``get_state``, for all
-clients at once. The plain values of the states (step counters, ``None`` before a first
-step) are each client's own: at each step the clients are **grouped by equal plain values**
-and each group is one vmapped call on its rows (one call for clients that started equal and
-took the same number of steps; after a round of clients of different sizes, or with clients
-that never trained next to ones that did, one call per distinct plain state at that step). A
-tensor that some clients' states hold and others' do not (Adam's moments before a first
-step) is stacked for all, zeros where a client has none, which its plain values never read.
-The learning rate is each client's own (its own step count, scheduler included). Per-client
-norms (clipping) are per client inside vmap (``Vector.clip_norm``), but a module that turns a
-tensor into a Python number (``float(norm)``, ``if norm > c``) cannot run there.
+clients at once. The plain values of the states (step counters, ``None`` before a first step)
+are each client's own: at each step the clients are **grouped by equal plain values** and each
+group is one vmapped call on its rows (a client alone in its group, a plain call on its rows:
+one vmapped call costs several plain ones). One call for clients that started equal and took
+the same number of steps; after a round of clients of different sizes, or with clients that
+never trained next to ones that did, one call per distinct plain state at that step (until
+every client's step count is its own, which partial participation over many rounds tends to:
+then as many calls as client by client). A tensor that some clients' states hold and others' do
+not (Adam's moments before a first step) is stacked for all, zeros where a client has none,
+which its plain values never read. The learning rate is each client's own (its own step count,
+scheduler included). Per-client norms (clipping) are per client inside vmap
+(``Vector.clip_norm``), but a module that turns a tensor into a Python number (``float(norm)``,
+``if norm > c``) cannot run there.
 
 **Client by client** otherwise, through each client's own ``compute_updates`` on Vector views
 of its slice, with one log line saying why: a module that cannot run inside vmap (named),
@@ -152,7 +155,7 @@ class ClientOptimizers:
     ``reason`` is None when the pipeline runs stacked, else why it runs client by client.
     Stacked, client ``k``'s state is row ``k`` of every stacked tensor (:attr:`leaves`) and
     its plain values, ``skeletons[plain[k]]``; the clients of a step are grouped by
-    ``plain[k]``, one vmapped call per group.
+    ``plain[k]``, one vmapped call per group (a plain call for a group of one).
     """
 
     def __init__(self, optimizers: Sequence[Optimizer], params: Tensors) -> None:
