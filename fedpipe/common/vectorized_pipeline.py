@@ -120,15 +120,20 @@ def _static_reason(optimizers: Sequence[Optimizer]) -> str | None:
 
 
 def _key(skeleton: Any) -> Any:
-    """A hashable value equal for equal skeletons (types kept apart: ``1``, ``1.0``, ``True``)."""
+    """A hashable value equal for equal skeletons (types kept apart: ``1``, ``1.0``, ``True``);
+    a value that has no hash (a user module's) is equal only to itself."""
     if isinstance(skeleton, dict):
         return ("dict", tuple((k, _key(v)) for k, v in skeleton.items()))
-    if isinstance(skeleton, list):
-        return ("list", tuple(_key(v) for v in skeleton))
+    if isinstance(skeleton, (list, tuple)):
+        return (type(skeleton).__name__, tuple(_key(v) for v in skeleton))
     if isinstance(skeleton, np.ndarray):
         return ("array", skeleton.dtype.str, skeleton.shape, skeleton.tobytes())
     if isinstance(skeleton, float) and skeleton != skeleton:
         return ("nan",)
+    try:
+        hash(skeleton)
+    except TypeError:  # kept alive in ClientOptimizers.skeletons: its id is its own
+        return ("object", id(skeleton))
     return (type(skeleton).__name__, skeleton)
 
 
