@@ -357,9 +357,12 @@ def _stacked(per_client: list[Tensors], device: torch.device) -> Tensors:
 
 
 def _scaled(updates: Tensors, rates: list[float]) -> Tensors:
-    """``updates[i] * rates[i]`` (the template's updates are ``-g``: a rate of 1)."""
+    """``updates[i] * rates[i]`` (the template's updates are ``-g``: a rate of 1), rounded
+    once, as a Python float rate multiplies: half-precision updates by float32 rates, not
+    by rates rounded to their own dtype first."""
     if len(set(rates)) == 1:
         return {n: u.mul_(rates[0]) for n, u in updates.items()}
     any_update = next(iter(updates.values()))
-    column = torch.tensor(rates, dtype=any_update.dtype, device=any_update.device)
+    dtype = torch.promote_types(any_update.dtype, torch.float32)
+    column = torch.tensor(rates, dtype=dtype, device=any_update.device)
     return {n: u.mul_(column.view(-1, *([1] * (u.dim() - 1)))) for n, u in updates.items()}
