@@ -120,15 +120,20 @@ def _static_reason(optimizers: Sequence[Optimizer]) -> str | None:
 
 
 def _key(skeleton: Any) -> Any:
-    """A hashable value equal for equal skeletons (types kept apart: ``1``, ``1.0``, ``True``)."""
+    """A hashable value equal for equal skeletons (types kept apart: ``1``, ``1.0``, ``True``);
+    a value that has no hash (a user module's) is equal only to itself."""
     if isinstance(skeleton, dict):
         return ("dict", tuple((k, _key(v)) for k, v in skeleton.items()))
-    if isinstance(skeleton, list):
-        return ("list", tuple(_key(v) for v in skeleton))
+    if isinstance(skeleton, (list, tuple)):
+        return (type(skeleton).__name__, tuple(_key(v) for v in skeleton))
     if isinstance(skeleton, np.ndarray):
         return ("array", skeleton.dtype.str, skeleton.shape, skeleton.tobytes())
     if isinstance(skeleton, float) and skeleton != skeleton:
         return ("nan",)
+    try:
+        hash(skeleton)
+    except TypeError:  # kept alive in ClientOptimizers.skeletons: its id is its own
+        return ("object", id(skeleton))
     return (type(skeleton).__name__, skeleton)
 
 
@@ -352,9 +357,12 @@ def _stacked(per_client: list[Tensors], device: torch.device) -> Tensors:
 
 
 def _scaled(updates: Tensors, rates: list[float]) -> Tensors:
-    """``updates[i] * rates[i]`` (the template's updates are ``-g``: a rate of 1)."""
+    """``updates[i] * rates[i]`` (the template's updates are ``-g``: a rate of 1), rounded
+    once, as a Python float rate multiplies: half-precision updates by float32 rates, not
+    by rates rounded to their own dtype first."""
     if len(set(rates)) == 1:
         return {n: u.mul_(rates[0]) for n, u in updates.items()}
     any_update = next(iter(updates.values()))
-    column = torch.tensor(rates, dtype=any_update.dtype, device=any_update.device)
+    dtype = torch.promote_types(any_update.dtype, torch.float32)
+    column = torch.tensor(rates, dtype=dtype, device=any_update.device)
     return {n: u.mul_(column.view(-1, *([1] * (u.dim() - 1)))) for n, u in updates.items()}

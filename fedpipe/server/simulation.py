@@ -14,6 +14,7 @@ every spawned process or Dask worker, since the simulation's owner owns its clie
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import gc
 import inspect
@@ -296,7 +297,10 @@ def simulate_grpc(
     SimulationError
         The server failed, every client failed, or the run took over ``timeout`` seconds;
         the message shows the tails of the logs.
+    ValueError
+        Two clients share a name (the processes are kept by name: one would never be stopped).
     """
+    _check_unique([name for name, _, _ in clients])
     output_dir = Path(sim.server.output_dir).resolve()
     logs = output_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -336,6 +340,14 @@ def simulate_grpc(
             if watcher.ident is not None:  # started: its waits end now that all are dead
                 watcher.join(timeout=30)
     return _read_summary(output_dir)
+
+
+def _check_unique(names: list[str]) -> None:
+    """Raise ValueError when a name is in ``names`` more than once."""
+    counts = collections.Counter(names)
+    for name, count in counts.items():
+        if count > 1:
+            raise ValueError(f"client names must be unique: {name!r} is given {count} times")
 
 
 class SimulationError(RuntimeError):

@@ -419,3 +419,49 @@ def test_a_chunk_whose_planning_fails_fails_itself_not_the_chunk_before(
     assert first.n_samples.tolist() == [SIZES[0], SIZES[1]]
     with pytest.raises(ValueError, match="client c2's data went away"):
         next(chunks)
+
+
+class TaggedMomentum(OptiModule, register_name=False):
+    """Momentum whose state holds a tuple with a list: outside :data:`State`, but a user
+    module's to keep (in process its state never crosses the wire)."""
+
+    name: ClassVar[str] = "tagged-momentum"
+
+    def __init__(self) -> None:
+        self.buffer: Vector | None = None
+        self.tag: Any = ("steps", [0])
+
+    def run(self, gradients: Vector) -> Vector:
+        self.buffer = gradients.copy() if self.buffer is None else self.buffer * 0.9 + gradients
+        self.tag = ("steps", [self.tag[1][0] + 1])
+        return self.buffer
+
+    def get_state(self) -> Any:
+        return {"buffer": self.buffer, "tag": self.tag}
+
+    def set_state(self, state: Any) -> None:
+        self.buffer, self.tag = state["buffer"], state["tag"]
+
+
+def test_a_state_holding_an_unhashable_plain_value_trains_stacked(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # the clients are grouped by their plain values: a tuple holding a list is no dict key
+    run, data = setup(SGD), client_data()
+    seq_model, vec_model = mlp(), mlp()
+    weights = seq_model.get_weights(copy=True)
+    seq_jobs, vec_jobs = jobs_for(run, seq_model, data), jobs_for(run, vec_model, data)
+    for job in seq_jobs + vec_jobs:
+        job.trainer.optimizer = Optimizer(lrate=0.05, modules=[TaggedMomentum()])
+    engine = VectorizedTrainer(vec_model, max_clients=6)
+    with caplog.at_level(logging.INFO, logger="fedpipe.common.vectorized"):
+        for round_number in (1, 2):
+            vec = list(engine.train(vec_jobs, weights, round_number))
+            seq = [
+                j.trainer.train(j.data, weights, {}, client=j.name, round_number=round_number)
+                for j in seq_jobs
+            ]
+            assert_same([seq], [vec])
+    assert [r.getMessage() for r in caplog.records] == []
+    tags = [job.trainer.optimizer.modules[0].tag for job in vec_jobs]
+    assert tags == [("steps", [n]) for n in (12, 16, 28, 40, 4, 16)]

@@ -83,3 +83,19 @@ def test_half_precision_clients_of_different_step_counts_train_stacked_alike(
     with caplog.at_level(logging.INFO, logger="fedpipe.common.vectorized"):
         assert_trains_as_client_by_client(torch.bfloat16, optimizer, [0, 1, 4])
     assert [r.getMessage() for r in caplog.records if r.name == "fedpipe.common.vectorized"] == []
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32", "float64"])
+def test_each_clients_learning_rate_scales_its_update_as_local_trainer_does(dtype: str) -> None:
+    # clients of one step with different rates (a scheduler, step counts of their own): each
+    # row is its update times its rate, rounded once, as LocalTrainer's ``updates * rate``; a
+    # rate rounded to bfloat16 first (0.05 -> 0.05005) moved every client by another rate
+    from fedpipe.common.vectorized_pipeline import _scaled
+
+    torch.manual_seed(0)
+    updates = torch.randn(3, 500).to(getattr(torch, dtype))
+    rates = [0.05, 0.05 * 0.9, 0.05 * 0.81]
+    want = torch.stack([row * rate for row, rate in zip(updates, rates, strict=True)])
+    got = _scaled({"w": updates.clone()}, rates)["w"]
+    assert got.dtype == updates.dtype
+    assert torch.equal(got, want)

@@ -75,3 +75,19 @@ def test_a_failed_runs_report_shows_each_clients_log_under_its_name(
     logs = tmp_path / "run" / "logs"
     assert message.endswith(f"all logs are in {logs}/")
     assert {p.name for p in logs.iterdir()} == {"server.log", "client-0.log", "client-1.log"}
+
+
+def test_two_clients_of_one_name_are_refused_before_any_process_starts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The processes are kept by name: the first "a" would be dropped, never stopped after.
+    from fedpipe.server import simulation as simulation_module
+
+    def spawn(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a process started")
+
+    monkeypatch.setattr(simulation_module, "_spawn", spawn)
+    sim = simulation(tmp_path, rounds=1)
+    clients = named(sim, ["a", "b"])
+    with pytest.raises(ValueError, match=r"client names must be unique: 'a' is given 2 times"):
+        simulate_grpc(sim, [clients[0], clients[1], clients[0]], timeout=10.0)
