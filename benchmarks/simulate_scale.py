@@ -61,17 +61,24 @@ def client_data(n: int) -> list[tuple[str, Dataset, Dataset | None]]:
 
 
 class PeakMemory(threading.Thread):
-    """The largest sum of RSS of this process and all under it, sampled every ``period`` s."""
+    """The largest sum of RSS of this process and all under it, sampled every ``period`` s;
+    the processes under it listed again every ``relist`` s (a listing reads every process of
+    the machine: made at every sample, it took a core's tenth from the run it measures, and
+    the interpreter lock from the in-process simulation's thread)."""
 
-    def __init__(self, period: float = 0.02) -> None:
+    def __init__(self, period: float = 0.02, relist: float = 1.0) -> None:
         super().__init__(daemon=True)
-        self.period, self.peak, self.done = period, 0, threading.Event()
+        self.period, self.relist = period, relist
+        self.peak, self.done = 0, threading.Event()
 
     def run(self) -> None:
         me = psutil.Process()
+        procs, listed = [me], 0.0
         while not self.done.wait(self.period):
+            if time.monotonic() - listed >= self.relist:
+                procs, listed = [me, *me.children(recursive=True)], time.monotonic()
             total = 0
-            for proc in [me, *me.children(recursive=True)]:
+            for proc in procs:
                 try:
                     total += proc.memory_info().rss
                 except psutil.Error:
