@@ -89,6 +89,30 @@ def run_both(
     return seq, vec, engine
 
 
+def own_modules_both(
+    modules: Any, lrate: float, max_clients: int
+) -> list[tuple[list[TrainResult], list[TrainResult], list[ClientJob]]]:
+    """Rounds 1 and 2 from the same weights, every client's optimizer ``modules()`` (user
+    modules, fresh per client) at ``lrate``: each round's sequential results, the engine's,
+    and the engine's jobs."""
+    run, data = setup(SGD), client_data()
+    seq_model, vec_model = mlp(), mlp()
+    weights = seq_model.get_weights(copy=True)
+    seq_jobs, vec_jobs = jobs_for(run, seq_model, data), jobs_for(run, vec_model, data)
+    for job in seq_jobs + vec_jobs:
+        job.trainer.optimizer = Optimizer(lrate=lrate, modules=modules())
+    engine = VectorizedTrainer(vec_model, max_clients=max_clients)
+    rounds = []
+    for round_number in (1, 2):
+        vec = list(engine.train(vec_jobs, weights, round_number))
+        seq = [
+            j.trainer.train(j.data, weights, {}, client=j.name, round_number=round_number)
+            for j in seq_jobs
+        ]
+        rounds.append((seq, vec, vec_jobs))
+    return rounds
+
+
 @pytest.mark.parametrize(
     "optimizer",
     [SGD, MOMENTUM, ADAM_PROX, CLIPPED, DECAY],
@@ -280,20 +304,8 @@ class NormGate(OptiModule, register_name=False):
 def test_module_that_cannot_vmap_runs_client_by_client_with_one_log_line(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    run, data = setup(MOMENTUM), client_data()
-    seq_model, vec_model = mlp(), mlp()
-    weights = seq_model.get_weights(copy=True)
-    seq_jobs, vec_jobs = jobs_for(run, seq_model, data), jobs_for(run, vec_model, data)
-    for job in seq_jobs + vec_jobs:
-        job.trainer.optimizer = Optimizer(lrate=0.1, modules=[NormGate(), "momentum"])
-    engine = VectorizedTrainer(vec_model, max_clients=4)
     with caplog.at_level(logging.INFO, logger="fedpipe.common.vectorized"):
-        for round_number in (1, 2):
-            vec = list(engine.train(vec_jobs, weights, round_number))
-            seq = [
-                j.trainer.train(j.data, weights, {}, client=j.name, round_number=round_number)
-                for j in seq_jobs
-            ]
+        seq, vec, _ = own_modules_both(lambda: [NormGate(), "momentum"], 0.1, max_clients=4)[-1]
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 1, lines
     assert "module norm-gate cannot run inside torch.func.vmap" in lines[0]
@@ -447,21 +459,11 @@ def test_a_state_holding_an_unhashable_plain_value_trains_stacked(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     # the clients are grouped by their plain values: a tuple holding a list is no dict key
-    run, data = setup(SGD), client_data()
-    seq_model, vec_model = mlp(), mlp()
-    weights = seq_model.get_weights(copy=True)
-    seq_jobs, vec_jobs = jobs_for(run, seq_model, data), jobs_for(run, vec_model, data)
-    for job in seq_jobs + vec_jobs:
-        job.trainer.optimizer = Optimizer(lrate=0.05, modules=[TaggedMomentum()])
-    engine = VectorizedTrainer(vec_model, max_clients=6)
     with caplog.at_level(logging.INFO, logger="fedpipe.common.vectorized"):
-        for round_number in (1, 2):
-            vec = list(engine.train(vec_jobs, weights, round_number))
-            seq = [
-                j.trainer.train(j.data, weights, {}, client=j.name, round_number=round_number)
-                for j in seq_jobs
-            ]
-            assert_same([seq], [vec])
+        rounds = own_modules_both(lambda: [TaggedMomentum()], 0.05, max_clients=6)
+    for seq, vec, _ in rounds:
+        assert_same([seq], [vec])
     assert [r.getMessage() for r in caplog.records] == []
+    vec_jobs = rounds[-1][2]
     tags = [job.trainer.optimizer.modules[0].tag for job in vec_jobs]
     assert tags == [("steps", [n]) for n in (12, 16, 28, 40, 4, 16)]
