@@ -157,7 +157,10 @@ async def simulate_inprocess(
     ConfigError
         A named device is not there, or the model cannot go to it or be vectorized (not a
         torch model).
+    ValueError
+        Two clients share a name.
     """
+    check_unique_names(clients)
     devices, mode = resolve_devices(sim.device), training_mode(sim)
     if devices:
         log.info("in-process clients train on %s (%s mode)", ", ".join(devices), mode)
@@ -300,7 +303,7 @@ def simulate_grpc(
     ValueError
         Two clients share a name (the processes are kept by name: one would never be stopped).
     """
-    _check_unique([name for name, _, _ in clients])
+    check_unique_names(clients)
     output_dir = Path(sim.server.output_dir).resolve()
     logs = output_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -342,9 +345,11 @@ def simulate_grpc(
     return _read_summary(output_dir)
 
 
-def _check_unique(names: list[str]) -> None:
-    """Raise ValueError when a name is in ``names`` more than once."""
-    counts = collections.Counter(names)
+def check_unique_names(clients: list[tuple[str, Dataset, Dataset | None]]) -> None:
+    """Raise ValueError when two of a simulation's ``clients`` share a name (every transport
+    keeps its clients by name: one would silently replace the other, or a process be left
+    running)."""
+    counts = collections.Counter(name for name, _, _ in clients)
     for name, count in counts.items():
         if count > 1:
             raise ValueError(f"client names must be unique: {name!r} is given {count} times")

@@ -91,3 +91,16 @@ def test_two_clients_of_one_name_are_refused_before_any_process_starts(
     clients = named(sim, ["a", "b"])
     with pytest.raises(ValueError, match=r"client names must be unique: 'a' is given 2 times"):
         simulate_grpc(sim, [clients[0], clients[1], clients[0]], timeout=10.0)
+
+
+def test_an_in_process_simulation_refuses_two_clients_of_one_name(tmp_path: Path) -> None:
+    # the client pool keeps clients by name: the second "a" would replace the first, silently
+    import asyncio
+
+    from fedpipe.server.simulation import simulate_inprocess
+
+    sim = simulation(tmp_path, rounds=1)
+    clients = named(sim, ["a", "b"])
+    with pytest.raises(ValueError, match=r"client names must be unique: 'a' is given 2 times"):
+        asyncio.run(simulate_inprocess(sim, [clients[0], clients[1], clients[0]]))
+    assert not (tmp_path / "run" / "summary.json").exists()

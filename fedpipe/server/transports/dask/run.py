@@ -78,8 +78,15 @@ async def simulate_dask(
     """The round loop with :class:`~.proxy.DaskClient` proxies on the cluster ``sim.dask``
     names (see :mod:`.proxy` for placement, batching and lost workers); unless the mode is
     sequential, each worker trains a round's clients stacked (:mod:`.cohort`)."""
-    from fedpipe.server.simulation import run_pool, simulation_plugins, training_mode
+    from fedpipe.server.simulation import (
+        check_unique_names,
+        run_pool,
+        simulation_plugins,
+        training_mode,
+    )
     from fedpipe.server.transports.dask.proxy import DaskClient, DaskFleet
+
+    check_unique_names(clients)
 
     async with dask_client(sim.dask) as client:
         fleet = DaskFleet(
