@@ -105,12 +105,13 @@ class VectorizedTrainer:
     ) -> Iterator[TrainResult]:
         """Train every job from ``weights``; yield each client's result, in ``jobs`` order,
         ``max_clients`` at a time (the caller folds them as they come)."""
+        placed = weights.like(self.model.get_weights(copy=False))  # on the device, once
         for start in range(0, len(jobs), self.max_clients):
             chunk = jobs[start : start + self.max_clients]
             if self.unfit(chunk, round_number) is not None:
                 yield from self._sequential(chunk, weights, round_number)
             else:
-                yield from self._results(chunk, *self._trained(chunk, weights, round_number))
+                yield from self._results(chunk, *self._trained(chunk, placed, round_number))
 
     def train_stacked(
         self, jobs: Sequence[ClientJob], weights: Vector, round_number: int
@@ -119,7 +120,9 @@ class VectorizedTrainer:
         ``max_clients`` at a time: one result per chunk, row ``k`` for the chunk's ``k``-th
         job, its updates (start minus end weights, a leading client axis) left on the
         device for the caller to add up there."""
-        weights = weights.like(self.model.get_weights(copy=False))  # on the device, once
+        # on the device, once (the cohort's are the round's numpy weights: bfloat16 ones are
+        # ml_dtypes arrays, which torch.as_tensor refuses)
+        weights = weights.like(self.model.get_weights(copy=False))
         chunks = [jobs[at : at + self.max_clients] for at in range(0, len(jobs), self.max_clients)]
         ahead: _Plan | None = None
         for k, chunk in enumerate(chunks):
@@ -201,14 +204,12 @@ class VectorizedTrainer:
         round_number: int,
         plan: _Plan | None = None,
     ) -> _Trained:
-        """Every job trained from ``weights`` (following ``plan``, the jobs' round worked out
-        on the host, when given): the schedules, each client's update (a row of start minus
-        end weights, on the device), its loss sum, and when training began. Nothing here
-        waits for the device (a CUDA one) once its work is queued."""
+        """Every job trained from ``weights`` (on the model's device), following ``plan``
+        (the jobs' round worked out on the host) when given: the schedules, each client's
+        update (a row of start minus end weights, on the device), its loss sum, and when
+        training began. Nothing here waits for the device (a CUDA one) once its work is
+        queued."""
         start = time.perf_counter()
-        # on the device, once (the cohort's are the round's numpy weights: bfloat16 ones are
-        # ml_dtypes arrays, which torch.as_tensor refuses)
-        weights = weights.like(self.model.get_weights(copy=False))
         for job in jobs:
             if job.aux_vars:
                 job.trainer.optimizer.process_aux_var(dict(job.aux_vars))

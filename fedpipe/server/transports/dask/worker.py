@@ -160,7 +160,8 @@ class WorkerClients(WorkerPlugin):
     def setup(self, worker: Worker) -> None:
         import_plugins(self.plugins)
         devices = resolve_devices(self.device)
-        models = SharedModels(devices[_slot(worker.name, len(devices))] if devices else [])
+        mine = [devices[_device_index(worker.name, len(devices))]] if devices else []
+        models = SharedModels(mine)
         setup = RunSetup.from_data(self.setup_data)
         dp_sgd = None if self.dp_sgd is None else DpSgdConfig.model_validate(self.dp_sgd)
         self._states[worker.address] = _WorkerState(
@@ -400,13 +401,11 @@ def _session(client: _Client, name: str) -> WorkerSession:
     return client.secure
 
 
-def _slot(name: object, n_devices: int) -> slice:
-    """The device (as a one-item slice of the ``n_devices`` a worker sees) of the worker
-    ``name``: a local cluster's workers are numbered (``0, 1, ...``) and go round the devices;
-    a named worker's pick is a hash of its name, the same on every run."""
+def _device_index(name: object, n_devices: int) -> int:
+    """Which of the ``n_devices`` a worker sees the worker ``name`` takes: a local cluster's
+    workers are numbered (``0, 1, ...``) and go round the devices; a named worker's pick is a
+    hash of its name, the same on every run."""
     if isinstance(name, int) and not isinstance(name, bool):
-        index = name % n_devices
-    else:
-        digest = hashlib.blake2b(str(name).encode(), digest_size=8).digest()
-        index = int.from_bytes(digest, "little") % n_devices
-    return slice(index, index + 1)
+        return name % n_devices
+    digest = hashlib.blake2b(str(name).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % n_devices
